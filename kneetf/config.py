@@ -1,0 +1,187 @@
+"""Configuration as frozen dataclasses: model, preprocessing and training.
+
+Each config converts to and from a plain dict (JSON-safe), and `config_hash` gives a
+stable key for caches (a preprocessing change must never reuse an old cache).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from kneetf.errors import ConfigError
+
+T = TypeVar("T")
+
+XRAY_OUTPUTS = ("paper", "sigmoid", "linear")
+MRI_OUTPUTS = ("paper", "sigmoid", "linear")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of KneeNet. Spatial tuples of the 3-D generator are (H, W, D).
+
+    The defaults are the paper's widths; presets override them.
+    """
+
+    image_size: int = 128
+    num_slices: int = 20
+    encoder_filters: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+    encoder_kernel: int = 3
+    encoder_stride: int = 2
+    decoder_filters: tuple[int, ...] = (1024, 512, 256, 128, 64, 32, 1)
+    decoder_kernel: int = 4
+    decoder_strides: tuple[int, ...] = (1, 2, 2, 2, 2, 2, 2)
+    generator_reshape: tuple[int, int, int, int] = (2, 2, 2, 512)
+    generator_filters: tuple[int, ...] = (1024, 512, 256, 128, 64, 32, 1)
+    generator_kernel: int = 4
+    generator_strides: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) + ((2, 2, 2),) * 6
+    head_filters: int = 8
+    leaky_slope: float = 0.2
+    # "paper": the last 1-channel block keeps BN + activation as in the text;
+    # "sigmoid"/"linear": a plain conv with that activation (no BN on the output).
+    xray_output: str = "sigmoid"
+    mri_output: str = "sigmoid"
+    # Learn the residual to a template volume (the mean training MRI) instead of the
+    # volume itself; the template is a non-trainable weight set from the data.
+    residual_template: bool = False
+
+    def __post_init__(self) -> None:
+        if self.xray_output not in XRAY_OUTPUTS:
+            raise ConfigError(f"xray_output must be one of {XRAY_OUTPUTS}. Received: xray_output={self.xray_output!r}")
+        if self.mri_output not in MRI_OUTPUTS:
+            raise ConfigError(f"mri_output must be one of {MRI_OUTPUTS}. Received: mri_output={self.mri_output!r}")
+        if len(self.decoder_filters) != len(self.decoder_strides):
+            raise ConfigError("decoder_filters and decoder_strides must have the same length. "
+                              f"Received: {self.decoder_filters} and {self.decoder_strides}")
+        if len(self.generator_filters) != len(self.generator_strides):
+            raise ConfigError("generator_filters and generator_strides must have the same length. "
+                              f"Received: {self.generator_filters} and {self.generator_strides}")
+        latent = self.latent_shape
+        h, w, d, c = self.generator_reshape
+        if h * w * d * c != latent[0] * latent[1] * latent[2]:
+            raise ConfigError(f"generator_reshape {self.generator_reshape} must hold the latent {latent} "
+                              f"({latent[0] * latent[1] * latent[2]} values)")
+        out = self.generator_output_shape
+        if out[:2] != (self.image_size, self.image_size):
+            raise ConfigError(f"the generator ends at {out[:2]} in-plane, not the image size {self.image_size}; "
+                              "check generator_reshape and generator_strides")
+        size = latent[0]
+        for s in self.decoder_strides:
+            size *= s
+        if size != self.image_size:
+            raise ConfigError(f"the decoder ends at {size} px, not the image size {self.image_size}; "
+                              "check decoder_strides")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.image_size
+        for _ in self.encoder_filters:
+            size = -(-size // self.encoder_stride)
+        return (size, size, self.encoder_filters[-1])
+
+    @property
+    def generator_output_shape(self) -> tuple[int, int, int]:
+        h, w, d, _ = self.generator_reshape
+        for sh, sw, sd in self.generator_strides:
+            h, w, d = h * sh, w * sw, d * sd
+        return (h, w, d)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw arrays become model inputs; stored with (and hashed into) every cache."""
+
+    image_size: int = 128
+    slice_start: int = 20
+    num_slices: int = 20
+    low_percentile: float = 0.5
+    high_percentile: float = 99.5
+    # Mirror left knees so that every knee looks like a right one (undone on output).
+    mirror_left: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low_percentile < self.high_percentile <= 100:
+            raise ConfigError("need 0 <= low_percentile < high_percentile <= 100. Received: "
+                              f"{self.low_percentile}, {self.high_percentile}")
+        if self.slice_start < 0 or self.num_slices < 1:
+            raise ConfigError(f"slice window [{self.slice_start}, {self.slice_start + self.num_slices}) is not valid")
+
+    @property
+    def slice_stop(self) -> int:
+        return self.slice_start + self.num_slices
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one training run."""
+
+    epochs: int = 60
+    batch_size: int = 32
+    lr_encdec: float = 1e-3
+    lr_generator: float = 1e-4
+    loss_weights: tuple[float, float] = (1.0, 1.0)  # (xray_recon, mri)
+    seed: int = 0
+    augment: bool = False
+    early_stopping_patience: int = 0  # 0 = off
+    time_budget_s: float = 0.0  # 0 = no limit; stop after the epoch that passes it
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1. Received: {name}={getattr(self, name)}")
+        for name in ("lr_encdec", "lr_generator"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0. Received: {name}={getattr(self, name)}")
+        if len(self.loss_weights) != 2 or min(self.loss_weights) < 0 or max(self.loss_weights) <= 0:
+            raise ConfigError("loss_weights must be two non-negative numbers (xray_recon, mri), not both 0. "
+                              f"Received: loss_weights={self.loss_weights}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-safe dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v) for v in value)
+        return tuple(_coerce(a, v) for a, v in zip(args, value))
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build config `cls` from a dict, refusing unknown keys (with their names)."""
+    if isinstance(data, cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})
+
+
+def config_hash(config: Any) -> str:
+    """A short stable hash of a config's values."""
+    blob = json.dumps(to_dict(config), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def replace(config: T, **changes: Any) -> T:
+    """`dataclasses.replace`, with unknown names reported as a ConfigError."""
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ConfigError(f"unknown {type(config).__name__} field(s): {', '.join(unknown)}")
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = ["ModelConfig", "PreprocessConfig", "TrainConfig", "to_dict", "from_dict", "config_hash",
+           "replace", "field"]

@@ -1,0 +1,79 @@
+"""The tf.data pipeline over a cache: list shards -> interleave -> (shuffle) -> parse ->
+batch -> prefetch. Streams from disk; never holds the dataset in memory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from kneetf.data.cache import read_info
+from kneetf.data.records import parse_example
+from kneetf.errors import InputError
+
+
+def shard_files(cache_dir: str | Path, split: str) -> list[str]:
+    """The shard paths of `split` that dataset.json lists (non-empty ones only)."""
+    info = read_info(cache_dir)
+    if split not in info["shards"]:
+        raise InputError(cache_dir, f"unknown split {split!r}; the cache has {sorted(info['shards'])}")
+    files = [str(Path(cache_dir) / n) for n in info["shards"][split]]
+    missing = [f for f in files if not Path(f).exists()]
+    if missing:
+        raise InputError(missing[0], "shard listed in dataset.json is missing; re-run `kneetf prepare`")
+    return files
+
+
+def split_size(cache_dir: str | Path, split: str) -> int:
+    return int(read_info(cache_dir)["counts"].get(split, 0))
+
+
+def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 32, *,
+                 shuffle: bool = False, repeat: bool = False, seed: int = 0,
+                 drop_remainder: bool = False, with_meta: bool = False,
+                 shuffle_buffer: int = 256) -> tf.data.Dataset:
+    """Batches of `(xray, {"xray_recon": xray, "mri": mri})` from the cache's `split`.
+
+    With `with_meta=True` the elements are the parsed feature dicts (id, side, box, ...).
+    Sharding under a tf.distribute strategy is by data (each worker sees every file).
+    """
+    info = read_info(cache_dir)
+    size, slices = info["shapes"]["mri"][0], info["shapes"]["mri"][2]
+    files = shard_files(cache_dir, split)
+    if not files or int(info["counts"].get(split, 0)) == 0:
+        raise InputError(cache_dir, f"split {split!r} is empty")
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), block_length=1,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.map(lambda s: parse_example(s, size, slices), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=not shuffle)
+    if not with_meta:
+        ds = ds.map(lambda ex: (ex["xray"], {"xray_recon": ex["xray"], "mri": ex["mri"]}))
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = ds.with_options(options)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def load_arrays(cache_dir: str | Path, split: str, limit: int | None = None) -> dict[str, Any]:
+    """A whole split as numpy arrays (ids, xray, mri, side): for evaluation of small splits."""
+    ids, xs, ms, sides = [], [], [], []
+    for ex in make_dataset(cache_dir, split, batch_size=64, with_meta=True):
+        ids += [v.decode() for v in ex["id"].numpy()]
+        sides += [v.decode() for v in ex["side"].numpy()]
+        xs.append(ex["xray"].numpy())
+        ms.append(ex["mri"].numpy())
+        if limit and len(ids) >= limit:
+            break
+    xray, mri = np.concatenate(xs), np.concatenate(ms)
+    if limit:
+        ids, sides, xray, mri = ids[:limit], sides[:limit], xray[:limit], mri[:limit]
+    return {"id": ids, "side": sides, "xray": xray, "mri": mri}

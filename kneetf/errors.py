@@ -1,0 +1,30 @@
+"""Typed errors. Every error a user can cause names the file, argument or value at fault."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class KneetfError(Exception):
+    """Base class of kneetf's own errors (the CLI maps them to exit status 1)."""
+
+
+class ConfigError(KneetfError, ValueError):
+    """A configuration value, preset name or command-line argument is not valid."""
+
+
+class InputError(KneetfError, ValueError):
+    """An input file or array cannot be used; `path` says which one, `reason` why."""
+
+    def __init__(self, path: str | Path | None, reason: str):
+        self.path = None if path is None else str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}" if self.path else reason)
+
+
+class ManifestError(InputError):
+    """A line of a manifest CSV is not valid; `line` is its 1-based line number."""
+
+    def __init__(self, path: str | Path | None, line: int | None, reason: str):
+        self.line = line
+        where = f"line {line}: " if line is not None else ""
+        super().__init__(path, where + reason)

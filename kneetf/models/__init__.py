@@ -1,0 +1,1 @@
+"""KneeNet: the paper's two-headed network, its blocks and its two-rate optimizer."""

@@ -1,0 +1,46 @@
+"""Block builders shared by the encoder, decoder and generator (2-D and 3-D by one `dims` arg)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+from keras import layers
+
+_CONV = {(2, False): layers.Conv2D, (2, True): layers.Conv2DTranspose, (3, True): layers.Conv3DTranspose,
+         (3, False): layers.Conv3D}
+
+
+def conv_block(
+    x: keras.KerasTensor,
+    filters: int,
+    kernel: int,
+    strides: int | Sequence[int],
+    *,
+    name: str,
+    dims: int = 2,
+    transpose: bool = False,
+    activation: str = "leaky_relu",
+    leaky_slope: float = 0.2,
+    batch_norm: bool = True,
+    dtype_policy: str | None = None,
+) -> keras.KerasTensor:
+    """Conv (or transposed conv) -> BatchNorm -> activation, the paper's block.
+
+    `activation` is "leaky_relu", "relu", "sigmoid" or "linear"; the last two are used for
+    output layers, which are then forced to float32 under mixed precision.
+    """
+    conv_cls = _CONV[(dims, transpose)]
+    out_dtype = "float32" if activation in ("sigmoid", "linear") and not batch_norm else dtype_policy
+    x = conv_cls(filters, kernel, strides=strides, padding="same", name=f"{name}_{'deconv' if transpose else 'conv'}",
+                 dtype=out_dtype)(x)
+    if batch_norm:
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    if activation == "leaky_relu":
+        x = layers.LeakyReLU(negative_slope=leaky_slope, name=f"{name}_lrelu")(x)
+    elif activation == "relu":
+        x = layers.ReLU(name=f"{name}_relu")(x)
+    elif activation == "sigmoid":
+        x = layers.Activation("sigmoid", name=f"{name}_sigmoid", dtype="float32")(x)
+    elif activation != "linear":
+        raise ValueError(f"unknown activation {activation!r}")
+    return x

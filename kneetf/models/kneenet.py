@@ -1,0 +1,165 @@
+"""KneeNet: shared 2-D encoder, X-ray decoder head and 3-D generator head (the paper's Fig. 1)."""
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import layers
+
+from kneetf.config import ModelConfig, TrainConfig, from_dict, to_dict
+from kneetf.models.blocks import conv_block
+from kneetf.models.optimizers import TwoRateAdam
+from kneetf.presets import get_preset
+
+
+@keras.saving.register_keras_serializable(package="kneetf")
+class TemplateResidual(layers.Layer):
+    """Adds the network's output to a fixed template volume (the mean training MRI).
+
+    With `space="logit"` the sum is taken before a sigmoid, so the output stays in (0, 1).
+    The template is a non-trainable weight: it is saved with the model.
+    """
+
+    def __init__(self, space: str = "logit", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.space = space
+
+    def build(self, input_shape: tuple) -> None:
+        self.template = self.add_weight(name="template", shape=tuple(input_shape[1:]), initializer="zeros",
+                                        trainable=False, dtype="float32")
+
+    def call(self, delta: Any) -> Any:
+        delta = keras.ops.cast(delta, "float32")
+        if self.space == "logit":
+            t = keras.ops.clip(self.template, 1e-3, 1 - 1e-3)
+            return keras.ops.sigmoid(keras.ops.log(t / (1 - t)) + delta)
+        return self.template + delta
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "space": self.space}
+
+
+def build_encoder(cfg: ModelConfig) -> keras.Model:
+    """6 blocks Conv2D 3x3 stride 2 -> BN -> LeakyReLU(0.2): 128x128x1 -> latent."""
+    xray = keras.Input((cfg.image_size, cfg.image_size, 1), name="xray")
+    x = xray
+    for i, f in enumerate(cfg.encoder_filters, 1):
+        x = conv_block(x, f, cfg.encoder_kernel, cfg.encoder_stride, name=f"encoder_block{i}",
+                       leaky_slope=cfg.leaky_slope)
+    return keras.Model(xray, x, name="encoder")
+
+
+def build_decoder(cfg: ModelConfig) -> keras.Model:
+    """7 blocks Conv2DTranspose 4x4 -> BN -> LeakyReLU(0.2): latent -> 128x128x1."""
+    latent = keras.Input(cfg.latent_shape, name="latent")
+    x = latent
+    n = len(cfg.decoder_filters)
+    for i, (f, s) in enumerate(zip(cfg.decoder_filters, cfg.decoder_strides), 1):
+        last = i == n and cfg.xray_output != "paper"
+        x = conv_block(x, f, cfg.decoder_kernel, s, name=f"decoder_block{i}", transpose=True,
+                       activation=cfg.xray_output if last else "leaky_relu", batch_norm=not last,
+                       leaky_slope=cfg.leaky_slope)
+    if cfg.xray_output == "paper":
+        x = layers.Activation("linear", dtype="float32", name="decoder_output")(x)
+    return keras.Model(latent, x, name="decoder")
+
+
+def build_generator(cfg: ModelConfig) -> keras.Model:
+    """Latent -> (H, W, D, C) volume -> 7 Conv3DTranspose 4x4x4 -> BN -> ReLU -> depth as
+    channels -> 1x1 conv (8) -> BN -> ReLU -> 1x1 conv -> `num_slices` slices."""
+    latent = keras.Input(cfg.latent_shape, name="latent")
+    x = layers.Reshape(cfg.generator_reshape, name="generator_reshape")(latent)
+    for i, (f, s) in enumerate(zip(cfg.generator_filters, cfg.generator_strides), 1):
+        x = conv_block(x, f, cfg.generator_kernel, s, name=f"generator_block{i}", dims=3, transpose=True,
+                       activation="relu")
+    h, w, d = cfg.generator_output_shape
+    x = layers.Reshape((h, w, d * cfg.generator_filters[-1]), name="generator_depth_to_channels")(x)
+    x = conv_block(x, cfg.head_filters, 1, 1, name="generator_head1", activation="relu")
+    if cfg.residual_template:
+        x = conv_block(x, cfg.num_slices, 1, 1, name="generator_head2", activation="linear", batch_norm=False)
+        x = TemplateResidual(space="logit" if cfg.mri_output == "sigmoid" else "linear",
+                             name="generator_template")(x)
+    else:
+        act = "linear" if cfg.mri_output == "paper" else cfg.mri_output
+        x = conv_block(x, cfg.num_slices, 1, 1, name="generator_head2", activation=act, batch_norm=False)
+    return keras.Model(latent, x, name="generator")
+
+
+@keras.saving.register_keras_serializable(package="kneetf")
+class KneeNet(keras.Model):
+    """One X-ray (batch, 128, 128, 1) in; `{"xray_recon": (batch, 128, 128, 1),
+    "mri": (batch, 128, 128, 20)}` out (MRI slices as channels).
+
+    Args:
+        config: a `ModelConfig`, its dict, or a preset name.
+
+    Example:
+        >>> model = KneeNet.from_preset("tiny")
+        >>> out = model.predict(np.zeros((1, 128, 128, 1), "float32"), verbose=0)
+        >>> out["mri"].shape
+        (1, 128, 128, 20)
+    """
+
+    def __init__(self, config: ModelConfig | dict | str = "compact", **kwargs: Any) -> None:
+        if isinstance(config, str):
+            config = get_preset(config)
+        cfg = from_dict(ModelConfig, config) if isinstance(config, dict) else config
+        # === Layers ===
+        encoder = build_encoder(cfg)
+        decoder = build_decoder(cfg)
+        generator = build_generator(cfg)
+        # === Functional graph ===
+        xray = keras.Input((cfg.image_size, cfg.image_size, 1), name="xray")
+        latent = encoder(xray)
+        outputs = {"xray_recon": decoder(latent), "mri": generator(latent)}
+        kwargs.setdefault("name", "kneenet")
+        super().__init__(inputs=xray, outputs=outputs, **kwargs)
+        self.model_config = cfg
+        self.encoder = encoder
+        self.decoder = decoder
+        self.generator = generator
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "KneeNet":
+        """Build the registered preset `name`, optionally overriding config fields."""
+        cfg = get_preset(name)
+        if overrides:
+            cfg = from_dict(ModelConfig, {**to_dict(cfg), **overrides})
+        return cls(cfg)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"config": to_dict(self.model_config), "name": self.name, "trainable": self.trainable}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> "KneeNet":
+        return cls(**config)
+
+    def set_template(self, volume: np.ndarray) -> None:
+        """Set the template of a `residual_template` model, shape (H, W, slices) in [0, 1]."""
+        layer = self.generator.get_layer("generator_template")
+        layer.template.assign(np.asarray(volume, "float32").reshape(layer.template.shape))
+
+    def compile_for_training(self, train: TrainConfig | None = None, learning_rate: Any = None,
+                             **kwargs: Any) -> None:
+        """Compile with the hybrid loss (weighted MSE per output) and the two-rate Adam.
+
+        `learning_rate` may be a schedule; by default `train.lr_encdec`.
+        """
+        train = train or TrainConfig()
+        optimizer = TwoRateAdam(learning_rate=train.lr_encdec if learning_rate is None else learning_rate,
+                                generator_learning_rate=train.lr_generator)
+        w_xray, w_mri = train.loss_weights
+        self.compile(optimizer=optimizer,
+                     loss={"xray_recon": "mean_squared_error", "mri": "mean_squared_error"},
+                     loss_weights={"xray_recon": float(w_xray), "mri": float(w_mri)},
+                     **kwargs)
+
+
+def build_model(config: ModelConfig | dict | str = "compact", train: TrainConfig | None = None,
+                compile: bool = True) -> KneeNet:
+    """Build KneeNet from a preset name or a config, compiled for training by default."""
+    model = KneeNet(config)
+    if compile:
+        model.compile_for_training(train)
+    return model

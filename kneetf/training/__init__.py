@@ -1,0 +1,1 @@
+"""Training: callbacks, the run folder and the `train` entry point."""

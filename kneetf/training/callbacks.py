@@ -1,0 +1,74 @@
+"""Keras callbacks of a training run: learning rates and image summaries in TensorBoard,
+a wall-clock budget."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds both learning rates to the epoch logs (so CSVLogger and TensorBoard record them)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        opt = self.model.optimizer
+        inner = getattr(opt, "inner_optimizer", opt)
+        lr = float(keras.ops.convert_to_numpy(inner.learning_rate))
+        logs["lr_encdec"] = lr
+        logs["lr_generator"] = lr * float(getattr(inner, "generator_ratio", 1.0))
+
+
+class ImageSummary(keras.callbacks.Callback):
+    """Every `every` epochs, writes X-ray / true / predicted slice montages of a fixed batch
+    to TensorBoard (`images/...`)."""
+
+    def __init__(self, log_dir: str, xray: np.ndarray, mri: np.ndarray, every: int = 5, max_images: int = 3):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.xray = xray[:max_images]
+        self.mri = mri[:max_images]
+        self.every = max(1, every)
+
+    @staticmethod
+    def _strip(vol: np.ndarray, slices: tuple[int, ...]) -> np.ndarray:
+        # (N, H, W, S) -> (N, H, W * len(slices), 1): chosen slices side by side
+        return np.concatenate([vol[..., s:s + 1] for s in slices], axis=2)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch % self.every and epoch != self.params.get("epochs", 0) - 1:
+            return
+        pred = self.model.predict(self.xray, verbose=0)
+        n = self.mri.shape[-1]
+        slices = (0, n // 4, n // 2, 3 * n // 4, n - 1)
+        with self.writer.as_default():
+            tf.summary.image("images/xray_and_recon", np.concatenate([self.xray, pred["xray_recon"]], axis=2),
+                             step=epoch, max_outputs=len(self.xray))
+            tf.summary.image("images/mri_true", self._strip(self.mri, slices), step=epoch, max_outputs=len(self.xray))
+            tf.summary.image("images/mri_pred", np.clip(self._strip(pred["mri"], slices), 0, 1), step=epoch,
+                             max_outputs=len(self.xray))
+        self.writer.flush()
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training after the epoch during which `seconds` of training have passed."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+        self.start = 0.0
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self.seconds and time.monotonic() - self.start > self.seconds:
+            log.info("time budget of %.0f s reached after epoch %d; stopping", self.seconds, epoch + 1)
+            self.model.stop_training = True

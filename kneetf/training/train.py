@@ -1,0 +1,173 @@
+"""`train(...)`: data -> cache -> KneeNet.fit -> run folder.
+
+The run folder holds `model.keras` (best on validation), `config.json`, `history.csv`,
+`tensorboard/`, `metrics.json` (validation PSNR / SSIM of the model next to the
+mean-training-volume baseline) and `samples.png`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kneetf.config import ModelConfig, PreprocessConfig, TrainConfig, to_dict
+from kneetf.errors import ConfigError, InputError
+from kneetf.io.atomic import write_text_atomic
+from kneetf.version import __version__
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.csv"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class DataSpec:
+    """Where the training pairs come from: a cache folder, a manifest CSV, or (path None)
+    the built-in synthetic knees."""
+
+    path: str | None = None
+    synthetic_n: int = 256
+    synthetic_seed: int = 0
+    workers: int = 2
+
+
+def resolve_cache(data: DataSpec, out_dir: Path, prep: PreprocessConfig, progress: bool = True) -> Path:
+    """A ready cache folder for `data`: built (or completed) under `out_dir/data/` if needed."""
+    from kneetf.data import sources
+
+    if data.path is None:
+        cache = out_dir / "data" / f"synthetic-n{data.synthetic_n}-seed{data.synthetic_seed}"
+        sources.build_synthetic_cache(cache, n=data.synthetic_n, seed=data.synthetic_seed, config=prep,
+                                      workers=data.workers, progress=progress)
+        return cache
+    path = Path(data.path)
+    if path.is_dir() and (path / "dataset.json").exists():
+        return path
+    if path.is_file() and path.suffix.lower() == ".csv":
+        cache = out_dir / "data" / f"{path.stem}-cache"
+        result = sources.prepare_manifest(path, cache, config=prep, workers=data.workers, progress=progress)
+        if result.total == 0:
+            raise InputError(path, "no valid pair could be prepared; see errors.csv in " + str(cache))
+        return cache
+    if not path.exists():
+        raise InputError(path, "does not exist")
+    raise InputError(path, "is neither a kneetf cache folder (with dataset.json) nor a manifest .csv")
+
+
+def _mean_volume(cache: Path, split: str, batch_size: int) -> np.ndarray:
+    from kneetf.data.pipeline import make_dataset
+
+    total, n = None, 0
+    for _, y in make_dataset(cache, split, batch_size):
+        s = y["mri"].numpy().sum(axis=0, dtype=np.float64)
+        total = s if total is None else total + s
+        n += y["mri"].shape[0]
+    return (total / max(n, 1)).astype("float32")
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | Path, *,
+          data: DataSpec | None = None, preprocess: PreprocessConfig | None = None, preset: str = "",
+          verbose: int | str = "auto") -> dict[str, Any]:
+    """Train KneeNet and write the run folder; returns the validation metrics dict."""
+    import keras
+    import tensorflow as tf
+
+    from kneetf.data.cache import read_info
+    from kneetf.data.pipeline import load_arrays, make_dataset, split_size
+    from kneetf.models.kneenet import KneeNet
+    from kneetf.training.callbacks import ImageSummary, LearningRateLogger, TimeBudget
+
+    data = data or DataSpec()
+    prep = preprocess or PreprocessConfig(image_size=model_config.image_size, num_slices=model_config.num_slices)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(train_config.seed)
+    t0 = time.monotonic()
+
+    cache = resolve_cache(data, out, prep, progress=verbose != 0)
+    info = read_info(cache)
+    shape = info["shapes"]["mri"]
+    if (shape[0], shape[2]) != (model_config.image_size, model_config.num_slices):
+        raise ConfigError(f"cache {cache} holds {shape} MRI volumes but the model expects "
+                          f"{model_config.image_size}x{model_config.image_size}x{model_config.num_slices}")
+    n_train, n_val = split_size(cache, "train"), split_size(cache, "val")
+    if n_train == 0:
+        raise InputError(cache, "the train split is empty")
+    val_split = "val" if n_val else "train"
+    if not n_val:
+        log.warning("no validation split in %s: validating on the training split", cache)
+    data_s = time.monotonic() - t0
+
+    model = KneeNet(model_config)
+    if model_config.residual_template:
+        model.set_template(_mean_volume(cache, "train", train_config.batch_size))
+    model.compile_for_training(train_config)
+
+    config_blob = {"kneetf_version": __version__, "preset": preset, "model": to_dict(model_config),
+                   "train": to_dict(train_config), "preprocess": info["preprocess"], "data": str(cache)}
+    write_text_atomic(out / CONFIG_FILE, json.dumps(config_blob, indent=2))
+
+    train_ds = make_dataset(cache, "train", train_config.batch_size, shuffle=True, seed=train_config.seed)
+    val_ds = make_dataset(cache, val_split, train_config.batch_size)
+    sample = load_arrays(cache, val_split, limit=8)
+    callbacks: list[keras.callbacks.Callback] = [
+        LearningRateLogger(),
+        keras.callbacks.ModelCheckpoint(str(out / MODEL_FILE), monitor="val_loss", save_best_only=True),
+        keras.callbacks.CSVLogger(str(out / HISTORY_FILE)),
+        keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
+        ImageSummary(str(out / "tensorboard" / "images"), sample["xray"], sample["mri"],
+                     every=max(1, train_config.epochs // 10)),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    if train_config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(patience=train_config.early_stopping_patience,
+                                                       restore_best_weights=True))
+    if train_config.time_budget_s:
+        callbacks.append(TimeBudget(train_config.time_budget_s))
+    t1 = time.monotonic()
+    model.fit(train_ds, validation_data=val_ds, epochs=train_config.epochs, callbacks=callbacks, verbose=verbose)
+    train_s = time.monotonic() - t1
+
+    best = keras.saving.load_model(out / MODEL_FILE, safe_mode=True)
+    metrics = _validation_metrics(best, cache, val_split)
+    metrics.update(train_pairs=n_train, val_pairs=n_val, val_split=val_split, data_s=round(data_s, 1),
+                   train_s=round(train_s, 1), total_s=round(time.monotonic() - t0, 1))
+    write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2))
+    _write_samples(best, load_arrays(cache, val_split, limit=4), out / "samples.png")
+    _ = tf  # TensorFlow must be imported before Keras callbacks run
+    return metrics
+
+
+def _validation_metrics(model: Any, cache: Path, split: str) -> dict[str, Any]:
+    """PSNR / SSIM (data_range 1) of the model on `split`, next to the mean training volume."""
+    from kneetf import metrics as M
+    from kneetf.data.pipeline import load_arrays
+
+    arrays = load_arrays(cache, split)
+    pred = model.predict(arrays["xray"], batch_size=16, verbose=0)["mri"]
+    mean = _mean_volume(cache, "train", 64)
+    base = np.broadcast_to(mean, arrays["mri"].shape)
+    model_s = M.summarize(arrays["mri"], pred)
+    base_s = M.summarize(arrays["mri"], base)
+    return {
+        "split": split,
+        "model": model_s,
+        "mean_baseline": base_s,
+        "psnr_gain_db": model_s["psnr"]["mean"] - base_s["psnr"]["mean"],
+        "ssim_gain": model_s["ssim_2d"]["mean"] - base_s["ssim_2d"]["mean"],
+    }
+
+
+def _write_samples(model: Any, arrays: dict[str, Any], path: Path) -> None:
+    from kneetf import viz
+
+    pred = model.predict(arrays["xray"], verbose=0)["mri"]
+    viz.save_montage(path, arrays["xray"], arrays["mri"], pred, ids=arrays["id"])
