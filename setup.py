@@ -20,6 +20,7 @@ setup(
     install_requires=[
         "tensorflow==2.21.*",
         "keras>=3.12,<4",
+        "tensorboard>=2.20",
         "numpy>=1.26",
         "pydicom>=3.0",
         "pylibjpeg>=2.0",

@@ -23,7 +23,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after the epoch that passes this much training time")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, init, synthetic set)")
     p.add_argument("--workers", type=int, default=2, help="processes that decode / generate data")
-    p.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
+    p.add_argument("--out", default="runs/train",
+                   help="run folder (default runs/train); run again to resume an interrupted run")
+    p.add_argument("--strategy", default="auto", choices=["auto", "one-device", "mirrored", "multiworker"],
+                   help="tf.distribute strategy (auto: mirrored when several GPUs are visible; "
+                        "multiworker reads TF_CONFIG)")
+    p.add_argument("--precision", default="float32", choices=["float32", "mixed_float16", "mixed_bfloat16"],
+                   help="Keras dtype policy while training (saved models are float32)")
+    p.add_argument("--jit", action="store_true", help="XLA-compile the training step (slower on CPU)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (an error if there is none); with a larger --epochs, "
+                            "train a finished run further")
+    group.add_argument("--fresh", action="store_true", help="discard the backup in --out and start over")
 
 
 def _loss_weights(text: str) -> tuple[float, float]:
@@ -39,7 +51,13 @@ def _loss_weights(text: str) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     from kneetf.config import TrainConfig, replace
     from kneetf.presets import get_preset
-    from kneetf.training.train import DataSpec, train
+    from pathlib import Path
+
+    from kneetf.errors import ConfigError
+    from kneetf.training.train import DataSpec, RunOptions, train
+
+    if args.resume and not (Path(args.out) / "backup").exists():
+        raise ConfigError(f"--resume: {args.out} holds no run to resume (no backup/ folder)")
 
     model_config = get_preset(args.preset)
     overrides = {k: v for k, v in {
@@ -49,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     }.items() if v is not None}
     train_config = replace(TrainConfig(seed=args.seed), **overrides)
     data = DataSpec(path=args.data, synthetic_n=args.synthetic_n, synthetic_seed=args.seed, workers=args.workers)
-    metrics = train(model_config, train_config, args.out, data=data, preset=args.preset)
+    options = RunOptions(strategy=args.strategy, precision=args.precision, jit=args.jit, fresh=args.fresh)
+    metrics = train(model_config, train_config, args.out, data=data, preset=args.preset, options=options)
+    if not metrics.get("chief", True):
+        return 0
     m, b = metrics["model"], metrics["mean_baseline"]
     print(f"\nvalidation ({metrics['val_split']}, {metrics['val_pairs'] or metrics['train_pairs']} pairs):")
     print(f"  {'':14s} {'PSNR dB':>8s} {'SSIM-2D':>8s}")

@@ -178,6 +178,9 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for debris in out.glob(".tmp-*"):  # left by a killed run; never listed in dataset.json
+        if debris.is_file():
+            debris.unlink()
     prep_hash = config_hash(config)
     existing = out / DATASET_JSON
     if existing.exists():

@@ -46,10 +46,11 @@ def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), block_length=1,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
-    if shuffle:
+        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), block_length=1,
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    else:  # evaluation order = cache order (split order of the manifest)
+        ds = ds.flat_map(tf.data.TFRecordDataset)
     if repeat:
         ds = ds.repeat()
     ds = ds.map(lambda s: parse_example(s, size, slices), num_parallel_calls=tf.data.AUTOTUNE,

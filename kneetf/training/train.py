@@ -73,26 +73,75 @@ def _mean_volume(cache: Path, split: str, batch_size: int) -> np.ndarray:
     return (total / max(n, 1)).astype("float32")
 
 
+@dataclass
+class RunOptions:
+    """How a run executes (not what it learns): devices, precision, resuming."""
+
+    strategy: str = "auto"
+    precision: str = "float32"  # or mixed_float16 / mixed_bfloat16
+    jit: bool = False
+    fresh: bool = False  # ignore a backup of an interrupted run and start over
+    steps_per_execution: int = 1
+
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def _check_same_run(out: Path, blob: dict[str, Any], fresh: bool) -> None:
+    """A backup may only be resumed by the same model, preprocessing and data."""
+    previous = out / CONFIG_FILE
+    if fresh or not previous.exists() or not (out / "backup").exists():
+        return
+    old = json.loads(previous.read_text())
+    for key in ("model", "preprocess", "data"):
+        if old.get(key) != blob.get(key):
+            raise ConfigError(f"{out} holds an interrupted run with another {key} config; "
+                              "use another --out or --fresh to start over")
+
+
+def _best_val_loss(history: Path) -> float | None:
+    import csv
+
+    if not history.exists():
+        return None
+    with history.open() as f:
+        values = [float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")]
+    return min(values) if values else None
+
+
 def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | Path, *,
           data: DataSpec | None = None, preprocess: PreprocessConfig | None = None, preset: str = "",
-          verbose: int | str = "auto") -> dict[str, Any]:
-    """Train KneeNet and write the run folder; returns the validation metrics dict."""
+          options: RunOptions | None = None, verbose: int | str = "auto") -> dict[str, Any]:
+    """Train KneeNet and write the run folder; returns the validation metrics dict.
+
+    Started again on the same `out_dir`, it resumes from the last completed epoch (optimizer
+    state and learning rates included); with more `epochs` it trains a finished run further.
+    """
+    import shutil
+
     import keras
-    import tensorflow as tf
 
     from kneetf.data.cache import read_info
     from kneetf.data.pipeline import load_arrays, make_dataset, split_size
     from kneetf.models.kneenet import KneeNet
     from kneetf.training.callbacks import ImageSummary, LearningRateLogger, TimeBudget
+    from kneetf.training.distribute import is_chief, make_strategy, worker_index
 
     data = data or DataSpec()
+    options = options or RunOptions()
+    if options.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}. Received: {options.precision!r}")
     prep = preprocess or PreprocessConfig(image_size=model_config.image_size, num_slices=model_config.num_slices)
+    chief = is_chief()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # non-chief workers of a multi-worker run write only to a private scratch folder
+    work = out if chief else out / f".worker-{worker_index()}"
+    work.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(train_config.seed)
     t0 = time.monotonic()
+    strategy = make_strategy(options.strategy)
 
-    cache = resolve_cache(data, out, prep, progress=verbose != 0)
+    cache = resolve_cache(data, work, prep, progress=verbose != 0)
     info = read_info(cache)
     shape = info["shapes"]["mri"]
     if (shape[0], shape[2]) != (model_config.image_size, model_config.num_slices):
@@ -106,44 +155,84 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
         log.warning("no validation split in %s: validating on the training split", cache)
     data_s = time.monotonic() - t0
 
-    model = KneeNet(model_config)
-    if model_config.residual_template:
-        model.set_template(_mean_volume(cache, "train", train_config.batch_size))
-    model.compile_for_training(train_config)
+    blob = {"kneetf_version": __version__, "preset": preset, "model": to_dict(model_config),
+            "train": to_dict(train_config), "preprocess": info["preprocess"],
+            "data": info.get("source") or str(cache), "run": {"strategy": options.strategy,
+                                                             "precision": options.precision, "jit": options.jit}}
+    _check_same_run(out, blob, options.fresh)
+    if options.fresh and (work / "backup").exists():
+        shutil.rmtree(work / "backup")
+    write_text_atomic(work / CONFIG_FILE, json.dumps(blob, indent=2))
 
-    config_blob = {"kneetf_version": __version__, "preset": preset, "model": to_dict(model_config),
-                   "train": to_dict(train_config), "preprocess": info["preprocess"], "data": str(cache)}
-    write_text_atomic(out / CONFIG_FILE, json.dumps(config_blob, indent=2))
+    keras.mixed_precision.set_global_policy(options.precision)
+    try:
+        with strategy.scope():
+            model = KneeNet(model_config)
+            if model_config.residual_template:
+                model.set_template(_mean_volume(cache, "train", train_config.batch_size))
+            model.compile_for_training(train_config, jit_compile=options.jit,
+                                       steps_per_execution=options.steps_per_execution)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
-    train_ds = make_dataset(cache, "train", train_config.batch_size, shuffle=True, seed=train_config.seed)
-    val_ds = make_dataset(cache, val_split, train_config.batch_size)
+    replicas = strategy.num_replicas_in_sync
+    steps = max(1, n_train // train_config.batch_size) if replicas > 1 else None
+    train_ds = make_dataset(cache, "train", train_config.batch_size, shuffle=True, seed=train_config.seed,
+                            repeat=replicas > 1, drop_remainder=replicas > 1)
+    val_ds = make_dataset(cache, val_split, train_config.batch_size, drop_remainder=replicas > 1 and
+                          split_size(cache, val_split) >= train_config.batch_size)
     sample = load_arrays(cache, val_split, limit=8)
+    resumed = (work / "backup").exists()
     callbacks: list[keras.callbacks.Callback] = [
         LearningRateLogger(),
-        keras.callbacks.ModelCheckpoint(str(out / MODEL_FILE), monitor="val_loss", save_best_only=True),
-        keras.callbacks.CSVLogger(str(out / HISTORY_FILE)),
-        keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
-        ImageSummary(str(out / "tensorboard" / "images"), sample["xray"], sample["mri"],
-                     every=max(1, train_config.epochs // 10)),
+        keras.callbacks.BackupAndRestore(str(work / "backup"), double_checkpoint=True, delete_checkpoint=False),
+        keras.callbacks.ModelCheckpoint(str(work / MODEL_FILE), monitor="val_loss", save_best_only=True,
+                                        initial_value_threshold=_best_val_loss(work / HISTORY_FILE) if resumed
+                                        else None),
+        keras.callbacks.CSVLogger(str(work / HISTORY_FILE), append=resumed),
         keras.callbacks.TerminateOnNaN(),
     ]
+    if chief:
+        callbacks += [
+            keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
+            ImageSummary(str(out / "tensorboard" / "images"), sample["xray"], sample["mri"],
+                         every=max(1, train_config.epochs // 10)),
+        ]
     if train_config.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(patience=train_config.early_stopping_patience,
                                                        restore_best_weights=True))
     if train_config.time_budget_s:
         callbacks.append(TimeBudget(train_config.time_budget_s))
     t1 = time.monotonic()
-    model.fit(train_ds, validation_data=val_ds, epochs=train_config.epochs, callbacks=callbacks, verbose=verbose)
+    model.fit(train_ds, validation_data=val_ds, epochs=train_config.epochs, steps_per_epoch=steps,
+              callbacks=callbacks, verbose=verbose)
     train_s = time.monotonic() - t1
+    if not chief:
+        return {"chief": False}
 
-    best = keras.saving.load_model(out / MODEL_FILE, safe_mode=True)
+    best_path = out / MODEL_FILE
+    if not best_path.exists():  # no epoch improved on a resumed run's best: keep the last weights
+        model.save(best_path)
+    best = keras.saving.load_model(best_path, safe_mode=True)
+    if options.precision != "float32":  # serve and export in float32
+        best = _as_float32(best)
+        best.save(best_path)
     metrics = _validation_metrics(best, cache, val_split)
     metrics.update(train_pairs=n_train, val_pairs=n_val, val_split=val_split, data_s=round(data_s, 1),
-                   train_s=round(train_s, 1), total_s=round(time.monotonic() - t0, 1))
+                   train_s=round(train_s, 1), total_s=round(time.monotonic() - t0, 1),
+                   epochs_run=len(model.history.epoch) if model.history else 0, resumed=resumed)
     write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2))
     _write_samples(best, load_arrays(cache, val_split, limit=4), out / "samples.png")
-    _ = tf  # TensorFlow must be imported before Keras callbacks run
     return metrics
+
+
+def _as_float32(model: Any) -> Any:
+    from kneetf.models.kneenet import KneeNet
+
+    clone = KneeNet(model.model_config)  # built under the float32 global policy
+    clone.set_weights(model.get_weights())
+    clone.compile_for_training(TrainConfig())
+    return clone
 
 
 def _validation_metrics(model: Any, cache: Path, split: str) -> dict[str, Any]:

@@ -1,0 +1,119 @@
+"""Cache builder and tf.data pipeline: round trip, shards, resume, bad inputs, config hash."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kneetf.config import PreprocessConfig
+from kneetf.data.cache import CacheTask, RawPair, build_cache, read_info
+from kneetf.data.pipeline import load_arrays, make_dataset
+from kneetf.errors import InputError, KneetfError
+
+
+def load_pair(payload: dict, config: PreprocessConfig) -> RawPair:
+    """A structured pair: a gradient X-ray whose slope sets the MRI's bright band."""
+    if payload.get("bad") == "missing":
+        raise InputError(payload["file"], "file not found")
+    rng = np.random.default_rng(payload["i"])
+    h = 96 + payload["i"]
+    xray = np.outer(np.linspace(0, 1, h), np.ones(80)) * (100 + payload["i"]) + rng.random((h, 80))
+    mri = rng.random((config.num_slices, 150, 140)).astype("float32") * 50
+    mri[:, 40 + payload["i"]:60 + payload["i"], :] += 500
+    if payload.get("bad") == "nan":
+        mri[0, 0, 0] = np.nan
+    return RawPair(id="ignored", xray=xray, mri=mri, side="left" if payload["i"] % 2 else "right",
+                   box=(1.0, 2.0, 3.0, 4.0))
+
+
+def _tasks(n: int, bad: dict[int, str] | None = None) -> list[CacheTask]:
+    bad = bad or {}
+    splits = ["train"] * (n - 2) + ["val", "test"]
+    return [CacheTask(id=f"case{i}", split=splits[i], payload={"i": i, "bad": bad.get(i), "file": f"f{i}.dcm"},
+                      source=f"f{i}.dcm") for i in range(n)]
+
+
+def test_round_trip_matches_preprocessing(tmp_path: Path) -> None:
+    from kneetf.data.cache import preprocess_pair
+
+    cfg = PreprocessConfig()
+    res = build_cache(_tasks(6), load_pair, tmp_path / "c", cfg, shard_size=2, workers=0, progress=False)
+    assert res.counts == {"train": 4, "val": 1, "test": 1} and not res.errors
+    info = read_info(tmp_path / "c")
+    assert info["shapes"]["mri"] == [128, 128, 20] and len(info["shards"]["train"]) == 2
+    arrays = load_arrays(tmp_path / "c", "train")
+    assert arrays["id"] == ["case0", "case1", "case2", "case3"]
+    expected = preprocess_pair(load_pair({"i": 2}, cfg), cfg)
+    np.testing.assert_allclose(arrays["mri"][2], expected.mri, atol=1 / 65535)
+    np.testing.assert_allclose(arrays["xray"][2], expected.xray, atol=1 / 65535)
+    # robust normalisation: 0.5th percentile -> 0, 99.5th -> 1, clipped
+    assert arrays["mri"].min() == 0.0 and arrays["mri"].max() == 1.0
+    for x, y in make_dataset(tmp_path / "c", "train", batch_size=3):
+        assert x.shape[1:] == (128, 128, 1) and y["mri"].shape[1:] == (128, 128, 20)
+        np.testing.assert_array_equal(x.numpy(), y["xray_recon"].numpy())
+        break
+
+
+def test_bad_inputs_are_skipped_and_reported(tmp_path: Path) -> None:
+    res = build_cache(_tasks(6, {1: "missing", 3: "nan"}), load_pair, tmp_path / "c", shard_size=4, workers=0,
+                      progress=False)
+    assert res.counts["train"] == 2
+    reasons = {e["id"]: e for e in res.errors}
+    assert reasons["case1"]["file"] == "f1.dcm" and "not found" in reasons["case1"]["reason"]
+    assert "NaN" in reasons["case3"]["reason"] and reasons["case3"]["file"] == "f3.dcm"
+    text = (tmp_path / "c" / "errors.csv").read_text()
+    assert text.splitlines()[0] == "id,file,reason" and "case1" in text and "case3" in text
+
+
+def test_resume_skips_finished_shards_and_leaves_no_partial(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    build_cache(_tasks(6), load_pair, out, shard_size=2, workers=0, progress=False)
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord")}
+    # simulate a run killed while writing: one shard and its sidecar gone, debris left
+    victim = sorted(first)[0]
+    (out / victim).unlink()
+    (out / f".tmp-{victim}-x.tfrecord").write_bytes(b"half")
+    res = build_cache(_tasks(6), load_pair, out, shard_size=2, workers=0, progress=False)
+    assert res.skipped_shards == len(first) - 1 and res.total == 6
+    again = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord")}
+    assert set(again) == set(first)  # the debris is gone too
+    assert all(again[k] == first[k] for k in first if k != victim)
+    assert load_arrays(out, "train")["id"] == ["case0", "case1", "case2", "case3"]
+
+
+def test_cache_refuses_another_preprocessing_config(tmp_path: Path) -> None:
+    build_cache(_tasks(4), load_pair, tmp_path / "c", workers=0, progress=False)
+    with pytest.raises(KneetfError, match="another preprocessing config"):
+        build_cache(_tasks(4), load_pair, tmp_path / "c", PreprocessConfig(high_percentile=99.0), workers=0,
+                    progress=False)
+
+
+def test_process_pool_gives_the_same_cache(tmp_path: Path) -> None:
+    build_cache(_tasks(5), load_pair, tmp_path / "a", workers=0, progress=False)
+    build_cache(_tasks(5), load_pair, tmp_path / "b", workers=2, progress=False)
+    a, b = load_arrays(tmp_path / "a", "train"), load_arrays(tmp_path / "b", "train")
+    assert a["id"] == b["id"]
+    np.testing.assert_array_equal(a["mri"], b["mri"])
+
+
+def test_mirror_left_flips_both_modalities(tmp_path: Path) -> None:
+    from kneetf.data.cache import preprocess_pair
+
+    cfg = PreprocessConfig(mirror_left=True)
+    raw = load_pair({"i": 1}, cfg)  # i odd -> left
+    plain = preprocess_pair(raw, PreprocessConfig())
+    flipped = preprocess_pair(raw, cfg)
+    assert flipped.mirrored and not plain.mirrored
+    np.testing.assert_allclose(flipped.xray, plain.xray[:, ::-1], atol=1e-6)
+    np.testing.assert_allclose(flipped.mri, plain.mri[:, :, ::-1], atol=1e-6)
+
+
+def test_not_a_cache_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not a kneetf cache"):
+        make_dataset(tmp_path, "train")
+    build_cache(_tasks(4), load_pair, tmp_path / "c", workers=0, progress=False)
+    with pytest.raises(InputError, match="unknown split"):
+        make_dataset(tmp_path / "c", "dev")
+    json.loads((tmp_path / "c" / "dataset.json").read_text())
