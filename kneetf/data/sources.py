@@ -118,7 +118,7 @@ def manifest_tasks(manifest: str | Path, *, rois: str | Path | None = None, dete
         if rois and box is None:
             errors.append({"id": case.id, "file": str(rois), "reason": "no box for this id in the ROI CSV"})
             continue
-        extra = tuple((k, v) for k, v in getattr(case, "reader_options", {}).items())
+        extra = (("half", case.xray_half),) if case.xray_half else ()  # one knee of a bilateral X-ray
         payload = FilePayload(id=case.id, xray=str(case.xray), mri=str(case.mri), side=case.side or "",
                               box=box.as_tuple() if box is not None else None,
                               detector=str(detector) if detector else None, extra=extra,

@@ -1,0 +1,532 @@
+"""DICOM with pydicom: slice geometry, series ordering, rescale, MONOCHROME1, PHI-free meta.
+
+Geometry conventions (shared with `kneetf.io.writers` and the NIfTI reader):
+
+* Coordinates are DICOM patient coordinates, LPS: +x patient left, +y posterior,
+  +z superior (head), in mm.
+* `ImageOrientationPatient` holds the row direction (moving along a row, increasing column
+  index) then the column direction (moving down a column, increasing row index).
+* The slice normal is row x column. Slices are sorted ASCENDING by
+  `ImagePositionPatient . normal`, never by file name or InstanceNumber.
+* The default orientation is sagittal, `(0, 1, 0, 0, 0, -1)`: columns run anterior ->
+  posterior (+y), rows run superior -> inferior (-z), so the image shows the knee with
+  anterior on the left and superior at the top; the normal is (-1, 0, 0), so slice 0 is
+  the patient's leftmost slice and slices step towards the patient's right. OAI's sagittal
+  DESS series use this orientation.
+
+Everything here is numpy + pydicom (no TensorFlow): it runs in cache-building workers.
+Nothing that identifies a patient (names, ids, dates, UIDs) leaves this module in the
+meta dicts; Series UIDs are used only to check that a folder holds one series.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from kneetf.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Sagittal orientation used by the writers by default (see the module docstring).
+DEFAULT_ORIENTATION: tuple[float, ...] = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+#: Refuse images that declare more values (rows x columns x frames x samples) than this.
+MAX_PIXELS: int = 2**28
+#: Elements bigger than this (pixel data, private blobs) are read lazily from the file.
+_DEFER_SIZE = 4096
+#: Files a DICOM folder scan never opens.
+_IGNORED_SUFFIXES = {".txt", ".csv", ".json", ".xml", ".md", ".html", ".pdf", ".jpg", ".jpeg", ".png",
+                     ".nii", ".gz", ".npy", ".zip", ".tar", ".log", ".ini"}
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+# === Geometry ===
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """Unit slice normal (row direction x column direction) of 6 direction cosines."""
+    o = np.asarray(orientation, dtype=np.float64)
+    n = np.cross(o[:3], o[3:])
+    norm = np.linalg.norm(n)
+    if not norm > 1e-6:
+        raise ValueError(f"orientation {tuple(o)} has parallel row and column directions")
+    return n / norm
+
+
+def voxel_to_lps(orientation: Sequence[float], spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    """4x4 affine from voxel (column, row, slice, 1) to LPS mm.
+
+    `spacing` is (slice_mm, row_mm, col_mm): row_mm is the distance between rows (DICOM
+    PixelSpacing[0]), col_mm between columns (PixelSpacing[1]).
+    """
+    o = np.asarray(orientation, dtype=np.float64)
+    slice_mm, row_mm, col_mm = (float(s) for s in spacing)
+    aff = np.eye(4)
+    aff[:3, 0] = o[:3] * col_mm
+    aff[:3, 1] = o[3:] * row_mm
+    aff[:3, 2] = slice_normal(o) * slice_mm
+    aff[:3, 3] = np.asarray(origin, dtype=np.float64)
+    return aff
+
+
+#: LPS <-> RAS (NIfTI) flip; its own inverse.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+# === Headers ===
+def looks_like_dicom(path: Path) -> bool:
+    """True when `path` has the DICOM preamble magic (b'DICM' at byte 128) or a DICOM suffix."""
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_header(path: str | Path, *, force: bool = False) -> Any:
+    """Parse a DICOM file with its large elements (pixel data) deferred: read on first use."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, defer_size=_DEFER_SIZE, force=force)
+    except InvalidDicomError as e:
+        raise InputError(path, f"not a DICOM file ({e})") from e
+    except (OSError, EOFError) as e:
+        raise InputError(path, f"cannot read DICOM file: {e}") from e
+    except Exception as e:  # pydicom raises many types on corrupt headers
+        raise InputError(path, f"corrupt DICOM header: {type(e).__name__}: {e}") from e
+
+
+def _int(ds: Any, keyword: str, default: int) -> int:
+    value = ds.get(keyword, None)
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def check_declared_size(ds: Any, path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int, int]:
+    """Check the size the header declares BEFORE any pixel is decoded; returns (frames, rows, cols)."""
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    frames = max(_int(ds, "NumberOfFrames", 1), 1)
+    samples = max(_int(ds, "SamplesPerPixel", 1), 1)
+    bits = _int(ds, "BitsAllocated", 16)
+    if rows <= 0 or cols <= 0:
+        raise InputError(path, f"declares an empty image (Rows={rows}, Columns={cols})")
+    values = rows * cols * frames * samples
+    if values > max_pixels:
+        raise InputError(path, f"declares {rows}x{cols} pixels x {frames} frame(s) x {samples} sample(s) "
+                               f"= {values} values ({values * max(bits, 8) // 8 / 2**20:.0f} MiB), more than "
+                               f"the limit of {max_pixels} (max_pixels); refusing to decode it")
+    if bits not in (1, 8, 16, 32, 64):
+        raise InputError(path, f"declares BitsAllocated={bits}; expected 8, 16, 32 or 64")
+    return frames, rows, cols
+
+
+def _stored_range(ds: Any) -> tuple[float, float]:
+    bits = _int(ds, "BitsStored", _int(ds, "BitsAllocated", 16))
+    if _int(ds, "PixelRepresentation", 0) == 1:
+        return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    return 0.0, 2.0**bits - 1
+
+
+def _photometric(ds: Any) -> str:
+    return str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
+
+
+def to_grey(arr: np.ndarray) -> np.ndarray:
+    """(..., 3|4) RGB(A) colour -> grey float32 with ITU-R 601 luma weights."""
+    if arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3].astype(np.float32)
+        return rgb @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+def _decode(ds: Any, path: str | Path, index: int | None = None) -> np.ndarray:
+    """Decode all frames (index None) or one frame of `ds`; errors name the transfer syntax."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        if index is None:
+            return ds.pixel_array
+        return pixel_array(ds, index=index)
+    except Exception as e:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(ts, "name", ts) or "unknown transfer syntax"
+        raise InputError(path, f"cannot decode pixel data ({name}): {type(e).__name__}: {e}") from e
+
+
+def _meta_text(ds: Any, *keywords: str) -> str | None:
+    for kw in keywords:
+        value = ds.get(kw, None)
+        if value not in (None, ""):
+            return str(value).strip() or None
+    return None
+
+
+def _laterality(ds: Any) -> str | None:
+    lat = _meta_text(ds, "ImageLaterality", "Laterality", "FrameLaterality")
+    if lat:
+        return lat.upper()[:1]
+    desc = (_meta_text(ds, "SeriesDescription") or "").upper()
+    if desc.endswith("LEFT"):
+        return "L"
+    if desc.endswith("RIGHT"):
+        return "R"
+    return None
+
+
+def require_finite(arr: np.ndarray, path: str | Path) -> np.ndarray:
+    """Refuse empty arrays and arrays holding NaN or Inf."""
+    if arr.size == 0:
+        raise InputError(path, f"holds an empty array of shape {arr.shape}")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = int(arr.size - np.count_nonzero(finite))
+        raise InputError(path, f"holds {bad} NaN/Inf value(s) out of {arr.size}")
+    return arr
+
+
+# === Single images (X-rays) ===
+def read_dicom_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict[str, Any]]:
+    """One DICOM image -> (2-D float32, meta fields): modality LUT / rescale applied,
+    MONOCHROME1 inverted (bright = dense), colour converted to grey."""
+    from pydicom.pixels import apply_modality_lut
+
+    ds = read_header(path)
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise InputError(path, "DICOM file holds no image (no PixelData)")
+    frames, _, _ = check_declared_size(ds, path, max_pixels)
+    if frames != 1:
+        raise InputError(path, f"holds {frames} frames; an X-ray must be a single image")
+    raw = _decode(ds, path)
+    photometric = _photometric(ds)
+    if raw.ndim == 3:
+        raw = to_grey(raw)
+    if raw.ndim != 2:
+        raise InputError(path, f"decoded to shape {raw.shape}; expected a 2-D image")
+    if "PixelData" in ds:
+        arr = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+    else:  # float pixel data carries real values already
+        arr = raw.astype(np.float32, copy=False)
+    inverted = False
+    if photometric == "MONOCHROME1":
+        lo, hi = _stored_range(ds)
+        ends = np.asarray(apply_modality_lut(np.asarray([lo, hi]), ds), dtype=np.float64)
+        arr = (ends[0] + ends[1] - arr).astype(np.float32)
+        inverted = True
+    require_finite(arr, path)
+    spacing = ds.get("PixelSpacing", None) or ds.get("ImagerPixelSpacing", None)
+    orient = ds.get("PatientOrientation", None)
+    meta = {
+        "pixel_spacing": tuple(float(s) for s in spacing) if spacing else None,
+        "photometric": photometric,
+        "laterality": _laterality(ds),
+        "orientation": tuple(str(o) for o in orient) if orient else None,
+        "view_position": _meta_text(ds, "ViewPosition"),
+        "inverted": inverted,
+    }
+    return arr, meta
+
+
+# === Series (MRI) ===
+@dataclass
+class SliceRef:
+    """One 2-D slice of a series: a single-frame file or one frame of a multi-frame file."""
+
+    path: Path
+    ds: Any
+    frame: int | None
+    position: np.ndarray
+    orientation: np.ndarray
+    slope: float
+    intercept: float
+    series_uid: str
+    rows: int
+    cols: int
+    pixel_spacing: tuple[float, float] | None
+    thickness: float | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.frame is None else f"{self.path.name}[frame {self.frame}]"
+
+
+def _floats(value: Any, n: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        out = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return out if out.shape == (n,) and np.isfinite(out).all() else None
+
+
+def _group_item(ds: Any, frame: int, sequence: str) -> Any | None:
+    """Item of functional group `sequence` for `frame`: per-frame first, then shared."""
+    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups, None)
+        if seq is not None and len(seq) > idx:
+            inner = seq[idx].get(sequence, None)
+            if inner is not None and len(inner):
+                return inner[0]
+    return None
+
+
+def _slice_refs(path: Path, ds: Any) -> list[SliceRef]:
+    """Every 2-D slice of one DICOM file, with its geometry and rescale."""
+    frames = max(_int(ds, "NumberOfFrames", 1), 1)
+    uid = str(ds.get("SeriesInstanceUID", "") or "")
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    top_slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    top_intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    refs = []
+    for f in range(frames):
+        if enhanced:
+            pos_item = _group_item(ds, f, "PlanePositionSequence")
+            ori_item = _group_item(ds, f, "PlaneOrientationSequence")
+            pix_item = _group_item(ds, f, "PixelMeasuresSequence")
+            val_item = _group_item(ds, f, "PixelValueTransformationSequence")
+            position = _floats(getattr(pos_item, "ImagePositionPatient", None), 3)
+            orientation = _floats(getattr(ori_item, "ImageOrientationPatient", None), 6)
+            spacing = getattr(pix_item, "PixelSpacing", None)
+            thickness = getattr(pix_item, "SliceThickness", None)
+            slope = float(getattr(val_item, "RescaleSlope", top_slope) or top_slope)
+            intercept = float(getattr(val_item, "RescaleIntercept", top_intercept) or top_intercept)
+        else:
+            position = _floats(ds.get("ImagePositionPatient", None), 3)
+            orientation = _floats(ds.get("ImageOrientationPatient", None), 6)
+            spacing = ds.get("PixelSpacing", None)
+            thickness = ds.get("SliceThickness", None)
+            slope, intercept = top_slope, top_intercept
+        where = path.name if frames == 1 else f"{path.name} frame {f}"
+        if position is None or orientation is None:
+            raise InputError(path, f"{where} has no valid ImagePositionPatient/ImageOrientationPatient; "
+                                   "cannot order the slices of a series without them")
+        refs.append(SliceRef(
+            path=path, ds=ds, frame=None if frames == 1 else f, position=position, orientation=orientation,
+            slope=slope, intercept=intercept, series_uid=uid, rows=rows, cols=cols,
+            pixel_spacing=tuple(float(s) for s in spacing) if spacing else None,
+            thickness=float(thickness) if thickness not in (None, "") else None))
+    return refs
+
+
+def _headerless(path: Path) -> Any | None:
+    """A DICOM file without preamble/file meta, or None: accepted only when forced parsing
+    finds an image with its SOP class and geometry (anything else is not DICOM)."""
+    try:
+        ds = read_header(path, force=True)
+        ok = ("SOPClassUID" in ds and "Rows" in ds and "ImagePositionPatient" in ds
+              and any(k in ds for k in _PIXEL_KEYWORDS))
+    except Exception:
+        return None
+    if not ok:
+        return None
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:  # what the parser found: (implicit VR, little endian)
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    ds.file_meta = meta
+    return ds
+
+
+def scan_dicom(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[list[SliceRef], list[str]]:
+    """Headers of every DICOM image in a folder (or one multi-frame file), pixels deferred.
+
+    Returns (slices in file order, skipped entries with reasons). Hidden files, sub-folders,
+    known non-image suffixes, non-DICOM files and DICOM files without an image (DICOMDIR,
+    structured reports) are skipped.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir())
+    refs: list[SliceRef] = []
+    skipped: list[str] = []
+    for f in files:
+        if f.name.startswith(".") or f.is_dir():
+            continue
+        if f.suffix.lower() in _IGNORED_SUFFIXES and f != path:
+            skipped.append(f"{f.name} (not DICOM: suffix {f.suffix})")
+            continue
+        try:
+            ds = read_header(f, force=f.suffix.lower() in (".dcm", ".dicom", ".ima"))
+        except InputError as e:
+            ds = _headerless(f)  # old files without the 128-byte preamble
+            if ds is None:
+                if f == path:
+                    raise
+                skipped.append(f"{f.name} ({e.reason})")
+                continue
+        sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+        if f.name.upper() == "DICOMDIR" or sop == _DICOMDIR_SOP_CLASS:
+            skipped.append(f"{f.name} (DICOMDIR)")
+            continue
+        if not any(k in ds for k in _PIXEL_KEYWORDS):
+            skipped.append(f"{f.name} (DICOM without an image)")
+            continue
+        check_declared_size(ds, f, max_pixels)
+        refs.extend(_slice_refs(f, ds))
+    if skipped:
+        log.debug("%s: skipped %d file(s): %s", path, len(skipped), "; ".join(skipped[:20]))
+    if not refs:
+        extra = f" (skipped: {'; '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''})" if skipped else ""
+        raise InputError(path, f"no DICOM image found{extra}")
+    return refs, skipped
+
+
+def _examples(names: Iterable[str], n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def order_slices(refs: list[SliceRef], where: str | Path, *, min_slices: int = 1,
+                 series_uid: str | None = None) -> tuple[list[SliceRef], float | None]:
+    """Validate one series and sort it by position along the slice normal.
+
+    Refuses (InputError naming files and positions): several SeriesInstanceUIDs, mixed
+    orientations or image sizes, duplicate positions, gaps or uneven steps, fewer than
+    `min_slices` slices. Returns (sorted slices, nominal slice spacing or None for one slice).
+    """
+    if series_uid is not None:
+        chosen = [r for r in refs if r.series_uid == series_uid]
+        if not chosen:
+            raise InputError(where, f"no slice of series {series_uid}; found series "
+                                    f"{_examples(sorted({r.series_uid for r in refs}))}")
+        refs = chosen
+    by_uid: dict[str, list[str]] = {}
+    for r in refs:
+        by_uid.setdefault(r.series_uid, []).append(r.name)
+    if len(by_uid) > 1:
+        parts = [f"{uid or '<none>'} ({len(v)} slice(s), e.g. {v[0]})" for uid, v in by_uid.items()]
+        raise InputError(where, f"mixes {len(by_uid)} series (SeriesInstanceUID): {'; '.join(parts)}; "
+                                "put each series in its own folder or choose one with series_uid")
+    ref = refs[0]
+    odd = [r for r in refs if np.max(np.abs(r.orientation - ref.orientation)) > 1e-4]
+    if odd:
+        raise InputError(where, f"mixed orientations (ImageOrientationPatient): {ref.name} has "
+                                f"{tuple(np.round(ref.orientation, 4))} but "
+                                + _examples(f"{r.name} has {tuple(np.round(r.orientation, 4))}" for r in odd))
+    sizes = [r for r in refs if (r.rows, r.cols) != (ref.rows, ref.cols)]
+    if sizes:
+        raise InputError(where, f"mixed image sizes: {ref.name} is {ref.rows}x{ref.cols} but "
+                                + _examples(f"{r.name} is {r.rows}x{r.cols}" for r in sizes))
+    try:
+        normal = slice_normal(ref.orientation)
+    except ValueError as e:
+        raise InputError(where, f"{ref.name}: {e}") from e
+    proj = np.asarray([r.position @ normal for r in refs])
+    order = np.argsort(proj, kind="stable")
+    refs = [refs[i] for i in order]
+    proj = proj[order]
+    if len(refs) < min_slices:
+        raise InputError(where, f"has {len(refs)} slice(s); at least {min_slices} are needed (min_slices)")
+    if len(refs) == 1:
+        return refs, None
+    steps = np.diff(proj)
+    moving = steps[steps > 1e-3]
+    nominal = float(np.median(moving)) if moving.size else 0.0
+    dup = np.nonzero(steps <= 1e-3 + 0.05 * nominal)[0]
+    if dup.size:
+        raise InputError(where, "duplicate slice positions: " + _examples(
+            f"{refs[i].name} and {refs[i + 1].name} at {proj[i]:.3f} mm" for i in dup))
+    uneven = np.nonzero(np.abs(steps - nominal) > max(0.1 * nominal, 1e-3))[0]
+    if uneven.size:
+        def describe(i: int) -> str:
+            kind = "gap" if steps[i] > nominal else "step"
+            missing = f", about {round(steps[i] / nominal) - 1} slice(s) missing" if steps[i] > 1.5 * nominal else ""
+            return (f"{kind} of {steps[i]:.3f} mm between {refs[i].name} ({proj[i]:.3f} mm) and "
+                    f"{refs[i + 1].name} ({proj[i + 1]:.3f} mm){missing}")
+        raise InputError(where, f"slice positions are not evenly spaced (usual step {nominal:.3f} mm): "
+                                + _examples(describe(int(i)) for i in uneven))
+    return refs, nominal
+
+
+def decode_slices(refs: Sequence[SliceRef]) -> np.ndarray:
+    """Decode the pixels of `refs` (in that order) -> (n, rows, cols) float32, rescaled per slice.
+
+    Each file is decoded once; from a multi-frame file only the needed frames are decoded
+    when they are fewer than half of its frames.
+    """
+    n = len(refs)
+    out = np.empty((n, refs[0].rows, refs[0].cols), dtype=np.float32)
+    slopes = np.empty(n, dtype=np.float64)
+    intercepts = np.empty(n, dtype=np.float64)
+    by_file: dict[int, list[int]] = {}
+    for i, r in enumerate(refs):
+        by_file.setdefault(id(r.ds), []).append(i)
+    for indices in by_file.values():
+        ds, path = refs[indices[0]].ds, refs[indices[0]].path
+        frames = max(_int(ds, "NumberOfFrames", 1), 1)
+        if frames == 1:
+            stack = {None: _decode(ds, path)}
+        elif 2 * len(indices) >= frames:
+            full = _decode(ds, path)
+            stack = {f: full[f] for f in range(frames)}
+        else:
+            stack = {refs[i].frame: _decode(ds, path, index=refs[i].frame) for i in indices}
+        photometric = _photometric(ds)
+        lo, hi = _stored_range(ds)
+        for i in indices:
+            img = stack[refs[i].frame]
+            if img.ndim == 3:
+                img = to_grey(img)
+            if img.shape != out.shape[1:]:
+                raise InputError(path, f"{refs[i].name} decoded to shape {img.shape}, header says "
+                                       f"{out.shape[1:]}")
+            out[i] = (lo + hi) - img if photometric == "MONOCHROME1" else img
+            slopes[i], intercepts[i] = refs[i].slope, refs[i].intercept
+    if not (np.all(slopes == 1.0) and np.all(intercepts == 0.0)):
+        out *= slopes.astype(np.float32)[:, None, None]
+        out += intercepts.astype(np.float32)[:, None, None]
+    return out
+
+
+def read_dicom_series(path: str | Path, *, window: tuple[int, int] | None = None, min_slices: int = 1,
+                      series_uid: str | None = None,
+                      max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict[str, Any]]:
+    """A DICOM series folder (or one multi-frame file) -> ((slices, H, W) float32, meta fields).
+
+    All headers are read (pixels deferred) to validate and sort the whole series; then only
+    the slices of `window` = [start, stop) in sorted order are decoded (all when None).
+    """
+    path = Path(path)
+    refs, _skipped = scan_dicom(path, max_pixels=max_pixels)
+    total_values = len(refs) * refs[0].rows * refs[0].cols
+    if total_values > max_pixels:
+        raise InputError(path, f"series declares {len(refs)} slices of {refs[0].rows}x{refs[0].cols} "
+                               f"= {total_values} values, more than max_pixels={max_pixels}")
+    if window is not None:
+        min_slices = max(min_slices, window[1])
+    refs, step = order_slices(refs, path, min_slices=min_slices, series_uid=series_uid)
+    start, stop = (0, len(refs)) if window is None else window
+    if not 0 <= start < stop <= len(refs):
+        raise InputError(path, f"slice window [{start}, {stop}) is outside the {len(refs)} slices")
+    chosen = refs[start:stop]
+    volume = require_finite(decode_slices(chosen), path)
+    first = chosen[0]
+    ds = first.ds
+    row_mm, col_mm = first.pixel_spacing if first.pixel_spacing else (None, None)
+    slice_mm = step if step is not None else first.thickness
+    spacing = (tuple(round(float(v), 6) for v in (slice_mm, row_mm, col_mm))
+               if None not in (slice_mm, row_mm, col_mm) else None)
+    meta = {
+        "spacing": spacing,
+        "orientation": tuple(float(v) for v in first.orientation),
+        "position": tuple(float(v) for v in first.position),
+        "laterality": _laterality(ds),
+        "photometric": _photometric(ds),
+        "description": _meta_text(ds, "SeriesDescription"),
+        "total_slices": len(refs),
+        "window": (start, stop),
+    }
+    return volume, meta

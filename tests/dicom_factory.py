@@ -1,0 +1,196 @@
+"""Helpers that write small DICOM/PNG/OAI test fixtures (real files, built with pydicom/kneetf writers)."""
+from __future__ import annotations
+
+import csv
+import struct
+import zlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from kneetf.io.dicom import DEFAULT_ORIENTATION, slice_normal
+from kneetf.io.writers import write_dicom_series, write_dicom_xray
+
+ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def volume(shape: Sequence[int] = (12, 16, 20), seed: int = 0, integer: bool = True) -> np.ndarray:
+    """A volume whose every slice differs (slice index encoded in the values) plus noise."""
+    rng = np.random.default_rng(seed)
+    s, h, w = shape
+    base = np.arange(s, dtype=np.float32)[:, None, None] * 100.0
+    vol = base + rng.uniform(0, 90, size=(s, h, w)).astype(np.float32)
+    return np.round(vol) if integer else vol
+
+
+def rewrite(files: Sequence[Path], edit: Callable[[pydicom.Dataset, int], None]) -> None:
+    """Apply `edit(ds, index)` to each file in place (index = position in `files`)."""
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        edit(ds, i)
+        ds.save_as(f, enforce_file_format=True)
+
+
+def compress(files: Sequence[Path], transfer_syntax: str) -> None:
+    """Re-encode each file with a compressed transfer syntax (e.g. RLE Lossless)."""
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.compress(transfer_syntax, generate_instance_uid=False)
+        ds.save_as(f, enforce_file_format=True)
+
+
+def write_enhanced_mr(path: Path, vol: np.ndarray, spacing=(1.0, 0.5, 0.5), *, orientation=DEFAULT_ORIENTATION,
+                      origin=(0.0, 0.0, 0.0), frame_order: Sequence[int] | None = None,
+                      slopes: Sequence[float] | None = None, intercepts: Sequence[float] | None = None,
+                      shared_orientation: bool = True) -> Path:
+    """One multi-frame Enhanced MR file holding `vol`; frames stored in `frame_order` (slice
+    index of each stored frame), each with its own position and rescale in per-frame groups."""
+    n, rows, cols = vol.shape
+    frame_order = list(range(n)) if frame_order is None else list(frame_order)
+    slopes = [1.0] * n if slopes is None else list(slopes)
+    intercepts = [0.0] * n if intercepts is None else list(intercepts)
+    normal = slice_normal(orientation)
+    stored = np.empty((n, rows, cols), dtype=np.uint16)
+    per_frame = []
+    for f, k in enumerate(frame_order):
+        stored[f] = np.round((vol[k] - intercepts[k]) / slopes[k]).astype(np.uint16)
+        item = pydicom.Dataset()
+        pos = pydicom.Dataset()
+        pos.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * spacing[0] * normal]
+        item.PlanePositionSequence = DicomSequence([pos])
+        val = pydicom.Dataset()
+        val.RescaleSlope, val.RescaleIntercept, val.RescaleType = slopes[k], intercepts[k], "US"
+        item.PixelValueTransformationSequence = DicomSequence([val])
+        if not shared_orientation:
+            ori = pydicom.Dataset()
+            ori.ImageOrientationPatient = list(orientation)
+            item.PlaneOrientationSequence = DicomSequence([ori])
+        per_frame.append(item)
+    shared = pydicom.Dataset()
+    meas = pydicom.Dataset()
+    meas.PixelSpacing = [spacing[1], spacing[2]]
+    meas.SliceThickness = spacing[0]
+    shared.PixelMeasuresSequence = DicomSequence([meas])
+    if shared_orientation:
+        ori = pydicom.Dataset()
+        ori.ImageOrientationPatient = list(orientation)
+        shared.PlaneOrientationSequence = DicomSequence([ori])
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_MR_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ENHANCED_MR_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.PatientName, ds.PatientID = "Anonymous", "ANON"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SeriesDescription = "SAG_3D_DESS_RIGHT"
+    ds.NumberOfFrames = n
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_declared_huge_dicom(path: Path, rows: int = 65535, cols: int = 65535) -> Path:
+    """A valid-looking DICOM whose header claims rows x cols pixels but holds 4 bytes of data."""
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "MR"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], list(DEFAULT_ORIENTATION)
+    ds.PixelData = b"\0\0\0\0"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_png_header_only(path: Path, width: int, height: int, bit_depth: int = 16) -> Path:
+    """A PNG whose IHDR claims width x height, followed by a tiny (wrong) IDAT and IEND."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+# === A small fake OAI tree ===
+OAI_MRI_SHAPE = (40, 32, 32)
+OAI_XRAY_SHAPE = (64, 96)
+
+
+def make_oai_tree(root: Path, participants: Sequence[str], *, visit: str = "00m", release: str = "1.C.2",
+                  sides: dict[str, Sequence[str]] | None = None, xray_missing: Sequence[str] = (),
+                  extra_rows: Sequence[list[str]] = (), csv_in_visit: bool = False,
+                  seed: int = 0) -> dict[str, dict]:
+    """Write ROOT/<visit>/<release>/<pid>/<date>/<barcode>/001... and a contents.csv.
+
+    Each participant gets SAG_3D_DESS_<SIDE> series for `sides[pid]` (default both), a
+    COR_IW_TSE_RIGHT series (irrelevant, listed only) and a bilateral PA fixed flexion X-ray
+    whose left image half is bright (value 3000) and right half dark (1000), unless the
+    participant is in `xray_missing`. Returns per participant the written folders.
+    """
+    rng = np.random.default_rng(seed)
+    visit_dir = root / visit
+    rel_dir = visit_dir / release
+    rows = []
+    info: dict[str, dict] = {}
+    barcode = 10000000
+    for pid in participants:
+        info[pid] = {}
+        date = "20050101"
+        for side in (sides or {}).get(pid, ("LEFT", "RIGHT")):
+            barcode += 1
+            folder = rel_dir / pid / date / str(barcode)
+            vol = rng.integers(0, 500, size=OAI_MRI_SHAPE).astype(np.float32)
+            files = write_dicom_series(folder, vol, (0.7, 0.4, 0.4), series_description=f"SAG_3D_DESS_{side}")
+            for i, f in enumerate(files):  # OAI names: 001, 002, ... without suffix
+                f.rename(folder / f"{i + 1:03d}")
+            info[pid][side] = (folder, vol)
+            rows.append([f"{release}/{pid}/{date}/{barcode}", pid, date, str(barcode),
+                         f"OAI^MR^ENROLLMENT^{side}", f"SAG_3D_DESS_{side}"])
+        barcode += 1
+        rows.append([f"{release}/{pid}/{date}/{barcode}", pid, date, str(barcode), "OAI^MR^ENROLLMENT^RIGHT",
+                     "COR_IW_TSE_RIGHT"])
+        if pid not in xray_missing:
+            barcode += 1
+            folder = rel_dir / pid / "20050102" / str(barcode)
+            image = np.full(OAI_XRAY_SHAPE, 1000.0)
+            image[:, : OAI_XRAY_SHAPE[1] // 2] = 3000.0
+            folder.mkdir(parents=True)
+            write_dicom_xray(folder / "001", image, pixel_spacing=0.14, laterality="B", photometric="MONOCHROME1")
+            info[pid]["XRAY"] = (folder / "001", image)
+            rows.append([f"{release}/{pid}/20050102/{barcode}", pid, "20050102", str(barcode),
+                         "Bilateral PA Fixed Flexion Knee", "Bilateral PA Fixed Flexion Knee"])
+    rows += [list(r) for r in extra_rows]
+    csv_path = (visit_dir if csv_in_visit else rel_dir) / "contents.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Folder", "ParticipantID", "StudyDate", "Barcode", "StudyDescription", "SeriesDescription"])
+        writer.writerows(rows)
+    return info
+
+
+__all__ = ["volume", "rewrite", "compress", "write_enhanced_mr", "write_declared_huge_dicom",
+           "write_png_header_only", "make_oai_tree"]

@@ -1,0 +1,359 @@
+"""kneetf.io.readers / kneetf.io.dicom: files written by the writers (and pydicom's own test
+files) read back, sorted by position, rescaled and refused with clear errors."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
+
+import kneetf.io.dicom as kdicom
+from dicom_factory import (compress, rewrite, volume, write_declared_huge_dicom, write_enhanced_mr,
+                           write_png_header_only)
+from kneetf.errors import InputError
+from kneetf.io.readers import read_mri, read_mri_window, read_xray
+from kneetf.io.writers import write_dicom_series, write_dicom_xray, write_nifti, write_png
+
+SPACING = (0.7, 0.4, 0.5)
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> tuple[Path, list[Path], np.ndarray]:
+    vol = volume((12, 16, 20))
+    files = write_dicom_series(tmp_path / "series", vol, SPACING, shuffle_names=True, seed=0)
+    return tmp_path / "series", files, vol
+
+
+# === DICOM series ===
+def test_series_sorted_by_position_not_name_or_instance_number(series) -> None:
+    folder, files, vol = series
+    rewrite(files, lambda ds, k: setattr(ds, "InstanceNumber", 100 - 7 * k))  # misleading numbers
+    assert sorted(f.name for f in files) != [f.name for f in files]
+    got, meta = read_mri(folder)
+    np.testing.assert_array_equal(got, vol)
+    assert meta.reader == "dicom-series" and meta.shape == (12, 16, 20) and meta.total_slices == 12
+    assert meta.spacing == SPACING and meta.orientation == (0, 1, 0, 0, 0, -1) and meta.position == (0, 0, 0)
+
+
+def test_series_sort_follows_normal_not_z(tmp_path: Path) -> None:
+    """An axial stack (normal +z) and a reversed sagittal stack (normal +x) both come back in order."""
+    vol = volume((5, 6, 7))
+    for orientation in [(1, 0, 0, 0, 1, 0), (0, -1, 0, 0, 0, -1)]:
+        write_dicom_series(tmp_path / "s", vol, orientation=orientation, origin=(3, 2, 1), shuffle_names=True,
+                           seed=4)
+        np.testing.assert_array_equal(read_mri(tmp_path / "s")[0], vol)
+
+
+def test_series_per_slice_rescale(series) -> None:
+    folder, files, vol = series
+    slopes = [1.0 + 0.25 * k for k in range(12)]
+    intercepts = [-50.0 * k for k in range(12)]
+
+    def edit(ds, k):
+        ds.RescaleSlope, ds.RescaleIntercept = slopes[k], intercepts[k]
+
+    rewrite(files, edit)
+    expected = vol * np.asarray(slopes)[:, None, None] + np.asarray(intercepts)[:, None, None]
+    np.testing.assert_allclose(read_mri(folder)[0], expected, rtol=1e-6)
+
+
+def test_series_window_decodes_only_its_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vol = volume((44, 8, 8))
+    write_dicom_series(tmp_path / "s", vol, SPACING, shuffle_names=True, seed=1, origin=(0, 0, 0))
+    decoded = []
+    real = kdicom._decode
+    monkeypatch.setattr(kdicom, "_decode", lambda ds, path, index=None: decoded.append(path) or real(ds, path, index))
+    got, meta = read_mri_window(tmp_path / "s")  # default [20, 40)
+    np.testing.assert_array_equal(got, vol[20:40])
+    assert len(decoded) == 20 and len(set(decoded)) == 20
+    assert meta.window == (20, 40) and meta.total_slices == 44
+    np.testing.assert_allclose(meta.position, (-20 * 0.7, 0, 0))  # slice 20 along the normal (-1, 0, 0)
+    with pytest.raises(InputError, match="at least 45"):
+        read_mri(tmp_path / "s", window=(0, 40), min_slices=45)
+    with pytest.raises(InputError, match="has 44 slice"):
+        read_mri_window(tmp_path / "s", 30, 50)
+
+
+def test_series_errors_name_the_problem_and_files(series) -> None:
+    folder, files, vol = series
+    order = sorted(range(12), key=lambda k: files[k].name)
+    # gap: remove slice 5
+    gone = files[5]
+    data = gone.read_bytes()
+    gone.unlink()
+    with pytest.raises(InputError) as err:
+        read_mri(folder)
+    msg = str(err.value)
+    assert "gap of 1.400 mm" in msg and files[4].name in msg and files[6].name in msg and "1 slice(s) missing" in msg
+    assert "readers tried: dicom-series" in msg and str(folder) in msg
+    gone.write_bytes(data)
+    # duplicate: a copy of slice 3 with its own SOP instance
+    dup = folder / "copy.dcm"
+    shutil.copy(files[3], dup)
+    rewrite([dup], lambda ds, k: setattr(ds, "SOPInstanceUID", generate_uid()))
+    with pytest.raises(InputError, match=rf"duplicate slice positions: {files[3].name} and copy\.dcm at 2\.100 mm"):
+        read_mri(folder)
+    dup.unlink()
+    # mixed orientation
+    rewrite([files[7]], lambda ds, k: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 0, -1]))
+    with pytest.raises(InputError, match=f"mixed orientations.*{files[7].name}"):
+        read_mri(folder)
+    rewrite([files[7]], lambda ds, k: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]))
+    # mixed series
+    rewrite([files[2]], lambda ds, k: setattr(ds, "SeriesInstanceUID", "1.2.3.4"))
+    with pytest.raises(InputError, match=f"mixes 2 series.*1.2.3.4 \\(1 slice\\(s\\), e.g. {files[2].name}"):
+        read_mri(folder)
+    np.testing.assert_array_equal(read_mri(folder, series_uid="1.2.3.4", min_slices=1)[0], vol[2:3])
+    rewrite([files[2]], lambda ds, k: setattr(ds, "SeriesInstanceUID", pydicom.dcmread(files[0]).SeriesInstanceUID))
+    # too few
+    with pytest.raises(InputError, match="has 12 slice\\(s\\); at least 40 are needed"):
+        read_mri(folder, min_slices=40)
+    assert order  # the files were never read in name order by the checks above
+    np.testing.assert_array_equal(read_mri(folder)[0], vol)
+
+
+def test_series_ignores_non_dicom_files(series) -> None:
+    folder, _, vol = series
+    (folder / "notes.txt").write_text("scanner notes")
+    (folder / "junk").write_bytes(b"\x00" * 300)  # no suffix, no DICOM preamble
+    (folder / ".DS_Store").write_bytes(b"xx")
+    (folder / "sub").mkdir()
+    shutil.copy(Path(get_testdata_file("MR_small.dcm")).parent / "dicomdirtests" / "DICOMDIR", folder / "DICOMDIR")
+    np.testing.assert_array_equal(read_mri(folder)[0], vol)
+    empty = folder.parent / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    with pytest.raises(InputError, match="no DICOM image found.*readme.txt"):
+        read_mri(empty)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
+def test_compressed_series(tmp_path: Path, syntax) -> None:
+    vol = volume((6, 64, 48))  # OpenJPEG needs tiles of at least 2**5 px for its default 6 resolutions
+    folder = tmp_path / "series"
+    files = write_dicom_series(folder, vol, SPACING, shuffle_names=True, seed=5)
+    compress(files, syntax)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(read_mri(folder)[0], vol)
+    np.testing.assert_array_equal(read_mri_window(folder, 3, 6)[0], vol[3:6])
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
+                                  "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm"])
+def test_pydicom_compressed_test_files(name: str) -> None:
+    reference = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
+    image, meta = read_xray(get_testdata_file(name))
+    np.testing.assert_array_equal(image, reference)
+    assert meta.photometric == "MONOCHROME2" and meta.shape == (64, 64)
+
+
+def test_pydicom_lossy_and_colour_test_files() -> None:
+    ds = pydicom.dcmread(get_testdata_file("JPGExtended.dcm"))
+    image, _ = read_xray(get_testdata_file("JPGExtended.dcm"))  # 12-bit JPEG Extended
+    assert image.shape == (ds.Rows, ds.Columns)
+    rgb = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm")).pixel_array.astype(np.float32)
+    grey, meta = read_xray(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    np.testing.assert_allclose(grey, rgb @ np.array([0.299, 0.587, 0.114], np.float32), rtol=1e-5)
+    with pytest.raises(InputError, match="(?s)cannot decode pixel data \\(JPEG Extended.*readers tried: dicom"):
+        read_xray(get_testdata_file("JPEG-lossy.dcm"))  # a known-broken file
+
+
+def test_enhanced_multiframe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vol = volume((10, 6, 8))
+    order = [3, 9, 0, 5, 1, 8, 2, 7, 4, 6]
+    slopes = [1.0 + k for k in range(10)]
+    intercepts = [float(10 * k) for k in range(10)]
+    stored = [np.round(vol[k]) for k in range(10)]
+    expected = np.stack([stored[k] * slopes[k] + intercepts[k] for k in range(10)])
+    path = write_enhanced_mr(tmp_path / "enh.dcm", expected, (0.7, 0.4, 0.5), frame_order=order, slopes=slopes,
+                             intercepts=intercepts, shared_orientation=False)
+    got, meta = read_mri(path)
+    np.testing.assert_allclose(got, expected)
+    assert meta.spacing == (0.7, 0.4, 0.5) and meta.total_slices == 10
+    folder = tmp_path / "enh"
+    folder.mkdir()
+    shutil.copy(path, folder / "IM1")
+    decoded = []
+    real = kdicom._decode
+    monkeypatch.setattr(kdicom, "_decode", lambda ds, p, index=None: decoded.append(index) or real(ds, p, index))
+    np.testing.assert_allclose(read_mri_window(folder, 2, 5)[0], expected[2:5])
+    assert sorted(decoded) == sorted(order.index(k) for k in (2, 3, 4))  # only those frames
+
+
+# === NIfTI and .npy MRI ===
+def test_nifti_matches_dicom(tmp_path: Path) -> None:
+    vol = volume((24, 16, 12), integer=False)
+    write_dicom_series(tmp_path / "s", vol, SPACING, origin=(10, -20, 30), shuffle_names=True, seed=2)
+    write_nifti(tmp_path / "v.nii.gz", vol, SPACING, origin=(10, -20, 30))
+    a, ma = read_mri(tmp_path / "s")
+    b, mb = read_mri(tmp_path / "v.nii.gz")
+    np.testing.assert_allclose(a, b, atol=np.ptp(vol) / 65535)  # DICOM quantised to 16 bits
+    np.testing.assert_allclose(b, vol, rtol=1e-6)
+    assert mb.reader == "nifti" and ma.spacing == mb.spacing and ma.position == mb.position
+    np.testing.assert_allclose(ma.orientation, mb.orientation, atol=1e-7)
+    # a differently stored NIfTI of the same volume (RAS canonical order) reads the same
+    canonical = nib.as_closest_canonical(nib.load(tmp_path / "v.nii.gz"))
+    assert nib.aff2axcodes(canonical.affine) == ("R", "A", "S")
+    nib.save(canonical, tmp_path / "ras.nii")
+    c, mc = read_mri(tmp_path / "ras.nii")
+    np.testing.assert_array_equal(c, b)
+    assert mc.position == mb.position
+    wa, wma = read_mri_window(tmp_path / "s", 5, 9)
+    wc, wmc = read_mri_window(tmp_path / "ras.nii", 5, 9)
+    np.testing.assert_allclose(wa, wc, atol=np.ptp(vol) / 65535)
+    assert wma.position == wmc.position
+    with pytest.raises(InputError, match="4-D|3-D"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), tmp_path / "t.nii")
+        read_mri(tmp_path / "t.nii")
+
+
+def test_npy_volume_and_image(tmp_path: Path) -> None:
+    vol = volume((6, 5, 4), integer=False)
+    np.save(tmp_path / "v.npy", vol)
+    got, meta = read_mri(tmp_path / "v.npy")
+    np.testing.assert_array_equal(got, vol)
+    np.testing.assert_array_equal(read_mri_window(tmp_path / "v.npy", 1, 3)[0], vol[1:3])
+    assert meta.spacing is None and meta.reader == "npy"
+    np.save(tmp_path / "x.npy", vol[0].astype(np.uint16))
+    np.testing.assert_array_equal(read_xray(tmp_path / "x.npy")[0], vol[0].astype(np.uint16))
+    with pytest.raises(InputError, match="3-D array .*X-ray must be 2-D"):
+        read_xray(tmp_path / "v.npy")
+    with pytest.raises(InputError, match="1-D array .*must be 3-D"):
+        np.save(tmp_path / "w.npy", np.zeros(5))
+        read_mri(tmp_path / "w.npy")
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="not a plain numeric"):
+        read_xray(tmp_path / "o.npy")
+    bad = vol.copy()
+    bad[2, 1, 1] = np.inf
+    np.save(tmp_path / "inf.npy", bad)
+    with pytest.raises(InputError, match="1 NaN/Inf value"):
+        read_mri(tmp_path / "inf.npy")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 4)))
+    with pytest.raises(InputError, match="empty"):
+        read_xray(tmp_path / "empty.npy")
+
+
+# === X-ray images ===
+def test_png_tiff_jpeg(tmp_path: Path) -> None:
+    img16 = (np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)
+    got, meta = read_xray(write_png(tmp_path / "a.png", img16, bits=16))
+    np.testing.assert_array_equal(got, img16)
+    assert meta.reader == "image" and got.dtype == np.float32
+    cv2.imwrite(str(tmp_path / "b.tif"), img16)
+    np.testing.assert_array_equal(read_xray(tmp_path / "b.tif")[0], img16)
+    bgr = np.random.default_rng(0).integers(0, 256, size=(20, 24, 3)).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "c.png"), bgr)
+    expected = bgr[..., ::-1].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(read_xray(tmp_path / "c.png")[0], expected, rtol=1e-5)
+    grey8 = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (16, 1))
+    cv2.imwrite(str(tmp_path / "d.jpg"), grey8, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    jpeg, _ = read_xray(tmp_path / "d.jpg")
+    assert jpeg.shape == grey8.shape and np.abs(jpeg - grey8).max() <= 4
+    (tmp_path / "e.png").write_bytes(b"not a png at all")
+    with pytest.raises(InputError, match="not a valid PNG.*readers tried: image"):
+        read_xray(tmp_path / "e.png")
+
+
+def test_half(tmp_path: Path) -> None:
+    img = np.arange(4 * 7, dtype=np.float32).reshape(4, 7)
+    np.save(tmp_path / "x.npy", img)
+    left, meta = read_xray(tmp_path / "x.npy", half="left")
+    right, _ = read_xray(tmp_path / "x.npy", half="right")
+    np.testing.assert_array_equal(left, img[:, :3])
+    np.testing.assert_array_equal(right, img[:, 4:])
+    assert meta.half == "left" and meta.shape == (4, 3)
+    with pytest.raises(InputError, match="half must be"):
+        read_xray(tmp_path / "x.npy", half="middle")
+
+
+def test_declared_size_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kdicom, "_decode", lambda *a, **k: pytest.fail("pixels decoded"))
+    huge = write_declared_huge_dicom(tmp_path / "huge.dcm")
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="65535x65535 pixels .*max_pixels"):
+        read_xray(huge)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    shutil.copy(huge, folder / "a.dcm")
+    with pytest.raises(InputError, match="65535x65535"):
+        read_mri(folder)
+    png = write_png_header_only(tmp_path / "huge.png", 65535, 65535)
+    with pytest.raises(InputError, match="PNG header declares 4294836225 pixel values"):
+        read_xray(png)
+    assert time.perf_counter() - t0 < 2.0
+    monkeypatch.undo()
+    small = write_dicom_xray(tmp_path / "small.dcm", np.ones((8, 8)))
+    with pytest.raises(InputError, match="limit of 50"):
+        read_xray(small, max_pixels=50)
+    cv2.imwrite(str(tmp_path / "t.tiff"), np.ones((8, 9), np.uint16))
+    with pytest.raises(InputError, match="72 pixel values, more than the limit of 71"):
+        read_xray(tmp_path / "t.tiff", max_pixels=71)
+    cv2.imwrite(str(tmp_path / "t.jpg"), np.ones((8, 9), np.uint8))
+    with pytest.raises(InputError, match="72 pixel values"):
+        read_xray(tmp_path / "t.jpg", max_pixels=71)
+    vol = volume((3, 4, 4))
+    write_dicom_series(tmp_path / "s", vol)
+    with pytest.raises(InputError, match="48 values, more than max_pixels=40"):
+        read_mri(tmp_path / "s", max_pixels=40)
+
+
+def test_unknown_and_missing(tmp_path: Path) -> None:
+    (tmp_path / "a.bmp").write_bytes(b"BM")
+    with pytest.raises(InputError, match="no X-ray reader for this suffix '.bmp'; readers tried: dicom .*image .*npy"):
+        read_xray(tmp_path / "a.bmp")
+    with pytest.raises(InputError, match="MRI not found"):
+        read_mri(tmp_path / "nothing")
+    with pytest.raises(InputError, match="no X-ray reader for this folder"):
+        read_xray(tmp_path)
+
+
+def test_meta_holds_no_patient_identifiers(tmp_path: Path) -> None:
+    patient = {"PatientName": "Doe^Johnathan", "PatientID": "ID-98765", "PatientBirthDate": "19500101"}
+    write_dicom_series(tmp_path / "s", volume((3, 4, 4)), patient=patient, series_description="SAG_3D_DESS_LEFT")
+    write_dicom_xray(tmp_path / "x.dcm", np.ones((4, 4)), patient=patient, laterality="R")
+    _, vmeta = read_mri(tmp_path / "s")
+    _, xmeta = read_xray(tmp_path / "x.dcm")
+    text = repr(vmeta.to_dict()) + repr(xmeta.to_dict())
+    for value in ("Doe", "98765", "19500101"):
+        assert value not in text
+    assert vmeta.laterality == "L" and xmeta.laterality == "R"  # laterality from the description / tag
+
+
+@pytest.mark.slow
+def test_oai_sized_series_speed(tmp_path: Path) -> None:
+    """160 slices of 384x384: the window read decodes 20 files; both well under a few seconds."""
+    vol = np.random.default_rng(0).integers(0, 4000, size=(160, 384, 384)).astype(np.float32)
+    write_dicom_series(tmp_path / "s", vol, (0.7, 0.365, 0.365), shuffle_names=True, seed=0)
+    t0 = time.perf_counter()
+    full, _ = read_mri(tmp_path / "s")
+    t_full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    win, _ = read_mri_window(tmp_path / "s")
+    t_win = time.perf_counter() - t0
+    np.testing.assert_array_equal(full, vol)
+    np.testing.assert_array_equal(win, vol[20:40])
+    assert t_win < t_full and t_full < 10
+
+
+def test_series_without_preamble_or_suffix(tmp_path: Path) -> None:
+    """Old files: no 128-byte preamble, no file meta, no suffix (names 000, 001, ...)."""
+    vol = volume((5, 4, 4))
+    files = write_dicom_series(tmp_path / "s", vol, shuffle_names=True, seed=0)
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        del ds.file_meta
+        ds.preamble = None
+        ds.save_as(tmp_path / "s" / f"{(3 * i) % 5:03d}", implicit_vr=True, little_endian=True,
+                   enforce_file_format=False)
+        f.unlink()
+    assert (tmp_path / "s" / "000").read_bytes()[128:132] != b"DICM"
+    (tmp_path / "s" / "junk").write_bytes(np.random.default_rng(0).bytes(5000))
+    np.testing.assert_array_equal(read_mri(tmp_path / "s")[0], vol)

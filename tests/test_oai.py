@@ -1,0 +1,122 @@
+"""kneetf.io.oai + `kneetf import-oai` on a small fake OAI tree in the real layout."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_factory import make_oai_tree
+from kneetf.cli.main import main
+from kneetf.errors import ConfigError, InputError
+from kneetf.io.manifest import read_manifest
+from kneetf.io.oai import mri_side, pair_oai, parse_split, split_participants
+from kneetf.io.readers import read_mri_window, read_xray
+
+PIDS = ["9000099", "9000296", "9000622", "9001104", "9001400"]
+
+
+@pytest.fixture(scope="module")
+def oai(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("oai")
+    info = make_oai_tree(
+        root, PIDS, sides={"9001104": ("RIGHT",)}, xray_missing=("9001400",),
+        extra_rows=[["1.C.2/9009999/20050101/99999999", "9009999", "20050101", "99999999", "OAI^MR",
+                     "SAG_3D_DESS_LEFT"],
+                    ["1.C.2/9000099/20050101/1", "9000099", "20050101", "1", "Bilateral PA Fixed Flexion Knee",
+                     "Bilateral PA Fixed Flexion Knee"],
+                    ["too", "few"]])
+    return root, info
+
+
+def test_pairing_sides_halves_and_skips(oai) -> None:
+    root, info = oai
+    result = pair_oai(root, ["00m"], seed=0, split=(0.6, 0.2, 0.2))
+    ids = [c.id for c in result.cases]
+    assert ids == ["9000099_00m_L", "9000099_00m_R", "9000296_00m_L", "9000296_00m_R", "9000622_00m_L",
+                   "9000622_00m_R", "9001104_00m_R"]
+    for case in result.cases:
+        pid, _, side = case.id.split("_")
+        assert case.side == {"R": "right", "L": "left"}[side]
+        assert case.xray_half == {"R": "left", "L": "right"}[side]  # patient's right knee = image's left half
+        assert case.mri == info[pid]["RIGHT" if side == "R" else "LEFT"][0]
+        assert case.xray == info[pid]["XRAY"][0]
+        assert case.extra == {"participant": pid, "visit": "00m"}
+    splits = {}
+    for case in result.cases:  # both knees of a participant share a split
+        splits.setdefault(case.extra["participant"], set()).add(case.split)
+    assert all(len(s) == 1 for s in splits.values())
+    reasons = {(s.participant, s.reason.split(":")[0]) for s in result.skipped}
+    assert ("9001400", "unpaired MRI") in reasons  # no X-ray: both knees reported
+    assert sum(s.participant == "9001400" for s in result.skipped) == 2
+    assert ("9009999", "folder not found") in reasons
+    assert ("9000099", "folder not found") in reasons  # the listed second X-ray is missing on disk
+    assert any("malformed contents.csv row" in s.reason for s in result.skipped)
+    assert result.participants == 4
+
+
+def test_cli_end_to_end(oai, capsys: pytest.CaptureFixture) -> None:
+    root, info = oai
+    out = root / "oai.csv"  # beside the visit folders: paths stay relative
+    report = root / "reports" / "skipped.csv"
+    code = main(["import-oai", str(root), "--visit", "00m", "--seed", "1", "--split", "0.5,0.25,0.25",
+                 "--out", str(out), "--skipped-report", str(report)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "7 knees of 4 participants" in printed.out and "unpaired MRI" in printed.out
+    assert report.read_text().startswith("participant,visit,what,reason\n")
+    header = out.read_text().splitlines()[0]
+    assert header == "id,xray,mri,side,split,xray_half,participant,visit"
+    assert f",00m/1.C.2/{PIDS[0]}/" in out.read_text()  # relative inside the root
+    result = read_manifest(out)
+    assert result.ok, result.errors
+    assert len(result.cases) == 7
+    for case in result.cases:
+        pid = case.extra["participant"]
+        image, meta = read_xray(case.xray, half=case.xray_half)
+        assert image.shape == (64, 48) and meta.half == case.xray_half
+        # the fake bilateral image is bright (3000) on its left half: the patient's right knee
+        assert np.all(image == (3000.0 if case.side == "right" else 1000.0))
+        volume, _ = read_mri_window(case.mri)
+        np.testing.assert_array_equal(volume, info[pid]["RIGHT" if case.side == "right" else "LEFT"][1][20:40])
+    # a manifest written elsewhere holds absolute paths, refused unless allowed explicitly
+    elsewhere = root / "manifests" / "oai.csv"
+    assert main(["import-oai", str(root), "--out", str(elsewhere)]) == 0
+    assert "allow_outside" in capsys.readouterr().err
+    errors = read_manifest(elsewhere).errors
+    assert len(errors) == 14 and all("leaves the manifest's folder" in e.reason for e in errors)
+    assert len(read_manifest(elsewhere, allow_outside=True).cases) == 7
+
+
+def test_contents_csv_in_visit_folder_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_oai_tree(tmp_path, ["9100001"], csv_in_visit=True, visit="12m")
+    result = pair_oai(tmp_path, ["12m"])
+    assert [c.id for c in result.cases] == ["9100001_12m_L", "9100001_12m_R"]
+    with pytest.raises(InputError, match="visit folder not found \\(folders under .*: 12m"):
+        pair_oai(tmp_path, ["00m"])
+    with pytest.raises(InputError, match="no SAG_IW_TSE_LEFT/_RIGHT MRI could be paired"):
+        from kneetf.io.oai import import_oai
+        import_oai(tmp_path, tmp_path / "m.csv", ["12m"], mri_series="SAG_IW_TSE")
+    assert not (tmp_path / "m.csv").exists()
+    assert main(["import-oai", str(tmp_path), "--visit", "12m", "--split", "0.5,0.5", "--out", "m.csv"]) == 1
+    assert "split must be three" in capsys.readouterr().err
+
+
+def test_split_participants_is_seeded_disjoint_and_proportional() -> None:
+    ids = [str(9000000 + i) for i in range(200)]
+    a = split_participants(ids, (0.8, 0.1, 0.1), seed=0)
+    assert a == split_participants(list(reversed(ids)), (0.8, 0.1, 0.1), seed=0)
+    assert a != split_participants(ids, (0.8, 0.1, 0.1), seed=1)
+    counts = {s: list(a.values()).count(s) for s in ("train", "val", "test")}
+    assert counts == {"train": 160, "val": 20, "test": 20}
+    assert parse_split("0.7, 0.2, 0.1") == (0.7, 0.2, 0.1)
+    for bad in ("0.8,0.1", "a,b,c", "0.9,0.2,-0.1", "0.5,0.5,0.5"):
+        with pytest.raises(ConfigError):
+            parse_split(bad)
+
+
+def test_mri_side() -> None:
+    assert mri_side("SAG_3D_DESS_LEFT", "SAG_3D_DESS") == "left"
+    assert mri_side("sag_3d_dess_right", "SAG_3D_DESS") == "right"
+    assert mri_side("COR_IW_TSE_RIGHT", "SAG_3D_DESS") is None
+    assert mri_side("SAG_3D_DESS_THIGH", "SAG_3D_DESS") is None
