@@ -22,6 +22,7 @@ setup(
         "keras>=3.12,<4",
         "tensorboard>=2.20",
         "numpy>=1.26",
+        "scipy>=1.11",
         "pydicom>=3.0",
         "pylibjpeg>=2.0",
         "pylibjpeg-libjpeg>=2.1",

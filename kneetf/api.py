@@ -1,0 +1,190 @@
+"""The Python API: `load_model` (the Keras model) and `Reconstructor` (X-ray in, volume out).
+
+    import numpy as np
+    import kneetf
+
+    model = kneetf.load_model("runs/compact")   # normalised (B, 128, 128, 1) -> {"xray_recon", "mri"}
+    rec = kneetf.Reconstructor.load("runs/compact")
+    r = rec.predict("knee.dcm")                  # r.volume: (20, 128, 128) float32, slices first
+    r.save("knee_mri.nii.gz")
+
+`Reconstructor` applies what the cache applied to the training X-rays (ROI crop,
+left-knee mirroring when the model's preprocessing mirrors, resize + robust normalisation;
+see `kneetf.predict`), runs the model (Keras, SavedModel or TFLite) and returns volumes in
+the preprocessed MRI's slice order and orientation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from kneetf.errors import ConfigError, InputError
+from kneetf.predict import NOMINAL_SPACING, load_model
+
+__all__ = ["load_model", "Reconstructor", "Reconstruction"]
+
+
+@dataclass
+class Reconstruction:
+    """One reconstructed knee.
+
+    volume: (slices, H, W) float32 in the normalised [0, 1] space, the preprocessed MRI's
+        slice order and in-plane orientation (slices first, as in the written NIfTI).
+    spacing: (slice, row, column) mm (nominal, `kneetf.predict.NOMINAL_SPACING`).
+    affine: 4x4 RAS affine of the NIfTI file `save` writes.
+    id, side: the knee; box: the ROI box (`kneetf.preprocess.roi.Box`) in X-ray pixels;
+    xray: the model input (H, W, 1); mirrored: whether the knee was mirrored for the model
+    (already undone in `volume`).
+    """
+
+    volume: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    id: str = ""
+    box: Any = None
+    side: str = ""
+    mirrored: bool = False
+    xray: np.ndarray | None = field(default=None, repr=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the volume as NIfTI (`.nii` / `.nii.gz`) or a PNG montage (`.png`), atomically."""
+        from kneetf.io import writers
+        from kneetf.predict import montage_image
+
+        path = Path(path)
+        name = path.name.lower()
+        if name.endswith(".nii") or name.endswith(".nii.gz"):
+            return writers.write_nifti(path, self.volume, self.spacing)
+        if name.endswith(".png"):
+            xray = None if self.xray is None else (self.xray[:, ::-1] if self.mirrored else self.xray)
+            return writers.write_png(path, montage_image(self.volume, xray), bits=8)
+        raise InputError(path, "save writes .nii, .nii.gz or .png; use save_dicom for a DICOM series")
+
+    def save_dicom(self, folder: str | Path, patient: dict[str, Any] | None = None) -> list[Path]:
+        """Write the volume as a derived DICOM MR series (anonymous unless `patient` is given)."""
+        from kneetf.io import writers
+        from kneetf.predict import SERIES_DESCRIPTION
+
+        lat = {"left": "L", "right": "R"}.get(self.side)
+        return writers.write_dicom_series(folder, self.volume, self.spacing, series_description=SERIES_DESCRIPTION,
+                                          derived=True, patient=patient, laterality=lat)
+
+
+def _roi_source(roi: Any) -> Any:
+    from kneetf.predict import make_roi
+    from kneetf.preprocess.roi import Box
+
+    if roi is None or roi == "classical":
+        return make_roi()
+    if isinstance(roi, Box):
+        return _FixedRoi(roi)
+    if isinstance(roi, (str, Path)):
+        p = Path(roi)
+        if p.suffix.lower() == ".csv":
+            return make_roi(boxes=p)
+        if p.suffix.lower() == ".keras":
+            return make_roi(detector=p)
+        raise ConfigError(f"roi must be None/'classical', a boxes .csv, a detector .keras, a Box or an object with "
+                          f"box_for(id, image). Received: roi={roi!r}")
+    if hasattr(roi, "box_for"):
+        return roi
+    raise ConfigError(f"roi must be None/'classical', a boxes .csv, a detector .keras, a Box or an object with "
+                      f"box_for(id, image). Received: roi={roi!r}")
+
+
+class _FixedRoi:
+    """The same box for every X-ray."""
+
+    def __init__(self, box: Any) -> None:
+        self.box = box
+
+    def box_for(self, case_id: str, image: np.ndarray) -> Any:
+        return self.box
+
+
+class Reconstructor:
+    """ROI + preprocessing + model: `predict(xray_or_path) -> Reconstruction`.
+
+    Build it with `Reconstructor.load(path, roi=None)`: `path` is a `.keras` file, a run
+    folder, a SavedModel folder or a `.tflite` file; `roi` is None (the classical fallback),
+    a boxes CSV (ids = file stems or the `id` you pass), an ROI detector `.keras`, a fixed
+    `Box`, or any object with `box_for(id, image)`.
+    """
+
+    def __init__(self, predictor: Any, roi: Any = None) -> None:
+        self.predictor = predictor
+        self.roi = _roi_source(roi)
+
+    @classmethod
+    def load(cls, path: Any, roi: Any = None, preprocess: Any = None) -> "Reconstructor":
+        """Load the model at `path` (or wrap a keras.Model); `preprocess` overrides the
+        recorded preprocessing config (a PreprocessConfig or a JSON holding one)."""
+        from kneetf.predict import load_predictor
+
+        return cls(load_predictor(path, preprocess), roi)
+
+    @property
+    def preprocess(self) -> Any:
+        """The PreprocessConfig applied to X-rays."""
+        return self.predictor.preprocess
+
+    def _prepare(self, item: Any, case_id: str | None, side: str | None, box: Any, cropped: bool) -> Any:
+        from kneetf.io.readers import read_xray
+        from kneetf.predict import _file_id, naming, normalize_side, prepare_xray, safe_id
+        from kneetf.preprocess.roi import Box
+
+        if isinstance(item, (str, Path)):
+            path = Path(item)
+            image, meta = read_xray(path)
+            side = side or getattr(meta, "laterality", None)
+            case_id = case_id or safe_id(_file_id(path))
+            source = str(path)
+        else:
+            image, source = np.asarray(item), ""
+        if cropped:
+            box = Box(0.0, 0.0, float(image.shape[1]), float(image.shape[0]))
+        try:
+            return prepare_xray(image, self.preprocess, self.roi, case_id=case_id or "", side=normalize_side(side),
+                                box=box, source=source)
+        except InputError as e:
+            raise naming(e, source or case_id or None) from None
+
+    def predict(self, xray: Any, *, id: str | None = None, side: str | None = None, box: Any = None,
+                cropped: bool = False) -> Reconstruction:
+        """Reconstruct one knee from an X-ray file path or a 2-D array (the full X-ray,
+        bone bright). `side` ("left"/"right") matters when the model mirrors left knees (a
+        DICOM's laterality is used by default); `box` skips the ROI search; `cropped=True`
+        says the array is already the knee ROI."""
+        return self.predict_batch([xray], ids=[id] if id else None, sides=[side] if side else None,
+                                  boxes=[box] if box is not None else None, cropped=cropped)[0]
+
+    def predict_batch(self, xrays: Sequence[Any], *, ids: Sequence[str] | None = None,
+                      sides: Sequence[str] | None = None, boxes: Sequence[Any] | None = None,
+                      cropped: bool = False, batch_size: int = 8) -> list[Reconstruction]:
+        """`predict` for several X-rays (paths or arrays), `batch_size` per model call.
+        The first input that cannot be used raises an InputError naming it."""
+        from kneetf.io.writers import nifti_affine
+        from kneetf.predict import to_output_volume
+
+        n = len(xrays)
+        for name, seq in (("ids", ids), ("sides", sides), ("boxes", boxes)):
+            if seq is not None and len(seq) != n:
+                raise ConfigError(f"{name} must have one entry per X-ray ({n}). Received: {len(seq)}")
+        prepared = [self._prepare(x, ids[i] if ids else None, sides[i] if sides else None,
+                                  boxes[i] if boxes else None, cropped) for i, x in enumerate(xrays)]
+        affine = nifti_affine(NOMINAL_SPACING)
+        out: list[Reconstruction] = []
+        for s in range(0, n, max(1, batch_size)):
+            chunk = prepared[s:s + batch_size]
+            mri = self.predictor(np.stack([p.xray for p in chunk]))
+            for p, vol in zip(chunk, mri):
+                out.append(Reconstruction(volume=to_output_volume(vol, p.mirrored), spacing=NOMINAL_SPACING,
+                                          affine=affine.copy(), id=p.id, box=p.box, side=p.side,
+                                          mirrored=p.mirrored, xray=p.xray))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Reconstructor({self.predictor!r}, roi={self.roi!r})"

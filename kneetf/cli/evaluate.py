@@ -1,0 +1,39 @@
+"""`kneetf evaluate`: score a model on a cache split against the mean and nearest-neighbour
+baselines; print the table and write the report folder."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "score a model against the mean and nearest-neighbour baselines"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="M",
+                        help="a .keras file, a training run folder, a SavedModel folder or a .tflite file")
+    parser.add_argument("--data", required=True, metavar="CACHE", help="a cache folder (kneetf prepare)")
+    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument("--baseline-split", default="train",
+                        help="split the baselines are computed from (default: train)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="report folder (the only place written to)")
+    parser.add_argument("--knn", type=int, default=5, metavar="K",
+                        help="k of the k-NN average baseline; 1 leaves it out (default: 5)")
+    parser.add_argument("--batch-size", type=int, default=16, help="X-rays per model call (default: 16)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N subjects only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kneetf.errors import ConfigError
+    from kneetf.evaluate import evaluate, format_table, verdict_lines
+
+    if args.knn < 1:
+        raise ConfigError(f"--knn must be >= 1. Received: --knn {args.knn}")
+    result = evaluate(args.model, args.data, args.split, args.out, baseline_split=args.baseline_split,
+                      k=args.knn, batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress,
+                      log_verdict=False)
+    print(format_table(result))
+    print()
+    for line in verdict_lines(result):
+        print(("WARNING: " if "NOT" in line else "") + line)
+    print(f"report: {args.out} ({', '.join(result.get('files', []))})")
+    return 0

@@ -1,0 +1,109 @@
+"""kneetf.load_model / kneetf.Reconstructor, including the README example verbatim."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from kneetf.config import PreprocessConfig, to_dict
+
+#: Pasted into README.md as is; this test runs exactly this text.
+README_EXAMPLE = textwrap.dedent('''
+    import numpy as np
+    import kneetf
+
+    # The Keras model: normalised X-rays (B, 128, 128, 1) in [0, 1] -> {"xray_recon", "mri"}
+    model = kneetf.load_model("runs/compact")            # a run folder or a .keras file
+    out = model.predict(np.zeros((2, 128, 128, 1), "float32"), verbose=0)
+    print(out["mri"].shape)                              # (2, 128, 128, 20): slices last
+
+    # End to end: X-ray file -> knee ROI -> preprocessing -> model -> volume
+    rec = kneetf.Reconstructor.load("runs/compact")      # roi="boxes.csv" or roi="roi.keras" to choose the ROI
+    r = rec.predict("knee.dcm")                          # DICOM, PNG/TIFF/JPEG or .npy; or a 2-D array
+    print(r.id, r.volume.shape, r.spacing)               # knee (20, 128, 128) (0.7, 1.09375, 1.09375)
+    r.save("knee_mri.nii.gz")                            # NIfTI in the normalised [0, 1] space, affine r.affine
+''').strip()
+
+
+def _knee_image(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:160, 0:140].astype("float32")
+    bones = np.where(np.abs(yy - 80) > 6, 1.0, 0.2) * np.exp(-((xx - 70) / 40.0) ** 2)
+    return np.round(800 + 3000 * bones + 40 * rng.standard_normal(yy.shape)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from kneetf.models.kneenet import KneeNet
+
+    run = tmp_path_factory.mktemp("run")
+    KneeNet.from_preset("tiny").save(run / "model.keras")
+    (run / "config.json").write_text(json.dumps({"preprocess": to_dict(PreprocessConfig(mirror_left=True))}))
+    return run
+
+
+def test_readme_example_runs_verbatim(tmp_path, model_dir):
+    import shutil
+
+    import nibabel as nib
+
+    from kneetf.io.writers import write_dicom_xray
+
+    # the test's working folder is tmp_path (conftest): the example's relative paths land there
+    shutil.copytree(model_dir, tmp_path / "runs" / "compact")
+    write_dicom_xray(tmp_path / "knee.dcm", _knee_image(), laterality="R")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(compile(README_EXAMPLE, "README.md", "exec"), {})
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "(2, 128, 128, 20)"
+    assert lines[1] == "knee (20, 128, 128) (0.7, 1.09375, 1.09375)"
+    img = nib.load(str(tmp_path / "knee_mri.nii.gz"))
+    assert img.shape == (128, 128, 20)
+
+
+def test_reconstructor_matches_the_model_on_the_same_preprocessed_input(model_dir):
+    import kneetf
+    from kneetf.preprocess import ops
+    from kneetf.preprocess.roi import Box, crop_box
+
+    model = kneetf.load_model(model_dir)
+    rec = kneetf.Reconstructor.load(model_dir, roi=Box(20, 30, 120, 130))
+    image = _knee_image(1)
+    right, left = rec.predict_batch([image, image], ids=["r", "l"], sides=["right", "left"])
+    crop = crop_box(image, Box(20, 30, 120, 130))
+    for r, flip in ((right, False), (left, True)):
+        c = crop[:, ::-1] if flip else crop
+        x = ops.preprocess_xray(c[None, :, :, None]).numpy()
+        vol = np.transpose(model.predict(x, verbose=0)["mri"][0], (2, 0, 1))
+        np.testing.assert_allclose(r.volume, vol[::-1] if flip else vol, atol=1e-5)
+        np.testing.assert_allclose(r.xray, x[0], atol=1e-6)
+        assert r.mirrored is flip and r.volume.dtype == np.float32
+    assert (right.id, left.id) == ("r", "l")
+    assert right.box == Box(20, 30, 120, 130)
+    # an already cropped X-ray gives the same volume as the full one with the box
+    cropped = rec.predict(crop, cropped=True, side="right")
+    np.testing.assert_allclose(cropped.volume, right.volume, atol=1e-5)
+
+
+def test_load_model_and_reconstructor_errors(tmp_path, model_dir):
+    import kneetf
+    from kneetf.errors import ConfigError, InputError
+
+    with pytest.raises(InputError, match="model not found"):
+        kneetf.load_model(tmp_path / "missing")
+    (tmp_path / "bad.keras").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="bad.keras"):
+        kneetf.load_model(tmp_path / "bad.keras")
+    with pytest.raises(ConfigError, match="roi must be"):
+        kneetf.Reconstructor.load(model_dir, roi=42)
+    rec = kneetf.Reconstructor.load(model_dir)
+    with pytest.raises(InputError, match="broken.png"):
+        (tmp_path / "broken.png").write_bytes(b"junk")
+        rec.predict(tmp_path / "broken.png")
+    with pytest.raises(InputError, match="2-D"):
+        rec.predict(np.zeros((4, 5, 6, 7)))

@@ -1,0 +1,248 @@
+"""`kneetf predict` on generated PNG / .npy / DICOM X-rays with a tiny model."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from kneetf.config import PreprocessConfig, to_dict
+
+H, W = 150, 170
+BOX = (30.0, 20.0, 130.0, 120.0)  # x0, y0, x1, y1: a 100 px square
+
+
+def _xray(seed: int) -> np.ndarray:
+    """A knee-like X-ray: two bright bones around a dark joint line, plus noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W].astype("float32")
+    bones = np.where(np.abs(yy - 70 - seed) > 6, 1.0, 0.2) * np.exp(-((xx - 80) / 45.0) ** 2)
+    return (1000 + 3000 * bones + 50 * rng.standard_normal((H, W))).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two run folders of one tiny model: one plain, one whose preprocessing mirrors left knees."""
+    from kneetf.models.kneenet import KneeNet
+
+    root = tmp_path_factory.mktemp("runs")
+    model = KneeNet.from_preset("tiny")
+    out = {}
+    for name, prep in (("plain", PreprocessConfig()), ("mirror", PreprocessConfig(mirror_left=True))):
+        run = root / name
+        run.mkdir()
+        model.save(run / "model.keras")
+        (run / "config.json").write_text(json.dumps({"preprocess": to_dict(prep)}))
+        out[name] = run
+    return out
+
+
+def _inputs(folder) -> dict:
+    """PNG, .npy and DICOM X-rays (+ a boxes CSV) in `folder`; returns name -> raw array."""
+    from kneetf.io.writers import write_dicom_xray, write_png
+    from kneetf.preprocess.roi import Box, write_boxes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {"a_png": _xray(1), "b_npy": _xray(2), "c_dcm": _xray(3)}
+    write_png(folder / "a_png.png", np.round(images["a_png"]).astype("uint16"))
+    np.save(folder / "b_npy.npy", images["b_npy"])
+    write_dicom_xray(folder / "c_dcm.dcm", np.round(images["c_dcm"]), laterality="L",
+                     patient={"PatientName": "Doe^Jane", "PatientID": "P123", "PatientBirthDate": "19600101"})
+    images["c_dcm"] = np.round(images["c_dcm"])
+    images["a_png"] = np.round(images["a_png"])
+    write_boxes(folder / "boxes.csv", {k: Box(*BOX) for k in images})
+    return images
+
+
+def _expected(model, image, mirror: bool) -> np.ndarray:
+    """Independent reference: crop, (mirror), shared TF preprocessing, model.predict."""
+    from kneetf.preprocess import ops
+    from kneetf.preprocess.roi import Box, crop_box
+
+    crop = crop_box(image, Box(*BOX))
+    assert crop.shape == (100, 100)
+    if mirror:
+        crop = crop[:, ::-1]
+    x = ops.preprocess_xray(crop[None, :, :, None].astype("float32")).numpy()
+    mri = model.predict(x, verbose=0)["mri"][0]  # (H, W, slices)
+    vol = np.transpose(mri, (2, 0, 1))
+    return vol[::-1] if mirror else vol
+
+
+def _snapshot(root):
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def _read_nifti(path) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    return np.transpose(data, (2, 1, 0)), img.affine, data.dtype
+
+
+def test_predict_cli_writes_nifti_dicom_png(tmp_path, runs, capsys):
+    import pydicom
+
+    from kneetf.cli.main import main
+    from kneetf.io.writers import nifti_affine
+    from kneetf.predict import NOMINAL_SPACING, load_model
+
+    images = _inputs(tmp_path / "in")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    before = _snapshot(tmp_path)
+    out = tmp_path / "out"
+    rc = main(["predict", "--model", str(runs["plain"]), str(tmp_path / "in"), "--out", str(out),
+               "--format", "nifti,dicom,png", "--rois", str(tmp_path / "in" / "boxes.csv"), "--no-progress"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "wrote 3 of 4" in captured.out
+    assert "broken" in captured.err
+
+    model = load_model(runs["plain"])
+    for name, image in images.items():
+        vol, affine, dtype = _read_nifti(out / f"{name}.nii.gz")
+        assert vol.shape == (20, 128, 128) and dtype == np.float32
+        np.testing.assert_allclose(vol, _expected(model, image, mirror=False), atol=1e-5)
+        np.testing.assert_allclose(affine, nifti_affine(NOMINAL_SPACING), atol=1e-6)
+        png = (out / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # DICOM: derived, anonymous by default, new UIDs, values within the 16-bit quantisation
+    src = pydicom.dcmread(tmp_path / "in" / "c_dcm.dcm")
+    files = sorted((out / "c_dcm_dicom").iterdir())
+    assert len(files) == 20
+    series = [pydicom.dcmread(f) for f in files]
+    series.sort(key=lambda d: int(d.InstanceNumber))
+    first = series[0]
+    assert list(first.ImageType) == ["DERIVED", "SECONDARY"]
+    assert "kneetf" in first.SeriesDescription and "reconstruction" in first.SeriesDescription
+    assert "not for diagnostic use" in first.ImageComments
+    assert first.Modality == "MR"
+    assert str(first.PatientName) != "Doe^Jane" and first.PatientID != "P123"
+    assert first.StudyInstanceUID != src.StudyInstanceUID and first.SeriesInstanceUID != src.SeriesInstanceUID
+    uids = {d.SOPInstanceUID for d in series}
+    assert len(uids) == 20 and src.SOPInstanceUID not in uids
+    assert len({d.StudyInstanceUID for d in series}) == 1
+    dcm_vol = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in series])
+    nii_vol, _, _ = _read_nifti(out / "c_dcm.nii.gz")
+    np.testing.assert_allclose(dcm_vol, nii_vol, atol=float(first.RescaleSlope))
+
+    # failures reported in errors.csv; predictions.csv lists the others; nothing else touched
+    errors = list(csv.DictReader((out / "errors.csv").open()))
+    assert [e["id"] for e in errors] == ["broken"] and errors[0]["reason"]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert sorted(r["id"] for r in rows) == sorted(images)
+    assert {r["side"] for r in rows if r["id"] == "c_dcm"} == {"left"}  # from the DICOM laterality
+    after = _snapshot(tmp_path)
+    changed = {p for p in after if after[p] != before.get(p)}
+    assert changed and all(p == out or out in p.parents for p in changed)
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_keep_patient_and_left_knee_mirroring(tmp_path, runs):
+    import pydicom
+
+    from kneetf.predict import load_model, make_roi, predict_files
+
+    images = _inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    report = predict_files(runs["mirror"], [tmp_path / "in" / "c_dcm.dcm", tmp_path / "in" / "a_png.png"], out,
+                           formats=("nifti", "dicom"), roi=make_roi(tmp_path / "in" / "boxes.csv"),
+                           keep_patient=True, progress=False)
+    assert report.ok == 2 and not report.errors
+    model = load_model(runs["mirror"])
+    # c_dcm is a left knee (ImageLaterality L): mirrored for the model, slice order restored
+    vol, _, _ = _read_nifti(out / "c_dcm.nii.gz")
+    np.testing.assert_allclose(vol, _expected(model, images["c_dcm"], mirror=True), atol=1e-5)
+    # a_png has no side: not mirrored
+    vol, _, _ = _read_nifti(out / "a_png.nii.gz")
+    np.testing.assert_allclose(vol, _expected(model, images["a_png"], mirror=False), atol=1e-5)
+    ds = pydicom.dcmread(sorted((out / "c_dcm_dicom").iterdir())[0])
+    assert str(ds.PatientName) == "Doe^Jane" and ds.PatientID == "P123" and ds.PatientBirthDate == "19600101"
+    assert ds.Laterality == "L"
+
+
+def test_manifest_input_ids_and_sides(tmp_path, runs):
+    from kneetf.predict import load_model, make_roi, predict_files
+    from kneetf.preprocess.roi import Box, write_boxes
+
+    images = _inputs(tmp_path / "in")
+    (tmp_path / "in" / "manifest.csv").write_text("id,xray,mri,side\nkneeA,a_png.png,,left\nkneeB,b_npy.npy,,right\n")
+    write_boxes(tmp_path / "in" / "ids.csv", {"kneeA": Box(*BOX), "kneeB": Box(*BOX)})
+    out = tmp_path / "out"
+    report = predict_files(runs["mirror"], [tmp_path / "in" / "manifest.csv"], out,
+                           roi=make_roi(tmp_path / "in" / "ids.csv"), progress=False)
+    assert sorted(report.written) == ["kneeA", "kneeB"] and not report.errors
+    model = load_model(runs["mirror"])
+    vol, _, _ = _read_nifti(out / "kneeA.nii.gz")
+    np.testing.assert_allclose(vol, _expected(model, images["a_png"], mirror=True), atol=1e-5)
+    vol, _, _ = _read_nifti(out / "kneeB.nii.gz")
+    np.testing.assert_allclose(vol, _expected(model, images["b_npy"], mirror=False), atol=1e-5)
+
+
+def test_all_failures_exit_nonzero_and_name_the_files(tmp_path, runs, capsys):
+    from kneetf.cli.main import main
+
+    (tmp_path / "bad.npy").write_bytes(b"nope")
+    (tmp_path / "flat.png").write_bytes(b"")
+    out = tmp_path / "out"
+    rc = main(["predict", "--model", str(runs["plain"]), str(tmp_path / "bad.npy"), str(tmp_path / "flat.png"),
+               str(tmp_path / "missing.dcm"), "--out", str(out), "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    for name in ("bad.npy", "flat.png", "missing.dcm", "no reconstruction was written"):
+        assert name in err
+    errors = list(csv.DictReader((out / "errors.csv").open()))
+    assert sorted(e["id"] for e in errors) == ["bad", "flat", "missing"]
+
+
+def test_classical_roi_default_and_bad_arguments(tmp_path, runs):
+    from kneetf.errors import ConfigError, InputError
+    from kneetf.predict import parse_formats, predict_files, resolve_model_path
+
+    _inputs(tmp_path / "in")
+    report = predict_files(runs["plain"], [tmp_path / "in" / "b_npy.npy"], tmp_path / "out", progress=False)
+    assert report.ok == 1
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert float(rows[0]["x1"]) > float(rows[0]["x0"])  # a box was found without a CSV
+    with pytest.raises(ConfigError, match="--format"):
+        parse_formats("nifti,mp4")
+    with pytest.raises(InputError, match="model not found"):
+        resolve_model_path(tmp_path / "nope.keras")
+    with pytest.raises(InputError, match="no model.keras"):
+        resolve_model_path(tmp_path / "in")
+
+
+def test_read_preprocess_config_sources(tmp_path, runs):
+    from kneetf.predict import load_predictor, read_preprocess_config
+
+    assert read_preprocess_config(runs["mirror"]).mirror_left is True
+    assert read_preprocess_config(runs["mirror"] / "model.keras").mirror_left is True
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "kneetf_export.json").write_text(
+        json.dumps({"preprocess": {**to_dict(PreprocessConfig(high_percentile=99.0)), "unknown_key": 1}}))
+    (tmp_path / "export" / "tflite").mkdir()
+    assert read_preprocess_config(tmp_path / "export" / "tflite" / "m.tflite").high_percentile == 99.0
+    assert read_preprocess_config(tmp_path / "nothing_here.keras") is None
+    p = load_predictor(runs["plain"], preprocess=tmp_path / "export" / "kneetf_export.json")
+    assert p.preprocess == dataclasses.replace(PreprocessConfig(), high_percentile=99.0)
+
+
+@pytest.mark.slow
+def test_savedmodel_and_tflite_predictors_match_keras(tmp_path, runs):
+    from kneetf.export.savedmodel import export_savedmodel
+    from kneetf.predict import load_model, load_predictor
+
+    result = export_savedmodel(runs["plain"], tmp_path / "saved_models" / "kneetf", warmup_batch_sizes=(),
+                               tflite_variants=("fp32",))
+    x = np.random.default_rng(0).random((2, 128, 128, 1)).astype("float32")
+    ref = load_model(runs["plain"]).predict(x, verbose=0)["mri"]
+    sm = load_predictor(tmp_path / "saved_models" / "kneetf")  # base folder: highest version
+    assert sm.kind == "savedmodel"
+    np.testing.assert_allclose(sm(x), ref, atol=1e-4)
+    tfl = load_predictor(result.tflite["fp32"]["path"])
+    assert tfl.kind == "tflite"
+    np.testing.assert_allclose(tfl(x), ref, atol=1e-3)
