@@ -1,0 +1,75 @@
+"""`kneetf export MODEL_OR_RUN --out saved_models/kneetf`: TF Serving SavedModel (+ TFLite)."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a model for TF Serving (SavedModel) and TFLite"
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    if text.strip() == "0":
+        return ()
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_OR_RUN", help="a .keras file or a training run folder (model.keras)")
+    p.add_argument("--out", default="saved_models/kneetf",
+                   help="model base folder; versions go to OUT/<version>/ (default saved_models/kneetf)")
+    p.add_argument("--version", type=int, help="version number (default: the next free one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
+    p.add_argument("--model-name", help="model name in the warm-up requests (default: the --out folder name)")
+    p.add_argument("--tflite", action="store_true", help="also write fp32, fp16 and int8 TFLite models")
+    p.add_argument("--tflite-variants", default="fp32,fp16,int8",
+                   help="comma-separated TFLite variants with --tflite (default fp32,fp16,int8)")
+    p.add_argument("--data", metavar="CACHE", help="kneetf cache: int8 calibration and check samples")
+    p.add_argument("--calibration-samples", type=int, default=32, help="int8 calibration samples (default 32)")
+    p.add_argument("--warmup-batch-sizes", type=_batch_sizes, default=(1,),
+                   help="batch sizes of the warm-up requests, e.g. 1,8 (default 1; 0 for none)")
+    p.add_argument("--no-warmup", action="store_true", help="write no warm-up requests")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing it with Keras")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kneetf.errors import ConfigError
+    from kneetf.export.savedmodel import export_savedmodel
+    from kneetf.export.tflite import VARIANTS
+
+    variants: tuple[str, ...] = ()
+    if args.tflite:
+        variants = tuple(v.strip() for v in args.tflite_variants.split(",") if v.strip())
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown --tflite-variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    elif args.data:
+        raise ConfigError("--data is used for TFLite calibration; add --tflite")
+    if args.calibration_samples < 1:
+        raise ConfigError(f"--calibration-samples must be >= 1. Received: {args.calibration_samples}")
+    result = export_savedmodel(args.model, args.out, version=args.version, overwrite=args.overwrite,
+                               model_name=args.model_name,
+                               warmup_batch_sizes=() if args.no_warmup else args.warmup_batch_sizes,
+                               verify=not args.no_verify, tflite_variants=variants, data=args.data,
+                               calibration_samples=args.calibration_samples)
+    info = result.info
+    print(f"exported {info['model_name']} version {result.version} to {result.path}")
+    for name, sig in info["signatures"].items():
+        spec = sig["inputs"]["xray"]
+        shape = "x".join("?" if d is None else str(d) for d in spec["shape"])
+        print(f"  signature {name:<20} xray {spec['dtype']:<8} {shape:<14} -> {', '.join(sig['outputs'])}")
+    if info["verify_max_abs_diff"]:
+        diffs = ", ".join(f"{k} {v:.2g}" for k, v in info["verify_max_abs_diff"].items())
+        print(f"  checked against Keras: max abs diff {diffs}")
+    if result.tflite:
+        print(f"  {'TFLite':<8} {'bytes':>10} {'mri max|d|':>11} {'mri mean|d|':>12} {'mri PSNR':>9} {'xray PSNR':>10}")
+        for variant, rep in result.tflite.items():
+            mri, xr = rep["outputs"]["mri"], rep["outputs"]["xray_recon"]
+            print(f"  {variant:<8} {rep['bytes']:>10} {mri['max_abs_diff']:>11.3g} {mri['mean_abs_diff']:>12.3g} "
+                  f"{mri['psnr']:>9.1f} {xr['psnr']:>10.1f}")
+        print("  (TFLite models take the normalised 128x128 input; see kneetf.export.tflite)")
+    return 0

@@ -1,0 +1,198 @@
+"""gRPC client of a TF Serving model server (PredictionService / ModelService).
+
+    >>> client = ServingClient("localhost:8500")               # doctest: +SKIP
+    >>> out = client.predict("knee.dcm")                       # doctest: +SKIP
+    >>> out["mri"].shape                                       # doctest: +SKIP
+    (1, 128, 128, 20)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc)
+
+from kneetf.client.request import (ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
+                                   estimate_response_bytes, parse_predict_response, predict_request, split_batches)
+from kneetf.errors import ConfigError, InputError
+from kneetf.export import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_DTYPES
+
+log = logging.getLogger(__name__)
+
+TLS_KEYS = ("root_certificates", "private_key", "certificate_chain")
+
+
+def _read_tls(tls: bool | str | Path | Mapping[str, str | Path]) -> grpc.ChannelCredentials:
+    """Channel credentials from `tls`: True (system roots), a CA file, or a mapping of
+    `root_certificates` / `private_key` / `certificate_chain` file paths (mutual TLS)."""
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    paths = {"root_certificates": tls} if isinstance(tls, (str, Path)) else dict(tls)
+    unknown = sorted(set(paths) - set(TLS_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown TLS key(s) {', '.join(unknown)}; use {', '.join(TLS_KEYS)}")
+    if ("private_key" in paths) != ("certificate_chain" in paths):
+        raise ConfigError("mutual TLS needs both private_key and certificate_chain")
+    blobs = {}
+    for key, path in paths.items():
+        if path is None:
+            continue
+        try:
+            blobs[key] = Path(path).read_bytes()
+        except OSError as e:
+            raise InputError(path, f"cannot read TLS {key.replace('_', ' ')}: {e.strerror or e}") from e
+    return grpc.ssl_channel_credentials(**blobs)
+
+
+class ServingClient:
+    """Send X-rays to TF Serving over gRPC and get `{"mri", "xray_recon"}` arrays back.
+
+    Args:
+        target: `host:port` of the gRPC API (TF Serving's `--port`, 8500 by default).
+        model: the model name in the server's model config.
+        version: a specific version, or None for the server's latest.
+        signature: `serving_default` (float32, any size), `serving_uint16` (raw uint16) or
+            `predict_normalized` (already normalised 128x128).
+        timeout: deadline of each call, in seconds.
+        tls: False (plaintext), True (TLS with the system roots), a CA certificate file, or a
+            mapping with `root_certificates`, `private_key`, `certificate_chain` paths.
+        retries: how many times a call is retried when the server is UNAVAILABLE (only
+            then), with exponential backoff from `backoff` seconds.
+        max_batch: largest batch per request; bigger inputs are split (keep it at or below
+            `max_batch_size` of the server's batching config).
+        resize: area-resize on the client (same op as the graph; results unchanged) so every
+            request has the fixed shape server-side batching needs. `serving_default` only.
+        max_message_mb: gRPC send/receive limit of the channel.
+        tls_server_name: expected name in the server certificate, when it differs from `target`.
+    """
+
+    def __init__(self, target: str, model: str = DEFAULT_MODEL_NAME, version: int | None = None,
+                 signature: str = SIGNATURE_DEFAULT, timeout: float = 30.0,
+                 tls: bool | str | Path | Mapping[str, str | Path] = False, retries: int = 3, *,
+                 backoff: float = 0.25, max_backoff: float = 8.0, max_batch: int = 32, resize: bool = True,
+                 image_size: int = 128, max_message_mb: int = 256, tls_server_name: str | None = None) -> None:
+        if signature not in SIGNATURE_DTYPES:
+            raise ConfigError(f"unknown signature {signature!r}; choose one of {', '.join(SIGNATURE_DTYPES)}")
+        if timeout <= 0 or retries < 0 or max_batch < 1:
+            raise ConfigError(f"need timeout > 0, retries >= 0, max_batch >= 1. Received: timeout={timeout}, "
+                              f"retries={retries}, max_batch={max_batch}")
+        self.target = target
+        self.model = model
+        self.version = version
+        self.signature = signature
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.max_batch = int(max_batch)
+        self.resize = bool(resize) and signature == SIGNATURE_DEFAULT
+        self.image_size = int(image_size)
+        self.max_message_bytes = int(max_message_mb) * 1024 * 1024
+        options = [("grpc.max_send_message_length", self.max_message_bytes),
+                   ("grpc.max_receive_message_length", self.max_message_bytes)]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if tls:
+            self._channel = grpc.secure_channel(target, _read_tls(tls), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel).Predict
+        self._status = model_service_pb2_grpc.ModelServiceStub(self._channel).GetModelStatus
+
+    # === Public API ===
+
+    def predict(self, xray: Any) -> dict[str, np.ndarray]:
+        """Reconstruct MRI volumes.
+
+        Args:
+            xray: a 2-D image, a batch (B, H, W) or (B, H, W, 1), or an X-ray file path.
+
+        Returns:
+            `{"mri": (B, 128, 128, 20), "xray_recon": (B, 128, 128, 1)}` float32 in [0, 1].
+        """
+        batch = as_batch(xray, self.signature, image_size=self.image_size, resize=self.resize)
+        if estimate_response_bytes(min(len(batch), self.max_batch), self.image_size) > self.max_message_bytes:
+            raise InputError(None, f"a response of {self.max_batch} volumes exceeds the {self.max_message_bytes >> 20} "
+                                   "MiB message limit; lower max_batch or raise max_message_mb")
+        parts = [self._predict_chunk(chunk) for chunk in split_batches(batch, self.max_batch)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def status(self) -> list[dict[str, Any]]:
+        """The server's view of the model: one dict per version with `version`, `state`
+        (e.g. AVAILABLE, LOADING) and `error_code` / `error_message`."""
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self.model
+        if self.version is not None:
+            request.model_spec.version.value = int(self.version)
+        response = self._call(self._status, request, "GetModelStatus")
+        state_name = get_model_status_pb2.ModelVersionStatus.State.Name
+        return [{"version": int(s.version), "state": state_name(s.state),
+                 "error_code": int(s.status.error_code), "error_message": s.status.error_message}
+                for s in response.model_version_status]
+
+    def health(self) -> bool:
+        """True when the server answers and the model (version) is AVAILABLE."""
+        try:
+            return any(s["state"] == "AVAILABLE" for s in self.status())
+        except ServingError as e:
+            log.info("health check of %s failed: %s", self.target, e)
+            return False
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "ServingClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # === Internals ===
+
+    def _predict_chunk(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
+        request = predict_request(chunk, self.model, self.version, self.signature)
+        return parse_predict_response(self._call(self._predict, request, "Predict"), len(chunk))
+
+    def _describe(self) -> str:
+        version = "latest version" if self.version is None else f"version {self.version}"
+        return f"model {self.model!r} ({version}) at {self.target}"
+
+    def _call(self, method: Callable[..., Any], request: Any, what: str) -> Any:
+        """Call with a deadline; retry with exponential backoff on UNAVAILABLE only."""
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    delay = min(self.backoff * 2 ** attempt, self.max_backoff)
+                    log.warning("%s: %s unavailable (%s); retry %d/%d in %.2f s", what, self.target,
+                                e.details() if hasattr(e, "details") else e, attempt + 1, self.retries, delay)
+                    time.sleep(delay)
+                    continue
+                raise self._error(e, what, attempt + 1) from None
+        raise AssertionError("unreachable")
+
+    def _error(self, e: grpc.RpcError, what: str, attempts: int) -> Exception:
+        code = e.code() if hasattr(e, "code") else None
+        details = e.details() if hasattr(e, "details") else str(e)
+        if code == grpc.StatusCode.NOT_FOUND:
+            return ModelNotFoundError(f"{what}: the server does not serve {self._describe()}: {details}")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ServerUnavailableError(f"{what}: cannot reach TF Serving at {self.target} "
+                                          f"after {attempts} attempt(s): {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ServingError(f"{what}: no answer from {self.target} within {self.timeout:g} s (raise timeout?)")
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+            return InputError(None, f"{what}: {self._describe()} refused the request: {details}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return ServingError(f"{what}: message too large or server overloaded at {self.target}: {details} "
+                                "(lower max_batch?)")
+        return ServingError(f"{what}: {self._describe()} failed with {code.name if code else 'error'}: {details}")
+
+
+__all__ = ["ServingClient"]

@@ -1,0 +1,341 @@
+"""Export KneeNet as a TF Serving SavedModel: `<out>/<version>/` with three signatures.
+
+- `serving_default`: `xray` (batch, H, W, 1) float32 of any H, W (an ROI-cropped knee) ->
+  `kneetf.preprocess.ops.preprocess_xray` (area resize + robust normalisation, the same ops
+  the cache was built with) -> KneeNet -> `{"xray_recon", "mri"}`.
+- `serving_uint16`: the same for raw uint16 pixels. TF Serving binds one dtype per
+  signature; uint16 gets its own so that clients can send raw detector values at half the
+  bytes of float32. The gRPC/REST clients send float32 to `serving_default` by default.
+- `predict_normalized`: `xray` (batch, 128, 128, 1) float32 already in [0, 1] -> KneeNet.
+
+The version folder is written under a temporary name beside it and renamed when complete
+(TF Serving ignores non-numeric folders), with warm-up requests in
+`assets.extra/tf_serving_warmup_requests` and a `kneetf_export.json` describing the export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from kneetf.config import PreprocessConfig, to_dict
+from kneetf.errors import ConfigError, InputError, KneetfError
+from kneetf.export import (DEFAULT_MODEL_NAME, EXPORT_INFO_FILE, INPUT_KEY, OUTPUT_KEYS, SIGNATURE_DEFAULT,
+                           SIGNATURE_NORMALIZED, SIGNATURE_UINT16, TFLITE_DIR, WARMUP_FILE)
+from kneetf.io.atomic import atomic_path
+from kneetf.version import __version__
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+RUN_CONFIG = "config.json"
+#: largest difference tolerated between the exported graph and Keras in the self-check
+VERIFY_TOLERANCE = 1e-4
+
+
+@dataclass
+class ExportSource:
+    """A model ready to export, with the preprocessing it was trained with."""
+
+    model: Any  # keras.Model
+    preprocess: PreprocessConfig
+    path: Path | None = None
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportResult:
+    """Where an export went and what it holds."""
+
+    path: Path
+    version: int
+    info: dict[str, Any]
+    tflite: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# === Loading ===
+
+def preprocess_from_run(run_config: dict[str, Any] | None) -> PreprocessConfig:
+    """PreprocessConfig from a run's `config.json` key "preprocess" (defaults otherwise).
+    Keys that PreprocessConfig does not know (cache bookkeeping) are ignored."""
+    blob = (run_config or {}).get("preprocess") or {}
+    names = {f.name for f in dataclasses.fields(PreprocessConfig)}
+    ignored = sorted(set(blob) - names)
+    if ignored:
+        log.debug("preprocess keys not used by the export graph: %s", ", ".join(ignored))
+    from kneetf.config import from_dict
+
+    return from_dict(PreprocessConfig, {k: v for k, v in blob.items() if k in names})
+
+
+def _read_run_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"not valid JSON: {e}") from e
+
+
+def load_for_export(model_or_run: Any, preprocess: PreprocessConfig | None = None) -> ExportSource:
+    """Resolve a Keras model, a `.keras` file or a run folder (holding `model.keras` and
+    `config.json`) to the model and its preprocessing config.
+
+    The preprocessing config is, in order: `preprocess` if given, the "preprocess" key of the
+    run's `config.json` (also looked up beside a `.keras` file), else the defaults.
+    """
+    import keras
+
+    import kneetf.models.kneenet  # noqa: F401  (registers the custom objects)
+
+    run_config: dict[str, Any] = {}
+    path: Path | None = None
+    if isinstance(model_or_run, keras.Model):
+        model = model_or_run
+    else:
+        path = Path(model_or_run)
+        model_file = path / MODEL_FILE if path.is_dir() else path
+        if not model_file.exists():
+            what = f"a run folder without {MODEL_FILE}" if path.is_dir() else "no such model file"
+            raise InputError(path, what)
+        if model_file.suffix != ".keras":
+            raise InputError(model_file, "expected a .keras model file or a run folder")
+        config_file = model_file.parent / RUN_CONFIG
+        if config_file.exists():
+            run_config = _read_run_config(config_file)
+        try:
+            model = keras.saving.load_model(model_file, compile=False, safe_mode=True)
+        except (ValueError, OSError, TypeError) as e:
+            raise InputError(model_file, f"cannot load the Keras model: {e}") from e
+    prep = preprocess or preprocess_from_run(run_config)
+    shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
+    if shape is not None and shape[:2] != (prep.image_size, prep.image_size):
+        raise ConfigError(f"the model takes {shape[0]}x{shape[1]} images but the preprocessing config says "
+                          f"image_size={prep.image_size}")
+    return ExportSource(model=model, preprocess=prep, path=path, run_config=run_config)
+
+
+# === Versions ===
+
+def existing_versions(base: str | Path) -> list[int]:
+    """Numeric version folders under `base`, ascending (temporary `.tmp-*` folders ignored)."""
+    base = Path(base)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name))
+
+
+def next_version(base: str | Path) -> int:
+    """The next free integer version under `base` (1 for a new folder)."""
+    versions = existing_versions(base)
+    return versions[-1] + 1 if versions else 1
+
+
+# === Sample inputs (warm-up, calibration) ===
+
+def structured_samples(count: int, size: int = 128, seed: int = 0) -> np.ndarray:
+    """`count` deterministic knee-like test images (count, size, size, 1) float32 in [0, 1]:
+    two bright rounded bones separated by a dark joint space, soft tissue, noise.
+
+    Not data: used for warm-up requests and as a fallback calibration/check set when no
+    cache is given.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = np.empty((count, size, size, 1), np.float32)
+    for i in range(count):
+        gap = 0.5 + rng.uniform(-0.06, 0.06)
+        width = rng.uniform(0.25, 0.4)
+        cx = 0.5 + rng.uniform(-0.08, 0.08)
+        tissue = np.exp(-((xx - cx) / (width * 1.6)) ** 2)
+        femur = (np.abs(xx - cx) < width * (1.0 + 0.6 * (gap - yy).clip(0, 1))) & (yy < gap - 0.03)
+        tibia = (np.abs(xx - cx) < width * 0.9) & (yy > gap + 0.03)
+        image = 0.3 * tissue + 0.6 * (femur | tibia) + 0.05 * rng.standard_normal((size, size))
+        image = (image - image.min()) / max(float(np.ptp(image)), 1e-6)
+        out[i, ..., 0] = image
+    return out
+
+
+# === Export ===
+
+def _serving_fns(model: Any, preprocess: PreprocessConfig) -> dict[str, tuple[Any, Any]]:
+    """signature name -> (python function, input TensorSpec)."""
+    import tensorflow as tf
+
+    from kneetf.preprocess.ops import preprocess_xray
+
+    size = preprocess.image_size
+
+    # Traced once and called by every signature: one copy of the network in the graph.
+    @tf.function(input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)])
+    def run_model(x: tf.Tensor) -> dict[str, tf.Tensor]:
+        outputs = model(x, training=False)
+        return {k: tf.cast(outputs[k], tf.float32) for k in OUTPUT_KEYS}
+
+    def serve(xray: tf.Tensor) -> dict[str, tf.Tensor]:
+        return run_model(preprocess_xray(xray, size, preprocess.low_percentile, preprocess.high_percentile))
+
+    def predict_normalized(xray: tf.Tensor) -> dict[str, tf.Tensor]:
+        return run_model(tf.cast(xray, tf.float32))
+
+    any_size = (None, None, None, 1)
+    return {
+        SIGNATURE_DEFAULT: (serve, tf.TensorSpec(any_size, tf.float32, name=INPUT_KEY)),
+        SIGNATURE_UINT16: (serve, tf.TensorSpec(any_size, tf.uint16, name=INPUT_KEY)),
+        SIGNATURE_NORMALIZED: (predict_normalized, tf.TensorSpec((None, size, size, 1), tf.float32, name=INPUT_KEY)),
+    }
+
+
+def write_savedmodel(model: Any, preprocess: PreprocessConfig, directory: str | Path) -> dict[str, Any]:
+    """Write the SavedModel with its three signatures into `directory`; returns a
+    description of the signatures (for `kneetf_export.json`)."""
+    import keras
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    described = {}
+    for name, (fn, spec) in _serving_fns(model, preprocess).items():
+        archive.add_endpoint(name, fn, input_signature=[spec])
+        described[name] = {"inputs": {INPUT_KEY: {"dtype": spec.dtype.name, "shape": list(spec.shape)}},
+                           "outputs": list(OUTPUT_KEYS)}
+    archive.write_out(str(directory), verbose=False)
+    return described
+
+
+def warmup_batches(image_size: int, batch_sizes: Sequence[int] = (1,), seed: int = 0
+                   ) -> list[tuple[str, np.ndarray]]:
+    """(signature, batch) pairs replayed by TF Serving at load time: every signature at
+    every batch size, inputs built with the client's `as_batch`."""
+    from kneetf.client.request import as_batch
+
+    pairs = []
+    for b in batch_sizes:
+        images = structured_samples(int(b), image_size, seed)
+        pairs.append((SIGNATURE_DEFAULT, as_batch(images, SIGNATURE_DEFAULT, image_size=image_size)))
+        pairs.append((SIGNATURE_UINT16, as_batch(np.round(images * 4095), SIGNATURE_UINT16, image_size=image_size)))
+        pairs.append((SIGNATURE_NORMALIZED, as_batch(images, SIGNATURE_NORMALIZED, image_size=image_size)))
+    return pairs
+
+
+def write_warmup(version_dir: str | Path, model_name: str, image_size: int,
+                 batch_sizes: Sequence[int] = (1,)) -> Path:
+    """Write `assets.extra/tf_serving_warmup_requests` (TFRecord of PredictionLog protos)
+    with requests built by the one request builder, `kneetf.client.request`."""
+    import tensorflow as tf
+
+    from kneetf.client.request import predict_request, warmup_record
+
+    path = Path(version_dir) / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for signature, batch in warmup_batches(image_size, batch_sizes):
+            writer.write(warmup_record(predict_request(batch, model_name, signature=signature)))
+    return path
+
+
+def verify_export(version_dir: str | Path, model: Any, preprocess: PreprocessConfig,
+                  samples: np.ndarray | None = None) -> dict[str, float]:
+    """Load the written SavedModel and compare its signatures with Keras on `samples`;
+    raises KneetfError past `VERIFY_TOLERANCE`. Returns the max abs difference per check."""
+    import tensorflow as tf
+
+    from kneetf.preprocess.ops import preprocess_xray
+
+    size = preprocess.image_size
+    raw = samples if samples is not None else structured_samples(2, size + 37, seed=1) * 3000.0
+    normalized = preprocess_xray(raw, size, preprocess.low_percentile, preprocess.high_percentile).numpy()
+    reference = model.predict(normalized, verbose=0)
+    loaded = tf.saved_model.load(str(version_dir))
+    checks = {
+        SIGNATURE_DEFAULT: loaded.signatures[SIGNATURE_DEFAULT](xray=tf.constant(raw, tf.float32)),
+        SIGNATURE_NORMALIZED: loaded.signatures[SIGNATURE_NORMALIZED](xray=tf.constant(normalized)),
+    }
+    diffs = {}
+    for name, outputs in checks.items():
+        diffs[name] = max(float(np.max(np.abs(outputs[k].numpy() - reference[k]))) for k in OUTPUT_KEYS)
+        if not diffs[name] <= VERIFY_TOLERANCE:
+            raise KneetfError(f"{version_dir}: signature {name} differs from the Keras model by {diffs[name]:.3g} "
+                              f"(> {VERIFY_TOLERANCE}); the export is not used")
+    return diffs
+
+
+def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None = None, overwrite: bool = False,
+                      preprocess: PreprocessConfig | None = None, model_name: str | None = None,
+                      warmup_batch_sizes: Sequence[int] = (1,), verify: bool = True,
+                      tflite_variants: Sequence[str] = (), representative: Iterable[np.ndarray] | None = None,
+                      data: str | Path | None = None, calibration_samples: int = 32) -> ExportResult:
+    """Export for TF Serving into `<out>/<version>/`, atomically.
+
+    Args:
+        model_or_run: a Keras model, a `.keras` file or a run folder.
+        out: the model's base folder (TF Serving's `base_path`), e.g. `saved_models/kneetf`.
+        version: the version number; by default the next free one. An existing version is
+            refused unless `overwrite`.
+        preprocess: overrides the run's preprocessing config.
+        model_name: name written into the warm-up requests (default: the folder name).
+        warmup_batch_sizes: batch sizes of the warm-up requests (empty: no warm-up file).
+        verify: reload the SavedModel and compare it with Keras before publishing it.
+        tflite_variants: also write these TFLite variants ("fp32", "fp16", "int8") into
+            `<version>/tflite/`, checked against Keras (see `kneetf.export.tflite`).
+        representative, data, calibration_samples: int8 calibration inputs, see
+            `kneetf.export.tflite.export_tflite`.
+    """
+    import keras
+    import tensorflow as tf
+
+    source = load_for_export(model_or_run, preprocess)
+    out = Path(out)
+    if version is None:
+        version = next_version(out)
+    if int(version) < 1:
+        raise ConfigError(f"version must be a positive integer. Received: version={version}")
+    version = int(version)
+    final = out / str(version)
+    if final.exists() and not overwrite:
+        raise ConfigError(f"{final} already exists; choose another --version, or --overwrite it")
+    name = model_name or out.name or DEFAULT_MODEL_NAME
+    model_config = getattr(source.model, "model_config", None)
+
+    with atomic_path(final, directory=True) as tmp:
+        signatures = write_savedmodel(source.model, source.preprocess, tmp)
+        if warmup_batch_sizes:
+            write_warmup(tmp, name, source.preprocess.image_size, warmup_batch_sizes)
+        diffs = verify_export(tmp, source.model, source.preprocess) if verify else {}
+        tflite_report: dict[str, dict[str, Any]] = {}
+        if tflite_variants:
+            from kneetf.export.tflite import export_tflite
+
+            tflite_report = export_tflite(source.model, tmp / TFLITE_DIR, tflite_variants,
+                                          representative=representative, data=data,
+                                          calibration_samples=calibration_samples)
+        info = {
+            "kneetf_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model_name": name,
+            "version": version,
+            "source": str(source.path) if source.path else None,
+            "preset": source.run_config.get("preset") or None,
+            "model": to_dict(model_config) if model_config is not None else None,
+            "preprocess": to_dict(source.preprocess),
+            "signatures": signatures,
+            "warmup": {"file": WARMUP_FILE, "batch_sizes": list(warmup_batch_sizes)} if warmup_batch_sizes else None,
+            "verify_max_abs_diff": diffs,
+            "tflite": {k: {kk: (str(Path(vv).relative_to(tmp)) if kk == "path" else vv) for kk, vv in v.items()}
+                       for k, v in tflite_report.items()},
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        }
+        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    log.info("exported %s version %d to %s", name, version, final)
+    tflite_final = {k: {**v, "path": final / Path(v["path"]).relative_to(tmp)} for k, v in tflite_report.items()}
+    return ExportResult(path=final, version=version, info=info, tflite=tflite_final)
+
+
+__all__ = ["ExportSource", "ExportResult", "load_for_export", "preprocess_from_run", "existing_versions",
+           "next_version", "structured_samples", "write_savedmodel", "warmup_batches", "write_warmup",
+           "verify_export", "export_savedmodel"]

@@ -1,0 +1,287 @@
+"""TFLite variants of KneeNet (fp32, fp16, int8), run with `ai_edge_litert`.
+
+The TFLite models take the ALREADY NORMALISED input: `xray` (1, 128, 128, 1) float32 in
+[0, 1] (int8 models quantise it inside `TFLiteModel`), the output of
+`kneetf.preprocess.ops.preprocess_xray`. Resize and normalisation stay out of the TFLite
+graph: the percentile (a sort) has no fast TFLite kernel, and an on-device app usually has
+its own image pipeline. Outputs are `xray_recon` and `mri`, as in the SavedModel.
+
+- fp32: plain conversion; matches Keras to float rounding.
+- fp16: weights stored as float16 (half the size), computed in float32 on CPU.
+- int8: full-integer quantisation (int8 input and output, scales in the model) calibrated
+  on a representative set: samples of a kneetf cache when given, else structured test
+  images. TFLite has no int8 kernel for CONV_3D_TRANSPOSE, so the 3-D generator's
+  transposed convolutions run in float between QUANTIZE/DEQUANTIZE ops.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from kneetf.errors import ConfigError, InputError
+from kneetf.export import INPUT_KEY, OUTPUT_KEYS, SIGNATURE_DEFAULT
+from kneetf.io.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+VARIANTS: tuple[str, ...] = ("fp32", "fp16", "int8")
+REPORT_FILE = "report.json"
+
+
+def tflite_filename(variant: str) -> str:
+    return f"kneetf_{variant}.tflite"
+
+
+# === Representative data ===
+
+def samples_from_cache(cache_dir: str | Path, count: int, split: str = "train") -> np.ndarray:
+    """Up to `count` normalised X-rays (n, S, S, 1) from a kneetf cache (`make_dataset`)."""
+    from kneetf.data.pipeline import make_dataset
+
+    xs: list[np.ndarray] = []
+    for xray, _targets in make_dataset(cache_dir, split, batch_size=min(count, 32), shuffle=False, repeat=False):
+        xs.extend(np.asarray(xray, np.float32))
+        if len(xs) >= count:
+            break
+    if not xs:
+        raise InputError(cache_dir, f"split {split!r} of the cache has no samples for calibration")
+    return np.stack(xs[:count])
+
+
+def representative_samples(count: int, image_size: int = 128, *, data: str | Path | None = None,
+                           representative: Iterable[np.ndarray] | None = None, seed: int = 0) -> np.ndarray:
+    """Calibration inputs (n, S, S, 1) float32 in [0, 1]: from `representative` (any
+    iterable of (S, S), (S, S, 1) or (1, S, S, 1) arrays), else from the cache `data`, else
+    structured test images."""
+    if representative is not None:
+        arrays = []
+        for a in representative:
+            a = np.asarray(a, np.float32).reshape(-1, image_size, image_size, 1)
+            arrays.extend(a)
+            if len(arrays) >= count:
+                break
+        if not arrays:
+            raise InputError(None, "the representative dataset is empty")
+        return np.stack(arrays[:count])
+    if data is not None:
+        return samples_from_cache(data, count)
+    from kneetf.export.savedmodel import structured_samples
+
+    log.info("no calibration data given: int8 calibrated on %d structured test images (pass a cache for real "
+             "ranges)", count)
+    return structured_samples(count, image_size, seed)
+
+
+# === Conversion ===
+
+def _fixed_savedmodel(model: Any, directory: Path, image_size: int) -> None:
+    """A SavedModel of the bare model with a fixed (1, S, S, 1) input, for the converter
+    (Keras 3's recommended path: ExportArchive -> SavedModel -> from_saved_model)."""
+    import keras
+    import tensorflow as tf
+
+    def serve(xray: tf.Tensor) -> dict[str, tf.Tensor]:
+        outputs = model(xray, training=False)
+        return {k: tf.cast(outputs[k], tf.float32) for k in OUTPUT_KEYS}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE_DEFAULT, serve,
+                         input_signature=[tf.TensorSpec((1, image_size, image_size, 1), tf.float32, name=INPUT_KEY)])
+    archive.write_out(str(directory), verbose=False)
+
+
+def _convert(saved_model_dir: Path, variant: str, calibration: np.ndarray | None) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[SIGNATURE_DEFAULT])
+    if variant == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "int8":
+        if calibration is None or not len(calibration):
+            raise ConfigError("int8 conversion needs calibration samples")
+
+        def gen() -> Iterable[dict[str, np.ndarray]]:
+            for sample in calibration:
+                yield {INPUT_KEY: sample[None].astype(np.float32)}
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = gen
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    elif variant != "fp32":
+        raise ConfigError(f"unknown TFLite variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    with warnings.catch_warnings():
+        # the converter's own calibration still uses tf.lite.Interpreter; ours is ai_edge_litert
+        warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
+        return converter.convert()
+
+
+def convert_tflite(model: Any, variants: Sequence[str] = VARIANTS, calibration: np.ndarray | None = None
+                   ) -> dict[str, bytes]:
+    """Convert a Keras KneeNet to TFLite flatbuffers, one per variant."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown TFLite variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    image_size = int(model.inputs[0].shape[1])
+    with tempfile.TemporaryDirectory(prefix="kneetf-tflite-") as tmp:
+        _fixed_savedmodel(model, Path(tmp), image_size)
+        return {v: _convert(Path(tmp), v, calibration) for v in variants}
+
+
+# === Running ===
+
+class TFLiteModel:
+    """A `.tflite` KneeNet run with `ai_edge_litert`.
+
+    `predict` takes NORMALISED X-rays — (S, S), (B, S, S) or (B, S, S, 1) float in [0, 1],
+    the output of `kneetf.preprocess.ops.preprocess_xray` — and returns
+    `{"mri": (B, S, S, slices), "xray_recon": (B, S, S, 1)}` float32; int8 models are
+    quantised and dequantised with the scales stored in the file.
+
+        >>> m = TFLiteModel("saved_models/kneetf/1/tflite/kneetf_int8.tflite")  # doctest: +SKIP
+        >>> m.predict(x)["mri"].shape                                           # doctest: +SKIP
+        (1, 128, 128, 20)
+    """
+
+    def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(self.path, "no such TFLite model")
+        try:
+            self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
+            self._runner = self._interpreter.get_signature_runner(SIGNATURE_DEFAULT)
+        except (ValueError, RuntimeError) as e:
+            raise InputError(self.path, f"not a kneetf TFLite model: {e}") from e
+        inputs = self._runner.get_input_details()
+        outputs = self._runner.get_output_details()
+        if INPUT_KEY not in inputs or any(k not in outputs for k in OUTPUT_KEYS):
+            raise InputError(self.path, f"expected input {INPUT_KEY!r} and outputs {OUTPUT_KEYS}; "
+                                        f"found {list(inputs)} -> {list(outputs)}")
+        self._input = inputs[INPUT_KEY]
+        self._outputs = outputs
+        self.image_size = int(self._input["shape"][1])
+        self.input_dtype = np.dtype(self._input["dtype"])
+        self._lock = threading.Lock()
+
+    @property
+    def quantized(self) -> bool:
+        return np.issubdtype(self.input_dtype, np.integer)
+
+    def _quantize(self, x: np.ndarray) -> np.ndarray:
+        if not self.quantized:
+            return x.astype(self.input_dtype)
+        scale, zero = self._input["quantization"]
+        info = np.iinfo(self.input_dtype)
+        return np.clip(np.round(x / scale + zero), info.min, info.max).astype(self.input_dtype)
+
+    def _dequantize(self, name: str, y: np.ndarray) -> np.ndarray:
+        detail = self._outputs[name]
+        if np.issubdtype(np.dtype(detail["dtype"]), np.integer):
+            scale, zero = detail["quantization"]
+            return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+        return y.astype(np.float32)
+
+    def predict(self, batch: Any) -> dict[str, np.ndarray]:
+        """Run each sample of the batch (the TFLite graph has batch size 1)."""
+        x = np.asarray(batch, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[None, ..., None]
+        elif x.ndim == 3:
+            x = x[..., None]
+        s = self.image_size
+        if x.ndim != 4 or x.shape[1:] != (s, s, 1) or len(x) == 0:
+            raise InputError(None, f"TFLite KneeNet takes normalised ({s}, {s}) images, a batch (B, {s}, {s}) or "
+                                   f"(B, {s}, {s}, 1); got shape {np.shape(batch)} (resize and normalise first)")
+        results: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_KEYS}
+        with self._lock:
+            for sample in x:
+                out = self._runner(**{INPUT_KEY: self._quantize(sample[None])})
+                for k in OUTPUT_KEYS:
+                    results[k].append(self._dequantize(k, out[k]))
+        return {k: np.concatenate(v) for k, v in results.items()}
+
+
+# === Checking ===
+
+def compare_outputs(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], data_range: float = 1.0
+                    ) -> dict[str, dict[str, float]]:
+    """Per output: max and mean abs difference, and PSNR (dB, capped at 200 for identical)."""
+    result = {}
+    for k in OUTPUT_KEYS:
+        diff = np.asarray(pred[k], np.float64) - np.asarray(ref[k], np.float64)
+        mse = float(np.mean(diff ** 2))
+        result[k] = {"max_abs_diff": float(np.max(np.abs(diff))), "mean_abs_diff": float(np.mean(np.abs(diff))),
+                     "psnr": min(200.0, 10 * math.log10(data_range ** 2 / mse)) if mse > 0 else 200.0}
+    return result
+
+
+def export_tflite(model: Any, out_dir: str | Path, variants: Sequence[str] = VARIANTS, *,
+                  representative: Iterable[np.ndarray] | None = None, data: str | Path | None = None,
+                  calibration_samples: int = 32, check: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """Write `kneetf_<variant>.tflite` files into `out_dir` and check each against Keras.
+
+    Args:
+        model: a Keras KneeNet.
+        out_dir: folder for the files and `report.json`.
+        variants: any of "fp32", "fp16", "int8".
+        representative: int8 calibration inputs (normalised arrays); else `data`.
+        data: a kneetf cache folder: calibration (and check) samples drawn from its train split.
+        calibration_samples: how many calibration samples to use.
+        check: normalised inputs (n, S, S, 1) for the check against Keras; by default 4
+            samples not used for calibration.
+
+    Returns:
+        variant -> {"path", "bytes", "outputs": {name: {"max_abs_diff", "mean_abs_diff", "psnr"}}}.
+    """
+    out_dir = Path(out_dir)
+    image_size = int(model.inputs[0].shape[1])
+    calibration = None
+    if "int8" in variants:
+        calibration = representative_samples(calibration_samples, image_size, data=data,
+                                             representative=representative)
+    if check is None:
+        if data is not None:
+            pool = samples_from_cache(data, calibration_samples + 4)
+            check = pool[-4:] if len(pool) > 4 else pool
+        else:
+            from kneetf.export.savedmodel import structured_samples
+
+            check = structured_samples(4, image_size, seed=12345)
+    reference = model.predict(check, verbose=0)
+    blobs = convert_tflite(model, variants, calibration)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, dict[str, Any]] = {}
+    for variant, blob in blobs.items():
+        path = out_dir / tflite_filename(variant)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(blob)
+        pred = TFLiteModel(path).predict(check)
+        report[variant] = {"path": str(path), "bytes": len(blob), "outputs": compare_outputs(pred, reference)}
+        log.info("TFLite %s: %d bytes, mri max abs diff %.3g", variant, len(blob),
+                 report[variant]["outputs"]["mri"]["max_abs_diff"])
+    meta = {"input": {"name": INPUT_KEY, "shape": [1, image_size, image_size, 1],
+                      "note": "already normalised to [0, 1] (kneetf.preprocess.ops.preprocess_xray)"},
+            "calibration": ("representative" if representative is not None else str(data) if data is not None
+                            else "structured test images") if calibration is not None else None,
+            "check_samples": int(len(check)),
+            "variants": {k: {**v, "path": Path(v["path"]).name} for k, v in report.items()}}
+    with atomic_path(out_dir / REPORT_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+__all__ = ["VARIANTS", "TFLiteModel", "convert_tflite", "export_tflite", "compare_outputs", "representative_samples",
+           "samples_from_cache", "tflite_filename"]

@@ -1,0 +1,403 @@
+"""gRPC and REST clients over the wire, against a test server running a real export."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("tensorflow_serving.apis")
+
+from kneetf.cli.main import main  # noqa: E402
+from kneetf.client import ModelNotFoundError, RestClient, ServerUnavailableError, ServingClient  # noqa: E402
+from kneetf.client import request as rq  # noqa: E402
+from kneetf.client.request import ServingError  # noqa: E402
+from kneetf.errors import ConfigError, InputError  # noqa: E402
+from kneetf.export import OUTPUT_KEYS  # noqa: E402
+from kneetf.export.savedmodel import export_savedmodel, structured_samples  # noqa: E402
+from kneetf.preprocess import ops  # noqa: E402
+
+
+def _server_module():
+    if "kneetf_test_serving_server" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kneetf_test_serving_server",
+                                                      Path(__file__).with_name("serving_server.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["kneetf_test_serving_server"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny preset exported once (version 1) and served over gRPC and REST."""
+    import keras
+
+    import kneetf.models.kneenet  # noqa: F401
+
+    root = tmp_path_factory.mktemp("serving")
+    server_module = _server_module()
+    model_path = server_module.make_test_model(root / "model.keras", "tiny", seed=11)
+    base = root / "saved_models" / "kneetf"
+    export_savedmodel(model_path, base, verify=False)
+    model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    server = server_module.LocalServingServer({"kneetf": base}).start()
+    yield {"server": server, "model": model, "base": base, "root": root}
+    server.stop()
+
+
+@pytest.fixture
+def server(served):
+    s = served["server"]
+    s.faults.unavailable, s.faults.delay_s = 0, 0.0
+    yield s
+    s.faults.unavailable, s.faults.delay_s = 0, 0.0
+
+
+def _raw(batch: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    images = structured_samples(batch, max(h, w), seed)[:, :h, :w, 0]
+    return (images * 3000 + 200).astype(np.float32)
+
+
+def _reference(model, raw: np.ndarray) -> dict[str, np.ndarray]:
+    """Keras on the input preprocessed by the shared ops (resize, then normalise)."""
+    x = raw if raw.ndim == 4 else raw[..., None] if raw.ndim == 3 else raw[None, ..., None]
+    out = model.predict(ops.preprocess_xray(x.astype(np.float32)).numpy(), verbose=0)
+    return {k: np.asarray(out[k]) for k in OUTPUT_KEYS}
+
+
+def _close(got, ref, atol=1e-5):
+    for k in OUTPUT_KEYS:
+        assert got[k].shape == ref[k].shape, k
+        np.testing.assert_allclose(got[k], ref[k], atol=atol, err_msg=k)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# === Same numbers as Keras, every path ===
+
+@pytest.mark.parametrize("resize", [True, False])
+def test_grpc_matches_keras(served, server, resize):
+    raw = _raw(3, 200, 170, seed=1)
+    with ServingClient(server.grpc_target, resize=resize) as client:
+        got = client.predict(raw)
+    _close(got, _reference(served["model"], raw))
+    assert got["mri"].shape == (3, 128, 128, 20) and got["mri"].dtype == np.float32
+
+
+@pytest.mark.parametrize("form", ["inputs", "instances"])
+def test_rest_matches_keras(served, server, form):
+    raw = _raw(2, 150, 160, seed=2)
+    got = RestClient(server.rest_url, form=form, version=1).predict(raw)
+    _close(got, _reference(served["model"], raw))
+
+
+def test_layouts_files_and_signatures(served, server, tmp_path):
+    model = served["model"]
+    raw = _raw(2, 140, 140, seed=3)
+    client = ServingClient(server.grpc_target)
+    ref = _reference(model, raw)
+    _close(client.predict(raw[0]), {k: v[:1] for k, v in ref.items()})  # 2-D
+    _close(client.predict(raw[..., None]), ref)  # (B, H, W, 1)
+    np.save(tmp_path / "knee.npy", raw[1])
+    _close(client.predict(tmp_path / "knee.npy"), {k: v[1:] for k, v in ref.items()})  # a file path
+    pixels = np.round(raw).astype(np.uint16)
+    _close(ServingClient(server.grpc_target, signature="serving_uint16").predict(pixels),
+           _reference(model, pixels.astype(np.float32)))
+    normalized = ops.preprocess_xray(raw[..., None]).numpy()
+    _close(ServingClient(server.grpc_target, signature="predict_normalized").predict(normalized), ref)
+    _close(RestClient(server.rest_url, signature="serving_uint16").predict(pixels),
+           _reference(model, pixels.astype(np.float32)))
+
+
+def test_large_batches_are_split(served, server):
+    raw = _raw(5, 128, 128, seed=4)
+    calls = server.faults.calls
+    got = ServingClient(server.grpc_target, max_batch=2).predict(raw)
+    assert server.faults.calls - calls == 3  # 2 + 2 + 1
+    _close(got, _reference(served["model"], raw))
+
+
+# === Status, not found, unavailable, retries, deadlines ===
+
+def test_status_and_health(server):
+    client = ServingClient(server.grpc_target)
+    assert client.status() == [{"version": 1, "state": "AVAILABLE", "error_code": 0, "error_message": ""}]
+    assert client.health()
+    rest = RestClient(server.rest_url)
+    assert [(s["version"], s["state"]) for s in rest.status()] == [(1, "AVAILABLE")]
+    assert rest.health()
+    assert not ServingClient(server.grpc_target, model="other").health()
+    assert not RestClient(server.rest_url, version=5).health()
+
+
+def test_unknown_model_or_version_is_not_found_without_retry(server):
+    raw = _raw(1, 128, 128)
+    calls = server.faults.calls
+    with pytest.raises(ModelNotFoundError, match=r"model 'other'"):
+        ServingClient(server.grpc_target, model="other", backoff=0.01).predict(raw)
+    with pytest.raises(ModelNotFoundError, match=r"version 9"):
+        ServingClient(server.grpc_target, version=9, backoff=0.01).predict(raw)
+    assert server.faults.calls - calls == 2  # one call each: NOT_FOUND is not retried
+    with pytest.raises(ModelNotFoundError, match="version 9"):
+        RestClient(server.rest_url, version=9).predict(raw)
+    with pytest.raises(ModelNotFoundError):
+        ServingClient(server.grpc_target, model="other").status()
+
+
+def test_retries_with_backoff_on_unavailable_only(server):
+    raw = _raw(1, 128, 128)
+    server.faults.unavailable = 2
+    calls = server.faults.calls
+    got = ServingClient(server.grpc_target, retries=3, backoff=0.01).predict(raw)
+    assert server.faults.calls - calls == 3 and got["mri"].shape == (1, 128, 128, 20)
+    server.faults.unavailable = 5
+    with pytest.raises(ServerUnavailableError, match=r"after 2 attempt"):
+        ServingClient(server.grpc_target, retries=1, backoff=0.01).predict(raw)
+
+
+def test_server_down(tmp_path):
+    port = _free_port()
+    raw = _raw(1, 128, 128)
+    with pytest.raises(ServerUnavailableError, match=rf"127.0.0.1:{port} after 3 attempt"):
+        ServingClient(f"127.0.0.1:{port}", retries=2, backoff=0.01, timeout=5).predict(raw)
+    with pytest.raises(ServerUnavailableError, match="after 2 attempt"):
+        RestClient(f"127.0.0.1:{port}", retries=1, backoff=0.01, timeout=5).predict(raw)
+    assert not ServingClient(f"127.0.0.1:{port}", retries=0, timeout=5).health()
+
+
+def test_deadline(server):
+    server.faults.delay_s = 1.0
+    with pytest.raises(ServingError, match=r"within 0.2 s"):
+        ServingClient(server.grpc_target, timeout=0.2, retries=0).predict(_raw(1, 128, 128))
+
+
+# === Clear errors for bad input ===
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros(100, np.float32), "expected a 2-D image"),
+    (np.zeros((64, 64, 3), np.float32), "too small"),
+    (np.zeros((1, 64, 64, 3), np.float32), "expected a 2-D image"),
+    (np.full((64, 64), np.nan, np.float32), "NaN"),
+    (np.array([["a"] * 16] * 16), "numeric"),
+    (np.zeros((0, 64, 64), np.float32), "empty"),
+])
+def test_bad_inputs_are_refused_before_sending(server, bad, message):
+    with pytest.raises(InputError, match=message):
+        ServingClient(server.grpc_target).predict(bad)
+
+
+def test_signature_specific_input_checks(server, tmp_path):
+    with pytest.raises(InputError, match="65535"):
+        ServingClient(server.grpc_target, signature="serving_uint16").predict(np.full((32, 32), -1.0))
+    with pytest.raises(InputError, match="integer"):
+        ServingClient(server.grpc_target, signature="serving_uint16").predict(np.full((32, 32), 0.5))
+    with pytest.raises(InputError, match="128x128"):
+        ServingClient(server.grpc_target, signature="predict_normalized").predict(np.zeros((64, 64)))
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        ServingClient(server.grpc_target, signature="predict_normalized").predict(np.full((128, 128), 7.0))
+    with pytest.raises(ConfigError, match="unknown signature"):
+        ServingClient(server.grpc_target, signature="serving")
+    with pytest.raises(InputError, match="missing.dcm"):
+        ServingClient(server.grpc_target).predict(tmp_path / "missing.dcm")
+
+
+def test_server_side_dtype_refusal_maps_to_input_error(server):
+    """A request the server refuses (INVALID_ARGUMENT) becomes an InputError naming it."""
+    client = ServingClient(server.grpc_target)
+    wrong = np.zeros((1, 64, 64, 1), np.uint16)  # serving_default takes float32
+    with pytest.raises(InputError, match="refused the request.*float"):
+        client._predict_chunk(wrong)
+    with pytest.raises(InputError, match="refused"):
+        RestClient(server.rest_url)._request("POST", rq.rest_path("kneetf", None, "predict"),
+                                             {"instances": [[1, 2]], "inputs": [[1, 2]]})
+
+
+# === The one request builder ===
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64, np.int32, np.float16, np.uint8])
+def test_tensor_codec_agrees_with_tensorflow(dtype):
+    x = (np.arange(24).reshape(2, 3, 4, 1) * 3).astype(dtype)
+    proto = rq.tensor_proto(x)
+    np.testing.assert_array_equal(tf.make_ndarray(proto), x)  # TF decodes ours
+    theirs = tf.make_tensor_proto(x)
+    got = rq.to_ndarray(theirs)  # we decode TF's
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(got, x)
+
+
+def test_codec_reads_repeated_fields():
+    compact = tf.make_tensor_proto(1.5, dtype=tf.float32, shape=[2, 3])  # one value, broadcast
+    np.testing.assert_array_equal(rq.to_ndarray(compact), np.full((2, 3), 1.5, np.float32))
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1, 2, 3, 4],
+                                   tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                                       dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=2)] * 2))
+    np.testing.assert_array_equal(rq.to_ndarray(proto), [[1, 2], [3, 4]])
+
+
+def test_request_builders_share_one_layout():
+    batch = rq.as_batch(_raw(2, 64, 80), "serving_default")
+    request = rq.predict_request(batch, "kneetf", 3, "serving_default")
+    assert request.model_spec.version.value == 3 and list(request.output_filter) == list(OUTPUT_KEYS)
+    np.testing.assert_array_equal(tf.make_ndarray(request.inputs["xray"]), batch)
+    body = rq.rest_body(batch, "serving_default", "inputs")
+    np.testing.assert_array_equal(np.asarray(body["inputs"]["xray"], np.float32), batch)
+    rows = rq.rest_body(batch, "serving_default", "instances")["instances"]
+    np.testing.assert_array_equal(np.asarray(rows, np.float32), batch)
+    with pytest.raises(ServingError, match="lacks output"):
+        rq.parse_rest_response({"outputs": {"output_0": [[[[0.0]]]]}})
+    with pytest.raises(ServingError, match="boom"):
+        rq.parse_rest_response({"error": "boom"})
+    resized = rq.as_batch(_raw(1, 300, 200), "serving_default", resize=True)
+    np.testing.assert_array_equal(resized, ops.resize(_raw(1, 300, 200)[..., None], 128).numpy())
+
+
+# === TLS ===
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls(served, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    secure = _server_module().LocalServingServer({"kneetf": served["base"]}, tls=(key, cert)).start()
+    try:
+        raw = _raw(1, 130, 130, seed=8)
+        got = ServingClient(secure.grpc_target, tls=cert).predict(raw)
+        _close(got, _reference(served["model"], raw))
+        got = ServingClient(f"localhost:{secure.grpc_port}", tls={"root_certificates": cert}).predict(raw)
+        _close(got, _reference(served["model"], raw))
+        with pytest.raises(ServerUnavailableError):  # plaintext client, TLS server
+            ServingClient(secure.grpc_target, retries=0, timeout=5).predict(raw)
+        with pytest.raises(InputError, match="nope.pem"):
+            ServingClient(secure.grpc_target, tls=tmp_path / "nope.pem")
+    finally:
+        secure.stop()
+
+
+# === CLI ===
+
+def test_cli_client_writes_nifti(served, server, tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    raw = _raw(2, 150, 140, seed=9)
+    np.save(tmp_path / "a.npy", raw[0])
+    np.save(tmp_path / "b.npy", raw[1])
+    ref = _reference(served["model"], raw)["mri"]  # (2, 128, 128, 20)
+
+    out = tmp_path / "pred.nii.gz"
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), "--out", str(out)]) == 0
+    data = np.asarray(nib.load(out).dataobj)  # writer stores (col, row, slice)
+    np.testing.assert_allclose(data.transpose(2, 1, 0), ref[0].transpose(2, 0, 1), atol=1e-5)
+
+    folder = tmp_path / "preds"
+    assert main(["client", "--rest", server.rest_url, str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
+                 "--out", str(folder)]) == 0
+    data = np.asarray(nib.load(folder / "b.nii.gz").dataobj)
+    np.testing.assert_allclose(data.transpose(2, 1, 0), ref[1].transpose(2, 0, 1), atol=1e-5)
+    assert "20 slices of 128x128" in capsys.readouterr().out
+
+    assert main(["client", "--server", server.grpc_target, "--status"]) == 0
+    assert "version 1: AVAILABLE" in capsys.readouterr().out
+    assert main(["client", "--server", server.grpc_target, "--model", "nope", "--status"]) == 1
+    assert "does not serve model 'nope'" in capsys.readouterr().err
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
+                 "--out", str(tmp_path / "one.nii.gz")]) == 1
+    assert "use a folder" in capsys.readouterr().err
+
+
+# === serving/ configuration ===
+
+def _proto_classes():
+    """BatchingParameters and MonitoringConfig (not shipped in tensorflow-serving-api),
+    declared here field for field from TF Serving's session_bundle_config.proto and
+    monitoring_config.proto."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    wrappers = descriptor_pb2.FileDescriptorProto()
+    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
+    pool.Add(wrappers)
+    f = descriptor_pb2.FieldDescriptorProto
+    fd = descriptor_pb2.FileDescriptorProto(name="kneetf_serving_test.proto", package="tensorflow.serving",
+                                            dependency=["google/protobuf/wrappers.proto"], syntax="proto3")
+
+    def message(name, fields):
+        m = fd.message_type.add(name=name)
+        for number, (field_name, kind, type_name, label) in enumerate(fields, 1):
+            m.field.add(name=field_name, number=number, type=kind, type_name=type_name, label=label)
+
+    opt, rep = f.LABEL_OPTIONAL, f.LABEL_REPEATED
+    i64 = (f.TYPE_MESSAGE, ".google.protobuf.Int64Value", opt)
+    message("BatchingParameters", [
+        ("max_batch_size", *i64), ("batch_timeout_micros", *i64), ("max_enqueued_batches", *i64),
+        ("num_batch_threads", *i64), ("thread_pool_name", f.TYPE_MESSAGE, ".google.protobuf.StringValue", opt),
+        ("allowed_batch_sizes", f.TYPE_INT64, None, rep), ("pad_variable_length_inputs", f.TYPE_BOOL, None, opt)])
+    message("PrometheusConfig", [("enable", f.TYPE_BOOL, None, opt), ("path", f.TYPE_STRING, None, opt)])
+    message("MonitoringConfig", [("prometheus_config", f.TYPE_MESSAGE, ".tensorflow.serving.PrometheusConfig", opt)])
+    for m in fd.message_type:
+        for field in m.field:
+            if not field.type_name:
+                field.ClearField("type_name")
+    pool.Add(fd)
+    get = message_factory.GetMessageClass
+    return (get(pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")),
+            get(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig")))
+
+
+def test_serving_configs(repo):
+    """The serving/ files parse as the protos TF Serving reads, and agree with each other."""
+    import re
+
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    serving = repo / "serving"
+    config = text_format.Parse((serving / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    (model,) = config.model_config_list.config
+    assert model.name == "kneetf" and model.base_path == "/models/kneetf" and model.model_platform == "tensorflow"
+    assert model.model_version_policy.latest.num_versions == 2
+
+    batching_cls, monitoring_cls = _proto_classes()
+    batching = text_format.Parse((serving / "batching.config").read_text(), batching_cls())
+    sizes = list(batching.allowed_batch_sizes)
+    assert sizes == sorted(sizes) and sizes[-1] == batching.max_batch_size.value  # TF Serving's rule
+    assert not batching.pad_variable_length_inputs
+    assert ServingClient("localhost:1").max_batch <= batching.max_batch_size.value
+    monitoring = text_format.Parse((serving / "monitoring.config").read_text(), monitoring_cls())
+    assert monitoring.prometheus_config.enable
+    assert monitoring.prometheus_config.path == "/monitoring/prometheus/metrics"
+
+    compose = (serving / "docker-compose.yml").read_text()
+    run_sh = (serving / "run.sh").read_text()
+    assert "image: tensorflow/serving:2.21.0" in compose and "tensorflow/serving:2.21.0" in run_sh
+    assert '"8500:8500"' in compose and '"8501:8501"' in compose
+    flags_compose = re.findall(r"^\s+- (--\w+=\S+)", compose, re.M)
+    flags_run = re.findall(r"^\s+(--\w+=\S+)(?: \\)?$", run_sh, re.M)
+    assert flags_compose == flags_run
+    names = {flag.split("=")[0] for flag in flags_compose}
+    assert {"--model_config_file", "--enable_batching", "--batching_parameters_file", "--monitoring_config_file",
+            "--enable_model_warmup"} <= names
+    for flag in flags_compose:  # every referenced config file exists here
+        value = flag.split("=", 1)[1]
+        if value.startswith("/config/"):
+            assert (serving / value.removeprefix("/config/")).is_file(), flag
+
+
+def test_cli_modules_import_no_tensorflow():
+    """`kneetf client/export --help` stay fast: no TF, Keras or grpc at import time."""
+    code = ("import sys, kneetf.cli.client, kneetf.cli.export, kneetf.export, kneetf.client; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'grpc') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
