@@ -41,10 +41,16 @@ class ModelConfig:
     generator_strides: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) + ((2, 2, 2),) * 6
     head_filters: int = 8
     leaky_slope: float = 0.2
+    # Keras' default 0.99 needs thousands of steps before the moving statistics used at
+    # inference match the batches; small datasets (a few hundred pairs) want ~0.9.
+    bn_momentum: float = 0.99
     # "paper": the last 1-channel block keeps BN + activation as in the text;
     # "sigmoid"/"linear": a plain conv with that activation (no BN on the output).
     xray_output: str = "sigmoid"
     mri_output: str = "sigmoid"
+    # The paper puts BN + ReLU after the 1-channel last Conv3DTranspose too; False makes that
+    # layer a plain linear conv (BN + ReLU on one channel discard half the volume's signal).
+    generator_last_bn_act: bool = True
     # Learn the residual to a template volume (the mean training MRI) instead of the
     # volume itself; the template is a non-trainable weight set from the data.
     residual_template: bool = False
@@ -125,7 +131,8 @@ class TrainConfig:
     lr_generator: float = 1e-4
     loss_weights: tuple[float, float] = (1.0, 1.0)  # (xray_recon, mri)
     seed: int = 0
-    augment: bool = False
+    augment: float = 0.0  # strength of the X-ray intensity augmentation (0 = off)
+    lr_schedule: str = "constant"  # or "cosine": decay both rates to 0 over the epochs
     early_stopping_patience: int = 0  # 0 = off
     time_budget_s: float = 0.0  # 0 = no limit; stop after the epoch that passes it
 
@@ -136,6 +143,8 @@ class TrainConfig:
         for name in ("lr_encdec", "lr_generator"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0. Received: {name}={getattr(self, name)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine'. Received: {self.lr_schedule!r}")
         if len(self.loss_weights) != 2 or min(self.loss_weights) < 0 or max(self.loss_weights) <= 0:
             raise ConfigError("loss_weights must be two non-negative numbers (xray_recon, mri), not both 0. "
                               f"Received: loss_weights={self.loss_weights}")

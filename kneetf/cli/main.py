@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -51,6 +52,7 @@ def _command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
 
 def run_command(name: str, argv: Sequence[str]) -> int:
     """Parse `argv` for subcommand `name` and run it, mapping errors to exit codes."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     parser, module = _command_parser(name)
     args = parser.parse_args(list(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

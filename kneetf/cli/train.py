@@ -10,6 +10,8 @@ HELP = "train KneeNet (default: the compact preset on built-in synthetic knees)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="compact", help="model preset: paper, compact (default), tiny")
+    p.add_argument("--recipe", default="default",
+                   help="training recipe: default, or paper (the paper's recipe as written)")
     p.add_argument("--data", default=None,
                    help="a cache folder (from `kneetf prepare`) or a manifest CSV; default: built-in synthetic knees")
     p.add_argument("--synthetic-n", type=int, default=256, help="number of synthetic knees (default 256)")
@@ -19,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-generator", type=float, default=None, help="Adam rate of the generator (default 1e-4)")
     p.add_argument("--loss-weights", default=None, metavar="XRAY,MRI",
                    help="weights of the X-ray and MRI MSE terms (default 1,1)")
+    p.add_argument("--augment", type=float, default=None, metavar="STRENGTH",
+                   help="X-ray intensity augmentation strength (0 = off; default: the recipe's)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+                   help="learning-rate schedule (default: the recipe's)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="stop after the epoch that passes this much training time")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, init, synthetic set)")
@@ -51,6 +57,7 @@ def _loss_weights(text: str) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     from kneetf.config import TrainConfig, replace
     from kneetf.presets import get_preset
+    from kneetf.training.recipes import get_recipe
     from pathlib import Path
 
     from kneetf.errors import ConfigError
@@ -59,16 +66,18 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not (Path(args.out) / "backup").exists():
         raise ConfigError(f"--resume: {args.out} holds no run to resume (no backup/ folder)")
 
-    model_config = get_preset(args.preset)
+    model_config, train_config = get_recipe(args.recipe).apply(get_preset(args.preset), TrainConfig(seed=args.seed))
     overrides = {k: v for k, v in {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr_encdec": args.lr_encdec,
         "lr_generator": args.lr_generator, "time_budget_s": args.budget,
         "loss_weights": _loss_weights(args.loss_weights) if args.loss_weights else None,
+        "augment": args.augment, "lr_schedule": args.lr_schedule,
     }.items() if v is not None}
-    train_config = replace(TrainConfig(seed=args.seed), **overrides)
+    train_config = replace(train_config, **overrides)
     data = DataSpec(path=args.data, synthetic_n=args.synthetic_n, synthetic_seed=args.seed, workers=args.workers)
     options = RunOptions(strategy=args.strategy, precision=args.precision, jit=args.jit, fresh=args.fresh)
-    metrics = train(model_config, train_config, args.out, data=data, preset=args.preset, options=options)
+    metrics = train(model_config, train_config, args.out, data=data, preset=args.preset, options=options,
+                    recipe=args.recipe)
     if not metrics.get("chief", True):
         return 0
     m, b = metrics["model"], metrics["mean_baseline"]

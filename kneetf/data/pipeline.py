@@ -29,14 +29,29 @@ def split_size(cache_dir: str | Path, split: str) -> int:
     return int(read_info(cache_dir)["counts"].get(split, 0))
 
 
+def augment_xray(xray: tf.Tensor, strength: float = 1.0) -> tf.Tensor:
+    """Intensity augmentation of one normalised X-ray (H, W, 1): random gamma, contrast,
+    brightness and noise. Geometry is untouched, so the X-ray / MRI pair stays consistent."""
+    s = float(strength)
+    gamma = tf.exp(tf.random.uniform([], -0.25 * s, 0.25 * s))
+    x = tf.pow(tf.clip_by_value(xray, 1e-6, 1.0), gamma)
+    contrast = tf.random.uniform([], 1.0 - 0.15 * s, 1.0 + 0.15 * s)
+    mean = tf.reduce_mean(x)
+    x = (x - mean) * contrast + mean + tf.random.uniform([], -0.05 * s, 0.05 * s)
+    x = x + tf.random.normal(tf.shape(x), stddev=tf.random.uniform([], 0.0, 0.02 * s))
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
 def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 32, *,
                  shuffle: bool = False, repeat: bool = False, seed: int = 0,
                  drop_remainder: bool = False, with_meta: bool = False,
-                 shuffle_buffer: int = 256) -> tf.data.Dataset:
+                 shuffle_buffer: int = 256, augment: float = 0.0) -> tf.data.Dataset:
     """Batches of `(xray, {"xray_recon": xray, "mri": mri})` from the cache's `split`.
 
     With `with_meta=True` the elements are the parsed feature dicts (id, side, box, ...).
     Sharding under a tf.distribute strategy is by data (each worker sees every file).
+    `augment` > 0 applies `augment_xray` with that strength to the input X-ray only; the
+    reconstruction target stays the clean X-ray (a denoising auto-encoder).
     """
     info = read_info(cache_dir)
     size, slices = info["shapes"]["mri"][0], info["shapes"]["mri"][2]
@@ -56,7 +71,11 @@ def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 
     ds = ds.map(lambda s: parse_example(s, size, slices), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=not shuffle)
     if not with_meta:
-        ds = ds.map(lambda ex: (ex["xray"], {"xray_recon": ex["xray"], "mri": ex["mri"]}))
+        if augment:
+            ds = ds.map(lambda ex: (augment_xray(ex["xray"], augment), {"xray_recon": ex["xray"], "mri": ex["mri"]}),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            ds = ds.map(lambda ex: (ex["xray"], {"xray_recon": ex["xray"], "mri": ex["mri"]}))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

@@ -22,6 +22,7 @@ def conv_block(
     activation: str = "leaky_relu",
     leaky_slope: float = 0.2,
     batch_norm: bool = True,
+    bn_momentum: float = 0.99,
     dtype_policy: str | None = None,
 ) -> keras.KerasTensor:
     """Conv (or transposed conv) -> BatchNorm -> activation, the paper's block.
@@ -34,7 +35,7 @@ def conv_block(
     x = conv_cls(filters, kernel, strides=strides, padding="same", name=f"{name}_{'deconv' if transpose else 'conv'}",
                  dtype=out_dtype)(x)
     if batch_norm:
-        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
     if activation == "leaky_relu":
         x = layers.LeakyReLU(negative_slope=leaky_slope, name=f"{name}_lrelu")(x)
     elif activation == "relu":

@@ -46,7 +46,7 @@ def build_encoder(cfg: ModelConfig) -> keras.Model:
     x = xray
     for i, f in enumerate(cfg.encoder_filters, 1):
         x = conv_block(x, f, cfg.encoder_kernel, cfg.encoder_stride, name=f"encoder_block{i}",
-                       leaky_slope=cfg.leaky_slope)
+                       leaky_slope=cfg.leaky_slope, bn_momentum=cfg.bn_momentum)
     return keras.Model(xray, x, name="encoder")
 
 
@@ -59,7 +59,7 @@ def build_decoder(cfg: ModelConfig) -> keras.Model:
         last = i == n and cfg.xray_output != "paper"
         x = conv_block(x, f, cfg.decoder_kernel, s, name=f"decoder_block{i}", transpose=True,
                        activation=cfg.xray_output if last else "leaky_relu", batch_norm=not last,
-                       leaky_slope=cfg.leaky_slope)
+                       leaky_slope=cfg.leaky_slope, bn_momentum=cfg.bn_momentum)
     if cfg.xray_output == "paper":
         x = layers.Activation("linear", dtype="float32", name="decoder_output")(x)
     return keras.Model(latent, x, name="decoder")
@@ -70,12 +70,15 @@ def build_generator(cfg: ModelConfig) -> keras.Model:
     channels -> 1x1 conv (8) -> BN -> ReLU -> 1x1 conv -> `num_slices` slices."""
     latent = keras.Input(cfg.latent_shape, name="latent")
     x = layers.Reshape(cfg.generator_reshape, name="generator_reshape")(latent)
+    n = len(cfg.generator_filters)
     for i, (f, s) in enumerate(zip(cfg.generator_filters, cfg.generator_strides), 1):
+        plain = i == n and not cfg.generator_last_bn_act
         x = conv_block(x, f, cfg.generator_kernel, s, name=f"generator_block{i}", dims=3, transpose=True,
-                       activation="relu")
+                       activation="linear" if plain else "relu", batch_norm=not plain, bn_momentum=cfg.bn_momentum)
     h, w, d = cfg.generator_output_shape
     x = layers.Reshape((h, w, d * cfg.generator_filters[-1]), name="generator_depth_to_channels")(x)
-    x = conv_block(x, cfg.head_filters, 1, 1, name="generator_head1", activation="relu")
+    x = conv_block(x, cfg.head_filters, 1, 1, name="generator_head1", activation="relu",
+                   bn_momentum=cfg.bn_momentum)
     if cfg.residual_template:
         x = conv_block(x, cfg.num_slices, 1, 1, name="generator_head2", activation="linear", batch_norm=False)
         x = TemplateResidual(space="logit" if cfg.mri_output == "sigmoid" else "linear",

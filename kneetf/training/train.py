@@ -111,7 +111,7 @@ def _best_val_loss(history: Path) -> float | None:
 
 def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | Path, *,
           data: DataSpec | None = None, preprocess: PreprocessConfig | None = None, preset: str = "",
-          options: RunOptions | None = None, verbose: int | str = "auto") -> dict[str, Any]:
+          options: RunOptions | None = None, recipe: str = "", verbose: int | str = "auto") -> dict[str, Any]:
     """Train KneeNet and write the run folder; returns the validation metrics dict.
 
     Started again on the same `out_dir`, it resumes from the last completed epoch (optimizer
@@ -155,7 +155,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
         log.warning("no validation split in %s: validating on the training split", cache)
     data_s = time.monotonic() - t0
 
-    blob = {"kneetf_version": __version__, "preset": preset, "model": to_dict(model_config),
+    blob = {"kneetf_version": __version__, "preset": preset, "recipe": recipe, "model": to_dict(model_config),
             "train": to_dict(train_config), "preprocess": info["preprocess"],
             "data": info.get("source") or str(cache), "run": {"strategy": options.strategy,
                                                              "precision": options.precision, "jit": options.jit}}
@@ -170,15 +170,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
             model = KneeNet(model_config)
             if model_config.residual_template:
                 model.set_template(_mean_volume(cache, "train", train_config.batch_size))
-            model.compile_for_training(train_config, jit_compile=options.jit,
-                                       steps_per_execution=options.steps_per_execution)
+            model.compile_for_training(train_config, learning_rate=_learning_rate(train_config, n_train),
+                                       jit_compile=options.jit, steps_per_execution=options.steps_per_execution)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
     replicas = strategy.num_replicas_in_sync
     steps = max(1, n_train // train_config.batch_size) if replicas > 1 else None
     train_ds = make_dataset(cache, "train", train_config.batch_size, shuffle=True, seed=train_config.seed,
-                            repeat=replicas > 1, drop_remainder=replicas > 1)
+                            repeat=replicas > 1, drop_remainder=replicas > 1, augment=train_config.augment)
     val_ds = make_dataset(cache, val_split, train_config.batch_size, drop_remainder=replicas > 1 and
                           split_size(cache, val_split) >= train_config.batch_size)
     sample = load_arrays(cache, val_split, limit=8)
@@ -224,6 +224,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2))
     _write_samples(best, load_arrays(cache, val_split, limit=4), out / "samples.png")
     return metrics
+
+
+def _learning_rate(train_config: TrainConfig, n_train: int) -> Any:
+    """The encoder/decoder rate or schedule (the generator follows it at its own ratio)."""
+    import keras
+
+    if train_config.lr_schedule == "cosine":
+        steps = max(1, -(-n_train // train_config.batch_size)) * train_config.epochs
+        return keras.optimizers.schedules.CosineDecay(train_config.lr_encdec, decay_steps=steps, alpha=0.02)
+    return train_config.lr_encdec
 
 
 def _as_float32(model: Any) -> Any:

@@ -1,0 +1,50 @@
+"""Training recipes: named sets of model and training overrides on top of a preset.
+
+`paper` is the paper's recipe as written (linear / BN+activation outputs, MSE, Adam 1e-3 for
+encoder+decoder and 1e-4 for the generator, batch 32). `default` is what `kneetf-train` does
+with no options; each of its departures from `paper` is a named option whose effect was
+measured with `kneetf evaluate` (README, "Making the X-ray count").
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from kneetf.config import ModelConfig, TrainConfig, replace
+from kneetf.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, model_config: ModelConfig, train_config: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+        return replace(model_config, **self.model), replace(train_config, **self.train)
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(
+        "paper", "the paper's recipe: MSE, Adam 1e-3 / 1e-4, outputs as in the text",
+        model={"xray_output": "paper", "mri_output": "paper", "residual_template": False},
+        train={"lr_encdec": 1e-3, "lr_generator": 1e-4, "augment": 0.0, "lr_schedule": "constant"},
+    ),
+    "default": Recipe(
+        "default", "residual to the mean training volume, generator at 1e-3, X-ray augmentation, cosine decay",
+        model={"residual_template": True, "mri_output": "sigmoid", "xray_output": "sigmoid"},
+        train={"lr_encdec": 1e-3, "lr_generator": 1e-3, "augment": 1.0, "lr_schedule": "cosine"},
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called `name`, with a did-you-mean error for unknown names."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), RECIPES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)}.{hint}") from None
