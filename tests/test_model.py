@@ -165,6 +165,10 @@ def test_residual_template_is_saved(tmp_path) -> None:
     model = KneeNet.from_preset("tiny", residual_template=True)
     template = np.random.rand(128, 128, 20).astype("float32") * 0.8 + 0.1
     model.set_template(template)
+    x = np.random.rand(2, 128, 128, 1).astype("float32")
+    # the residual head starts at zero: an untrained model predicts the template, in both modes
+    np.testing.assert_allclose(model.predict(x, verbose=0)["mri"][0], template, atol=1e-5)
+    np.testing.assert_allclose(model(x, training=True)["mri"].numpy()[1], template, atol=1e-5)
     path = tmp_path / "r.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)

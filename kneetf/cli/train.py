@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training recipe: default, or paper (the paper's recipe as written)")
     p.add_argument("--data", default=None,
                    help="a cache folder (from `kneetf prepare`) or a manifest CSV; default: built-in synthetic knees")
-    p.add_argument("--synthetic-n", type=int, default=256, help="number of synthetic knees (default 256)")
+    p.add_argument("--synthetic-n", type=int, default=512, help="number of synthetic knees (default 512)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 32)")
     p.add_argument("--lr-encdec", type=float, default=None, help="Adam rate of encoder+decoder (default 1e-3)")
@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
                    help="learning-rate schedule (default: the recipe's)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="stop after the epoch that passes this much training time")
+                   help="stop after the epoch that passes this much training time (default: the recipe's; "
+                        "0 = no limit)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, init, synthetic set)")
     p.add_argument("--workers", type=int, default=2, help="processes that decode / generate data")
     p.add_argument("--out", default="runs/train",

@@ -23,6 +23,7 @@ def conv_block(
     leaky_slope: float = 0.2,
     batch_norm: bool = True,
     bn_momentum: float = 0.99,
+    kernel_initializer: str = "glorot_uniform",
     dtype_policy: str | None = None,
 ) -> keras.KerasTensor:
     """Conv (or transposed conv) -> BatchNorm -> activation, the paper's block.
@@ -33,7 +34,7 @@ def conv_block(
     conv_cls = _CONV[(dims, transpose)]
     out_dtype = "float32" if activation in ("sigmoid", "linear") and not batch_norm else dtype_policy
     x = conv_cls(filters, kernel, strides=strides, padding="same", name=f"{name}_{'deconv' if transpose else 'conv'}",
-                 dtype=out_dtype)(x)
+                 kernel_initializer=kernel_initializer, dtype=out_dtype)(x)
     if batch_norm:
         x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
     if activation == "leaky_relu":

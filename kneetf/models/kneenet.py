@@ -80,7 +80,10 @@ def build_generator(cfg: ModelConfig) -> keras.Model:
     x = conv_block(x, cfg.head_filters, 1, 1, name="generator_head1", activation="relu",
                    bn_momentum=cfg.bn_momentum)
     if cfg.residual_template:
-        x = conv_block(x, cfg.num_slices, 1, 1, name="generator_head2", activation="linear", batch_norm=False)
+        # zero-initialised: the untrained model predicts the template exactly, and learns
+        # only the departures from it that the X-ray explains
+        x = conv_block(x, cfg.num_slices, 1, 1, name="generator_head2", activation="linear", batch_norm=False,
+                       kernel_initializer="zeros")
         x = TemplateResidual(space="logit" if cfg.mri_output == "sigmoid" else "linear",
                              name="generator_template")(x)
     else:

@@ -34,7 +34,7 @@ class DataSpec:
     the built-in synthetic knees."""
 
     path: str | None = None
-    synthetic_n: int = 256
+    synthetic_n: int = 512
     synthetic_seed: int = 0
     workers: int = 2
 
