@@ -58,8 +58,8 @@ def test_bad_arguments_get_a_message_not_a_traceback(capsys: pytest.CaptureFixtu
 @pytest.mark.slow
 def test_train_writes_a_complete_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache = make_cache(tmp_path / "cache")
-    rc = main(["train", "--preset", "tiny", "--data", str(cache), "--epochs", "3", "--batch-size", "4",
-               "--out", str(tmp_path / "run")])
+    rc = main(["train", "--preset", "tiny", "--recipe", "paper", "--data", str(cache), "--epochs", "3",
+               "--batch-size", "4", "--out", str(tmp_path / "run")])
     assert rc == 0
     run = tmp_path / "run"
     for name in ("model.keras", "config.json", "history.csv", "metrics.json", "samples.png"):

@@ -85,7 +85,7 @@ def build_generator(cfg: ModelConfig) -> keras.Model:
         x = conv_block(x, cfg.num_slices, 1, 1, name="generator_head2", activation="linear", batch_norm=False,
                        kernel_initializer="zeros")
         x = TemplateResidual(space="logit" if cfg.mri_output == "sigmoid" else "linear",
-                             name="generator_template")(x)
+                             name="generator_template", dtype="float32")(x)
     else:
         act = "linear" if cfg.mri_output == "paper" else cfg.mri_output
         x = conv_block(x, cfg.num_slices, 1, 1, name="generator_head2", activation=act, batch_norm=False)
