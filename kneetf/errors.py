@@ -12,6 +12,18 @@ class ConfigError(KneetfError, ValueError):
     """A configuration value, preset name or command-line argument is not valid."""
 
 
+def lookup(registry: dict, name: str, what: str):
+    """`registry[name]`, or a ConfigError listing the names, with a did-you-mean hint."""
+    try:
+        return registry[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(registry), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown {what} {name!r}; available: {', '.join(registry)}.{hint}") from None
+
+
 class InputError(KneetfError, ValueError):
     """An input file or array cannot be used; `path` says which one, `reason` why."""
 

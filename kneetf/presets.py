@@ -6,10 +6,8 @@
 """
 from __future__ import annotations
 
-import difflib
-
 from kneetf.config import ModelConfig, replace
-from kneetf.errors import ConfigError
+from kneetf.errors import ConfigError, lookup
 
 #: The paper's reading (DESIGN.md): widths 32..1024, 128^3 generator, BN + activation
 #: kept on the 1-channel output layers, linear 1x1 MRI head. About 112M parameters.
@@ -64,12 +62,7 @@ def describe_presets() -> dict[str, str]:
 
 def get_preset(name: str) -> ModelConfig:
     """The config registered as `name`; unknown names get a did-you-mean error."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(_REGISTRY)}.{hint}") from None
+    return lookup(_REGISTRY, name, "preset")
 
 
 register_preset("paper", PAPER, "the paper's widths (32..1024) and 128^3 generator, ~112M parameters")

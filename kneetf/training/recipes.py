@@ -7,12 +7,11 @@ measured with `kneetf evaluate` (README, "Making the X-ray count").
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
 from kneetf.config import ModelConfig, TrainConfig, replace
-from kneetf.errors import ConfigError
+from kneetf.errors import lookup
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,4 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
     """The recipe called `name`, with a did-you-mean error for unknown names."""
-    try:
-        return RECIPES[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), RECIPES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)}.{hint}") from None
+    return lookup(RECIPES, name, "recipe")
