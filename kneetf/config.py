@@ -134,7 +134,9 @@ class TrainConfig:
     augment: float = 0.0  # strength of the X-ray intensity augmentation (0 = off)
     lr_schedule: str = "constant"  # or "cosine": decay both rates to 0 over the epochs
     early_stopping_patience: int = 0  # 0 = off
-    time_budget_s: float = 0.0  # 0 = no limit; stop after the epoch that passes it
+    # 0 = no limit; else stop after the epoch that ends this long after the run started
+    # (data preparation included)
+    time_budget_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):

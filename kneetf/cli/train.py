@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
                    help="learning-rate schedule (default: the recipe's)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="stop after the epoch that passes this much training time (default: the recipe's; "
-                        "0 = no limit)")
+                   help="stop after the epoch that ends this long after the start, data preparation "
+                        "included (default: the recipe's, 500 s; 0 = no limit)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, init, synthetic set)")
     p.add_argument("--workers", type=int, default=2, help="processes that decode / generate data")
     p.add_argument("--out", default="runs/train",

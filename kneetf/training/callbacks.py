@@ -58,15 +58,17 @@ class ImageSummary(keras.callbacks.Callback):
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stops training after the epoch during which `seconds` of training have passed."""
+    """Stops training after the epoch during which `seconds` have passed since `start`
+    (a `time.monotonic()` value; by default when training begins)."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, start: float | None = None):
         super().__init__()
         self.seconds = seconds
-        self.start = 0.0
+        self.start = start
 
     def on_train_begin(self, logs: Any = None) -> None:
-        self.start = time.monotonic()
+        if self.start is None:
+            self.start = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self.seconds and time.monotonic() - self.start > self.seconds:

@@ -201,8 +201,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     if train_config.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(patience=train_config.early_stopping_patience,
                                                        restore_best_weights=True))
-    if train_config.time_budget_s:
-        callbacks.append(TimeBudget(train_config.time_budget_s))
+    if train_config.time_budget_s:  # counted from the start of the run, data preparation included
+        callbacks.append(TimeBudget(train_config.time_budget_s, start=t0))
     t1 = time.monotonic()
     model.fit(train_ds, validation_data=val_ds, epochs=train_config.epochs, steps_per_epoch=steps,
               callbacks=callbacks, verbose=verbose)
