@@ -66,10 +66,8 @@ def test_paper_shapes_and_size(paper: KneeNet) -> None:
 
 
 def test_compact_matches_perf_spec(repo) -> None:
-    """The compact preset is the network of shared/perf/spec.py (so the torch twin is the same)."""
-    spec_path = repo.parent / "shared" / "perf" / "spec.py"
-    if not spec_path.exists():
-        pytest.skip("shared/perf/spec.py not present")
+    """The compact preset is the network of tools/perf/spec.py (so the torch twin is the same)."""
+    spec_path = repo / "tools" / "perf" / "spec.py"
     ns: dict = {}
     exec(spec_path.read_text(), ns)
     spec = ns["PRESETS"]["compact"]

@@ -62,14 +62,15 @@ def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
         ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), block_length=1,
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+                           num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     else:  # evaluation order = cache order (split order of the manifest)
         ds = ds.flat_map(tf.data.TFRecordDataset)
     if repeat:
         ds = ds.repeat()
-    ds = ds.map(lambda s: parse_example(s, size, slices), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=not shuffle)
+    # ordered maps: the same seed gives the same batches, and every worker of a multi-worker
+    # run sees the same stream before DATA sharding (else a sample could land in two replicas)
+    ds = ds.map(lambda s: parse_example(s, size, slices), num_parallel_calls=tf.data.AUTOTUNE)
     if not with_meta:
         if augment:
             ds = ds.map(lambda ex: (augment_xray(ex["xray"], augment), {"xray_recon": ex["xray"], "mri": ex["mri"]}),
@@ -77,6 +78,12 @@ def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 
         else:
             ds = ds.map(lambda ex: (ex["xray"], {"xray_recon": ex["xray"], "mri": ex["mri"]}))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if not repeat:
+        # a known length: otherwise Keras 3 runs one empty step per epoch, counted in
+        # optimizer.iterations (so in the schedule) and in the per-output loss means
+        n = int(info["counts"].get(split, 0))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(n // batch_size if drop_remainder
+                                                             else -(-n // batch_size)))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = ds.with_options(options)

@@ -45,7 +45,9 @@ class ImageSummary(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if epoch % self.every and epoch != self.params.get("epochs", 0) - 1:
             return
-        pred = self.model.predict(self.xray, verbose=0)
+        # a direct call, not predict(): under MultiWorkerMirroredStrategy predict() is a
+        # collective, and this callback runs on the chief only
+        pred = {k: keras.ops.convert_to_numpy(v) for k, v in self.model(self.xray, training=False).items()}
         n = self.mri.shape[-1]
         slices = (0, n // 4, n // 2, 3 * n // 4, n - 1)
         with self.writer.as_default():

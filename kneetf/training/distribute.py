@@ -27,6 +27,7 @@ def make_strategy(name: str = "auto") -> Any:
         if not os.environ.get("TF_CONFIG"):
             raise ConfigError("--strategy multiworker needs the TF_CONFIG environment variable "
                               "(cluster and task of this worker); see README 'Several machines'")
+        _fix_keras_multiworker()
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored":
@@ -36,6 +37,46 @@ def make_strategy(name: str = "auto") -> Any:
     if name == "one-device":
         return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     return tf.distribute.get_strategy()
+
+
+def _fix_keras_multiworker() -> None:
+    """Keras 3 (3.15) `fit` under MultiWorkerMirroredStrategy with several workers fails twice
+    (keras-team/keras#20585): it builds the model from the first batch reduced with
+    `strategy.reduce(MEAN, nest)`, which collective all-reduce cannot do, and reduces each
+    step's scalar logs with `axis=0`. Build from this worker's own values (only shapes matter
+    there) and reduce scalars with axis=None. Patched once per process; remove when Keras
+    fixes the issue."""
+    import tensorflow as tf
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    if getattr(tf_trainer, "_kneetf_multiworker_fix", False):
+        return
+    reduce_per_replica = tf_trainer.reduce_per_replica
+
+    def _maybe_symbolic_build(self: Any, iterator: Any = None, data_batch: Any = None) -> None:
+        if self._distribute_strategy is None:
+            return
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tree.map_structure(
+                    lambda v: self.distribute_strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
+                break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    def _reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            def mean(v: Any) -> Any:
+                rank = strategy.experimental_local_results(v)[0].shape.rank
+                return strategy.reduce("MEAN", v, axis=None if rank == 0 else 0)
+            return tree.map_structure(mean, values)
+        return reduce_per_replica(values, strategy, reduction)
+
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+    tf_trainer.reduce_per_replica = _reduce_per_replica
+    tf_trainer._kneetf_multiworker_fix = True
 
 
 def is_chief() -> bool:

@@ -185,11 +185,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     resumed = (work / "backup").exists()
     callbacks: list[keras.callbacks.Callback] = [
         LearningRateLogger(),
-        keras.callbacks.BackupAndRestore(str(work / "backup"), double_checkpoint=True, delete_checkpoint=False),
+        # history first: a kill between the two writes then repeats an epoch, never loses a row
+        keras.callbacks.CSVLogger(str(work / HISTORY_FILE), append=resumed),
         keras.callbacks.ModelCheckpoint(str(work / MODEL_FILE), monitor="val_loss", save_best_only=True,
                                         initial_value_threshold=_best_val_loss(work / HISTORY_FILE) if resumed
                                         else None),
-        keras.callbacks.CSVLogger(str(work / HISTORY_FILE), append=resumed),
+        keras.callbacks.BackupAndRestore(str(work / "backup"), double_checkpoint=True, delete_checkpoint=False),
         keras.callbacks.TerminateOnNaN(),
     ]
     if chief:

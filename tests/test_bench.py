@@ -1,0 +1,87 @@
+"""tools/bench_train.py: our presets against tools/perf/spec.py, FLOPs, option parsing, targets,
+and one real (tiny) measurement."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("kneetf_bench_train", ROOT / "tools" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trainable_params(preset: str) -> int:
+    from kneetf.models.kneenet import KneeNet
+
+    model = KneeNet(preset)
+    return sum(int(v.numpy().size) for v in model.trainable_weights)
+
+
+def test_compact_and_paper_presets_are_the_twins_networks(bench) -> None:
+    for preset in ("compact", "paper"):
+        diffs, notes = bench.spec_differences(preset)
+        assert diffs == [], diffs
+    # compact's output layers are element-wise choices (no FLOPs), named in the notes
+    assert any("sigmoid" in n for n in bench.spec_differences("compact")[1])
+    assert bench.spec_differences("paper")[1] == []
+    assert bench.spec_differences("tiny")[0]  # no twin for the test preset
+
+
+def test_flops_from_our_config_equal_flops_py(bench) -> None:
+    _, flops, _ = bench._perf_modules()
+    ours = bench.flops_summary("compact")
+    ref = flops.summary("compact")
+    assert ours["train_gflop_per_sample"] == pytest.approx(ref["train_gflop_per_sample"])
+    assert ours["train_gflop_per_sample"] == pytest.approx(0.577, abs=1e-3)  # tools/perf/README.md
+
+
+def test_parameter_counts_match_the_analytic_count(bench) -> None:
+    # an independent check of the architecture: Keras' count against flops.py's formula.
+    # compact's 1-channel X-ray output has no BatchNorm (2 parameters fewer than the twin)
+    assert _trainable_params("compact") == bench.flops_summary("compact")["trainable_params"] - 2
+    assert _trainable_params("tiny") == bench.flops_summary("tiny")["trainable_params"] - 2
+
+
+def test_batches_per_preset(bench) -> None:
+    out = bench.parse_batches(["paper=1,4", "compact=16"], ["paper", "compact"], bench.DEFAULT_TRAIN_BATCHES)
+    assert out == {"paper": [1, 4], "compact": [16]}
+    assert bench.parse_batches(["2"], ["paper", "tiny"], {}) == {"paper": [2], "tiny": [2]}
+    assert bench.parse_batches(None, ["paper"], bench.DEFAULT_TRAIN_BATCHES) == {"paper": [2, 4]}
+
+
+def test_targets_read_the_right_rows(bench) -> None:
+    row = lambda preset, mode, batch, step, frac, speedup: dict(  # noqa: E731
+        preset=preset, mode=mode, batch=batch, speedup=speedup, tf=dict(step_s=step, peak_frac=frac))
+    t = bench.targets([row("paper", "train", 4, 2.0, 0.45, 1.6), row("compact", "train", 32, 0.3, 0.1, 1.2),
+                       row("paper", "infer", 1, 0.25, 0.2, None), row("paper", "train", 2, 9.0, 0.1, 0.5)])
+    assert t["paper_train_b4_speedup"] == {"value": 1.6, "target": 1.5, "met": True}
+    assert t["paper_train_b4_peak_frac"]["met"] is True
+    assert t["compact_train_b32_speedup"]["met"] is False
+    assert t["paper_infer_b1_s"] == {"value": 0.25, "target": 0.2, "met": False}
+
+
+@pytest.mark.slow
+def test_one_tf_training_measurement(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py"), "--worker", "tf", "--preset", "tiny",
+                        "--mode", "train", "--batch", "2", "--steps", "3", "--warmup", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    r = json.loads(line[len("RESULT "):])
+    assert r["preset"] == "tiny" and r["batch"] == 2 and len(r["step_s_all"]) == 3
+    assert min(r["step_s_all"]) == r["step_s_min"] > 0
+    assert sorted(r["step_s_all"])[1] == r["step_s_median"]
+    assert r["first_step_s"] > r["step_s_median"]  # the first step traces the graph
+    assert r["last_value"] == r["last_value"] and r["last_value"] > 0  # a real, finite loss
+    assert r["peak_rss_mib"] >= r["rss_after_build_mib"] > 0
