@@ -4,29 +4,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kneetf.config import PreprocessConfig, to_dict
 
-#: Pasted into README.md as is; this test runs exactly this text.
-README_EXAMPLE = textwrap.dedent('''
-    import numpy as np
-    import kneetf
-
-    # The Keras model: normalised X-rays (B, 128, 128, 1) in [0, 1] -> {"xray_recon", "mri"}
-    model = kneetf.load_model("runs/compact")            # a run folder or a .keras file
-    out = model.predict(np.zeros((2, 128, 128, 1), "float32"), verbose=0)
-    print(out["mri"].shape)                              # (2, 128, 128, 20): slices last
-
-    # End to end: X-ray file -> knee ROI -> preprocessing -> model -> volume
-    rec = kneetf.Reconstructor.load("runs/compact")      # roi="boxes.csv" or roi="roi.keras" to choose the ROI
-    r = rec.predict("knee.dcm")                          # DICOM, PNG/TIFF/JPEG or .npy; or a 2-D array
-    print(r.id, r.volume.shape, r.spacing)               # knee (20, 128, 128) (0.7, 1.09375, 1.09375)
-    r.save("knee_mri.nii.gz")                            # NIfTI in the normalised [0, 1] space, affine r.affine
-''').strip()
+def readme_example() -> str:
+    """The first Python block of README.md's "Python API" section: the test runs exactly it."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Python API"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def _knee_image(seed: int = 0) -> np.ndarray:
@@ -54,11 +43,11 @@ def test_readme_example_runs_verbatim(tmp_path, model_dir):
     from kneetf.io.writers import write_dicom_xray
 
     # the test's working folder is tmp_path (conftest): the example's relative paths land there
-    shutil.copytree(model_dir, tmp_path / "runs" / "compact")
+    shutil.copytree(model_dir, tmp_path / "runs" / "train")
     write_dicom_xray(tmp_path / "knee.dcm", _knee_image(), laterality="R")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        exec(compile(README_EXAMPLE, "README.md", "exec"), {})
+        exec(compile(readme_example(), "README.md", "exec"), {})
     lines = buf.getvalue().splitlines()
     assert lines[0] == "(2, 128, 128, 20)"
     assert lines[1] == "knee (20, 128, 128) (0.7, 1.09375, 1.09375)"

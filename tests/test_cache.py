@@ -117,3 +117,20 @@ def test_not_a_cache_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown split"):
         make_dataset(tmp_path / "c", "dev")
     json.loads((tmp_path / "c" / "dataset.json").read_text())
+
+
+def test_atomic_writes_have_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from kneetf.io.atomic import atomic_path, write_text_atomic
+
+    umask = os.umask(0o022)
+    try:
+        f = write_text_atomic(tmp_path / "a.txt", "x")
+        with atomic_path(tmp_path / "d", directory=True) as d:
+            (d / "inner").write_text("y")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"prepared {result.total} pair(s) into {result.out_dir} ({counts}); "
           f"{result.skipped_shards} shard(s) were already complete")
     if result.errors:
-        print(f"skipped {len(result.errors)} input(s); see {result.out_dir / 'errors.csv'}:")
+        print(f"{len(result.errors)} problem(s) with the inputs; those pairs were skipped "
+              f"(see {result.out_dir / 'errors.csv'}):")
         for e in result.errors[:20]:
             print(f"  {e.get('id') or '-'}: {e.get('file')}: {e.get('reason')}")
         if len(result.errors) > 20:

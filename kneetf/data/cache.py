@@ -120,7 +120,8 @@ def shard_plan(tasks: Sequence[CacheTask], shard_size: int) -> list[tuple[str, l
 def _fingerprint(chunk: Sequence[CacheTask], prep_hash: str) -> str:
     h = hashlib.sha256(prep_hash.encode())
     for t in chunk:
-        h.update(t.id.encode() + b"\0" + repr(t.payload).encode() + b"\n")
+        key = t.payload.cache_key() if hasattr(t.payload, "cache_key") else repr(t.payload)
+        h.update(t.id.encode() + b"\0" + key.encode() + b"\n")
     return h.hexdigest()[:16]
 
 

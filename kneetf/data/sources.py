@@ -4,6 +4,7 @@ worker process and returns a `RawPair` (ROI-cropped X-ray, MRI slice window)."""
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ class FilePayload:
     detector: str | None  # path of a trained ROI detector (.keras); None = classical fallback
     extra: tuple[tuple[str, str], ...] = ()
     preview_dir: str | None = None  # write `<id>.png` with the box drawn (kneetf prepare --roi-preview)
+
+    def cache_key(self) -> str:
+        """What decides the cached pair (the preview folder does not)."""
+        return repr(dataclasses.replace(self, preview_dir=None))
 
 
 _DETECTORS: dict[str, Any] = {}

@@ -31,6 +31,12 @@ def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]
         tmp = Path(name)
     try:
         yield tmp
+        # mkstemp / mkdtemp create private (0600 / 0700) entries; give the result the
+        # permissions a plain open() / mkdir() would (a serving container must read exports)
+        umask = os.umask(0)
+        os.umask(umask)
+        if tmp.exists():
+            os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~umask)
         if directory and final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -37,7 +37,7 @@ RECIPES: dict[str, Recipe] = {
                    "generator at 1e-3, batch 16, X-ray intensity augmentation, cosine decay",
         model={"residual_template": True, "mri_output": "sigmoid", "xray_output": "sigmoid", "bn_momentum": 0.9},
         train={"lr_encdec": 1e-3, "lr_generator": 1e-3, "batch_size": 16, "augment": 1.0,
-               "lr_schedule": "cosine", "epochs": 30, "time_budget_s": 500.0},
+               "lr_schedule": "cosine", "epochs": 40, "time_budget_s": 500.0},
     ),
 }
 
