@@ -16,10 +16,10 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc)
 
-from kneetf.client.request import (ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
+from kneetf.client.request import (init_client_settings, ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
                                    estimate_response_bytes, parse_predict_response, predict_request, split_batches)
 from kneetf.errors import ConfigError, InputError
-from kneetf.export import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_DTYPES
+from kneetf.export import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +75,10 @@ class ServingClient:
                  tls: bool | str | Path | Mapping[str, str | Path] = False, retries: int = 3, *,
                  backoff: float = 0.25, max_backoff: float = 8.0, max_batch: int = 32, resize: bool = True,
                  image_size: int = 128, max_message_mb: int = 256, tls_server_name: str | None = None) -> None:
-        if signature not in SIGNATURE_DTYPES:
-            raise ConfigError(f"unknown signature {signature!r}; choose one of {', '.join(SIGNATURE_DTYPES)}")
-        if timeout <= 0 or retries < 0 or max_batch < 1:
-            raise ConfigError(f"need timeout > 0, retries >= 0, max_batch >= 1. Received: timeout={timeout}, "
-                              f"retries={retries}, max_batch={max_batch}")
+        init_client_settings(self, model=model, version=version, signature=signature, timeout=timeout,
+                             retries=retries, backoff=backoff, max_backoff=max_backoff, max_batch=max_batch,
+                             resize=resize, image_size=image_size)
         self.target = target
-        self.model = model
-        self.version = version
-        self.signature = signature
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        self.max_batch = int(max_batch)
-        self.resize = bool(resize) and signature == SIGNATURE_DEFAULT
-        self.image_size = int(image_size)
         self.max_message_bytes = int(max_message_mb) * 1024 * 1024
         options = [("grpc.max_send_message_length", self.max_message_bytes),
                    ("grpc.max_receive_message_length", self.max_message_bytes)]

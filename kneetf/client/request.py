@@ -266,3 +266,27 @@ __all__ = ["ServingError", "ModelNotFoundError", "ServerUnavailableError", "load
            "estimate_response_bytes", "tensor_proto", "to_ndarray", "predict_request", "parse_predict_response",
            "warmup_record", "rest_path", "rest_body", "parse_rest_response", "SIGNATURE_DEFAULT", "SIGNATURE_UINT16",
            "SIGNATURE_NORMALIZED"]
+
+
+def init_client_settings(client: Any, *, model: str, version: int | None, signature: str, timeout: float,
+                         retries: int, backoff: float, max_backoff: float, max_batch: int, resize: bool,
+                         image_size: int) -> None:
+    """Validate and set the settings the gRPC and REST clients share (one place for both)."""
+    from kneetf.errors import ConfigError
+    from kneetf.export import SIGNATURE_DEFAULT, SIGNATURE_DTYPES
+
+    if signature not in SIGNATURE_DTYPES:
+        raise ConfigError(f"unknown signature {signature!r}; choose one of {', '.join(SIGNATURE_DTYPES)}")
+    if timeout <= 0 or retries < 0 or max_batch < 1:
+        raise ConfigError(f"need timeout > 0, retries >= 0, max_batch >= 1. Received: timeout={timeout}, "
+                          f"retries={retries}, max_batch={max_batch}")
+    client.model = model
+    client.version = version
+    client.signature = signature
+    client.timeout = float(timeout)
+    client.retries = int(retries)
+    client.backoff = float(backoff)
+    client.max_backoff = float(max_backoff)
+    client.max_batch = int(max_batch)
+    client.resize = bool(resize) and signature == SIGNATURE_DEFAULT
+    client.image_size = int(image_size)

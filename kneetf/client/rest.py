@@ -16,10 +16,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from kneetf.client.request import (ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
+from kneetf.client.request import (init_client_settings, ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
                                    parse_rest_response, rest_body, rest_path, split_batches)
 from kneetf.errors import ConfigError, InputError
-from kneetf.export import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_DTYPES
+from kneetf.export import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +41,14 @@ class RestClient:
                  retries: int = 3, *, backoff: float = 0.25, max_backoff: float = 8.0, max_batch: int = 32,
                  resize: bool = True, image_size: int = 128, form: str = "inputs",
                  headers: Mapping[str, str] | None = None) -> None:
-        if signature not in SIGNATURE_DTYPES:
-            raise ConfigError(f"unknown signature {signature!r}; choose one of {', '.join(SIGNATURE_DTYPES)}")
         if form not in ("inputs", "instances"):
             raise ConfigError(f"form must be 'inputs' or 'instances'. Received: form={form!r}")
-        if timeout <= 0 or retries < 0 or max_batch < 1:
-            raise ConfigError(f"need timeout > 0, retries >= 0, max_batch >= 1. Received: timeout={timeout}, "
-                              f"retries={retries}, max_batch={max_batch}")
+        init_client_settings(self, model=model, version=version, signature=signature, timeout=timeout,
+                             retries=retries, backoff=backoff, max_backoff=max_backoff, max_batch=max_batch,
+                             resize=resize, image_size=image_size)
         if "://" not in url:
             url = ("https://" if tls else "http://") + url
         self.url = url.rstrip("/")
-        self.model = model
-        self.version = version
-        self.signature = signature
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        self.max_batch = int(max_batch)
-        self.resize = bool(resize) and signature == SIGNATURE_DEFAULT
-        self.image_size = int(image_size)
         self.form = form
         self.headers = dict(headers or {})
         self._ssl: ssl.SSLContext | None = None
