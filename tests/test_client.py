@@ -1,7 +1,6 @@
 """gRPC and REST clients over the wire, against a test server running a real export."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import socket
 import subprocess
@@ -24,14 +23,7 @@ from kneetf.export.savedmodel import export_savedmodel, structured_samples  # no
 from kneetf.preprocess import ops  # noqa: E402
 
 
-def _server_module():
-    if "kneetf_test_serving_server" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kneetf_test_serving_server",
-                                                      Path(__file__).with_name("serving_server.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["kneetf_test_serving_server"]
+import serving_server  # noqa: E402  (tests/serving_server.py; pytest puts tests/ on sys.path)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     import kneetf.models.kneenet  # noqa: F401
 
     root = tmp_path_factory.mktemp("serving")
-    server_module = _server_module()
+    server_module = serving_server
     model_path = server_module.make_test_model(root / "model.keras", "tiny", seed=11)
     base = root / "saved_models" / "kneetf"
     export_savedmodel(model_path, base, verify=False)
@@ -272,7 +264,7 @@ def test_tls(served, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    secure = _server_module().LocalServingServer({"kneetf": served["base"]}, tls=(key, cert)).start()
+    secure = serving_server.LocalServingServer({"kneetf": served["base"]}, tls=(key, cert)).start()
     try:
         raw = _raw(1, 130, 130, seed=8)
         got = ServingClient(secure.grpc_target, tls=cert).predict(raw)

@@ -1,9 +1,7 @@
 """SavedModel export: layout, signatures, agreement with Keras, warm-up records, versions."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +18,7 @@ from kneetf.export.savedmodel import export_savedmodel, next_version  # noqa: E4
 from kneetf.preprocess import ops  # noqa: E402
 
 
-def _server_module():
-    if "kneetf_test_serving_server" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kneetf_test_serving_server",
-                                                      Path(__file__).with_name("serving_server.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["kneetf_test_serving_server"]
+import serving_server  # noqa: E402  (tests/serving_server.py; pytest puts tests/ on sys.path)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +29,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     import kneetf.models.kneenet  # noqa: F401
 
     root = tmp_path_factory.mktemp("export")
-    model_path = _server_module().make_test_model(root / "run" / "model.keras", "tiny", seed=3)
+    model_path = serving_server.make_test_model(root / "run" / "model.keras", "tiny", seed=3)
     result = export_savedmodel(model_path.parent, root / "saved_models" / "kneetf")
     model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
     loaded = tf.saved_model.load(str(result.path))

@@ -1,9 +1,7 @@
 """TFLite fp32 / fp16 / int8: conversion, ai_edge_litert runtime, agreement with Keras."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +15,7 @@ from kneetf.export import tflite as tfl  # noqa: E402
 from kneetf.export.savedmodel import structured_samples  # noqa: E402
 
 
-def _server_module():
-    if "kneetf_test_serving_server" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kneetf_test_serving_server",
-                                                      Path(__file__).with_name("serving_server.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["kneetf_test_serving_server"]
+import serving_server  # noqa: E402  (tests/serving_server.py; pytest puts tests/ on sys.path)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +26,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory):
     import kneetf.models.kneenet  # noqa: F401
 
     root = tmp_path_factory.mktemp("tflite")
-    path = _server_module().make_test_model(root / "model.keras", "tiny", seed=5)
+    path = serving_server.make_test_model(root / "model.keras", "tiny", seed=5)
     model = keras.saving.load_model(path, compile=False, safe_mode=True)
     calibration = structured_samples(12, 128, seed=100)
     check = structured_samples(3, 128, seed=200)
@@ -147,7 +138,7 @@ def test_cli_export_tflite_calibrated_on_a_cache(tmp_path, capsys):
     samples = tfl.samples_from_cache(cache, 4)
     first = next(iter(make_dataset(cache, "train", batch_size=4)))[0].numpy()
     np.testing.assert_array_equal(samples, first)
-    model = _server_module().make_test_model(tmp_path / "model.keras", "tiny", seed=1)
+    model = serving_server.make_test_model(tmp_path / "model.keras", "tiny", seed=1)
     base = tmp_path / "saved_models" / "kneetf"
     assert main(["export", str(model), "--out", str(base), "--tflite", "--data", str(cache),
                  "--calibration-samples", "4", "--no-warmup"]) == 0
