@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kneetf.config import PreprocessConfig
-from kneetf.data.cache import CacheTask, RawPair, build_cache
+from cache_factory import random_cache
 
 pytestmark = pytest.mark.slow
 
@@ -51,20 +50,9 @@ sys.exit(train_main(sys.argv[1:]))
 """
 
 
-def load_pair(payload: int, config: PreprocessConfig) -> RawPair:
-    """A random pair (module level, so a process pool could pickle it)."""
-    rng = np.random.default_rng(payload)
-    return RawPair(id=str(payload), xray=rng.random((96, 96), dtype=np.float32),
-                   mri=rng.random((config.num_slices, 48, 48), dtype=np.float32), side="right")
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist") / "cache"
-    tasks = [CacheTask(id=f"k{i:03d}", split="train" if i < N_TRAIN else "val", payload=i)
-             for i in range(N_TRAIN + N_VAL)]
-    build_cache(tasks, load_pair, out, shard_size=16, workers=0, progress=False)
-    return out
+    return random_cache(tmp_path_factory.mktemp("dist") / "cache", N_TRAIN, N_VAL, shard_size=16)
 
 
 def free_ports(n: int) -> list[int]:
