@@ -3,7 +3,6 @@ files) read back, sorted by position, rescaled and refused with clear errors."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import cv2
@@ -277,7 +276,6 @@ def test_half(tmp_path: Path) -> None:
 def test_declared_size_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kdicom, "_decode", lambda *a, **k: pytest.fail("pixels decoded"))
     huge = write_declared_huge_dicom(tmp_path / "huge.dcm")
-    t0 = time.perf_counter()
     with pytest.raises(InputError, match="65535x65535 pixels .*max_pixels"):
         read_xray(huge)
     folder = tmp_path / "series"
@@ -288,7 +286,6 @@ def test_declared_size_refused_before_decoding(tmp_path: Path, monkeypatch: pyte
     png = write_png_header_only(tmp_path / "huge.png", 65535, 65535)
     with pytest.raises(InputError, match="PNG header declares 4294836225 pixel values"):
         read_xray(png)
-    assert time.perf_counter() - t0 < 2.0
     monkeypatch.undo()
     small = write_dicom_xray(tmp_path / "small.dcm", np.ones((8, 8)))
     with pytest.raises(InputError, match="limit of 50"):
@@ -328,19 +325,27 @@ def test_meta_holds_no_patient_identifiers(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_oai_sized_series_speed(tmp_path: Path) -> None:
-    """160 slices of 384x384: the window read decodes 20 files; both well under a few seconds."""
+def test_oai_sized_series_window_decodes_only_its_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """160 slices of 384x384: the window read decodes exactly the 20 files of [20, 40).
+
+    Counts decodes instead of timing them (timings belong in tools/bench_*.py)."""
     vol = np.random.default_rng(0).integers(0, 4000, size=(160, 384, 384)).astype(np.float32)
     write_dicom_series(tmp_path / "s", vol, (0.7, 0.365, 0.365), shuffle_names=True, seed=0)
-    t0 = time.perf_counter()
+    decoded: list[str] = []
+    real_decode = kdicom._decode
+
+    def counting_decode(ds, path, index=None):
+        decoded.append(str(path))
+        return real_decode(ds, path, index)
+
+    monkeypatch.setattr(kdicom, "_decode", counting_decode)
     full, _ = read_mri(tmp_path / "s")
-    t_full = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    win, _ = read_mri_window(tmp_path / "s")
-    t_win = time.perf_counter() - t0
+    assert len(decoded) == 160 and len(set(decoded)) == 160
+    decoded.clear()
+    win, meta = read_mri_window(tmp_path / "s")
     np.testing.assert_array_equal(full, vol)
     np.testing.assert_array_equal(win, vol[20:40])
-    assert t_win < t_full and t_full < 10
+    assert len(decoded) == 20 and meta.total_slices == 160
 
 
 def test_series_without_preamble_or_suffix(tmp_path: Path) -> None:
