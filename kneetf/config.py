@@ -54,8 +54,12 @@ class ModelConfig:
     # Learn the residual to a template volume (the mean training MRI) instead of the
     # volume itself; the template is a non-trainable weight set from the data.
     residual_template: bool = False
+    # dropout rate on the latent as the generator sees it (0 = no dropout layer)
+    latent_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.latent_dropout < 1.0:
+            raise ConfigError(f"latent_dropout must lie in [0, 1). Received: latent_dropout={self.latent_dropout}")
         if self.xray_output not in XRAY_OUTPUTS:
             raise ConfigError(f"xray_output must be one of {XRAY_OUTPUTS}. Received: xray_output={self.xray_output!r}")
         if self.mri_output not in MRI_OUTPUTS:
@@ -134,6 +138,10 @@ class TrainConfig:
     augment: float = 0.0  # strength of the X-ray intensity augmentation (0 = off)
     lr_schedule: str = "constant"  # or "cosine": decay both rates to 0 over the epochs
     early_stopping_patience: int = 0  # 0 = off
+    # extra MRI loss terms next to the paper's MSE (kneetf.models.losses): 1 - SSIM of the
+    # 2-D slices, and the MSE of the in-plane image gradients
+    ssim_weight: float = 0.0
+    gradient_weight: float = 0.0
     # 0 = no limit; else stop after the epoch that ends this long after the run started
     # (data preparation included)
     time_budget_s: float = 0.0
@@ -147,6 +155,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0. Received: {name}={getattr(self, name)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine'. Received: {self.lr_schedule!r}")
+        for name in ("ssim_weight", "gradient_weight", "augment"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0. Received: {name}={getattr(self, name)}")
         if len(self.loss_weights) != 2 or min(self.loss_weights) < 0 or max(self.loss_weights) <= 0:
             raise ConfigError("loss_weights must be two non-negative numbers (xray_recon, mri), not both 0. "
                               f"Received: loss_weights={self.loss_weights}")

@@ -16,13 +16,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a cache folder (from `kneetf prepare`) or a manifest CSV; default: built-in synthetic knees")
     p.add_argument("--synthetic-n", type=int, default=512, help="number of synthetic knees (default 512)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 32)")
-    p.add_argument("--lr-encdec", type=float, default=None, help="Adam rate of encoder+decoder (default 1e-3)")
-    p.add_argument("--lr-generator", type=float, default=None, help="Adam rate of the generator (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's)")
+    p.add_argument("--lr-encdec", type=float, default=None,
+                   help="Adam rate of encoder+decoder (default: the recipe's)")
+    p.add_argument("--lr-generator", type=float, default=None,
+                   help="Adam rate of the generator (default: the recipe's)")
     p.add_argument("--loss-weights", default=None, metavar="XRAY,MRI",
                    help="weights of the X-ray and MRI MSE terms (default 1,1)")
     p.add_argument("--augment", type=float, default=None, metavar="STRENGTH",
                    help="X-ray intensity augmentation strength (0 = off; default: the recipe's)")
+    p.add_argument("--ssim-weight", type=float, default=None, metavar="W",
+                   help="weight of a 1 - SSIM (2-D slices) term in the MRI loss (default: the recipe's)")
+    p.add_argument("--gradient-weight", type=float, default=None, metavar="W",
+                   help="weight of an image-gradient MSE term in the MRI loss (default: the recipe's)")
+    p.add_argument("--latent-dropout", type=float, default=None, metavar="P",
+                   help="dropout rate on the latent the generator sees (default: the recipe's)")
+    p.add_argument("--early-stopping", type=int, default=None, metavar="EPOCHS",
+                   help="stop when the validation loss has not improved for this many epochs (0 = off)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
                    help="learning-rate schedule (default: the recipe's)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
@@ -72,9 +82,12 @@ def run(args: argparse.Namespace) -> int:
         "epochs": args.epochs, "batch_size": args.batch_size, "lr_encdec": args.lr_encdec,
         "lr_generator": args.lr_generator, "time_budget_s": args.budget,
         "loss_weights": _loss_weights(args.loss_weights) if args.loss_weights else None,
-        "augment": args.augment, "lr_schedule": args.lr_schedule,
+        "augment": args.augment, "lr_schedule": args.lr_schedule, "ssim_weight": args.ssim_weight,
+        "gradient_weight": args.gradient_weight, "early_stopping_patience": args.early_stopping,
     }.items() if v is not None}
     train_config = replace(train_config, **overrides)
+    if args.latent_dropout is not None:
+        model_config = replace(model_config, latent_dropout=args.latent_dropout)
     data = DataSpec(path=args.data, synthetic_n=args.synthetic_n, synthetic_seed=args.seed, workers=args.workers)
     options = RunOptions(strategy=args.strategy, precision=args.precision, jit=args.jit, fresh=args.fresh)
     metrics = train(model_config, train_config, args.out, data=data, preset=args.preset, options=options,

@@ -6,7 +6,10 @@ from typing import Sequence
 import keras
 from keras import layers
 
-_CONV = {(2, False): layers.Conv2D, (2, True): layers.Conv2DTranspose, (3, True): layers.Conv3DTranspose,
+from kneetf.models import deconv
+
+# 3-D transposed convs: Keras' layer with a faster forward pass for narrow layers (same weights)
+_CONV = {(2, False): layers.Conv2D, (2, True): layers.Conv2DTranspose, (3, True): deconv.Conv3DTranspose,
          (3, False): layers.Conv3D}
 
 

@@ -9,6 +9,7 @@ from keras import layers
 
 from kneetf.config import ModelConfig, TrainConfig, from_dict, to_dict
 from kneetf.models.blocks import conv_block
+from kneetf.models.losses import mri_loss
 from kneetf.models.optimizers import TwoRateAdam
 from kneetf.presets import get_preset
 
@@ -118,7 +119,10 @@ class KneeNet(keras.Model):
         # === Functional graph ===
         xray = keras.Input((cfg.image_size, cfg.image_size, 1), name="xray")
         latent = encoder(xray)
-        outputs = {"xray_recon": decoder(latent), "mri": generator(latent)}
+        # dropout on the generator's view of the latent only (a regulariser for small datasets)
+        gen_latent = (layers.Dropout(cfg.latent_dropout, name="latent_dropout")(latent) if cfg.latent_dropout
+                      else latent)
+        outputs = {"xray_recon": decoder(latent), "mri": generator(gen_latent)}
         kwargs.setdefault("name", "kneenet")
         super().__init__(inputs=xray, outputs=outputs, **kwargs)
         self.model_config = cfg
@@ -157,7 +161,8 @@ class KneeNet(keras.Model):
                                 generator_learning_rate=train.lr_generator)
         w_xray, w_mri = train.loss_weights
         self.compile(optimizer=optimizer,
-                     loss={"xray_recon": "mean_squared_error", "mri": "mean_squared_error"},
+                     loss={"xray_recon": "mean_squared_error",
+                           "mri": mri_loss(train.ssim_weight, train.gradient_weight)},
                      loss_weights={"xray_recon": float(w_xray), "mri": float(w_mri)},
                      **kwargs)
 

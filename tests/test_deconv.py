@@ -1,0 +1,79 @@
+"""kneetf.models.deconv: the phase-decomposed Conv3DTranspose equals Keras' layer, forward and
+both gradients, and is what the generator uses for its narrow layers."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kneetf
+from kneetf.models.deconv import MAX_PHASE_FILTERS, Conv3DTranspose as PhaseConv3DTranspose
+
+
+def _pair(shape, filters, kernel, strides, use_bias=True):
+    ref = keras.layers.Conv3DTranspose(filters, kernel, strides=strides, padding="same", use_bias=use_bias)
+    new = PhaseConv3DTranspose(filters, kernel, strides=strides, padding="same", use_bias=use_bias)
+    ref.build(shape)
+    new.build(shape)
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(w.shape).astype("float32") for w in ref.get_weights()]
+    ref.set_weights(weights)
+    new.set_weights(weights)
+    return ref, new
+
+
+def _forward_and_grads(layer, x):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(tf.sin(y))
+    return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
+
+
+@pytest.mark.parametrize("shape,filters,kernel,strides,use_bias", [
+    ((2, 4, 5, 3, 3), 1, 4, (2, 2, 1), True),     # the compact generator's last layer (anisotropic)
+    ((1, 3, 4, 5, 2), 4, 4, (2, 2, 2), False),
+    ((2, 3, 3, 3, 2), 2, 3, (2, 2, 2), True),     # odd kernel
+    ((1, 2, 3, 4, 3), 3, (4, 3, 2), (1, 2, 3), True),  # mixed kernel sizes and strides
+])
+def test_phase_layer_equals_keras_forward_and_gradients(shape, filters, kernel, strides, use_bias):
+    ref, new = _pair(shape, filters, kernel, strides, use_bias)
+    assert new.uses_phase()
+    x = tf.constant(np.random.default_rng(1).standard_normal(shape).astype("float32"))
+    for a, b in zip(_forward_and_grads(ref, x), _forward_and_grads(new, x)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_wide_layers_fall_back_to_keras_and_config_round_trips():
+    layer = PhaseConv3DTranspose(MAX_PHASE_FILTERS + 1, 4, strides=2, padding="same")
+    assert not layer.uses_phase()
+    narrow = PhaseConv3DTranspose(2, 4, strides=(2, 2, 1), padding="same", name="g")
+    clone = keras.layers.deserialize(keras.layers.serialize(narrow))
+    assert type(clone) is PhaseConv3DTranspose and clone.get_config() == narrow.get_config()
+
+
+def test_generator_uses_the_phase_layer_for_narrow_deconvs(tmp_path):
+    model = kneetf.build_model("tiny")
+    deconvs = [l for l in model._flatten_layers() if isinstance(l, keras.layers.Conv3DTranspose)]
+    assert deconvs and all(type(l) is PhaseConv3DTranspose for l in deconvs)
+    assert any(l.uses_phase() for l in deconvs)
+    x = np.random.default_rng(0).random((2, *model.input_shape[1:]), dtype=np.float32)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0)["mri"], model.predict(x, verbose=0)["mri"], atol=1e-6)
+
+
+def test_mixed_bfloat16_phase_layer_runs_and_returns_bfloat16():
+    layer = PhaseConv3DTranspose(1, 4, strides=(2, 2, 1), padding="same", dtype="mixed_bfloat16")
+    x = tf.ones((1, 2, 2, 2, 3))
+    layer.build(x.shape)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32))
+    assert y.dtype == tf.bfloat16 and y.shape == (1, 4, 4, 2, 1)
+    grads = tape.gradient(loss, [x, layer.kernel])
+    assert grads[1].shape == layer.kernel.shape and bool(tf.reduce_all(tf.math.is_finite(grads[1])))
