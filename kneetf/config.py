@@ -136,6 +136,7 @@ class TrainConfig:
     loss_weights: tuple[float, float] = (1.0, 1.0)  # (xray_recon, mri)
     seed: int = 0
     augment: float = 0.0  # strength of the X-ray intensity augmentation (0 = off)
+    shift_augment: int = 0  # random X-ray shift of up to this many pixels, like an ROI-box error (0 = off)
     lr_schedule: str = "constant"  # or "cosine": decay both rates to 0 over the epochs
     early_stopping_patience: int = 0  # 0 = off
     # extra MRI loss terms next to the paper's MSE (kneetf.models.losses): 1 - SSIM of the
@@ -155,7 +156,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0. Received: {name}={getattr(self, name)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine'. Received: {self.lr_schedule!r}")
-        for name in ("ssim_weight", "gradient_weight", "augment"):
+        for name in ("ssim_weight", "gradient_weight", "augment", "shift_augment"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0. Received: {name}={getattr(self, name)}")
         if len(self.loss_weights) != 2 or min(self.loss_weights) < 0 or max(self.loss_weights) <= 0:

@@ -134,3 +134,27 @@ def test_atomic_writes_have_ordinary_permissions(tmp_path: Path) -> None:
         os.umask(umask)
     assert stat.S_IMODE(f.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+
+
+def test_shift_augment_moves_input_and_target_together_and_keeps_the_mri(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from kneetf.data.pipeline import shift_xray
+
+    build_cache(_tasks(6), load_pair, tmp_path / "c", PreprocessConfig(), shard_size=8, workers=0, progress=False)
+    clean = load_arrays(tmp_path / "c", "train")
+    tf.random.set_seed(0)
+    seen_shift = False
+    for x, y in make_dataset(tmp_path / "c", "train", batch_size=4, shift=3):
+        np.testing.assert_array_equal(x.numpy(), y["xray_recon"].numpy())  # no intensity augmentation
+        np.testing.assert_array_equal(y["mri"].numpy(), clean["mri"])
+        for got, ref in zip(x.numpy(), clean["xray"]):
+            # the shifted image is the clean one moved by whole pixels: its interior matches a window
+            offsets = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+                       if np.array_equal(got[3:-3, 3:-3], ref[3 + dy:125 + dy, 3 + dx:125 + dx])]
+            assert offsets, "not a whole-pixel shift of the clean X-ray"
+            seen_shift |= offsets != [(0, 0)]
+    assert seen_shift
+    img = tf.reshape(tf.range(16.0), (4, 4, 1))
+    assert shift_xray(img, 0) is img
+

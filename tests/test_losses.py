@@ -86,6 +86,7 @@ def test_cli_flags_set_the_loss_terms_dropout_and_early_stopping(monkeypatch, tm
 
     monkeypatch.setattr(T, "train", fake_train)
     assert main(["train", "--preset", "tiny", "--ssim-weight", "0.2", "--gradient-weight", "0.5",
-                 "--latent-dropout", "0.1", "--early-stopping", "3", "--out", str(tmp_path / "r")]) == 0
+                 "--latent-dropout", "0.1", "--early-stopping", "3", "--shift-augment", "4", "--out", str(tmp_path / "r")]) == 0
     assert (seen["train"].ssim_weight, seen["train"].gradient_weight) == (0.2, 0.5)
     assert seen["train"].early_stopping_patience == 3 and seen["model"].latent_dropout == 0.1
+    assert seen["train"].shift_augment == 4

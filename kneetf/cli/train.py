@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights of the X-ray and MRI MSE terms (default 1,1)")
     p.add_argument("--augment", type=float, default=None, metavar="STRENGTH",
                    help="X-ray intensity augmentation strength (0 = off; default: the recipe's)")
+    p.add_argument("--shift-augment", type=int, default=None, metavar="PIXELS",
+                   help="move each training X-ray by up to this many pixels (default: the recipe's)")
     p.add_argument("--ssim-weight", type=float, default=None, metavar="W",
                    help="weight of a 1 - SSIM (2-D slices) term in the MRI loss (default: the recipe's)")
     p.add_argument("--gradient-weight", type=float, default=None, metavar="W",
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         "lr_generator": args.lr_generator, "time_budget_s": args.budget,
         "loss_weights": _loss_weights(args.loss_weights) if args.loss_weights else None,
         "augment": args.augment, "lr_schedule": args.lr_schedule, "ssim_weight": args.ssim_weight,
+        "shift_augment": args.shift_augment,
         "gradient_weight": args.gradient_weight, "early_stopping_patience": args.early_stopping,
     }.items() if v is not None}
     train_config = replace(train_config, **overrides)

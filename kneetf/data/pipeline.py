@@ -42,16 +42,28 @@ def augment_xray(xray: tf.Tensor, strength: float = 1.0) -> tf.Tensor:
     return tf.clip_by_value(x, 0.0, 1.0)
 
 
+def shift_xray(xray: tf.Tensor, max_shift: int) -> tf.Tensor:
+    """Move one X-ray (H, W, C) by a random whole-pixel offset in [-max_shift, max_shift] per
+    axis, edges mirrored: the error of a knee-ROI box, which the MRI does not depend on."""
+    if max_shift <= 0:
+        return xray
+    h, w = tf.shape(xray)[0], tf.shape(xray)[1]
+    padded = tf.pad(xray, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]], mode="SYMMETRIC")
+    dy, dx = (tf.random.uniform([], 0, 2 * max_shift + 1, dtype=tf.int32) for _ in range(2))
+    return padded[dy:dy + h, dx:dx + w, :]
+
+
 def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 32, *,
                  shuffle: bool = False, repeat: bool = False, seed: int = 0,
                  drop_remainder: bool = False, with_meta: bool = False,
-                 shuffle_buffer: int = 256, augment: float = 0.0) -> tf.data.Dataset:
+                 shuffle_buffer: int = 256, augment: float = 0.0, shift: int = 0) -> tf.data.Dataset:
     """Batches of `(xray, {"xray_recon": xray, "mri": mri})` from the cache's `split`.
 
     With `with_meta=True` the elements are the parsed feature dicts (id, side, box, ...).
     Sharding under a tf.distribute strategy is by data (each worker sees every file).
     `augment` > 0 applies `augment_xray` with that strength to the input X-ray only; the
-    reconstruction target stays the clean X-ray (a denoising auto-encoder).
+    reconstruction target stays the clean X-ray (a denoising auto-encoder). `shift` > 0 moves
+    input and reconstruction target together by up to that many pixels (`shift_xray`).
     """
     info = read_info(cache_dir)
     size, slices = info["shapes"]["mri"][0], info["shapes"]["mri"][2]
@@ -72,6 +84,8 @@ def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 
     # run sees the same stream before DATA sharding (else a sample could land in two replicas)
     ds = ds.map(lambda s: parse_example(s, size, slices), num_parallel_calls=tf.data.AUTOTUNE)
     if not with_meta:
+        if shift:
+            ds = ds.map(lambda ex: {**ex, "xray": shift_xray(ex["xray"], shift)}, num_parallel_calls=tf.data.AUTOTUNE)
         if augment:
             ds = ds.map(lambda ex: (augment_xray(ex["xray"], augment), {"xray_recon": ex["xray"], "mri": ex["mri"]}),
                         num_parallel_calls=tf.data.AUTOTUNE)

@@ -178,7 +178,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     replicas = strategy.num_replicas_in_sync
     steps = max(1, n_train // train_config.batch_size) if replicas > 1 else None
     train_ds = make_dataset(cache, "train", train_config.batch_size, shuffle=True, seed=train_config.seed,
-                            repeat=replicas > 1, drop_remainder=replicas > 1, augment=train_config.augment)
+                            repeat=replicas > 1, drop_remainder=replicas > 1, augment=train_config.augment,
+                            shift=train_config.shift_augment)
     val_ds = make_dataset(cache, val_split, train_config.batch_size, drop_remainder=replicas > 1 and
                           split_size(cache, val_split) >= train_config.batch_size)
     sample = load_arrays(cache, val_split, limit=8)
