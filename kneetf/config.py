@@ -54,10 +54,15 @@ class ModelConfig:
     # Learn the residual to a template volume (the mean training MRI) instead of the
     # volume itself; the template is a non-trainable weight set from the data.
     residual_template: bool = False
+    # standard deviation of the normal initialisation of the residual head (0 = zeros: the
+    # untrained model predicts the template exactly, but only the head gets gradients at first)
+    residual_init_std: float = 0.0
     # dropout rate on the latent as the generator sees it (0 = no dropout layer)
     latent_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.residual_init_std < 0:
+            raise ConfigError(f"residual_init_std must be >= 0. Received: residual_init_std={self.residual_init_std}")
         if not 0.0 <= self.latent_dropout < 1.0:
             raise ConfigError(f"latent_dropout must lie in [0, 1). Received: latent_dropout={self.latent_dropout}")
         if self.xray_output not in XRAY_OUTPUTS:

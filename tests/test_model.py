@@ -173,6 +173,26 @@ def test_residual_template_is_saved(tmp_path) -> None:
     np.testing.assert_allclose(loaded.generator.get_layer("generator_template").template.numpy(), template)
 
 
+
+def test_small_residual_init_starts_near_the_template_and_passes_gradients_upstream() -> None:
+    import tensorflow as tf
+
+    template = np.full((128, 128, 20), 0.4, "float32")
+    x = np.random.default_rng(0).random((2, 128, 128, 1), dtype=np.float32)
+    grads = {}
+    for std in (0.0, 0.01):
+        model = KneeNet.from_preset("tiny", residual_template=True, residual_init_std=std)
+        model.set_template(template)
+        with tf.GradientTape() as tape:
+            mri = model(x, training=True)["mri"]
+            loss = tf.reduce_mean(tf.square(mri - 0.5))
+        head1 = model.generator.get_layer("generator_head1_conv").kernel
+        grads[std] = float(tf.reduce_max(tf.abs(tape.gradient(loss, head1))))
+        gap = float(tf.reduce_max(tf.abs(mri - template)))
+        assert gap < 1e-5 if std == 0 else 1e-5 < gap < 0.05
+    # zeros: layers before the head get no gradient at the first step; a small init does
+    assert grads[0.0] == 0.0 and grads[0.01] > 0.0
+
 @pytest.mark.slow
 def test_paper_preset_trains_one_step_saves_and_loads(paper: KneeNet, tmp_path) -> None:
     paper.compile_for_training(TrainConfig(batch_size=1))

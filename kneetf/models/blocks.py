@@ -26,7 +26,7 @@ def conv_block(
     leaky_slope: float = 0.2,
     batch_norm: bool = True,
     bn_momentum: float = 0.99,
-    kernel_initializer: str = "glorot_uniform",
+    kernel_initializer: str | keras.initializers.Initializer = "glorot_uniform",
     dtype_policy: str | None = None,
 ) -> keras.KerasTensor:
     """Conv (or transposed conv) -> BatchNorm -> activation, the paper's block.

@@ -81,10 +81,12 @@ def build_generator(cfg: ModelConfig) -> keras.Model:
     x = conv_block(x, cfg.head_filters, 1, 1, name="generator_head1", activation="relu",
                    bn_momentum=cfg.bn_momentum)
     if cfg.residual_template:
-        # zero-initialised: the untrained model predicts the template exactly, and learns
-        # only the departures from it that the X-ray explains
+        # zero or small initialisation: the untrained model predicts the template (almost)
+        # exactly, and learns only the departures from it that the X-ray explains
+        init = (keras.initializers.RandomNormal(stddev=cfg.residual_init_std, seed=0) if cfg.residual_init_std
+                else "zeros")
         x = conv_block(x, cfg.num_slices, 1, 1, name="generator_head2", activation="linear", batch_norm=False,
-                       kernel_initializer="zeros")
+                       kernel_initializer=init)
         x = TemplateResidual(space="logit" if cfg.mri_output == "sigmoid" else "linear",
                              name="generator_template", dtype="float32")(x)
     else:
