@@ -188,8 +188,8 @@ def test_small_residual_init_starts_near_the_template_and_passes_gradients_upstr
             loss = tf.reduce_mean(tf.square(mri - 0.5))
         head1 = model.generator.get_layer("generator_head1_conv").kernel
         grads[std] = float(tf.reduce_max(tf.abs(tape.gradient(loss, head1))))
-        gap = float(tf.reduce_max(tf.abs(mri - template)))
-        assert gap < 1e-5 if std == 0 else 1e-5 < gap < 0.05
+        gap = float(tf.reduce_mean(tf.abs(mri - template)))
+        assert (gap < 1e-6) if std == 0 else (1e-5 < gap < 0.03), (std, gap)
     # zeros: layers before the head get no gradient at the first step; a small init does
     assert grads[0.0] == 0.0 and grads[0.01] > 0.0
 
