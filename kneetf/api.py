@@ -57,7 +57,7 @@ class Reconstruction:
         path = Path(path)
         name = path.name.lower()
         if name.endswith(".nii") or name.endswith(".nii.gz"):
-            return writers.write_nifti(path, self.volume, self.spacing)
+            return writers.write_nifti(path, self.volume, self.spacing, slices_first=True)
         if name.endswith(".png"):
             xray = None if self.xray is None else (self.xray[:, ::-1] if self.mirrored else self.xray)
             return writers.write_png(path, montage_image(self.volume, xray), bits=8)

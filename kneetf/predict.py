@@ -475,7 +475,7 @@ def write_prediction(out_dir: Path, prep: PreparedXray, volume: np.ndarray, form
 
     written: list[Path] = []
     if "nifti" in formats:
-        written.append(writers.write_nifti(out_dir / f"{prep.id}.nii.gz", volume, spacing))
+        written.append(writers.write_nifti(out_dir / f"{prep.id}.nii.gz", volume, spacing, slices_first=True))
     if "dicom" in formats:
         lat = {"left": "L", "right": "R"}.get(prep.side)
         writers.write_dicom_series(out_dir / f"{prep.id}_dicom", volume, spacing,

@@ -52,7 +52,7 @@ def test_readme_example_runs_verbatim(tmp_path, model_dir):
     assert lines[0] == "(2, 128, 128, 20)"
     assert lines[1] == "knee (20, 128, 128) (0.7, 1.09375, 1.09375)"
     img = nib.load(str(tmp_path / "knee_mri.nii.gz"))
-    assert img.shape == (128, 128, 20)
+    assert img.shape == (20, 128, 128)  # slices first, as documented
 
 
 def test_reconstructor_matches_the_model_on_the_same_preprocessed_input(model_dir):

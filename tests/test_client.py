@@ -290,14 +290,14 @@ def test_cli_client_writes_nifti(served, server, tmp_path, capsys):
 
     out = tmp_path / "pred.nii.gz"
     assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), "--out", str(out)]) == 0
-    data = np.asarray(nib.load(out).dataobj)  # writer stores (col, row, slice)
-    np.testing.assert_allclose(data.transpose(2, 1, 0), ref[0].transpose(2, 0, 1), atol=1e-5)
+    data = np.asarray(nib.load(out).dataobj)  # (slice, row, column)
+    np.testing.assert_allclose(data, ref[0].transpose(2, 0, 1), atol=1e-5)
 
     folder = tmp_path / "preds"
     assert main(["client", "--rest", server.rest_url, str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
                  "--out", str(folder)]) == 0
     data = np.asarray(nib.load(folder / "b.nii.gz").dataobj)
-    np.testing.assert_allclose(data.transpose(2, 1, 0), ref[1].transpose(2, 0, 1), atol=1e-5)
+    np.testing.assert_allclose(data, ref[1].transpose(2, 0, 1), atol=1e-5)
     assert "20 slices of 128x128" in capsys.readouterr().out
 
     assert main(["client", "--server", server.grpc_target, "--status"]) == 0

@@ -12,7 +12,7 @@ import pytest
 from dicom_factory import volume
 from kneetf.errors import InputError
 from kneetf.io.dicom import DEFAULT_ORIENTATION, slice_normal
-from kneetf.io.readers import read_xray
+from kneetf.io.readers import read_mri, read_xray
 from kneetf.io.writers import (DERIVED_COMMENT, DX_IMAGE_STORAGE, MR_IMAGE_STORAGE, quantize_uint16,
                                write_dicom_series, write_dicom_xray, write_nifti, write_png)
 
@@ -158,6 +158,18 @@ def test_nifti_affine_places_voxels_like_dicom(tmp_path: Path, name: str) -> Non
     assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
     with pytest.raises(InputError, match=".nii"):
         write_nifti(tmp_path / "v.img", vol)
+
+
+def test_slices_first_nifti_keeps_the_array_and_places_voxels_the_same(tmp_path: Path) -> None:
+    vol = volume((5, 6, 7), integer=False)
+    a = write_nifti(tmp_path / "a.nii.gz", vol, (0.7, 0.3, 0.4), origin=(3.0, -4.0, 10.0))
+    b = write_nifti(tmp_path / "b.nii.gz", vol, (0.7, 0.3, 0.4), origin=(3.0, -4.0, 10.0), slices_first=True)
+    ia, ib = nib.load(a), nib.load(b)
+    assert ib.shape == (5, 6, 7)
+    np.testing.assert_allclose(ib.get_fdata(), vol, rtol=1e-6)
+    s, r, c = 4, 3, 2  # the same voxel sits at the same place in both files
+    np.testing.assert_allclose(ib.affine @ [s, r, c, 1], ia.affine @ [c, r, s, 1], atol=1e-6)
+    np.testing.assert_allclose(read_mri(b)[0], read_mri(a)[0])
 
 
 def test_png_bits(tmp_path: Path) -> None:

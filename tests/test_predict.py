@@ -80,7 +80,8 @@ def _read_nifti(path) -> tuple[np.ndarray, np.ndarray, np.dtype]:
 
     img = nib.load(str(path))
     data = np.asarray(img.dataobj)
-    return np.transpose(data, (2, 1, 0)), img.affine, data.dtype
+    assert data.shape[0] == 20  # the documented layout: (slices, rows, columns) in the file itself
+    return data, img.affine, data.dtype
 
 
 def test_predict_cli_writes_nifti_dicom_png(tmp_path, runs, capsys):
@@ -106,7 +107,7 @@ def test_predict_cli_writes_nifti_dicom_png(tmp_path, runs, capsys):
         vol, affine, dtype = _read_nifti(out / f"{name}.nii.gz")
         assert vol.shape == (20, 128, 128) and dtype == np.float32
         np.testing.assert_allclose(vol, _expected(model, image, mirror=False), atol=1e-5)
-        np.testing.assert_allclose(affine, nifti_affine(NOMINAL_SPACING), atol=1e-6)
+        np.testing.assert_allclose(affine, nifti_affine(NOMINAL_SPACING)[:, [2, 1, 0, 3]], atol=1e-6)
         png = (out / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

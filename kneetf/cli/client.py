@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_nifti(target, volume.transpose(2, 0, 1), tuple(args.spacing))  # slices first
+            write_nifti(target, volume.transpose(2, 0, 1), tuple(args.spacing), slices_first=True)
             print(f"{xray} -> {target} ({volume.shape[2]} slices of {volume.shape[0]}x{volume.shape[1]})")
     if failed:
         print(f"kneetf client: {failed} of {len(xrays)} X-ray(s) failed", file=sys.stderr)

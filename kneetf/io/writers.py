@@ -309,11 +309,14 @@ def write_nifti(
     orientation: Sequence[float] = DEFAULT_ORIENTATION,
     origin: Sequence[float] = (0.0, 0.0, 0.0),
     dtype: Any = np.float32,
+    slices_first: bool = False,
 ) -> Path:
     """Write (slices, rows, cols) `volume` as NIfTI-1 (.nii or .nii.gz), geometry as in DICOM.
 
-    The file's array is (column, row, slice), like dcm2niix without its row flip, with an
-    sform/qform (scanner, mm) placing voxels where `write_dicom_series` would; the NIfTI
+    The file's array is (column, row, slice), like dcm2niix without its row flip, or with
+    `slices_first` the volume's own (slice, row, column) layout (what predictions use, so that
+    `nibabel.load(f).get_fdata()` has the documented shape (20, 128, 128)). Either way an
+    sform/qform (scanner, mm) places voxels where `write_dicom_series` would, and the NIfTI
     reader reorients any NIfTI to the (slice, row, column) sagittal layout.
     """
     import nibabel as nib
@@ -324,7 +327,11 @@ def write_nifti(
     volume = _check_array(volume, 3, "volume", path)
     spacing = _check_spacing(spacing, 3, path)
     affine = nifti_affine(spacing, orientation, origin)
-    data = np.ascontiguousarray(np.asarray(volume, dtype=dtype).transpose(2, 1, 0))
+    if slices_first:  # array axes (slice, row, column): the affine's voxel columns reversed
+        affine = affine[:, [2, 1, 0, 3]]
+        data = np.ascontiguousarray(np.asarray(volume, dtype=dtype))
+    else:
+        data = np.ascontiguousarray(np.asarray(volume, dtype=dtype).transpose(2, 1, 0))
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
