@@ -13,6 +13,7 @@ def test_paper_recipe_is_the_papers_training() -> None:
     model, train = get_recipe("paper").apply(get_preset("compact"), TrainConfig())
     assert (train.lr_encdec, train.lr_generator, train.batch_size) == (1e-3, 1e-4, 32)
     assert train.loss_weights == (1.0, 1.0) and train.augment == 0.0 and train.lr_schedule == "constant"
+    assert train.ssim_weight == 0.0 and train.gradient_weight == 0.0 and train.shift_augment == 0  # MSE only
     assert model.xray_output == "paper" and model.mri_output == "paper" and not model.residual_template
     # the paper preset under the paper recipe is the paper preset unchanged
     assert get_recipe("paper").apply(get_preset("paper"), TrainConfig())[0] == get_preset("paper")
@@ -23,7 +24,7 @@ def test_default_recipe_differs_from_paper_by_named_options_only() -> None:
     base = get_preset("compact")
     changed = {k for k in RECIPES["default"].model if getattr(model, k) != getattr(base, k)}
     assert changed <= set(RECIPES["default"].model)
-    assert model.residual_template and train.lr_schedule == "cosine"
+    assert model.residual_template and train.lr_schedule == "cosine" and train.ssim_weight > 0
 
 
 def test_unknown_recipe_is_named() -> None:

@@ -30,14 +30,15 @@ RECIPES: dict[str, Recipe] = {
         "paper", "the paper's recipe: MSE, Adam 1e-3 / 1e-4, outputs as in the text",
         model={"xray_output": "paper", "mri_output": "paper", "residual_template": False, "bn_momentum": 0.99},
         train={"lr_encdec": 1e-3, "lr_generator": 1e-4, "batch_size": 32, "augment": 0.0,
-               "lr_schedule": "constant"},
+               "lr_schedule": "constant", "ssim_weight": 0.0, "gradient_weight": 0.0, "shift_augment": 0},
     ),
     "default": Recipe(
         "default", "residual to the mean training volume (zero-initialised head), BN momentum 0.9, "
-                   "generator at 1e-3, batch 16, X-ray intensity augmentation, cosine decay",
+                   "generator at 1e-3, batch 16, X-ray intensity augmentation, cosine decay, "
+                   "MSE + 0.05 (1 - SSIM) MRI loss",
         model={"residual_template": True, "mri_output": "sigmoid", "xray_output": "sigmoid", "bn_momentum": 0.9},
         train={"lr_encdec": 1e-3, "lr_generator": 1e-3, "batch_size": 16, "augment": 1.0,
-               "lr_schedule": "cosine", "epochs": 40, "time_budget_s": 500.0},
+               "lr_schedule": "cosine", "epochs": 40, "time_budget_s": 500.0, "ssim_weight": 0.05},
     ),
 }
 
