@@ -391,11 +391,17 @@ def test_cli_writes_a_dataset_and_reports(tmp_path, capsys):
 
     out = tmp_path / "s"
     rc = main(["synth", "--n", "2", "--out", str(out), "--workers", "1", "--formats", "nifti,png",
-               "--monochrome1-fraction", "1", "--no-progress"])
+               "--monochrome1-fraction", "1", "--set", "mri_noise=0.05", "--set", "placement_mm=[2, 3]",
+               "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "2 knees" in text and "2 generated" in text and str(out / "manifest.csv") in text
     info = json.loads((out / "synth.json").read_text())
     assert info["config"]["monochrome1_fraction"] == 1.0 and info["formats"] == ["nifti", "png"]
+    assert info["config"]["mri_noise"] == 0.05 and info["config"]["placement_mm"] == [2, 3]
+    assert main(["synth", "--n", "2", "--out", str(tmp_path / "u"), "--set", "mri_nosie=1", "--no-progress"]) == 1
+    assert "mri_nosie" in capsys.readouterr().err
+    assert main(["synth", "--n", "2", "--out", str(tmp_path / "u"), "--set", "bias_field", "--no-progress"]) == 1
+    assert "FIELD=VALUE" in capsys.readouterr().err
     assert main(["synth", "--n", "2", "--out", str(tmp_path / "t"), "--formats", "gif", "--no-progress"]) == 1
     assert "unknown formats" in capsys.readouterr().err

@@ -20,7 +20,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of left knees (default 0.5)")
     p.add_argument("--split-fractions", default="0.8,0.1,0.1", metavar="TRAIN,VAL,TEST",
                    help="train/val/test fractions (default 0.8,0.1,0.1)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any SynthConfig field, e.g. --set mri_noise=0.05 --set bias_field=0.25 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _settings(items: list[str]) -> dict[str, object]:
+    """["mri_noise=0.05", "placement_mm=[2, 3]"] -> {"mri_noise": 0.05, "placement_mm": [2, 3]} (JSON values)."""
+    import json
+
+    from kneetf.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes FIELD=VALUE. Received: {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"--set {key.strip()}: {value!r} is not a number, list or true/false") from None
+    return out
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -36,9 +56,11 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kneetf.config import from_dict
     from kneetf.data.synthetic import SynthConfig, synthesize
 
-    config = SynthConfig(monochrome1_fraction=args.monochrome1_fraction, left_fraction=args.left_fraction)
+    config = from_dict(SynthConfig, {"monochrome1_fraction": args.monochrome1_fraction,
+                                     "left_fraction": args.left_fraction, **_settings(args.set)})
     summary = synthesize(args.out, n=args.n, seed=args.seed, config=config, fractions=_fractions(args.split_fractions),
                          formats=args.formats.split(","), workers=args.workers, progress=not args.no_progress)
     print(f"kneetf synth: {summary.n} knees in {summary.out_dir} ({summary.generated} generated, "
