@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
         "epochs": args.epochs, "batch_size": args.batch_size, "lr_encdec": args.lr_encdec,
         "lr_generator": args.lr_generator, "time_budget_s": args.budget,
         "loss_weights": _loss_weights(args.loss_weights) if args.loss_weights else None,
-        "augment": args.augment, "lr_schedule": args.lr_schedule, "ssim_weight": args.ssim_weight,
-        "shift_augment": args.shift_augment,
-        "gradient_weight": args.gradient_weight, "early_stopping_patience": args.early_stopping,
+        "augment": args.augment, "shift_augment": args.shift_augment, "lr_schedule": args.lr_schedule,
+        "ssim_weight": args.ssim_weight, "gradient_weight": args.gradient_weight,
+        "early_stopping_patience": args.early_stopping,
     }.items() if v is not None}
     train_config = replace(train_config, **overrides)
     if args.latent_dropout is not None:
