@@ -16,8 +16,9 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc)
 
-from kneetf.client.request import (init_client_settings, ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
-                                   estimate_response_bytes, parse_predict_response, predict_request, split_batches)
+from kneetf.client.request import (ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
+                                   estimate_response_bytes, init_client_settings, parse_predict_response,
+                                   predict_request, split_batches)
 from kneetf.errors import ConfigError, InputError
 from kneetf.export import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT
 

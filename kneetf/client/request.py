@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from kneetf.errors import InputError, KneetfError
+from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.export import (INPUT_KEY, OUTPUT_KEYS, SIGNATURE_DEFAULT, SIGNATURE_DTYPES, SIGNATURE_NORMALIZED,
                            SIGNATURE_UINT16)
 
@@ -262,19 +262,12 @@ def parse_rest_response(body: Mapping[str, Any], batch_size: int | None = None) 
     raise ServingError(f"unexpected REST answer with keys {sorted(body)}")
 
 
-__all__ = ["ServingError", "ModelNotFoundError", "ServerUnavailableError", "load_xray", "as_batch", "split_batches",
-           "estimate_response_bytes", "tensor_proto", "to_ndarray", "predict_request", "parse_predict_response",
-           "warmup_record", "rest_path", "rest_body", "parse_rest_response", "SIGNATURE_DEFAULT", "SIGNATURE_UINT16",
-           "SIGNATURE_NORMALIZED"]
-
+# === Client settings ===
 
 def init_client_settings(client: Any, *, model: str, version: int | None, signature: str, timeout: float,
                          retries: int, backoff: float, max_backoff: float, max_batch: int, resize: bool,
                          image_size: int) -> None:
     """Validate and set the settings the gRPC and REST clients share (one place for both)."""
-    from kneetf.errors import ConfigError
-    from kneetf.export import SIGNATURE_DEFAULT, SIGNATURE_DTYPES
-
     if signature not in SIGNATURE_DTYPES:
         raise ConfigError(f"unknown signature {signature!r}; choose one of {', '.join(SIGNATURE_DTYPES)}")
     if timeout <= 0 or retries < 0 or max_batch < 1:
@@ -290,3 +283,10 @@ def init_client_settings(client: Any, *, model: str, version: int | None, signat
     client.max_batch = int(max_batch)
     client.resize = bool(resize) and signature == SIGNATURE_DEFAULT
     client.image_size = int(image_size)
+
+
+__all__ = ["ServingError", "ModelNotFoundError", "ServerUnavailableError", "load_xray", "as_batch", "split_batches",
+           "init_client_settings", "estimate_response_bytes", "tensor_proto", "to_ndarray", "predict_request",
+           "parse_predict_response", "warmup_record", "rest_path", "rest_body", "parse_rest_response",
+           "SIGNATURE_DEFAULT", "SIGNATURE_UINT16", "SIGNATURE_NORMALIZED"]
+

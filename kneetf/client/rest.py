@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from kneetf.client.request import (init_client_settings, ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
-                                   parse_rest_response, rest_body, rest_path, split_batches)
+from kneetf.client.request import (ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
+                                   init_client_settings, parse_rest_response, rest_body, rest_path, split_batches)
 from kneetf.errors import ConfigError, InputError
 from kneetf.export import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT
 

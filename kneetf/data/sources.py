@@ -4,8 +4,7 @@ worker process and returns a `RawPair` (ROI-cropped X-ray, MRI slice window)."""
 from __future__ import annotations
 
 import logging
-import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,7 @@ class FilePayload:
 
     def cache_key(self) -> str:
         """What decides the cached pair (the preview folder does not)."""
-        return repr(dataclasses.replace(self, preview_dir=None))
+        return repr(replace(self, preview_dir=None))
 
 
 _DETECTORS: dict[str, Any] = {}

@@ -13,6 +13,16 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# read once: os.umask can only be read by setting it, which races with other threads' writes
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success rename it to `final`.
@@ -33,10 +43,8 @@ def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]
         yield tmp
         # mkstemp / mkdtemp create private (0600 / 0700) entries; give the result the
         # permissions a plain open() / mkdir() would (a serving container must read exports)
-        umask = os.umask(0)
-        os.umask(umask)
         if tmp.exists():
-            os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~umask)
+            os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_UMASK)
         if directory and final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
