@@ -9,7 +9,7 @@ from __future__ import annotations
 from kneetf.config import ModelConfig, replace
 from kneetf.errors import ConfigError, lookup
 
-#: The paper's reading (DESIGN.md): widths 32..1024, 128^3 generator, BN + activation
+#: The paper's reading: widths 32..1024, 128^3 generator, BN + activation
 #: kept on the 1-channel output layers, linear 1x1 MRI head. About 112M parameters.
 PAPER = ModelConfig(xray_output="paper", mri_output="paper")
 

@@ -136,3 +136,17 @@ def test_exposed_fields_have_help() -> None:
         for flag in flags:
             assert flag.field.metadata.get("help"), f"{flag.config.__name__}.{flag.name}"
     assert ModelConfig.__dataclass_fields__["latent_dropout"].metadata["metavar"] == "P"
+
+
+def test_command_help_does_not_import_tensorflow() -> None:
+    """`kneetf COMMAND --help` builds its flags from the configs without loading TensorFlow
+    (train-roi's --arch choices come from the detector module, which is Keras)."""
+    import subprocess
+    import sys
+
+    commands = ["train", "prepare", "synth", "import-oai", "evaluate", "predict", "export", "client"]
+    code = ("import sys; from kneetf.cli.main import _command_parser\n"
+            f"for c in {commands!r}: _command_parser(c)[0].format_help()\n"
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
