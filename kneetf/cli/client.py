@@ -32,8 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", metavar="PEM", help="client certificate chain for mutual TLS (gRPC)")
     p.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS (gRPC)")
     p.add_argument("--tls-server-name", help="name expected in the server certificate (gRPC)")
-    p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("SLICE", "ROW", "COL"),
-                   help="voxel spacing in mm written to the NIfTI header (default: 1 1 1)")
     p.add_argument("--status", action="store_true", help="print the model's status on the server and exit")
 
 
@@ -92,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("no X-ray given (or use --status)")
         if not args.out:
             raise ConfigError("--out is required: a .nii.gz file or a folder")
-        from kneetf.io.writers import write_nifti
+        from kneetf.inference.outputs import write_volume
 
         xrays = [Path(x) for x in args.xrays]
         failed = 0
@@ -104,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_nifti(target, volume.transpose(2, 0, 1), tuple(args.spacing), slices_first=True)
+            write_volume(target, volume.transpose(2, 0, 1))  # the output geometry of kneetf predict
             print(f"{xray} -> {target} ({volume.shape[2]} slices of {volume.shape[0]}x{volume.shape[1]})")
     if failed:
         print(f"kneetf client: {failed} of {len(xrays)} X-ray(s) failed", file=sys.stderr)
