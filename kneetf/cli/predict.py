@@ -1,4 +1,5 @@
-"""`kneetf predict`: X-ray files -> `<id>.nii.gz` (and optional DICOM series / PNG montages)."""
+"""`kneetf predict`: X-ray files -> `<name>.nii.gz` (and optional DICOM series / PNG montages); names
+are pseudonyms unless `--names id` or `--keep-patient`."""
 from __future__ import annotations
 
 import argparse
