@@ -180,7 +180,12 @@ def series_attributes(*, source: SourceXray | None = None, pseudonym: str | None
     if source is not None:
         people = {k: v for k, v in source.patient.items() if k in PATIENT_KEYWORDS}
     elif patient:
+        from pydicom.datadict import tag_for_keyword
+
         people = dict(patient)
+        bad = [k for k in people if tag_for_keyword(k) is None]
+        if bad:
+            raise ConfigError(f"patient keys must be DICOM keywords (e.g. PatientName). Received: {bad}")
     else:
         people = None
     if people is not None:
