@@ -35,7 +35,7 @@ from kneetf.version import __version__
 #: (slice, row, column) spacing in mm written with every reconstruction: nominal (OAI DESS).
 NOMINAL_SPACING: tuple[float, float, float] = (0.7, 140.0 / 128.0, 140.0 / 128.0)
 #: NIfTI `descrip` of every reconstruction (at most 80 bytes).
-DESCRIP = f"kneetf {__version__} reconstruction from X-ray; normalised 0-1; not for diagnostic use"
+DESCRIP = f"kneetf {__version__} reconstruction from X-ray; normalised 0-1; not for diagnostic use"[:80]
 #: NIfTI sform/qform code: 1, scanner-based anatomical coordinates (as dcm2niix writes).
 XFORM_CODE = 1
 #: The value range of a reconstruction: NIfTI cal_min/cal_max, the DICOM window.
