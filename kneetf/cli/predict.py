@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kneetf.io.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_HELP, max_pixels_type
+
 HELP = "reconstruct MRI volumes from X-ray files"
 
 
@@ -26,18 +28,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the one recorded with the model)")
     parser.add_argument("--allow-outside", action="store_true",
                         help="let a manifest name files outside its folder tree")
+    parser.add_argument("--max-pixels", type=max_pixels_type, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help=MAX_PIXELS_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from kneetf.errors import KneetfError
+    from kneetf.io.limits import ReaderConfig, use_reader_config
     from kneetf.predict import make_roi, parse_formats, predict_files
 
     formats = parse_formats(args.format)
     roi = make_roi(args.rois, args.roi_detector)
-    report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
-                           keep_patient=args.keep_patient, batch_size=args.batch_size, preprocess=args.preprocess,
-                           allow_outside=args.allow_outside, progress=not args.no_progress)
+    with use_reader_config(ReaderConfig(max_pixels=args.max_pixels)):
+        report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
+                               keep_patient=args.keep_patient, batch_size=args.batch_size,
+                               preprocess=args.preprocess, allow_outside=args.allow_outside,
+                               progress=not args.no_progress)
     total = report.ok + len(report.errors)
     print(f"wrote {report.ok} of {total} reconstruction(s) to {report.out_dir}")
     if report.errors:

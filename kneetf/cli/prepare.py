@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from kneetf.io.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_HELP, max_pixels_type
+
 HELP = "decode a manifest, crop the knee ROI and write the TFRecord cache"
 
 
@@ -20,16 +22,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mirror-left", action="store_true", help="mirror left knees to look like right ones")
     p.add_argument("--allow-outside", action="store_true",
                    help="allow manifest paths that leave the manifest's folder tree")
+    p.add_argument("--max-pixels", type=max_pixels_type, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=MAX_PIXELS_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
     from kneetf.config import PreprocessConfig
     from kneetf.data.sources import prepare_manifest
+    from kneetf.io.limits import ReaderConfig
 
     config = PreprocessConfig(slice_start=args.slice_start, num_slices=args.num_slices, mirror_left=args.mirror_left)
     result = prepare_manifest(args.manifest, args.out, config, rois=args.rois, detector=args.roi_detector,
                               allow_outside=args.allow_outside, roi_preview=args.roi_preview,
-                              workers=args.workers, shard_size=args.shard_size)
+                              workers=args.workers, shard_size=args.shard_size,
+                              reader=ReaderConfig(max_pixels=args.max_pixels))
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     print(f"prepared {result.total} pair(s) into {result.out_dir} ({counts}); "
           f"{result.skipped_shards} shard(s) were already complete")
