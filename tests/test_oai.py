@@ -11,7 +11,7 @@ from dicom_factory import OTHER_MRI_SEQUENCES, make_oai_release, make_oai_tree
 from kneetf.cli.main import main
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.manifest import read_manifest
-from kneetf.io.oai import mri_side, pair_oai, parse_split, split_participants, xray_description
+from kneetf.io.oai import mri_side, pair_oai, parse_split, split_participants
 from kneetf.io.readers import read_mri_window, read_xray
 
 PIDS = ["9000099", "9000296", "9000622", "9001104", "9001400"]
@@ -175,6 +175,8 @@ def test_import_oai_writes_the_skipped_series_beside_the_manifest(release, capsy
 
 
 def test_xray_description() -> None:
+    from kneetf.io.oai import xray_description
+
     assert xray_description("Bilateral PA Fixed Flexion Knee") == ("knee", "bilateral")
     assert xray_description("P.A. knees, both") == ("knee", "bilateral")
     assert xray_description("PA Fixed Flexion Left Knee") == ("other", "one knee only")
