@@ -19,9 +19,9 @@ from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 from dicom_factory import compress, volume
 from kneetf.cli.main import main
 from kneetf.errors import ConfigError, InputError
-from kneetf.io.headers import codestream_size
-from kneetf.io.limits import DEFAULT_MAX_PIXELS, ReaderConfig, parse_max_pixels, use_reader_config
 from kneetf.io.readers import read_mri_window, read_xray
+
+DEFAULT_MAX_PIXELS = 2**25  # kneetf.io.limits.DEFAULT_MAX_PIXELS, as documented
 from kneetf.io.writers import write_dicom_series, write_dicom_xray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +121,8 @@ def test_codestream_bigger_than_the_dicom_header_is_not_decoded(bench, tmp_path:
 
 
 def test_codestream_headers() -> None:
+    from kneetf.io.headers import codestream_size
+
     jpeg_ls = b"\xff\xd8\xff\xf7\x00\x0b\x10\x01\x2c\x02\x58\x01\x01\x11\x00"  # SOF55: 300 rows, 600 columns
     assert codestream_size("jpeg", jpeg_ls) == (300, 600, 1)
     import openjpeg
@@ -145,6 +147,10 @@ def test_png_bomb_is_refused_from_its_header(bench, tmp_path: Path) -> None:
 
 
 def test_the_limit_passes_real_detectors_and_can_be_changed(tmp_path: Path) -> None:
+    from kneetf.io import limits
+    from kneetf.io.limits import ReaderConfig, parse_max_pixels, use_reader_config
+
+    assert limits.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS
     assert DEFAULT_MAX_PIXELS >= 4300 * 3500 * 2  # a flat-panel detector, with room to spare
     cv2.imwrite(str(tmp_path / "x.png"), np.ones((40, 50), np.uint16))
     assert read_xray(tmp_path / "x.png")[0].shape == (40, 50)
