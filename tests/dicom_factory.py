@@ -291,7 +291,7 @@ def make_oai_release(root: Path, seed: int = 0) -> tuple[dict[str, tuple[Path, P
             expected[f"{pid}_00m_{side[0]}"] = (xray, folder, value + 2000.0 if side == "RIGHT" else value)
 
     both = ("LEFT", "RIGHT")
-    # the case: a hand as series 001, the knee as 002
+    # one study: a hand as series 001, the knee as 002
     hand, knee = study("9200001", "20050105", [("PA Hand", DISTRACTOR_HEADERS["hand"], None),
                                                (XRAY_STUDY, KNEE_HEADER, 100.0)])
     expect("9200001", mri("9200001", both), knee, 100.0)
