@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -41,7 +41,9 @@ class ReaderConfig:
         decode; files declaring more are refused before decoding.
     """
 
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "refuse input images declaring more pixel values (rows x columns x frames x samples) than "
+                "this, before decoding them", "metavar": "N"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_pixels, int) or isinstance(self.max_pixels, bool) or self.max_pixels < 1:
@@ -74,39 +76,6 @@ def resolve_max_pixels(max_pixels: int | None) -> int:
     return ReaderConfig(max_pixels=max_pixels).max_pixels
 
 
-def parse_max_pixels(text: str | int) -> int:
-    """A command-line value: an integer, also written like 3.2e7 or 2**25."""
-    s = str(text).strip().replace("_", "")
-    try:
-        if "**" in s:
-            base, _, exp = s.partition("**")
-            value = int(base) ** int(exp)
-        else:
-            number = float(s)
-            if number != int(number):
-                raise ValueError(s)
-            value = int(number)
-    except (ValueError, OverflowError):
-        raise ConfigError(f"max_pixels must be a positive integer (e.g. 33554432, 3.2e7 or 2**25). "
-                          f"Received: {text!r}") from None
-    return ReaderConfig(max_pixels=value).max_pixels
-
-
-def max_pixels_type(text: str) -> int:
-    """`parse_max_pixels` for an argparse `type=` (its message becomes the usage error)."""
-    import argparse
-
-    try:
-        return parse_max_pixels(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-#: Help of the `--max-pixels` command-line option.
-MAX_PIXELS_HELP = (f"refuse input images declaring more pixel values (rows x columns x frames x samples) than "
-                   f"this, before decoding them (default {DEFAULT_MAX_PIXELS} = 2**25)")
-
-
 def check_pixels(path: str | Path | None, what: str, values: int, max_pixels: int, detail: str = "") -> int:
     """Refuse `values` declared pixel values over `max_pixels` (or none at all) -> values."""
     if values <= 0:
@@ -119,4 +88,4 @@ def check_pixels(path: str | Path | None, what: str, values: int, max_pixels: in
 
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ReaderConfig", "current_reader_config", "use_reader_config",
-           "resolve_max_pixels", "parse_max_pixels", "max_pixels_type", "check_pixels", "MAX_PIXELS_HELP"]
+           "resolve_max_pixels", "check_pixels"]
