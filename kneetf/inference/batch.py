@@ -23,7 +23,8 @@ from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.inference.outputs import parse_formats, write_prediction
 from kneetf.inference.predictor import load_predictor
 from kneetf.io.atomic import write_text_atomic
-from kneetf.preprocess.xray import PreparedXray, normalize_side, prepare_xray, roi_source, to_output_volume
+from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray, roi_source,
+                                   to_output_volume)
 
 XRAY_SUFFIXES = {".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
 #: Patient module keywords copied from an input DICOM X-ray with `keep_patient`.
@@ -115,14 +116,16 @@ def collect_inputs(paths: Sequence[str | Path], *, allow_outside: bool = False
     return unique, errors
 
 
-def read_input(item: XrayInput, config: PreprocessConfig, roi: Any) -> PreparedXray:
-    """Read and prepare one input file (InputError naming the file on failure)."""
+def read_input(item: XrayInput, config: PreprocessConfig, roi: Any, *, normalize: bool = True) -> PreparedXray:
+    """Read and prepare one input file (InputError naming the file on failure):
+    `prepare_xray`, or only its ROI crop and mirroring (`crop_xray`) when not `normalize`."""
     from kneetf.io.readers import read_xray
 
     image, meta = read_xray(item.path, **item.options)
     side = item.side or getattr(meta, "laterality", None)
     info = meta.to_dict() if hasattr(meta, "to_dict") else dict(meta or {})
-    return prepare_xray(image, config, roi, case_id=item.id, side=side, source=str(item.path), meta=info)
+    prepare = prepare_xray if normalize else crop_xray
+    return prepare(image, config, roi, case_id=item.id, side=side, source=str(item.path), meta=info)
 
 
 def patient_module(path: Path) -> dict[str, Any]:
