@@ -162,19 +162,20 @@ def _reason(e: BaseException) -> str:
 def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path, *,
                   formats: Sequence[str] = ("nifti",), roi: Any = None, keep_patient: bool = False,
                   batch_size: int = 8, preprocess: PreprocessConfig | str | Path | None = None,
-                  allow_outside: bool = False, progress: bool = True) -> PredictReport:
+                  allow_outside: bool = False, progress: bool = True, trust_model: bool = False) -> PredictReport:
     """Reconstruct every X-ray of `inputs` (files, folders, manifest CSVs) into `out_dir`.
 
     A file that fails (unreadable, no ROI, ...) is reported in the returned report and in
     `out_dir/errors.csv`; the others are written. `out_dir/predictions.csv` lists what was
-    written (id, source, side, mirrored, ROI box). Only `out_dir` is written to.
+    written (id, source, side, mirrored, ROI box). Only `out_dir` is written to, unless a
+    SavedModel or TFLite model loaded with `trust_model` does otherwise (`load_predictor`).
     """
     from tqdm.auto import tqdm
 
     formats = parse_formats(formats)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
-    predictor = load_predictor(model, preprocess)
+    predictor = load_predictor(model, preprocess, trust_model=trust_model)
     roi = roi_source(roi)
     items, errors = collect_inputs(inputs, allow_outside=allow_outside)
     out = Path(out_dir)
