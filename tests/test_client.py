@@ -426,7 +426,8 @@ def _lie(mri_shape, fill=0.5, recon_shape=None, content=False):
 
     def tensor(shape):
         dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in shape]
-        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims))
+        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT,
+                                       tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims))
         if content:
             proto.tensor_content = np.full(shape, fill, np.float32).tobytes()
         else:
@@ -536,7 +537,8 @@ def test_rest_redirects_are_not_followed(server):
         for code in (301, 302, 307, 308):
             server.faults.rest_reply = lambda raw, code=code: (code, {"Location": location, "Content-Length": "0"}, b"")
             client = RestClient(server.rest_url, headers={"Authorization": "Bearer s3cret"}, retries=0)
-            with pytest.raises(ServingError, match=rf"HTTP {code}, a redirect to .*localhost:{other.server_address[1]}"):
+            where = f"localhost:{other.server_address[1]}"
+            with pytest.raises(ServingError, match=rf"HTTP {code}, a redirect to .*{where}"):
                 client.predict(_raw(1, 128, 128))
     finally:
         other.shutdown()
@@ -627,8 +629,6 @@ def _proto_classes():
 
 def test_serving_configs(repo):
     """The serving/ files parse as the protos TF Serving reads, and agree with each other."""
-    import re
-
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -676,7 +676,7 @@ def test_cli_modules_import_no_tensorflow():
     """`kneetf client/export --help` stay fast, and the REST client works without TensorFlow:
     no TF, Keras or grpc at import time."""
     code = ("import sys, kneetf.cli.client, kneetf.cli.export, kneetf.export, kneetf.client, kneetf.client.rest, "
-            "kneetf.protocol, kneetf.inference; "
+            "kneetf.client.xray, kneetf.protocol, kneetf.inference, kneetf.inference.trust; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'grpc') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

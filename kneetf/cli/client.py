@@ -74,14 +74,6 @@ def _targets(items: list[Any], out: str) -> list[Path]:
     return [target / f"{item.id}.nii.gz" for item in items]
 
 
-def _reason(e: BaseException) -> str:
-    from kneetf.errors import InputError, KneetfError
-
-    if isinstance(e, InputError):
-        return e.reason
-    return str(e) if isinstance(e, KneetfError) else f"{type(e).__name__}: {e}"
-
-
 def run(args: argparse.Namespace) -> int:
     from kneetf.errors import ConfigError, ModelNotFoundError, ServerUnavailableError
 
@@ -114,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{args.model} version {s['version']}: {s['state']}{err}")
             return 0
         from kneetf.client.xray import WholeImage, reconstruct
-        from kneetf.inference.batch import collect_inputs
+        from kneetf.inference.batch import collect_inputs, error_reason
         from kneetf.inference.outputs import write_volume
         from kneetf.preprocess.xray import roi_source
 
@@ -133,11 +125,11 @@ def run(args: argparse.Namespace) -> int:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 write_volume(target, volume)
             except (ServerUnavailableError, ModelNotFoundError) as e:  # every other X-ray would fail alike
-                failures += [{"id": it.id, "file": str(it.path), "reason": _reason(e) if it is item else "not sent"}
-                             for it in items[i:]]
+                failures += [{"id": it.id, "file": str(it.path),
+                              "reason": error_reason(e) if it is item else "not sent"} for it in items[i:]]
                 break
             except Exception as e:  # this X-ray or this answer: report it, go on with the others
-                failures.append({"id": item.id, "file": str(item.path), "reason": _reason(e)})
+                failures.append({"id": item.id, "file": str(item.path), "reason": error_reason(e)})
                 continue
             print(f"{item.path} -> {target} ({volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]})")
     if failures:

@@ -80,8 +80,8 @@ class ServingClient(BaseClient):
     def __init__(self, target: str, model: str = DEFAULT_MODEL_NAME, version: int | None = None,
                  signature: str = SIGNATURE_DEFAULT, timeout: float = 30.0,
                  tls: bool | str | Path | Mapping[str, str | Path] = False, retries: int = 3, *,
-                 backoff: float = 0.25, max_backoff: float = 8.0, max_batch: int = max(SERVING_BATCH_SIZES), resize: bool = True,
-                 image_size: int = CONTRACT_IMAGE_SIZE, num_slices: int = CONTRACT_NUM_SLICES,
+                 backoff: float = 0.25, max_backoff: float = 8.0, max_batch: int = max(SERVING_BATCH_SIZES),
+                 resize: bool = True, image_size: int = CONTRACT_IMAGE_SIZE, num_slices: int = CONTRACT_NUM_SLICES,
                  max_message_mb: int = 256, max_receive_mb: float | None = None,
                  tls_server_name: str | None = None) -> None:
         super().__init__(target, model=model, version=version, signature=signature, timeout=timeout,

@@ -61,9 +61,9 @@ class RestClient(BaseClient):
 
     def __init__(self, url: str, model: str = DEFAULT_MODEL_NAME, version: int | None = None,
                  signature: str = SIGNATURE_DEFAULT, timeout: float = 30.0, tls: bool | str | Path = False,
-                 retries: int = 3, *, backoff: float = 0.25, max_backoff: float = 8.0, max_batch: int = max(SERVING_BATCH_SIZES),
-                 resize: bool = True, image_size: int = CONTRACT_IMAGE_SIZE,
-                 num_slices: int = CONTRACT_NUM_SLICES, form: str = "inputs",
+                 retries: int = 3, *, backoff: float = 0.25, max_backoff: float = 8.0,
+                 max_batch: int = max(SERVING_BATCH_SIZES), resize: bool = True,
+                 image_size: int = CONTRACT_IMAGE_SIZE, num_slices: int = CONTRACT_NUM_SLICES, form: str = "inputs",
                  headers: Mapping[str, str] | None = None, max_response_mb: float | None = None) -> None:
         if form not in ("inputs", "instances"):
             raise ConfigError(f"form must be 'inputs' or 'instances'. Received: form={form!r}")

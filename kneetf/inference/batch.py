@@ -151,7 +151,8 @@ class PredictReport:
         return len(self.written)
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
+    """What went wrong with one input, for a report that names the file beside it."""
     if isinstance(e, InputError):
         return e.reason
     if isinstance(e, KneetfError):
@@ -190,7 +191,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             try:
                 prepared.append((item, read_input(item, predictor.preprocess, roi)))
             except Exception as e:  # report, keep going with the others
-                report.errors.append({"id": item.id, "file": str(item.path), "reason": _reason(e)})
+                report.errors.append({"id": item.id, "file": str(item.path), "reason": error_reason(e)})
                 bar.update(1)
         if not prepared:
             continue
@@ -198,7 +199,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             mri = predictor(np.stack([p.xray for _, p in prepared]))
         except Exception as e:
             for item, _ in prepared:
-                report.errors.append({"id": item.id, "file": str(item.path), "reason": f"model: {_reason(e)}"})
+                report.errors.append({"id": item.id, "file": str(item.path), "reason": f"model: {error_reason(e)}"})
             bar.update(len(prepared))
             continue
         for (item, prep), vol in zip(prepared, mri):
@@ -210,7 +211,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                              "mirrored": int(prep.mirrored),
                              **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple())))})
             except Exception as e:
-                report.errors.append({"id": item.id, "file": str(item.path), "reason": f"writing: {_reason(e)}"})
+                report.errors.append({"id": item.id, "file": str(item.path), "reason": f"writing: {error_reason(e)}"})
             bar.update(1)
     bar.close()
     _write_csv(out / "predictions.csv", ["id", "source", "side", "mirrored", "x0", "y0", "x1", "y1"], rows)
@@ -228,4 +229,4 @@ def _write_csv(path: Path, fields: Sequence[str], rows: Iterable[dict[str, Any]]
 
 
 __all__ = ["XRAY_SUFFIXES", "XrayInput", "safe_id", "file_id", "collect_inputs", "read_input", "patient_module",
-           "PredictReport", "predict_files"]
+           "PredictReport", "error_reason", "predict_files"]
