@@ -45,7 +45,7 @@ ALLOWED_OPS = frozenset("""
     Conv3DBackpropFilterV2 DepthwiseConv2dNativeBackpropInput DepthwiseConv2dNativeBackpropFilter BiasAdd
     BiasAddGrad FusedBatchNorm FusedBatchNormV2 FusedBatchNormV3 FusedBatchNormGrad FusedBatchNormGradV3
     MaxPool MaxPoolV2 AvgPool MaxPool3D AvgPool3D MaxPoolGrad AvgPoolGrad
-    ResizeArea ResizeBilinear ResizeNearestNeighbor ResizeBicubic
+    ResizeArea ResizeBilinear ResizeNearestNeighbor ResizeBicubic ScaleAndTranslate
     ReluGrad Relu6Grad EluGrad SeluGrad LeakyReluGrad SigmoidGrad TanhGrad RsqrtGrad SqrtGrad
     ReciprocalGrad SoftplusGrad BroadcastGradientArgs
     Shape ShapeN Size Rank Reshape Squeeze ExpandDims Transpose ConjugateTranspose Concat ConcatV2 ConcatOffset
