@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-outside", action="store_true",
                         help="let a manifest name files outside its folder tree")
     add_config_flags(parser, _flags())
+    parser.add_argument("--trust-model", action="store_true",
+                        help="run a SavedModel / TFLite model even if it holds operations kneetf models never use "
+                             "(file or other I/O, custom ops): a model file is code, trust its source")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
                                keep_patient=args.keep_patient, batch_size=args.batch_size,
                                preprocess=args.preprocess, allow_outside=args.allow_outside,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, trust_model=args.trust_model)
     total = report.ok + len(report.errors)
     print(f"wrote {report.ok} of {total} reconstruction(s) to {report.out_dir}")
     if report.errors:

@@ -3,6 +3,7 @@
 - `loading`: `.keras`, run folder, SavedModel, `.tflite` paths; `load_model`; the recorded
   preprocessing config;
 - `predictor`: `Predictor` / `load_predictor`, normalised X-rays -> MRI, any format;
+- `trust`: the operations a SavedModel or TFLite file may run, checked before it loads;
 - `litert`: `TFLiteModel`, the `.tflite` runner;
 - `outputs`: NIfTI / DICOM / PNG writing of reconstructions, `NOMINAL_SPACING`;
 - `batch`: `predict_files`, what `kneetf predict` runs.

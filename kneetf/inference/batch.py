@@ -23,7 +23,8 @@ from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.inference.outputs import parse_formats, write_prediction
 from kneetf.inference.predictor import load_predictor
 from kneetf.io.atomic import write_text_atomic
-from kneetf.preprocess.xray import PreparedXray, normalize_side, prepare_xray, roi_source, to_output_volume
+from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray, roi_source,
+                                   to_output_volume)
 
 XRAY_SUFFIXES = {".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
 #: Patient module keywords copied from an input DICOM X-ray with `keep_patient`.
@@ -115,14 +116,16 @@ def collect_inputs(paths: Sequence[str | Path], *, allow_outside: bool = False
     return unique, errors
 
 
-def read_input(item: XrayInput, config: PreprocessConfig, roi: Any) -> PreparedXray:
-    """Read and prepare one input file (InputError naming the file on failure)."""
+def read_input(item: XrayInput, config: PreprocessConfig, roi: Any, *, normalize: bool = True) -> PreparedXray:
+    """Read and prepare one input file (InputError naming the file on failure):
+    `prepare_xray`, or only its ROI crop and mirroring (`crop_xray`) when not `normalize`."""
     from kneetf.io.readers import read_xray
 
     image, meta = read_xray(item.path, **item.options)
     side = item.side or getattr(meta, "laterality", None)
     info = meta.to_dict() if hasattr(meta, "to_dict") else dict(meta or {})
-    return prepare_xray(image, config, roi, case_id=item.id, side=side, source=str(item.path), meta=info)
+    prepare = prepare_xray if normalize else crop_xray
+    return prepare(image, config, roi, case_id=item.id, side=side, source=str(item.path), meta=info)
 
 
 def patient_module(path: Path) -> dict[str, Any]:
@@ -148,7 +151,8 @@ class PredictReport:
         return len(self.written)
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
+    """What went wrong with one input, for a report that names the file beside it."""
     if isinstance(e, InputError):
         return e.reason
     if isinstance(e, KneetfError):
@@ -159,19 +163,20 @@ def _reason(e: BaseException) -> str:
 def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path, *,
                   formats: Sequence[str] = ("nifti",), roi: Any = None, keep_patient: bool = False,
                   batch_size: int = 8, preprocess: PreprocessConfig | str | Path | None = None,
-                  allow_outside: bool = False, progress: bool = True) -> PredictReport:
+                  allow_outside: bool = False, progress: bool = True, trust_model: bool = False) -> PredictReport:
     """Reconstruct every X-ray of `inputs` (files, folders, manifest CSVs) into `out_dir`.
 
     A file that fails (unreadable, no ROI, ...) is reported in the returned report and in
     `out_dir/errors.csv`; the others are written. `out_dir/predictions.csv` lists what was
-    written (id, source, side, mirrored, ROI box). Only `out_dir` is written to.
+    written (id, source, side, mirrored, ROI box). Only `out_dir` is written to, unless a
+    SavedModel or TFLite model loaded with `trust_model` does otherwise (`load_predictor`).
     """
     from tqdm.auto import tqdm
 
     formats = parse_formats(formats)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
-    predictor = load_predictor(model, preprocess)
+    predictor = load_predictor(model, preprocess, trust_model=trust_model)
     roi = roi_source(roi)
     items, errors = collect_inputs(inputs, allow_outside=allow_outside)
     out = Path(out_dir)
@@ -186,7 +191,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             try:
                 prepared.append((item, read_input(item, predictor.preprocess, roi)))
             except Exception as e:  # report, keep going with the others
-                report.errors.append({"id": item.id, "file": str(item.path), "reason": _reason(e)})
+                report.errors.append({"id": item.id, "file": str(item.path), "reason": error_reason(e)})
                 bar.update(1)
         if not prepared:
             continue
@@ -194,7 +199,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             mri = predictor(np.stack([p.xray for _, p in prepared]))
         except Exception as e:
             for item, _ in prepared:
-                report.errors.append({"id": item.id, "file": str(item.path), "reason": f"model: {_reason(e)}"})
+                report.errors.append({"id": item.id, "file": str(item.path), "reason": f"model: {error_reason(e)}"})
             bar.update(len(prepared))
             continue
         for (item, prep), vol in zip(prepared, mri):
@@ -206,7 +211,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                              "mirrored": int(prep.mirrored),
                              **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple())))})
             except Exception as e:
-                report.errors.append({"id": item.id, "file": str(item.path), "reason": f"writing: {_reason(e)}"})
+                report.errors.append({"id": item.id, "file": str(item.path), "reason": f"writing: {error_reason(e)}"})
             bar.update(1)
     bar.close()
     _write_csv(out / "predictions.csv", ["id", "source", "side", "mirrored", "x0", "y0", "x1", "y1"], rows)
@@ -224,4 +229,4 @@ def _write_csv(path: Path, fields: Sequence[str], rows: Iterable[dict[str, Any]]
 
 
 __all__ = ["XRAY_SUFFIXES", "XrayInput", "safe_id", "file_id", "collect_inputs", "read_input", "patient_module",
-           "PredictReport", "predict_files"]
+           "PredictReport", "error_reason", "predict_files"]
