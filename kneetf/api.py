@@ -82,10 +82,13 @@ class Reconstructor:
         self.roi = roi_source(roi)
 
     @classmethod
-    def load(cls, path: Any, roi: Any = None, preprocess: Any = None) -> "Reconstructor":
+    def load(cls, path: Any, roi: Any = None, preprocess: Any = None, *, trust_model: bool = False
+             ) -> "Reconstructor":
         """Load the model at `path` (or wrap a keras.Model); `preprocess` overrides the
-        recorded preprocessing config (a PreprocessConfig or a JSON holding one)."""
-        return cls(load_predictor(path, preprocess), roi)
+        recorded preprocessing config (a PreprocessConfig or a JSON holding one). A
+        SavedModel or TFLite file with operations kneetf models never use (file or other
+        I/O) is refused unless `trust_model` (a model file is code)."""
+        return cls(load_predictor(path, preprocess, trust_model=trust_model), roi)
 
     @property
     def preprocess(self) -> Any:

@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kneetf.cli.options import ConfigFlag, add_config_flags, config_values
+
+
+def _flags() -> list[ConfigFlag]:
+    """The config fields `kneetf predict` exposes."""
+    from kneetf.io.limits import ReaderConfig
+
+    return [ConfigFlag(ReaderConfig, "max_pixels")]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kneetf.inference.outputs import FORMATS, NAMES, PSEUDONYM_KEY
@@ -35,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the one recorded with the model)")
     parser.add_argument("--allow-outside", action="store_true",
                         help="let a manifest name files outside its folder tree")
+    add_config_flags(parser, _flags())
+    parser.add_argument("--trust-model", action="store_true",
+                        help="run a SavedModel / TFLite model even if it holds operations kneetf models never use "
+                             "(file or other I/O, custom ops): a model file is code, trust its source")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -42,14 +55,17 @@ def run(args: argparse.Namespace) -> int:
     from kneetf.errors import KneetfError
     from kneetf.inference.batch import predict_files
     from kneetf.inference.outputs import parse_formats
+    from kneetf.io.limits import ReaderConfig, use_reader_config
     from kneetf.preprocess.xray import roi_source
 
     formats = parse_formats(args.format)
     roi = roi_source(boxes=args.rois, detector=args.roi_detector)
-    report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
-                           keep_patient=args.keep_patient, batch_size=args.batch_size, preprocess=args.preprocess,
-                           allow_outside=args.allow_outside, progress=not args.no_progress, names=args.names,
-                           pseudonym_key=args.pseudonym_key)
+    with use_reader_config(ReaderConfig(**config_values(args, _flags(), ReaderConfig))):
+        report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
+                               keep_patient=args.keep_patient, batch_size=args.batch_size,
+                               preprocess=args.preprocess, allow_outside=args.allow_outside,
+                               progress=not args.no_progress, trust_model=args.trust_model, names=args.names,
+                               pseudonym_key=args.pseudonym_key)
     total = report.ok + len(report.errors)
     print(f"wrote {report.ok} of {total} reconstruction(s) to {report.out_dir}")
     if report.errors:

@@ -3,6 +3,7 @@
 - `loading`: `.keras`, run folder, SavedModel, `.tflite` paths; `load_model`; the recorded
   preprocessing config;
 - `predictor`: `Predictor` / `load_predictor`, normalised X-rays -> MRI, any format;
+- `trust`: the operations a SavedModel or TFLite file may run, checked before it loads;
 - `litert`: `TFLiteModel`, the `.tflite` runner;
 - `geometry`: the one output geometry (layout, affine, spacing, NIfTI header fields);
 - `outputs`: NIfTI / DICOM / PNG writing of reconstructions (`write_volume`, `write_dicom`);

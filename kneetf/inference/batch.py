@@ -25,7 +25,8 @@ from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, Sourc
                                       output_paths, parse_formats, write_prediction)
 from kneetf.inference.predictor import load_predictor
 from kneetf.io.atomic import write_text_atomic
-from kneetf.preprocess.xray import PreparedXray, normalize_side, prepare_xray, roi_source, to_output_volume
+from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray, roi_source,
+                                   to_output_volume)
 
 XRAY_SUFFIXES = {".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
 KEY_FIELDS = ["pseudonym", "source", "result"]
@@ -117,14 +118,16 @@ def collect_inputs(paths: Sequence[str | Path], *, allow_outside: bool = False
     return unique, errors
 
 
-def read_input(item: XrayInput, config: PreprocessConfig, roi: Any) -> PreparedXray:
-    """Read and prepare one input file (InputError naming the file on failure)."""
+def read_input(item: XrayInput, config: PreprocessConfig, roi: Any, *, normalize: bool = True) -> PreparedXray:
+    """Read and prepare one input file (InputError naming the file on failure):
+    `prepare_xray`, or only its ROI crop and mirroring (`crop_xray`) when not `normalize`."""
     from kneetf.io.readers import read_xray
 
     image, meta = read_xray(item.path, **item.options)
     side = item.side or getattr(meta, "laterality", None)
     info = meta.to_dict() if hasattr(meta, "to_dict") else dict(meta or {})
-    return prepare_xray(image, config, roi, case_id=item.id, side=side, source=str(item.path), meta=info)
+    prepare = prepare_xray if normalize else crop_xray
+    return prepare(image, config, roi, case_id=item.id, side=side, source=str(item.path), meta=info)
 
 
 def patient_module(path: Path) -> dict[str, Any]:
@@ -169,7 +172,8 @@ class PredictReport:
         return len(self.written)
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
+    """What went wrong with one input, for a report that names the file beside it."""
     if isinstance(e, InputError):
         return e.reason
     if isinstance(e, KneetfError):
@@ -180,7 +184,8 @@ def _reason(e: BaseException) -> str:
 def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path, *,
                   formats: Sequence[str] = ("nifti",), roi: Any = None, keep_patient: bool = False,
                   batch_size: int = 8, preprocess: PreprocessConfig | str | Path | None = None,
-                  allow_outside: bool = False, progress: bool = True, names: str = "auto",
+                  allow_outside: bool = False, progress: bool = True, trust_model: bool = False,
+                  names: str = "auto",
                   pseudonym_key: str | Path | None = None) -> PredictReport:
     """Reconstruct every X-ray of `inputs` (files, folders, manifest CSVs) into `out_dir`.
 
@@ -191,7 +196,8 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     pseudonyms `source` is left empty, errors name pseudonyms, and `pseudonym_key` (default
     `out_dir/PSEUDONYM_KEY`) maps each pseudonym to its source file. An `out_dir` that is or
     holds an input is refused (ConfigError); an output name that exists and was not written
-    by kneetf is reported and not replaced. Only `out_dir` (and `pseudonym_key`) is written to.
+    by kneetf is reported and not replaced. Only `out_dir` (and `pseudonym_key`) is written to,
+    unless a SavedModel or TFLite model loaded with `trust_model` does otherwise (`load_predictor`).
     """
     from tqdm.auto import tqdm
 
@@ -213,7 +219,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                               "choose another --out)")
     items, errors = collect_inputs(inputs, allow_outside=allow_outside)
     folder.refuse_inputs(it.path for it in items)
-    predictor = load_predictor(model, preprocess)
+    predictor = load_predictor(model, preprocess, trust_model=trust_model)
     roi = roi_source(roi)
     used = {r["pseudonym"] for r in prior_key}
     for it in items:
@@ -247,7 +253,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             try:
                 prepared.append((item, read_input(item, predictor.preprocess, roi)))
             except Exception as e:  # report, keep going with the others
-                report.errors.append({"id": item.id, "file": str(item.path), "item": item, "reason": _reason(e)})
+                report.errors.append({"id": item.id, "file": str(item.path), "item": item, "reason": error_reason(e)})
                 bar.update(1)
         if not prepared:
             continue
@@ -256,7 +262,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
         except Exception as e:
             for item, _ in prepared:
                 report.errors.append({"id": item.id, "file": str(item.path), "item": item,
-                                      "reason": f"model: {_reason(e)}"})
+                                      "reason": f"model: {error_reason(e)}"})
             bar.update(len(prepared))
             continue
         for (item, prep), vol in zip(prepared, mri):
@@ -272,7 +278,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                              **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple())))})
             except Exception as e:
                 report.errors.append({"id": item.id, "file": str(item.path), "item": item,
-                                      "reason": f"writing: {_reason(e)}"})
+                                      "reason": f"writing: {error_reason(e)}"})
             bar.update(1)
     bar.close()
     if names == "pseudonym":
@@ -328,5 +334,4 @@ def _write_csv(path: Path, fields: Sequence[str], rows: Iterable[dict[str, Any]]
 
 
 __all__ = ["XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "XrayInput", "safe_id", "file_id", "collect_inputs",
-           "read_input", "patient_module", "resolve_names",
-           "PredictReport", "predict_files"]
+           "read_input", "patient_module", "resolve_names", "PredictReport", "error_reason", "predict_files"]
