@@ -348,7 +348,7 @@ def test_cli_client_gives_the_predict_answer(served, server, full_xrays, tmp_pat
 
     folder, version = full_xrays["folder"], served["mirrored"] / "1"
     assert main(["predict", "--model", str(version), str(folder), "--out", str(tmp_path / "predict"),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--names", "id"]) == 0
     address = server.grpc_target if transport == "--server" else server.rest_url
     assert main(["client", transport, address, "--model", "mirrored", "--model-info", str(version), str(folder),
                  "--out", str(tmp_path / "client")]) == 0
@@ -383,7 +383,7 @@ def test_client_roi_options_and_model_info(served, server, full_xrays, tmp_path,
     assert main(["client", "--server", server.grpc_target, str(folder / "a.png"), "--rois",
                  str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "boxed.nii.gz")]) == 0
     assert main(["predict", "--model", str(served["base"] / "1"), str(folder / "a.png"), "--rois",
-                 str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+                 str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "p"), "--no-progress", "--names", "id"]) == 0
     nib = pytest.importorskip("nibabel")
     np.testing.assert_allclose(np.asarray(nib.load(tmp_path / "boxed.nii.gz").dataobj),
                                np.asarray(nib.load(tmp_path / "p" / "a.nii.gz").dataobj), atol=1e-5)
