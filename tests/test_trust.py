@@ -56,7 +56,7 @@ def test_malicious_savedmodel_is_refused_by_predict(tmp_path, capsys):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.nii.gz"))
 
     assert main(["predict", "--model", model, str(tmp_path / "knee.npy"), "--out", str(tmp_path / "out"),
-                 "--no-progress", "--trust-model"]) == 0
+                 "--no-progress", "--trust-model", "--names", "id"]) == 0
     assert target.read_text() == "written by the model"  # what the check prevented
     assert (tmp_path / "out" / "knee.nii.gz").is_file()
 
