@@ -141,7 +141,7 @@ def test_predict_api_evaluate_and_client_write_identical_headers(tmp_path, run):
     export_savedmodel(run / "model.keras", tmp_path / "saved_models" / "kneetf", verify=False, warmup_batch_sizes=())
     server = serving_server.LocalServingServer({"kneetf": tmp_path / "saved_models" / "kneetf"}).start()
     try:
-        assert main(["client", "--server", server.grpc_target, str(tmp_path / "knee.npy"),
+        assert main(["client", "--server", server.grpc_target, str(tmp_path / "knee.npy"), "--cropped",
                      "--out", str(tmp_path / "client.nii.gz")]) == 0
     finally:
         server.stop()
