@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kneetf.errors import InputError, ManifestError
-from kneetf.preprocess.roi import (Box, ClassicalRoi, CsvRoi, RoiSource, classical_roi, crop_box, draw_box_png,
-                                   iou, load_boxes, mean_iou, square_box_around, write_boxes)
+from kneetf.preprocess.roi import (Box, ClassicalRoi, CsvRoi, RoiNotFoundError, RoiSource, classical_roi, crop_box,
+                                   draw_box_png, iou, load_boxes, mean_iou, square_box_around, write_boxes)
 
 
 # --- a stand-in X-ray: two bright bones with a dark joint gap -------------------------------
@@ -175,11 +175,12 @@ def test_classical_roi_scales_with_the_image_and_is_picklable():
     assert source.box_for("x", image).width == pytest.approx(classical_roi(image, side_scale=1.5).width)
 
 
-def test_classical_roi_degenerate_image_warns_and_centres(caplog):
-    with caplog.at_level("WARNING"):
-        box = classical_roi(np.full((100, 60), 7, np.uint16))
-    assert "constant image" in caplog.text
-    assert (box.cx, box.cy, box.width) == (30, 50, 30)
+def test_classical_roi_refuses_an_image_without_a_knee():
+    with pytest.raises(RoiNotFoundError, match=r"knee.dcm: no knee found: the image is constant"):
+        classical_roi(np.full((100, 60), 7, np.uint16), source="knee.dcm")
+    noise = np.random.default_rng(0).normal(1000, 50, (200, 240))
+    with pytest.raises(RoiNotFoundError):
+        classical_roi(noise)
     with pytest.raises(InputError, match="8x8"):
         classical_roi(np.zeros((4, 4)))
 

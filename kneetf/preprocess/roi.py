@@ -41,6 +41,9 @@ PAD_MODES = ("constant", "edge")
 #: 1.44 +- 0.10 measured on 100 built-in synthetic knees (100 mm boxes); a joint box that
 #: holds the condyles and the tibial plateau with a margin is of this order on real X-rays.
 CLASSICAL_SIDE_SCALE = 1.45
+#: Box side of the classical fallback when the X-ray's pixel spacing is known: the built-in
+#: synthetic knees are cropped to 100 mm boxes (96-100 mm is the usual joint box).
+CLASSICAL_BOX_MM = 100.0
 
 
 # === Boxes ===
@@ -226,23 +229,77 @@ def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant") -> np.n
 
 # === Classical fallback ===
 
-def _otsu3(values: np.ndarray, bins: int = 128) -> tuple[float, float]:
-    """The two thresholds of a 3-class Otsu split (background, soft tissue, bone) of values in
-    [0, 1]: the pair maximising the between-class variance of the histogram."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    p = hist.astype(np.float64) / max(1, hist.sum())
-    centres = (edges[:-1] + edges[1:]) / 2.0
-    w = np.concatenate([[0.0], np.cumsum(p)])            # w[i] = mass of bins [0, i)
-    m = np.concatenate([[0.0], np.cumsum(p * centres)])  # first moment of bins [0, i)
-    i, j = np.meshgrid(np.arange(1, bins), np.arange(1, bins), indexing="ij")
-    valid = j > i
-    w0, w1, w2 = w[i], w[j] - w[i], 1.0 - w[j]
-    m0, m1, m2 = m[i], m[j] - m[i], m[-1] - m[j]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        score = sum(np.where(wk > 0, mk ** 2 / wk, 0.0) for wk, mk in ((w0, m0), (w1, m1), (w2, m2)))
-    score = np.where(valid, score, -np.inf)
-    a, b = np.unravel_index(int(np.argmax(score)), score.shape)
-    return float(edges[i[a, b]]), float(edges[j[a, b]])
+class RoiNotFoundError(InputError):
+    """The classical fallback is not sure where the knee joint is; `reason` says why. A batch
+    job lists the file as failed instead of cropping the wrong place."""
+
+
+@dataclass(frozen=True)
+class JointFinding:
+    """What `find_joint` found: the box and how sure it is.
+
+    `confidence` in [0, 1]: 1 - (score of the best other place) / (score of this one),
+    scaled down when the joint space is faint; `knee_width` is the bone width next to the
+    joint space in pixels of the full image; `angle` the tilt of the joint line in degrees;
+    `contrast` the depth of the joint space over the image's noise.
+    """
+
+    box: Box
+    confidence: float
+    knee_width: float
+    angle: float
+    contrast: float
+
+
+@dataclass(frozen=True)
+class ClassicalConfig:
+    """The settings of the classical fallback (lengths relative to the knee width `W`).
+
+    The defaults were tuned on synthetic radiographs with markers, collimation and unexposed
+    borders (not on the sets the found-rates in the docs are measured on).
+    """
+
+    #: long side of the working image, pixels
+    work_size: int = 192
+    #: joint-line tilts tried, degrees
+    angles: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)
+    #: knee widths tried, as fractions of the image's short side (spacing unknown)
+    width_range: tuple[float, float] = (0.14, 0.85)
+    #: knee widths tried in millimetres when the pixel spacing is known (also the accepted range)
+    width_range_mm: tuple[float, float] = (35.0, 150.0)
+    num_widths: int = 9
+    #: joint-space window: height, and each compartment's columns (from, to) off the centre, x W
+    gap_height: float = 0.05
+    bone_height: float = 0.16
+    compartment: tuple[float, float] = (0.13, 0.42)
+    #: least fraction of usable (not masked) pixels in every window
+    min_coverage: float = 0.75
+    #: refuse when the joint space is shallower than this many noise sigmas
+    min_contrast: float = 4.0
+    #: a joint space's level, from the 2nd (0) to the 98th (1) percentile of the image, at least
+    min_gap_level: float = 0.25
+    #: the brightest of the four bone windows over the darkest, at most
+    max_bone_ratio: float = 2.0
+    #: a place on a straight edge this many times as long as the knee is wide is not a joint
+    edge_length: float = 1.5
+    #: best-scoring places checked
+    max_candidates: int = 40
+    #: the score of a knee width W is its depth x (W / smallest W) ** width_weight (a deeper
+    #: joint space over a wider knee is the likelier)
+    width_weight: float = 0.5
+    #: refuse when another place scores this fraction of the best, if it is off the best's
+    #: joint line by distinct[0] x W, or along it by distinct[1] x W (another knee)
+    ambiguity: float = 0.8
+    distinct: tuple[float, float] = (0.35, 1.0)
+    #: condylar / plateau width ratio accepted
+    width_ratio: tuple[float, float] = (0.7, 1.45)
+    #: joint-space width / knee width searched, when both ends of the joint space are hidden
+    extent_ratio: float = 0.9
+    #: least fraction of the box on usable pixels of the image
+    min_inside: float = 0.35
+
+
+DEFAULT_CLASSICAL = ClassicalConfig()
 
 
 def _normalize01(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -252,109 +309,417 @@ def _normalize01(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.
     return np.clip((image.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[start, stop) of the True runs of a 1-D boolean array."""
-    padded = np.concatenate([[False], mask.astype(bool), [False]])
-    edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+def _noise_sigma(v: np.ndarray) -> float:
+    """Robust noise sigma of an image: the MAD of its difference to a 3x3 median."""
+    step = max(1, int(math.sqrt(v.size / 65536)))
+    d = (v - cv2.medianBlur(v.astype(np.float32), 3))[::step, ::step]
+    return float(1.4826 * np.median(np.abs(d - np.median(d)))) + 1e-6
 
 
-def _run_containing(mask: np.ndarray, x: int) -> tuple[int, int] | None:
-    """The True run of `mask` that contains `x`, else the nearest one."""
-    runs = _runs(mask)
-    if not runs:
+def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int]) -> np.ndarray:
+    """Pixels of the working image to ignore: pieces of the brightest, saturated level that
+    stand out sharply from what surrounds them, where lead markers and letters, burned-in
+    text, rulers and unexposed collimated areas sit. Found at (up to) full resolution, where
+    thin strokes are still saturated; the top of a bone clipped by the display processing is
+    kept (its surroundings are nearly as bright). A working pixel is masked when any of its
+    pixels is."""
+    h, w = image.shape
+    f = min(1.0, 1024.0 / max(h, w))
+    img = image.astype(np.float32)
+    if f < 1.0:
+        img = cv2.resize(img, (max(8, round(w * f)), max(8, round(h * f))), interpolation=cv2.INTER_AREA)
+    lo, hi = (float(q) for q in np.percentile(img[::2, ::2], [0.05, 99.95]))
+    if hi <= lo:
+        return np.zeros(work_shape, bool)
+    v = (img - lo) / (hi - lo)
+    tol = max(0.04, 3.0 * _noise_sigma(v))
+    sat = (v >= 1.0 - tol).astype(np.uint8)
+    n, labels = cv2.connectedComponents(sat, connectivity=8)
+    if n <= 1:
+        return np.zeros(work_shape, bool)
+    # the mean level of a 2-pixel ring around each piece
+    grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
+    ring = (sat == 0) & (grown > 0)
+    counts = np.bincount(grown[ring], minlength=n)
+    level = np.bincount(grown[ring], weights=v[ring], minlength=n) / np.maximum(counts, 1)
+    keep = (counts > 0) & (level < 1.0 - max(0.15, 3.0 * tol))
+    keep[0] = False
+    mask = keep[labels].astype(np.float32)
+    return cv2.resize(mask, (work_shape[1], work_shape[0]), interpolation=cv2.INTER_AREA) > 0
+
+
+def _rotate(v: np.ndarray, valid: np.ndarray, angle: float
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`v` and `valid` rotated by `angle` degrees about the centre on a canvas that holds the
+    whole image, the canvas pixels inside the image, and the 2x3 matrix mapping original to
+    rotated coordinates."""
+    h, w = v.shape
+    if angle == 0.0:
+        return v, valid, np.ones((h, w), np.uint8), np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, 1.0)
+    cos, sin = abs(m[0, 0]), abs(m[0, 1])
+    nw, nh = int(math.ceil(h * sin + w * cos)), int(math.ceil(h * cos + w * sin))
+    m[0, 2] += nw / 2.0 - w / 2.0
+    m[1, 2] += nh / 2.0 - h / 2.0
+    rv = cv2.warpAffine(v, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    rm = cv2.warpAffine(valid, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    inside = cv2.warpAffine(np.ones((h, w), np.float32), m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    return rv, rm, (inside > 0.99).astype(np.uint8), m
+
+
+def _joint_response(v: np.ndarray, valid: np.ndarray, inside: np.ndarray, width: float,
+                    cfg: ClassicalConfig) -> np.ndarray:
+    """The joint-space score of every pixel as the centre of a knee `width` pixels wide: in
+    each compartment (medial and lateral windows), how much darker a thin horizontal band is
+    than the bone above and the bone below it; the weaker compartment counts. -inf where a
+    window leaves the image (`inside`) or has too few usable (`valid`) pixels."""
+    h, w = v.shape
+    g = max(2, int(round(cfg.gap_height * width)))
+    hb = max(3, int(round(cfg.bone_height * width)))
+    ci, co = (max(1, int(round(f * width))) for f in cfg.compartment)
+    co = max(co, ci + 2)
+    cw = co - ci
+    top = -(g // 2)
+    pad = max(hb + g, co) + 1
+    vp = cv2.copyMakeBorder(v * valid, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0.0)
+    mp = cv2.copyMakeBorder(valid, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0.0)
+
+    def sums(array: np.ndarray, height: int) -> np.ndarray:
+        # out[r, c] = sum of array[r:r + height, c:c + cw]
+        return cv2.boxFilter(array, cv2.CV_32F, (cw, height), anchor=(0, 0), normalize=False,
+                             borderType=cv2.BORDER_CONSTANT)
+
+    bone_v, bone_m, gap_v, gap_m = sums(vp, hb), sums(mp, hb), sums(vp, g), sums(mp, g)
+    bands = {"above": (bone_v, bone_m, top - hb, hb), "gap": (gap_v, gap_m, top, g),
+             "below": (bone_v, bone_m, top + g, hb)}
+    score = None
+    for c0 in (-co, ci):
+        means = {}
+        bad = np.zeros((h, w), bool)
+        for name, (sv, sm, r0, height) in bands.items():
+            rows, cols = slice(pad + r0, pad + r0 + h), slice(pad + c0, pad + c0 + w)
+            count = sm[rows, cols]
+            bad |= count < cfg.min_coverage * height * cw
+            means[name] = sv[rows, cols] / np.maximum(count, 1e-6)
+        s = np.minimum(means["above"], means["below"]) - means["gap"]
+        s[bad] = -np.inf
+        score = s if score is None else np.minimum(score, s)
+    # every window inside the image: erode with their bounding rectangle
+    kernel = np.ones((g + 2 * hb, 2 * co), np.uint8)
+    whole = cv2.erode(inside, kernel, anchor=(co, hb - top), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    score[whole == 0] = -np.inf
+    return score
+
+
+def _window_levels(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
+                   cfg: ClassicalConfig) -> np.ndarray:
+    """The mean levels (above, gap, below) x (one compartment, the other) of the joint
+    windows centred on (x, y): a (3, 2) array, NaN for a window without usable pixels."""
+    g = max(2, int(round(cfg.gap_height * width)))
+    hb = max(3, int(round(cfg.bone_height * width)))
+    ci, co = (max(1, int(round(f * width))) for f in cfg.compartment)
+    co = max(co, ci + 2)
+    top = y - g // 2
+    out = np.full((3, 2), np.nan)
+    for j, (c0, c1) in enumerate(((x - co, x - ci), (x + ci, x + co))):
+        for i, (r0, r1) in enumerate(((top - hb, top), (top, top + g), (top + g, top + g + hb))):
+            r0, r1, c0_, c1_ = max(0, r0), min(rv.shape[0], r1), max(0, c0), min(rv.shape[1], c1)
+            wsum = rm[r0:r1, c0_:c1_].sum()
+            if wsum > 0:
+                out[i, j] = (rv[r0:r1, c0_:c1_] * rm[r0:r1, c0_:c1_]).sum() / wsum
+    return out
+
+
+def _straight_edges(v: np.ndarray, max_tilt: float = 25.0) -> np.ndarray:
+    """Long straight, roughly horizontal edges of the working image (collimation edges, plate
+    and ruler edges): an (n, 4) array of segments x0, y0, x1, y1."""
+    u8 = np.round(np.clip(v, 0.0, 1.0) * 255.0).astype(np.uint8)
+    edges = cv2.Canny(u8, 30, 90, L2gradient=True)
+    short = min(v.shape)
+    lines = cv2.HoughLinesP(edges, 1, np.pi / 360, threshold=max(8, int(0.1 * short)),
+                            minLineLength=max(8, int(0.2 * short)), maxLineGap=3)
+    if lines is None:
+        return np.zeros((0, 4), np.float64)
+    seg = lines.reshape(-1, 4).astype(np.float64)
+    tilt = np.degrees(np.arctan2(np.abs(seg[:, 3] - seg[:, 1]), np.abs(seg[:, 2] - seg[:, 0])))
+    return seg[tilt <= max_tilt]
+
+
+def _on_long_edge(segments: np.ndarray, x: float, y: float, width: float, cfg: ClassicalConfig) -> bool:
+    """Whether a straight edge longer than the knee (`cfg.edge_length` x width) runs through the
+    joint windows around (x, y): then the 'joint space' is a collimation or plate edge."""
+    if not len(segments):
+        return False
+    x0, y0, x1, y1 = segments.T
+    dx, dy = x1 - x0, y1 - y0
+    length = np.hypot(dx, dy)
+    t = ((x - x0) * dx + (y - y0) * dy) / np.maximum(length ** 2, 1e-9)  # position along the segment
+    off = np.abs((x - x0) * dy - (y - y0) * dx) / np.maximum(length, 1e-9)  # distance to its line
+    reach = (cfg.gap_height / 2 + cfg.bone_height) * width
+    margin = 0.5 * width / np.maximum(length, 1e-9)
+    hit = (length >= cfg.edge_length * width) & (off <= reach) & (t >= -margin) & (t <= 1 + margin)
+    return bool(hit.any())
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A place scored by the joint search: (x, y) in working pixels, the search map it came
+    from and its (rx, ry) there."""
+
+    score: float
+    depth: float
+    x: float
+    y: float
+    width: float
+    angle: float
+    map_index: int
+    rx: int
+    ry: int
+
+
+def _peaks(score: np.ndarray, radius: int, k: int = 3) -> list[tuple[float, int, int]]:
+    """The `k` highest local maxima (value, y, x) of `score`, at least `radius` apart."""
+    finite = np.where(np.isfinite(score), score, -1e9).astype(np.float32)
+    size = 2 * max(1, radius) + 1
+    dil = cv2.dilate(finite, cv2.getStructuringElement(cv2.MORPH_RECT, (size, size)))
+    ys, xs = np.nonzero((finite >= dil) & (finite > 0))
+    order = np.argsort(-finite[ys, xs])[:k]
+    return [(float(finite[ys[i], xs[i]]), int(ys[i]), int(xs[i])) for i in order]
+
+
+def _joint_extent(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
+                  cfg: ClassicalConfig) -> tuple[float | None, float | None] | None:
+    """The left and right ends (columns) of the joint space through (x, y) of the (rotated)
+    working image: from the centre outwards, the columns where the band at row `y` is darker
+    than the bone above and below it by at least a quarter of the compartments' typical
+    depth (short breaks, such as the intercondylar notch, are bridged). An end hidden by the
+    image border or a masked marker is None; None when the compartments show no joint space."""
+    h, w = rv.shape
+    g = max(2, int(round(cfg.gap_height * width)))
+    hb = max(3, int(round(cfg.bone_height * width)))
+    top = y - g // 2
+    reach = int(round(1.1 * width))
+    c0, c1 = max(0, x - reach), min(w, x + reach + 1)
+    k = max(1, int(round(0.02 * width)))
+
+    def band(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        r0, r1 = max(0, r0), min(h, r1)
+        if r1 <= r0:
+            return np.zeros(c1 - c0), np.zeros(c1 - c0, bool)
+        wsum = rm[r0:r1, c0:c1].sum(axis=0)
+        vsum = (rv[r0:r1, c0:c1] * rm[r0:r1, c0:c1]).sum(axis=0)
+        wsum, vsum = (cv2.blur(a[None, :].astype(np.float32), (2 * k + 1, 1))[0] for a in (wsum, vsum))
+        return vsum / np.maximum(wsum, 1e-6), wsum >= 0.5 * (r1 - r0)
+
+    above, ok_a = band(top - hb, top)
+    below, ok_b = band(top + g, top + g + hb)
+    # the darkest row of the band (and a little around it) per column: a curved joint line
+    rows = [band(r, r + 1) for r in range(top - g // 2, top + g + g // 2)]
+    gap = np.min([np.where(r[1], r[0], np.inf) for r in rows], axis=0)
+    ok = ok_a & ok_b & (np.mean([r[1] for r in rows], axis=0) >= 0.5)
+    depth = np.where(ok, np.minimum(above, below) - gap, -np.inf)
+    ci, co = (int(round(f_ * width)) for f_ in cfg.compartment)
+    centre = x - c0
+    idx = np.arange(depth.size)
+    comp = ok & (np.abs(idx - centre) >= ci) & (np.abs(idx - centre) < co)
+    if not comp.any():
         return None
-    return min(runs, key=lambda r: 0 if r[0] <= x < r[1] else min(abs(r[0] - x), abs(r[1] - 1 - x)))
+    ref = float(np.median(depth[comp]))
+    if ref <= 0:
+        return None
+    inside = depth > 0.25 * ref
+    unknown = ~ok
+    bridge = max(1, int(round(0.1 * width)))
+    edges: list[float | None] = []
+    for direction in (-1, 1):
+        last, miss, edge = None, 0, None
+        for d in range(0, reach + 1):
+            i = centre + direction * d
+            if not 0 <= i < depth.size or unknown[i]:
+                break  # the edge is hidden (image border, a marker): not measured
+            if inside[i]:
+                last, miss = i, 0
+            elif d > ci:
+                miss += 1
+                if miss > bridge:
+                    edge = last
+                    break
+        edges.append(None if edge is None else edge + c0 + (1.0 if direction > 0 else 0.0))
+    return edges[0], edges[1]
 
 
-def classical_roi(image: np.ndarray, *, side_scale: float = CLASSICAL_SIDE_SCALE, work_size: int = 256) -> Box:
-    """A square box on the knee joint found without learning (numpy/OpenCV).
+def _as_spacing(pixel_spacing: float | Sequence[float] | None) -> float | None:
+    if pixel_spacing is None:
+        return None
+    values = [float(pixel_spacing)] * 2 if np.isscalar(pixel_spacing) else [float(s) for s in pixel_spacing]
+    if len(values) != 2 or not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"pixel_spacing must be a positive number or (row_mm, col_mm). Received: {pixel_spacing!r}")
+    return float(np.sqrt(values[0] * values[1]))
 
-    1. The image is shrunk to `work_size`, robustly normalised and smoothed.
-    2. Bone is the brightest class of a 3-class Otsu split (background, soft tissue, bone).
-       The knee's columns are the run of bone-bearing columns around the boniest one (on a
-       bilateral image: the knee with more bone).
-    3. In the central half of those columns, the row profile's deepest valley between two
-       bright bands (femur above, tibia below) is the joint space: the box centre row.
-    4. The bone width next to the joint (the condyles and the tibial plateau, the widest rows
-       there) gives the box centre column and its side (`side_scale` x width).
 
-    A degenerate image (constant, no bone found) gives a centred box of half the short side,
-    with a warning.
+def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | None = None,
+               box_mm: float = CLASSICAL_BOX_MM, side_scale: float = CLASSICAL_SIDE_SCALE,
+               config: ClassicalConfig = DEFAULT_CLASSICAL, source: str | Path | None = None) -> JointFinding:
+    """The knee joint of a display-ready X-ray (bone bright), found without learning.
+
+    1. The image is shrunk to `config.work_size` and normalised; the saturated level (lead
+       markers, burned-in text, rulers, unexposed collimated areas and borders) is masked
+       as small blobs or pieces touching the border, so nothing there is read as bone.
+    2. For a range of knee widths and joint-line tilts, every pixel is scored as the centre
+       of a joint space: in each compartment, a thin horizontal band darker than the bone
+       above (femoral condyle) and the bone below (tibial plateau); the weaker compartment
+       counts, and windows on masked pixels do not count.
+    3. The best place must beat every distinct other place clearly (one knee), and its joint
+       space must stand out of the noise.
+    4. The bone width next to the joint space (condyles, plateau) must be found and agree;
+       it gives the box centre column and, unless the pixel spacing is known, the side
+       (`side_scale` x width). With a spacing the side is `box_mm` and the width must be a
+       plausible knee's.
+
+    Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure; an image that is
+    not 2-D or smaller than 8x8 raises `InputError`.
     """
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
     if image.ndim != 2 or min(image.shape) < 8:
-        raise InputError(None, f"classical_roi needs an (H, W) image of at least 8x8. Received shape {image.shape}")
+        raise InputError(source, f"the classical ROI needs an (H, W) image of at least 8x8. Received shape {image.shape}")
+    spacing = _as_spacing(pixel_spacing)
     h, w = image.shape
-    fallback = square_box_around(w / 2.0, h / 2.0, min(h, w) / 2.0)
-    f = min(1.0, work_size / max(h, w))
+    f = min(1.0, config.work_size / max(h, w))
     small = image.astype(np.float32)
     if f < 1.0:
         small = cv2.resize(small, (max(8, round(w * f)), max(8, round(h * f))), interpolation=cv2.INTER_AREA)
     sh, sw = small.shape
     fy, fx = sh / h, sw / w
-    norm = _normalize01(small)
-    if not norm.any():
-        log.warning("classical_roi: constant image; using a centred box")
-        return fallback
-    sigma = max(1.0, 0.006 * max(sh, sw))
-    smooth = cv2.GaussianBlur(norm, (0, 0), sigma)
+    v = _normalize01(small, 0.05, 99.95)
+    if not v.any():
+        raise RoiNotFoundError(source, "no knee found: the image is constant")
+    sigma = _noise_sigma(v)
+    valid = ~_artefact_mask(image, v.shape)
+    if valid.mean() < 0.2:
+        raise RoiNotFoundError(source, f"no knee found: only {valid.mean():.0%} of the image is exposed")
+    v = cv2.GaussianBlur(v, (0, 0), 0.7)
 
-    # 2. bone mask and the knee's columns
-    _, t_bone = _otsu3(smooth)
-    bone = smooth > t_bone
-    colfrac = cv2.GaussianBlur(bone.mean(axis=0).astype(np.float32)[None, :], (0, 0), sigma)[0]
-    if colfrac.max() <= 0:
-        log.warning("classical_roi: no bone found; using a centred box")
-        return fallback
-    run = _run_containing(colfrac > 0.5 * colfrac.max(), int(np.argmax(colfrac)))
-    xa, xb = run
-    xc = (xa + xb) / 2.0
-    quarter = max(1.0, (xb - xa) / 4.0)
-    band = slice(int(max(0, xc - quarter)), int(min(sw, xc + quarter + 1)))
-
-    # 3. joint space: the deepest valley between two bright bands of the row profile
-    profile = smooth[:, band].mean(axis=1)
-    window = max(3, int(round(0.15 * sh)))
-    margin = max(1, int(round(0.05 * sh)))
-    best_y, best_score = sh // 2, -np.inf
-    for y in range(margin, sh - margin):
-        above = profile[max(0, y - window):y].max()
-        below = profile[y + 1:y + 1 + window].max()
-        score = min(above, below) - profile[y]
-        if score > best_score:
-            best_y, best_score = y, score
-    # the valley's centre: the middle of the rows within 10% of its depth
-    lo = best_y
-    depth = best_score
-    while lo > 0 and profile[lo - 1] - profile[best_y] < 0.1 * depth:
-        lo -= 1
-    hi = best_y
-    while hi < sh - 1 and profile[hi + 1] - profile[best_y] < 0.1 * depth:
-        hi += 1
-    cy = (lo + hi + 1) / 2.0
-
-    # 4. knee width: bone extent in rows next to the joint space
-    reach = max(2, int(round(0.08 * sh)))
-    widths, centres = [], []
-    rows = list(range(max(0, lo - reach), lo)) + list(range(hi + 1, min(sh, hi + 1 + reach)))
-    for y in rows:
-        r = _run_containing(bone[y], int(xc))
-        if r is not None and r[1] - r[0] > 1:
-            widths.append(r[1] - r[0])
-            centres.append((r[0] + r[1]) / 2.0)
-    if widths:
-        # the widest rows are the condyles and the tibial plateau; a high percentile, not the
-        # maximum, so that one noisy row does not set the side
-        widths_ = np.asarray(widths, np.float64)
-        width = float(np.percentile(widths_, 90))
-        cx = float(np.median(np.asarray(centres)[widths_ >= np.percentile(widths_, 50)]))
+    # 2. joint-space scores over widths and tilts
+    if spacing is not None:
+        lo, hi = (mm / spacing * f for mm in config.width_range_mm)
     else:
-        width, cx = float(xb - xa), xc
-    side = side_scale * width
-    return square_box_around(cx / fx, cy / fy, side / max(fx, fy))
+        lo, hi = (r * min(sh, sw) for r in config.width_range)
+    widths = np.geomspace(lo, hi, config.num_widths)
+    candidates: list[_Candidate] = []
+    maps = []
+    for angle in config.angles:
+        rv, rm, inside, m = _rotate(v, valid.astype(np.float32), angle)
+        inv = cv2.invertAffineTransform(m)
+        for width in widths:
+            if width < 10:
+                continue
+            response = _joint_response(rv, rm, inside, width, config)
+            maps.append((rv, rm, inv))
+            weight = (width / widths[0]) ** config.width_weight
+            for value, y, x in _peaks(response, int(round(0.3 * width))):
+                ox, oy = inv @ np.array([x + 0.5, y + 0.5, 1.0])
+                candidates.append(_Candidate(value * weight, value, float(ox), float(oy), float(width), float(angle),
+                                             len(maps) - 1, x, y))
+    if not candidates:
+        raise RoiNotFoundError(source, "no joint space found (no dark band between two bright bones)")
+    candidates.sort(key=lambda c: -c.score)
+    # a joint space lies inside the leg (never as dark as direct exposure) between bones of
+    # similar brightness; the best place passing that is the knee
+    p2, p98 = (float(q) for q in np.percentile(v[valid], [2, 98]))
+    span = max(p98 - p2, 1e-6)
+
+    segments = _straight_edges(v)
+
+    def plausible(c: _Candidate) -> bool:
+        if _on_long_edge(segments, c.x, c.y, c.width, config):
+            return False
+        rv, rm, _ = maps[c.map_index]
+        levels = _window_levels(rv, rm, c.rx, c.ry, c.width, config)
+        bones = levels[[0, 2]]
+        return bool((np.nanmax(levels[1]) - p2) / span >= config.min_gap_level
+                    and np.nanmax(bones) <= config.max_bone_ratio * max(np.nanmin(bones), 1e-6))
+
+    kept = [c for c in candidates[:config.max_candidates] if plausible(c)]
+    if not kept:
+        raise RoiNotFoundError(source, "no joint space found (no dark band inside the leg between two bright "
+                               "bones)")
+    candidates = kept
+    best = candidates[0]
+    width, angle, rx, ry = best.width, best.angle, best.rx, best.ry
+    contrast = best.depth / sigma
+    if contrast < config.min_contrast:
+        raise RoiNotFoundError(source, f"low contrast: the joint space is {contrast:.1f} noise sigmas deep "
+                               f"(at least {config.min_contrast} needed)")
+    # 3. one knee: no other joint line (off this one's line, or beside this knee) scores nearly as well
+    rv, rm, inv = maps[best.map_index]
+    along, normal = inv[:, 0], inv[:, 1]
+    rival = None
+    for c in candidates[1:]:
+        d = np.array([c.x - best.x, c.y - best.y])
+        if abs(d @ normal) > config.distinct[0] * width or abs(d @ along) > config.distinct[1] * width:
+            rival = c
+            break
+    if rival is not None and rival.score >= config.ambiguity * best.score:
+        raise RoiNotFoundError(source, f"two candidate knee joints of similar score ({best.score:.3f} at "
+                               f"({best.x / fx:.0f}, {best.y / fy:.0f}) px, {rival.score:.3f} at "
+                               f"({rival.x / fx:.0f}, {rival.y / fy:.0f}) px)")
+
+    # 4. the width of the joint space
+    extent = _joint_extent(rv, rm, rx, ry, width, config)
+    if extent is None:
+        raise RoiNotFoundError(source, "no joint space found between the condyles and the tibial plateau")
+    left, right = extent
+    if left is not None and right is not None:
+        knee_w, mid = right - left, (left + right) / 2.0
+    elif left is not None or right is not None:  # one end hidden: the other, mirrored about the centre
+        knee_w, mid = 2.0 * abs((left if left is not None else right) - (rx + 0.5)), rx + 0.5
+    else:
+        knee_w, mid = config.extent_ratio * width, rx + 0.5
+    if not 0.5 * width <= knee_w <= 2.0 * width:
+        raise RoiNotFoundError(source, f"the joint space's width ({knee_w / f:.0f} px) does not match the knee "
+                               f"found ({width / f:.0f} px)")
+    ox, oy = inv @ np.array([mid, ry + 0.5, 1.0])
+    cx, cy = ox / fx, oy / fy
+    knee_w_full = knee_w / f
+    if spacing is not None:
+        knee_mm = knee_w_full * spacing
+        lo_mm, hi_mm = config.width_range_mm
+        if not lo_mm <= knee_mm <= hi_mm:
+            raise RoiNotFoundError(source, f"the knee found is {knee_mm:.0f} mm wide at the joint, not in the "
+                                   f"plausible {lo_mm:.0f}-{hi_mm:.0f} mm (pixel spacing {spacing:g} mm)")
+        side = box_mm / spacing
+    else:
+        side = side_scale * knee_w_full
+    if side < 24 or side > 1.05 * max(h, w):
+        raise RoiNotFoundError(source, f"the box found ({side:.0f} px) is too small or too large for the "
+                               f"{w}x{h} image")
+    box = square_box_around(cx, cy, side)
+    # the box must lie mostly on usable pixels of the image
+    inside = box.clip(w, h)
+    if inside.area > 0:
+        sx0, sy0 = int(inside.x0 * fx), int(inside.y0 * fy)
+        sx1, sy1 = max(sx0 + 1, int(math.ceil(inside.x1 * fx))), max(sy0 + 1, int(math.ceil(inside.y1 * fy)))
+        usable = float(valid[sy0:sy1, sx0:sx1].mean()) * inside.area / box.area
+    else:
+        usable = 0.0
+    if usable < config.min_inside:
+        raise RoiNotFoundError(source, f"the box found is at the edge of the exposed field ({usable:.0%} of it "
+                               f"on usable pixels)")
+    ratio = rival.score / best.score if rival is not None else 0.0
+    confidence = float(np.clip(1.0 - ratio, 0.0, 1.0) * min(1.0, contrast / (3 * config.min_contrast)))
+    return JointFinding(box=box, confidence=confidence, knee_width=knee_w_full, angle=float(angle),
+                        contrast=float(contrast))
+
+
+def classical_roi(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | None = None,
+                  box_mm: float = CLASSICAL_BOX_MM, side_scale: float = CLASSICAL_SIDE_SCALE,
+                  config: ClassicalConfig = DEFAULT_CLASSICAL, source: str | Path | None = None) -> Box:
+    """The square box on the knee joint of `find_joint` (see there); raises
+    `RoiNotFoundError` when unsure."""
+    return find_joint(image, pixel_spacing=pixel_spacing, box_mm=box_mm, side_scale=side_scale, config=config,
+                      source=source).box
 
 
 # === ROI sources ===
