@@ -1,14 +1,18 @@
 """The knee-joint ROI: a square box centred on the joint space, from a CSV, a detector or a
 classical fallback.
 
-The paper crops the joint with YOLOv2. Here a box comes from one of three `RoiSource`s:
+The paper crops the joint with YOLOv2. Here a box comes from one of these `RoiSource`s:
 
 - `CsvRoi`: user boxes, a CSV `id,x0,y0,x1,y1` (`load_boxes`);
-- `DetectorRoi` (in `kneetf.models.roi_detector`): the small Keras detector `kneetf train-roi`
-  trains;
+- `DetectorRoi` (in `kneetf.preprocess.roi_detector`): the small Keras detector
+  `kneetf train-roi` trains;
 - `ClassicalRoi`: no learning, numpy/OpenCV only (`classical_roi`): the joint space is the
   darkest horizontal band between the two bright bones, and the box side is proportional to
-  the knee width.
+  the knee width;
+- `FixedRoi`: one box for every X-ray.
+
+`kneetf.preprocess.xray.roi_source` chooses among them, for the cache, `kneetf predict` and
+the Python API alike.
 
 Boxes are in pixel coordinates of the full X-ray, `x` = column, `y` = row, the box covers
 `[x0, x1) x [y0, y1)` (continuous coordinates: pixel `i` spans `[i, i + 1)`). Images are
@@ -31,6 +35,7 @@ import numpy as np
 
 from kneetf.errors import InputError, ManifestError
 from kneetf.io.atomic import atomic_path
+from kneetf.preprocess.image import image_2d
 
 log = logging.getLogger(__name__)
 
@@ -579,11 +584,7 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure; an image that is
     not 2-D or smaller than 8x8 raises `InputError`.
     """
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    if image.ndim != 2 or min(image.shape) < 8:
-        raise InputError(source, f"the classical ROI needs an (H, W) image of at least 8x8. Received shape {image.shape}")
+    image = image_2d(image, "the classical ROI's input", min_side=8, path=source)
     spacing = _as_spacing(pixel_spacing)
     h, w = image.shape
     f = min(1.0, config.work_size / max(h, w))
@@ -754,6 +755,19 @@ class CsvRoi:
         return f"CsvRoi({str(self.path) if self.path else f'{len(self.boxes)} boxes'})"
 
 
+class FixedRoi:
+    """The same box for every X-ray."""
+
+    def __init__(self, box: Box) -> None:
+        self.box = box
+
+    def box_for(self, case_id: str, image: np.ndarray) -> Box:
+        return self.box
+
+    def __repr__(self) -> str:
+        return f"FixedRoi({self.box.as_tuple()})"
+
+
 class ClassicalRoi:
     """The classical fallback (`classical_roi`); no TensorFlow, picklable."""
 
@@ -778,11 +792,7 @@ def draw_box_png(path: str | Path, image: np.ndarray, box: Box | Iterable[Box], 
                  *, colors: Sequence[tuple[int, int, int]] = ((0, 0, 255), (0, 255, 0))) -> Path:
     """Write an 8-bit PNG of `image` with `box` (or several boxes, one colour each, BGR) and
     an optional `label` drawn on it (for `--roi-preview`). Written atomically."""
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    if image.ndim != 2:
-        raise InputError(path, f"draw_box_png needs an (H, W) image. Received shape {image.shape}")
+    image = image_2d(image, "draw_box_png's input", min_side=1, path=path)
     canvas = cv2.cvtColor(to_uint8(image), cv2.COLOR_GRAY2BGR)
     h, w = image.shape
     thickness = max(1, round(max(h, w) / 300))
@@ -803,5 +813,5 @@ def draw_box_png(path: str | Path, image: np.ndarray, box: Box | Iterable[Box], 
 
 
 __all__ = ["Box", "iou", "mean_iou", "square_box_around", "load_boxes", "write_boxes", "crop_box",
-           "classical_roi", "RoiSource", "CsvRoi", "ClassicalRoi", "draw_box_png", "to_uint8",
+           "classical_roi", "RoiSource", "CsvRoi", "FixedRoi", "ClassicalRoi", "draw_box_png", "to_uint8",
            "CLASSICAL_SIDE_SCALE"]
