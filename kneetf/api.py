@@ -23,6 +23,7 @@ import numpy as np
 
 from kneetf.errors import ConfigError, InputError
 from kneetf.predict import NOMINAL_SPACING, load_model
+from kneetf.preprocess.xray import roi_source
 
 __all__ = ["load_model", "Reconstructor", "Reconstruction"]
 
@@ -73,38 +74,6 @@ class Reconstruction:
                                           derived=True, patient=patient, laterality=lat)
 
 
-def _roi_source(roi: Any) -> Any:
-    from kneetf.predict import make_roi
-    from kneetf.preprocess.roi import Box
-
-    if roi is None or roi == "classical":
-        return make_roi()
-    if isinstance(roi, Box):
-        return _FixedRoi(roi)
-    if isinstance(roi, (str, Path)):
-        p = Path(roi)
-        if p.suffix.lower() == ".csv":
-            return make_roi(boxes=p)
-        if p.suffix.lower() == ".keras":
-            return make_roi(detector=p)
-        raise ConfigError(f"roi must be None/'classical', a boxes .csv, a detector .keras, a Box or an object with "
-                          f"box_for(id, image). Received: roi={roi!r}")
-    if hasattr(roi, "box_for"):
-        return roi
-    raise ConfigError(f"roi must be None/'classical', a boxes .csv, a detector .keras, a Box or an object with "
-                      f"box_for(id, image). Received: roi={roi!r}")
-
-
-class _FixedRoi:
-    """The same box for every X-ray."""
-
-    def __init__(self, box: Any) -> None:
-        self.box = box
-
-    def box_for(self, case_id: str, image: np.ndarray) -> Any:
-        return self.box
-
-
 class Reconstructor:
     """ROI + preprocessing + model: `predict(xray_or_path) -> Reconstruction`.
 
@@ -116,7 +85,7 @@ class Reconstructor:
 
     def __init__(self, predictor: Any, roi: Any = None) -> None:
         self.predictor = predictor
-        self.roi = _roi_source(roi)
+        self.roi = roi_source(roi)
 
     @classmethod
     def load(cls, path: Any, roi: Any = None, preprocess: Any = None) -> "Reconstructor":
@@ -133,8 +102,9 @@ class Reconstructor:
 
     def _prepare(self, item: Any, case_id: str | None, side: str | None, box: Any, cropped: bool) -> Any:
         from kneetf.io.readers import read_xray
-        from kneetf.predict import _file_id, naming, normalize_side, prepare_xray, safe_id
+        from kneetf.predict import _file_id, safe_id
         from kneetf.preprocess.roi import Box
+        from kneetf.preprocess.xray import normalize_side, prepare_xray
 
         if isinstance(item, (str, Path)):
             path = Path(item)
@@ -146,11 +116,8 @@ class Reconstructor:
             image, source = np.asarray(item), ""
         if cropped:
             box = Box(0.0, 0.0, float(image.shape[1]), float(image.shape[0]))
-        try:
-            return prepare_xray(image, self.preprocess, self.roi, case_id=case_id or "", side=normalize_side(side),
-                                box=box, source=source)
-        except InputError as e:
-            raise naming(e, source or case_id or None) from None
+        return prepare_xray(image, self.preprocess, self.roi, case_id=case_id or "", side=normalize_side(side),
+                            box=box, source=source)
 
     def predict(self, xray: Any, *, id: str | None = None, side: str | None = None, box: Any = None,
                 cropped: bool = False) -> Reconstruction:

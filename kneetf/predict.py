@@ -32,6 +32,7 @@ import numpy as np
 from kneetf.config import PreprocessConfig, from_dict
 from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.io.atomic import write_text_atomic
+from kneetf.preprocess.xray import PreparedXray, normalize_side, prepare_xray, roi_source, to_output_volume
 
 log = logging.getLogger(__name__)
 
@@ -256,95 +257,6 @@ def load_predictor(model: Any, preprocess: PreprocessConfig | str | Path | None 
     return _tflite_predictor(file, prep)
 
 
-# === ROI and preprocessing ===
-
-def make_roi(boxes: str | Path | None = None, detector: str | Path | None = None) -> Any:
-    """The ROI source: boxes from a CSV, a trained detector (`.keras`), or the classical fallback."""
-    from kneetf.preprocess import roi
-
-    if boxes and detector:
-        raise ConfigError("give ROI boxes or an ROI detector, not both")
-    if boxes:
-        return roi.CsvRoi(boxes)
-    if detector:
-        from kneetf.models.roi_detector import DetectorRoi
-
-        return DetectorRoi.load(detector)
-    return roi.ClassicalRoi()
-
-
-def normalize_side(side: Any) -> str:
-    """"left"/"right"/"" from manifest sides or DICOM laterality ("L", "R")."""
-    s = str(side or "").strip().lower()
-    if s in ("l", "left"):
-        return "left"
-    if s in ("r", "right"):
-        return "right"
-    return ""
-
-
-@dataclass
-class PreparedXray:
-    """A model-ready X-ray: `xray` (H, W, 1) in [0, 1] and how it was made."""
-
-    id: str
-    xray: np.ndarray
-    box: Any  # kneetf.preprocess.roi.Box
-    side: str = ""
-    mirrored: bool = False
-    source: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def naming(error: InputError, path: str | Path | None) -> InputError:
-    """`error` re-addressed to `path` (the input being processed), keeping the file it
-    named (a boxes CSV, a detector) in the reason."""
-    reason = error.reason
-    if error.path and path is not None and str(error.path) != str(path):
-        reason = f"{reason} ({error.path})"
-    return InputError(path, reason)
-
-
-def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, case_id: str = "",
-                 side: str = "", box: Any = None, source: str = "", meta: dict[str, Any] | None = None
-                 ) -> PreparedXray:
-    """Full X-ray (2-D, display polarity) -> ROI crop -> mirror (left knees, when the config
-    mirrors) -> resize + robust normalisation: as the cache prepares training X-rays."""
-    from kneetf.preprocess import ops
-    from kneetf.preprocess.roi import ClassicalRoi, crop_box
-
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.ndim != 2 or min(image.shape) < 2:
-        raise InputError(source or case_id or None, f"an X-ray must be a 2-D image. Received shape {image.shape}")
-    if not np.all(np.isfinite(image)):
-        raise InputError(source or case_id or None, "X-ray holds NaN or infinite values")
-    if box is None:
-        box = (roi or ClassicalRoi()).box_for(case_id, image)
-    try:
-        crop = crop_box(image, box)
-    except InputError as e:
-        raise naming(e, source or case_id or None) from None
-    side = normalize_side(side)
-    mirrored = bool(config.mirror_left and side == "left")
-    if mirrored:
-        crop = crop[:, ::-1]
-    x = ops.preprocess_xray(np.ascontiguousarray(crop, dtype=np.float32)[None, :, :, None], config.image_size,
-                            config.low_percentile, config.high_percentile)
-    return PreparedXray(id=case_id, xray=x.numpy()[0], box=box, side=side, mirrored=mirrored, source=source,
-                        meta=dict(meta or {}))
-
-
-def to_output_volume(mri: np.ndarray, mirrored: bool) -> np.ndarray:
-    """Model output (H, W, slices) -> (slices, H, W) float32, with a mirrored knee's slice order
-    restored (the cache mirrors a left knee by reversing its slices and flipping its X-ray)."""
-    v = np.transpose(np.asarray(mri, dtype=np.float32), (2, 0, 1))
-    if mirrored:
-        v = v[::-1]
-    return np.ascontiguousarray(v)
-
-
 # === Inputs ===
 
 @dataclass
@@ -437,10 +349,7 @@ def read_input(item: XrayInput, config: PreprocessConfig, roi: Any) -> PreparedX
     image, meta = read_xray(item.path, **item.options)
     side = item.side or normalize_side(getattr(meta, "laterality", None))
     info = meta.to_dict() if hasattr(meta, "to_dict") else dict(meta or {})
-    try:
-        return prepare_xray(image, config, roi, case_id=item.id, side=side, source=str(item.path), meta=info)
-    except InputError as e:
-        raise naming(e, item.path) from None
+    return prepare_xray(image, config, roi, case_id=item.id, side=side, source=str(item.path), meta=info)
 
 
 def patient_module(path: Path) -> dict[str, Any]:
@@ -536,7 +445,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
     predictor = load_predictor(model, preprocess)
-    roi = roi if roi is not None else make_roi()
+    roi = roi_source(roi)
     items, errors = collect_inputs(inputs, allow_outside=allow_outside)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -588,6 +497,6 @@ def _write_csv(path: Path, fields: Sequence[str], rows: Iterable[dict[str, Any]]
 
 
 __all__ = ["NOMINAL_SPACING", "FORMATS", "SERIES_DESCRIPTION", "resolve_model_path", "load_model",
-           "read_preprocess_config", "Predictor", "load_predictor", "make_roi", "PreparedXray", "prepare_xray",
+           "read_preprocess_config", "Predictor", "load_predictor", "roi_source", "PreparedXray", "prepare_xray",
            "to_output_volume", "XrayInput", "collect_inputs", "read_input", "write_prediction", "predict_files",
            "PredictReport", "parse_formats", "safe_id", "montage_image", "patient_module"]

@@ -146,12 +146,12 @@ def test_predict_cli_writes_nifti_dicom_png(tmp_path, runs, capsys):
 def test_keep_patient_and_left_knee_mirroring(tmp_path, runs):
     import pydicom
 
-    from kneetf.predict import load_model, make_roi, predict_files
+    from kneetf.predict import load_model, predict_files, roi_source
 
     images = _inputs(tmp_path / "in")
     out = tmp_path / "out"
     report = predict_files(runs["mirror"], [tmp_path / "in" / "c_dcm.dcm", tmp_path / "in" / "a_png.png"], out,
-                           formats=("nifti", "dicom"), roi=make_roi(tmp_path / "in" / "boxes.csv"),
+                           formats=("nifti", "dicom"), roi=roi_source(tmp_path / "in" / "boxes.csv"),
                            keep_patient=True, progress=False)
     assert report.ok == 2 and not report.errors
     model = load_model(runs["mirror"])
@@ -167,7 +167,7 @@ def test_keep_patient_and_left_knee_mirroring(tmp_path, runs):
 
 
 def test_manifest_input_ids_and_sides(tmp_path, runs):
-    from kneetf.predict import load_model, make_roi, predict_files
+    from kneetf.predict import load_model, predict_files, roi_source
     from kneetf.preprocess.roi import Box, write_boxes
 
     images = _inputs(tmp_path / "in")
@@ -175,7 +175,7 @@ def test_manifest_input_ids_and_sides(tmp_path, runs):
     write_boxes(tmp_path / "in" / "ids.csv", {"kneeA": Box(*BOX), "kneeB": Box(*BOX)})
     out = tmp_path / "out"
     report = predict_files(runs["mirror"], [tmp_path / "in" / "manifest.csv"], out,
-                           roi=make_roi(tmp_path / "in" / "ids.csv"), progress=False)
+                           roi=roi_source(tmp_path / "in" / "ids.csv"), progress=False)
     assert sorted(report.written) == ["kneeA", "kneeB"] and not report.errors
     model = load_model(runs["mirror"])
     vol, _, _ = _read_nifti(out / "kneeA.nii.gz")

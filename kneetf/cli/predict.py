@@ -31,10 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kneetf.errors import KneetfError
-    from kneetf.predict import make_roi, parse_formats, predict_files
+    from kneetf.predict import parse_formats, predict_files
+    from kneetf.preprocess.xray import roi_source
 
     formats = parse_formats(args.format)
-    roi = make_roi(args.rois, args.roi_detector)
+    roi = roi_source(boxes=args.rois, detector=args.roi_detector)
     report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
                            keep_patient=args.keep_patient, batch_size=args.batch_size, preprocess=args.preprocess,
                            allow_outside=args.allow_outside, progress=not args.no_progress)

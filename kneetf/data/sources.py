@@ -73,22 +73,21 @@ class FilePayload:
         return repr(replace(self, preview_dir=None))
 
 
-_DETECTORS: dict[str, Any] = {}
+#: ROI sources of this worker process by detector path (None: the classical fallback), so
+#: that a detector loads once per process
+_ROI_SOURCES: dict[str | None, Any] = {}
 
 
 def _roi_box(payload: FilePayload, case_id: str, image: np.ndarray):
-    from kneetf.preprocess.roi import Box, classical_roi
+    from kneetf.preprocess.roi import Box
+    from kneetf.preprocess.xray import roi_source
 
-    if payload.box is not None:
+    if payload.box is not None:  # looked up in the boxes CSV by `manifest_tasks`
         return Box(*payload.box)
-    if payload.detector:
-        from kneetf.models.roi_detector import DetectorRoi
-
-        det = _DETECTORS.get(payload.detector)
-        if det is None:
-            det = _DETECTORS[payload.detector] = DetectorRoi.load(payload.detector)
-        return det.box_for(case_id, image)
-    return classical_roi(image)
+    source = _ROI_SOURCES.get(payload.detector)
+    if source is None:
+        source = _ROI_SOURCES[payload.detector] = roi_source(detector=payload.detector)
+    return source.box_for(case_id, image)
 
 
 def load_files(payload: FilePayload, config: PreprocessConfig) -> RawPair:
