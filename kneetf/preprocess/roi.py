@@ -38,6 +38,8 @@ from kneetf.io.atomic import atomic_path
 from kneetf.preprocess.image import image_2d
 
 log = logging.getLogger(__name__)
+import os
+_DEBUG = bool(os.environ.get("ROIDBG"))
 
 BOX_COLUMNS = ("id", "x0", "y0", "x1", "y1")
 PAD_MODES = ("constant", "edge")
@@ -267,7 +269,7 @@ class ClassicalConfig:
     #: long side of the working image, pixels
     work_size: int = 192
     #: joint-line tilts tried, degrees
-    angles: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)
+    angles: tuple[float, ...] = (-24.0, -18.0, -12.0, -6.0, 0.0, 6.0, 12.0, 18.0, 24.0)
     #: knee widths tried, as fractions of the image's short side (spacing unknown)
     width_range: tuple[float, float] = (0.14, 0.85)
     #: knee widths tried in millimetres when the pixel spacing is known (also the accepted range)
@@ -277,25 +279,38 @@ class ClassicalConfig:
     gap_height: float = 0.05
     bone_height: float = 0.16
     compartment: tuple[float, float] = (0.13, 0.42)
+    #: text and marker strokes: at most this fraction of the image's longer side wide, and
+    #: this much brighter or darker than around them (a fraction of the 2nd-98th percentile span)
+    stroke: float = 0.011
+    stroke_contrast: float = 0.2
+    #: collimation edges: straight lines at most this tilted, of the strongest this many,
+    #: bounding a side with at most this fraction of edge pixels
+    max_field_tilt: float = 15.0
+    max_field_lines: int = 24
+    field_edge_density: float = 0.01
+    #: a piece of exactly one level this large (fraction of the image) is blanked or unexposed
+    min_blank: float = 0.02
+    #: knee widths of at least twice this many working pixels are searched at half resolution
+    coarse_width: float = 32.0
+    #: the knee reaches this many widths above and below its joint space inside the exposed field
+    knee_reach: float = 0.4
     #: least fraction of usable (not masked) pixels in every window
     min_coverage: float = 0.75
-    #: refuse when the joint space is shallower than this many noise sigmas
-    min_contrast: float = 4.0
-    #: a joint space's level, from the 2nd (0) to the 98th (1) percentile of the image, at least
-    min_gap_level: float = 0.25
+    #: refuse when the joint space is shallower than this many noise sigmas of its windows' means
+    min_contrast: float = 8.0
+    #: a joint space's level, from the image's 2nd percentile (0) to its bones' level (1), at least
+    min_gap_level: float = 0.3
+    #: a joint space's depth, as a fraction of its bones' level over the 2nd percentile, at least
+    min_depth: float = 0.03
     #: the brightest of the four bone windows over the darkest, at most
     max_bone_ratio: float = 2.0
-    #: a place on a straight edge this many times as long as the knee is wide is not a joint
-    edge_length: float = 1.5
     #: best-scoring places checked
     max_candidates: int = 40
     #: the score of a knee width W is its depth x (W / smallest W) ** width_weight (a deeper
     #: joint space over a wider knee is the likelier)
     width_weight: float = 0.5
-    #: refuse when another place scores this fraction of the best, if it is off the best's
-    #: joint line by distinct[0] x W, or along it by distinct[1] x W (another knee)
+    #: refuse when another place off the joint space found scores this fraction of the best
     ambiguity: float = 0.8
-    distinct: tuple[float, float] = (0.35, 1.0)
     #: condylar / plateau width ratio accepted
     width_ratio: tuple[float, float] = (0.7, 1.45)
     #: joint-space width / knee width searched, when both ends of the joint space are hidden
@@ -314,20 +329,66 @@ def _normalize01(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.
     return np.clip((image.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
+def _block_mad(v: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per 16x16 block of `v`: the noise sigma (1.4826 x the MAD of the difference to a 3x3
+    median) and whether the block is flat (most differences exactly 0: clipped, blanked or
+    shutter areas)."""
+    d = v - cv2.medianBlur(v.astype(np.float32), 3)
+    h, w = (max(block, s_ // block * block) for s_ in d.shape)
+    d = cv2.resize(d, (w, h), interpolation=cv2.INTER_NEAREST) if d.shape != (h, w) else d
+    blocks = d.reshape(h // block, block, w // block, block).transpose(0, 2, 1, 3).reshape(h // block, w // block, -1)
+    flat = (blocks == 0).mean(axis=2) >= 0.5
+    mad = np.median(np.abs(blocks - np.median(blocks, axis=2, keepdims=True)), axis=2)
+    return 1.4826 * mad.astype(np.float32), flat
+
+
 def _noise_sigma(v: np.ndarray) -> float:
-    """Robust noise sigma of an image: the MAD of its difference to a 3x3 median."""
-    step = max(1, int(math.sqrt(v.size / 65536)))
-    d = (v - cv2.medianBlur(v.astype(np.float32), 3))[::step, ::step]
-    return float(1.4826 * np.median(np.abs(d - np.median(d)))) + 1e-6
+    """Robust noise sigma of an image: the median of the block sigmas of `_block_mad`,
+    leaving out flat blocks."""
+    sigma, flat = _block_mad(v)
+    values = sigma[~flat] if (~flat).any() else sigma
+    return max(float(np.median(values)), 1e-3)
 
 
-def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int]) -> np.ndarray:
-    """Pixels of the working image to ignore: pieces of the brightest, saturated level that
-    stand out sharply from what surrounds them, where lead markers and letters, burned-in
-    text, rulers and unexposed collimated areas sit. Found at (up to) full resolution, where
-    thin strokes are still saturated; the top of a bone clipped by the display processing is
-    kept (its surroundings are nearly as bright). A working pixel is masked when any of its
-    pixels is."""
+def _extreme_pieces(v: np.ndarray, tol: float, bright: bool) -> np.ndarray:
+    """Small connected pieces (under 2 % of the image) at the brightest (or darkest) level of
+    `v` (in [0, 1]) that differ sharply from the 2-pixel ring around them: lead markers and
+    letters, burned-in text. A bone clipped by the display processing is larger."""
+    level_of = v if bright else 1.0 - v
+    at = (level_of >= 1.0 - tol).astype(np.uint8)
+    n, labels = cv2.connectedComponents(at, connectivity=8)
+    if n <= 1:
+        return np.zeros(v.shape, bool)
+    grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
+    ring = (at == 0) & (grown > 0)
+    counts = np.bincount(grown[ring], minlength=n)
+    level = np.bincount(grown[ring], weights=level_of[ring], minlength=n) / np.maximum(counts, 1)
+    size = np.bincount(labels.ravel(), minlength=n)
+    keep = (counts > 0) & (level < 1.0 - max(0.15, 3.0 * tol)) & (size >= 6) & (size < 0.02 * v.size)
+    keep[0] = False
+    return keep[labels]
+
+
+def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: int, contrast: float) -> np.ndarray:
+    """Thin structures (narrower than `stroke` pixels) much brighter or darker than what
+    surrounds them: text, marker frames, ruler ticks. A morphological top-hat and black-hat of
+    `smooth` (`v` after a 3x3 median) above `contrast` and well above the local noise of `v`
+    (`sigma`, per block of `_block_mad`); specks of a few pixels are left."""
+    noise = cv2.resize(sigma, (v.shape[1], v.shape[0]), interpolation=cv2.INTER_LINEAR)
+    threshold = np.maximum(np.float32(contrast), 4.0 * 0.42 * noise)  # a 3x3 median leaves 0.42 of the noise
+    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (stroke, stroke))
+    strokes = ((cv2.morphologyEx(smooth, cv2.MORPH_TOPHAT, element) > threshold)
+               | (cv2.morphologyEx(smooth, cv2.MORPH_BLACKHAT, element) > threshold)).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(strokes, connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= 6
+    keep[0] = False
+    return keep[labels]
+
+
+def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: ClassicalConfig) -> np.ndarray:
+    """Pixels of the working image to ignore: lead markers and letters, burned-in text and
+    rulers (`_extreme_pieces` at both levels, and thin high-contrast strokes, `_thin_strokes`). Found at up to 1024 pixels a side, where thin
+    strokes are still resolved; a working pixel is masked when any of its pixels is."""
     h, w = image.shape
     f = min(1.0, 1024.0 / max(h, w))
     img = image.astype(np.float32)
@@ -336,31 +397,26 @@ def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int]) -> np.ndarray
     lo, hi = (float(q) for q in np.percentile(img[::2, ::2], [0.05, 99.95]))
     if hi <= lo:
         return np.zeros(work_shape, bool)
-    v = (img - lo) / (hi - lo)
-    tol = max(0.04, 3.0 * _noise_sigma(v))
-    sat = (v >= 1.0 - tol).astype(np.uint8)
-    n, labels = cv2.connectedComponents(sat, connectivity=8)
-    if n <= 1:
-        return np.zeros(work_shape, bool)
-    # the mean level of a 2-pixel ring around each piece
-    grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
-    ring = (sat == 0) & (grown > 0)
-    counts = np.bincount(grown[ring], minlength=n)
-    level = np.bincount(grown[ring], weights=v[ring], minlength=n) / np.maximum(counts, 1)
-    keep = (counts > 0) & (level < 1.0 - max(0.15, 3.0 * tol))
-    keep[0] = False
-    mask = keep[labels].astype(np.float32)
-    return cv2.resize(mask, (work_shape[1], work_shape[0]), interpolation=cv2.INTER_AREA) > 0
+    v = np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+    blocks, flat = _block_mad(v)
+    sigma = float(np.median(blocks[~flat] if (~flat).any() else blocks)) + 1e-6
+    tol = max(0.04, 3.0 * sigma)
+    p2, p98 = (float(q) for q in np.percentile(v[::2, ::2], [2, 98]))
+    stroke = max(3, int(round(cfg.stroke * max(v.shape)))) | 1
+    smooth = cv2.medianBlur(v, 3)
+    mask = (_extreme_pieces(smooth, tol, True) | _extreme_pieces(smooth, tol, False)
+            | _thin_strokes(v, smooth, blocks, stroke, cfg.stroke_contrast * max(p98 - p2, 1e-6)))
+    return cv2.resize(mask.astype(np.float32), (work_shape[1], work_shape[0]), interpolation=cv2.INTER_AREA) > 0
 
 
-def _rotate(v: np.ndarray, valid: np.ndarray, angle: float
+def _rotate(v: np.ndarray, valid: np.ndarray, field: np.ndarray, angle: float
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`v` and `valid` rotated by `angle` degrees about the centre on a canvas that holds the
-    whole image, the canvas pixels inside the image, and the 2x3 matrix mapping original to
-    rotated coordinates."""
+    """`v`, `valid` (float) and `field` (uint8: the exposed field) rotated by `angle` degrees
+    about the centre on a canvas that holds the whole image (outside it: not valid, not in
+    the field), and the 2x3 matrix mapping original to rotated coordinates."""
     h, w = v.shape
     if angle == 0.0:
-        return v, valid, np.ones((h, w), np.uint8), np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        return v, valid, field, np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, 1.0)
     cos, sin = abs(m[0, 0]), abs(m[0, 1])
     nw, nh = int(math.ceil(h * sin + w * cos)), int(math.ceil(h * cos + w * sin))
@@ -368,8 +424,8 @@ def _rotate(v: np.ndarray, valid: np.ndarray, angle: float
     m[1, 2] += nh / 2.0 - h / 2.0
     rv = cv2.warpAffine(v, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0.0)
     rm = cv2.warpAffine(valid, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0.0)
-    inside = cv2.warpAffine(np.ones((h, w), np.float32), m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0.0)
-    return rv, rm, (inside > 0.99).astype(np.uint8), m
+    rf = cv2.warpAffine(field.astype(np.float32), m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    return rv, rm, (rf > 0.99).astype(np.uint8), m
 
 
 def _joint_response(v: np.ndarray, valid: np.ndarray, inside: np.ndarray, width: float,
@@ -377,7 +433,8 @@ def _joint_response(v: np.ndarray, valid: np.ndarray, inside: np.ndarray, width:
     """The joint-space score of every pixel as the centre of a knee `width` pixels wide: in
     each compartment (medial and lateral windows), how much darker a thin horizontal band is
     than the bone above and the bone below it; the weaker compartment counts. -inf where a
-    window leaves the image (`inside`) or has too few usable (`valid`) pixels."""
+    window has too few usable (`valid`) pixels or the knee around it (`knee_reach` x width
+    above and below) leaves the exposed field (`inside`)."""
     h, w = v.shape
     g = max(2, int(round(cfg.gap_height * width)))
     hb = max(3, int(round(cfg.bone_height * width)))
@@ -394,24 +451,23 @@ def _joint_response(v: np.ndarray, valid: np.ndarray, inside: np.ndarray, width:
         return cv2.boxFilter(array, cv2.CV_32F, (cw, height), anchor=(0, 0), normalize=False,
                              borderType=cv2.BORDER_CONSTANT)
 
-    bone_v, bone_m, gap_v, gap_m = sums(vp, hb), sums(mp, hb), sums(vp, g), sums(mp, g)
-    bands = {"above": (bone_v, bone_m, top - hb, hb), "gap": (gap_v, gap_m, top, g),
-             "below": (bone_v, bone_m, top + g, hb)}
+    bone_m, gap_m = sums(mp, hb), sums(mp, g)
+    bone = sums(vp, hb) / np.maximum(bone_m, 1e-6)
+    gap = sums(vp, g) / np.maximum(gap_m, 1e-6)
+    bone_bad = bone_m < cfg.min_coverage * hb * cw
+    gap_bad = gap_m < cfg.min_coverage * g * cw
     score = None
     for c0 in (-co, ci):
-        means = {}
-        bad = np.zeros((h, w), bool)
-        for name, (sv, sm, r0, height) in bands.items():
-            rows, cols = slice(pad + r0, pad + r0 + h), slice(pad + c0, pad + c0 + w)
-            count = sm[rows, cols]
-            bad |= count < cfg.min_coverage * height * cw
-            means[name] = sv[rows, cols] / np.maximum(count, 1e-6)
-        s = np.minimum(means["above"], means["below"]) - means["gap"]
-        s[bad] = -np.inf
+        cols = slice(pad + c0, pad + c0 + w)
+        above, below = (slice(pad + r0, pad + r0 + h) for r0 in (top - hb, top + g))
+        middle = slice(pad + top, pad + top + h)
+        s = np.minimum(bone[above, cols], bone[below, cols]) - gap[middle, cols]
+        s[bone_bad[above, cols] | bone_bad[below, cols] | gap_bad[middle, cols]] = -np.inf
         score = s if score is None else np.minimum(score, s)
-    # every window inside the image: erode with their bounding rectangle
-    kernel = np.ones((g + 2 * hb, 2 * co), np.uint8)
-    whole = cv2.erode(inside, kernel, anchor=(co, hb - top), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    # the knee around the joint space inside the image: erode with its rectangle
+    reach = max(hb + g, int(round(cfg.knee_reach * width)))
+    kernel = np.ones((2 * reach, 2 * co), np.uint8)
+    whole = cv2.erode(inside, kernel, anchor=(co, reach), borderType=cv2.BORDER_CONSTANT, borderValue=0)
     score[whole == 0] = -np.inf
     return score
 
@@ -435,6 +491,50 @@ def _window_levels(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
     return out
 
 
+def _outside_field(v: np.ndarray, valid: np.ndarray, sigma: float, cfg: ClassicalConfig) -> np.ndarray:
+    """Pixels of the working image outside the collimated field (or in an unexposed border):
+    large pieces of exactly one level (blanked by an electronic shutter, or clipped), and for
+    each strong straight, nearly horizontal or vertical line, a side of it that is featureless
+    (almost no edges, its markers and text left aside) while the other side is not. Returns a
+    boolean mask."""
+    h, w = v.shape
+    # blanked (electronic shutter) and clipped unexposed areas: large pieces of exactly one level
+    kernel = np.ones((3, 3), np.uint8)
+    flat = ((cv2.dilate(v, kernel) - cv2.erode(v, kernel)) <= 1e-4).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(flat, connectivity=4)
+    big = stats[:, cv2.CC_STAT_AREA] >= cfg.min_blank * h * w
+    big[0] = False
+    outside = cv2.dilate(big[labels].astype(np.uint8), kernel).astype(bool)
+    smooth = cv2.GaussianBlur(v, (0, 0), 1.0)
+    u8 = np.round(np.clip(smooth, 0.0, 1.0) * 255.0).astype(np.uint8)
+    # edges well above the noise (a sigma-1 blur leaves about 0.28 of it; Sobel's gain is ~4)
+    low = float(np.clip(255.0 * 4.0 * 0.28 * sigma * 4.0, 8.0, 60.0))
+    edges = cv2.Canny(u8, low, 2.5 * low, L2gradient=True)
+    lines = cv2.HoughLines(edges, 1, np.pi / 180, threshold=max(10, int(0.2 * min(h, w))))
+    if lines is None:
+        return outside
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    counted = valid & ~cv2.dilate((~valid).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    margin = 2.0
+    for rho, theta in lines.reshape(-1, 2)[:cfg.max_field_lines]:
+        tilt = math.degrees(theta) % 90.0
+        if min(tilt, 90.0 - tilt) > cfg.max_field_tilt:
+            continue
+        side = xx * math.cos(theta) + yy * math.sin(theta) - rho
+        sides = (side > margin, side < -margin)
+        density = []
+        for region in sides:
+            n = (region & counted).sum()
+            density.append((edges.astype(bool) & region & counted).sum() / n if n else 1.0)
+        for k in (0, 1):
+            region = sides[k]
+            if (density[k] <= cfg.field_edge_density and density[1 - k] > 3.0 * density[k]
+                    and region.sum() >= 0.01 * h * w and (region & outside).sum() < 0.9 * region.sum()
+                    and (region | outside).mean() < 0.9):
+                outside |= region | (np.abs(side) <= margin)
+    return outside
+
+
 def _straight_edges(v: np.ndarray, max_tilt: float = 25.0) -> np.ndarray:
     """Long straight, roughly horizontal edges of the working image (collimation edges, plate
     and ruler edges): an (n, 4) array of segments x0, y0, x1, y1."""
@@ -450,55 +550,67 @@ def _straight_edges(v: np.ndarray, max_tilt: float = 25.0) -> np.ndarray:
     return seg[tilt <= max_tilt]
 
 
-def _on_long_edge(segments: np.ndarray, x: float, y: float, width: float, cfg: ClassicalConfig) -> bool:
-    """Whether a straight edge longer than the knee (`cfg.edge_length` x width) runs through the
-    joint windows around (x, y): then the 'joint space' is a collimation or plate edge."""
+def _on_long_edge(segments: np.ndarray, x: float, y: float, along: tuple[float, float], knee_width: float,
+                  reach: float) -> bool:
+    """Whether straight edges near the joint line through (x, y) (direction `along`, within
+    `reach` of it) continue well past the knee (`knee_width` wide) on a side: then the 'joint
+    space' is a collimation or plate edge. A joint line ends with the bones."""
     if not len(segments):
         return False
+    ux, uy = along
     x0, y0, x1, y1 = segments.T
-    dx, dy = x1 - x0, y1 - y0
-    length = np.hypot(dx, dy)
-    t = ((x - x0) * dx + (y - y0) * dy) / np.maximum(length ** 2, 1e-9)  # position along the segment
-    off = np.abs((x - x0) * dy - (y - y0) * dx) / np.maximum(length, 1e-9)  # distance to its line
-    reach = (cfg.gap_height / 2 + cfg.bone_height) * width
-    margin = 0.5 * width / np.maximum(length, 1e-9)
-    hit = (length >= cfg.edge_length * width) & (off <= reach) & (t >= -margin) & (t <= 1 + margin)
-    return bool(hit.any())
+    # the endpoints' positions along the joint line and distances off it
+    t0, t1 = (x0 - x) * ux + (y0 - y) * uy, (x1 - x) * ux + (y1 - y) * uy
+    n0, n1 = -(x0 - x) * uy + (y0 - y) * ux, -(x1 - x) * uy + (y1 - y) * ux
+    near = (np.abs(n0) <= reach) & (np.abs(n1) <= reach)
+    if not near.any():
+        return False
+    lo, hi = np.minimum(t0, t1)[near], np.maximum(t0, t1)[near]
+    half = 0.5 * knee_width
+    beyond = (np.clip(hi - half, 0, None) + np.clip(-half - lo, 0, None)).sum()
+    return bool((hi.max() > 1.5 * half or lo.min() < -1.5 * half) and beyond >= 0.3 * knee_width)
 
 
 @dataclass(frozen=True)
 class _Candidate:
     """A place scored by the joint search: (x, y) in working pixels, the search map it came
-    from and its (rx, ry) there."""
+    from (rotated, possibly halved) and its (rx, ry) there."""
 
     score: float
     depth: float
     x: float
     y: float
-    width: float
+    width: float  # in pixels of its search map
     angle: float
     map_index: int
     rx: int
     ry: int
+    scale: float  # working pixels per pixel of its search map
 
 
 def _peaks(score: np.ndarray, radius: int, k: int = 3) -> list[tuple[float, int, int]]:
-    """The `k` highest local maxima (value, y, x) of `score`, at least `radius` apart."""
-    finite = np.where(np.isfinite(score), score, -1e9).astype(np.float32)
-    size = 2 * max(1, radius) + 1
-    dil = cv2.dilate(finite, cv2.getStructuringElement(cv2.MORPH_RECT, (size, size)))
-    ys, xs = np.nonzero((finite >= dil) & (finite > 0))
-    order = np.argsort(-finite[ys, xs])[:k]
-    return [(float(finite[ys[i], xs[i]]), int(ys[i]), int(xs[i])) for i in order]
+    """The `k` highest maxima (value, y, x) of `score` (positive ones), at least `radius` apart."""
+    score = score.copy()
+    out: list[tuple[float, int, int]] = []
+    for _ in range(k):
+        i = int(np.argmax(score))
+        y, x = divmod(i, score.shape[1])
+        value = float(score[y, x])
+        if not value > 0:
+            break
+        out.append((value, y, x))
+        score[max(0, y - radius):y + radius + 1, max(0, x - radius):x + radius + 1] = -np.inf
+    return out
 
 
 def _joint_extent(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
-                  cfg: ClassicalConfig) -> tuple[float | None, float | None] | None:
-    """The left and right ends (columns) of the joint space through (x, y) of the (rotated)
-    working image: from the centre outwards, the columns where the band at row `y` is darker
-    than the bone above and below it by at least a quarter of the compartments' typical
-    depth (short breaks, such as the intercondylar notch, are bridged). An end hidden by the
-    image border or a masked marker is None; None when the compartments show no joint space."""
+                  cfg: ClassicalConfig) -> tuple[float | None, float | None, float] | None:
+    """The joint space through (x, y) of the (rotated) working image, followed outwards from
+    the middle of each compartment column by column (it may curve or tilt a little): its
+    left and right ends (columns where it is darker than the bone above and below by at
+    least a quarter of the compartments' typical depth; short breaks are bridged) and its
+    row midway. An end hidden by the image border or a masked marker is None; None when the
+    compartments show no joint space."""
     h, w = rv.shape
     g = max(2, int(round(cfg.gap_height * width)))
     hb = max(3, int(round(cfg.bone_height * width)))
@@ -506,51 +618,87 @@ def _joint_extent(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
     reach = int(round(1.1 * width))
     c0, c1 = max(0, x - reach), min(w, x + reach + 1)
     k = max(1, int(round(0.02 * width)))
+    drift = max(2, int(round(0.12 * width)))
+    # rows top - drift - hb .. top + drift + g + hb of the columns c0..c1, rows outside the image unusable
+    r_lo, r_hi = top - drift - hb, top + drift + g + hb
+    sub_v = np.zeros((r_hi - r_lo, c1 - c0), np.float32)
+    sub_m = np.zeros_like(sub_v)
+    a0, a1 = max(0, r_lo), min(h, r_hi)
+    if a1 > a0:
+        sub_m[a0 - r_lo:a1 - r_lo] = rm[a0:a1, c0:c1]
+        sub_v[a0 - r_lo:a1 - r_lo] = rv[a0:a1, c0:c1] * sub_m[a0 - r_lo:a1 - r_lo]
+    sub_v, sub_m = (cv2.blur(a, (2 * k + 1, 1), borderType=cv2.BORDER_CONSTANT) for a in (sub_v, sub_m))
+    cum_v = np.vstack([np.zeros((1, c1 - c0), np.float64), np.cumsum(sub_v, axis=0, dtype=np.float64)])
+    cum_m = np.vstack([np.zeros((1, c1 - c0), np.float64), np.cumsum(sub_m, axis=0, dtype=np.float64)])
 
-    def band(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-        r0, r1 = max(0, r0), min(h, r1)
-        if r1 <= r0:
-            return np.zeros(c1 - c0), np.zeros(c1 - c0, bool)
-        wsum = rm[r0:r1, c0:c1].sum(axis=0)
-        vsum = (rv[r0:r1, c0:c1] * rm[r0:r1, c0:c1]).sum(axis=0)
-        wsum, vsum = (cv2.blur(a[None, :].astype(np.float32), (2 * k + 1, 1))[0] for a in (wsum, vsum))
-        return vsum / np.maximum(wsum, 1e-6), wsum >= 0.5 * (r1 - r0)
+    columns = np.arange(c1 - c0)[None, :]
 
-    above, ok_a = band(top - hb, top)
-    below, ok_b = band(top + g, top + g + hb)
-    # the darkest row of the band (and a little around it) per column: a curved joint line
-    rows = [band(r, r + 1) for r in range(top - g // 2, top + g + g // 2)]
-    gap = np.min([np.where(r[1], r[0], np.inf) for r in rows], axis=0)
-    ok = ok_a & ok_b & (np.mean([r[1] for r in rows], axis=0) >= 0.5)
-    depth = np.where(ok, np.minimum(above, below) - gap, -np.inf)
+    def band(first: np.ndarray, height: int) -> tuple[np.ndarray, np.ndarray]:
+        # rows [first, first + height) of every column (first: one row per offset)
+        rows = first[:, None]
+        vs = cum_v[rows + height, columns] - cum_v[rows, columns]
+        ms = cum_m[rows + height, columns] - cum_m[rows, columns]
+        return vs / np.maximum(ms, 1e-6), ms >= 0.5 * height
+
+    offsets = np.arange(-drift, drift + 1)
+    starts = top + offsets - r_lo  # the gap's first row, per offset
+    above, ok_a = band(starts - hb, hb)
+    gap, ok_g = band(starts, g)
+    below, ok_b = band(starts + g, hb)
+    depth = np.minimum(above, below) - gap
+    ok = ok_a & ok_g & ok_b
     ci, co = (int(round(f_ * width)) for f_ in cfg.compartment)
     centre = x - c0
-    idx = np.arange(depth.size)
-    comp = ok & (np.abs(idx - centre) >= ci) & (np.abs(idx - centre) < co)
-    if not comp.any():
+    n = c1 - c0
+    bridge = max(1, int(round(0.1 * width)))
+    near = np.abs(offsets) <= g // 2 + 1
+    # follow the joint space from each compartment's middle outwards
+    tracks: dict[int, tuple[int, dict[int, float]]] = {}
+    for direction in (-1, 1):
+        start = centre + direction * int(round(0.5 * (ci + co)))
+        if not 0 <= start < n or not ok[near, start].any():
+            return None
+        o = int(np.flatnonzero(near)[np.argmax(np.where(ok[near, start], depth[near, start], -np.inf))])
+        first = o
+        seen: dict[int, float] = {}
+        for d in range(0, reach):
+            i = start + direction * d
+            if not 0 <= i < n:
+                break
+            lo_, hi_ = max(0, o - 1), min(len(offsets), o + 2)
+            col = np.where(ok[lo_:hi_, i], depth[lo_:hi_, i], -np.inf)
+            if not np.isfinite(col).any():
+                seen[i] = -np.inf  # unusable: hidden
+                continue
+            o = lo_ + int(np.argmax(col))
+            seen[i] = float(depth[o, i])
+        tracks[direction] = (first, seen)
+    comp = [v for _, seen in tracks.values() for i, v in seen.items() if ci <= abs(i - centre) < co and np.isfinite(v)]
+    if not comp:
         return None
-    ref = float(np.median(depth[comp]))
+    ref = float(np.median(comp))
     if ref <= 0:
         return None
-    inside = depth > 0.25 * ref
-    unknown = ~ok
-    bridge = max(1, int(round(0.1 * width)))
-    edges: list[float | None] = []
+    ends: list[float | None] = []
     for direction in (-1, 1):
-        last, miss, edge = None, 0, None
-        for d in range(0, reach + 1):
-            i = centre + direction * d
-            if not 0 <= i < depth.size or unknown[i]:
+        first, seen = tracks[direction]
+        start = centre + direction * int(round(0.5 * (ci + co)))
+        last, miss, end = None, 0, None
+        for d in range(0, reach):
+            i = start + direction * d
+            value = seen.get(i)
+            if value is None or not np.isfinite(value):
                 break  # the edge is hidden (image border, a marker): not measured
-            if inside[i]:
+            if value > 0.25 * ref:
                 last, miss = i, 0
-            elif d > ci:
+            else:
                 miss += 1
                 if miss > bridge:
-                    edge = last
+                    end = last
                     break
-        edges.append(None if edge is None else edge + c0 + (1.0 if direction > 0 else 0.0))
-    return edges[0], edges[1]
+        ends.append(None if end is None else end + c0 + (1.0 if direction > 0 else 0.0))
+    row = top + g / 2.0 + 0.5 * (offsets[tracks[-1][0]] + offsets[tracks[1][0]])
+    return ends[0], ends[1], float(row)
 
 
 def _as_spacing(pixel_spacing: float | Sequence[float] | None) -> float | None:
@@ -597,8 +745,10 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     if not v.any():
         raise RoiNotFoundError(source, "no knee found: the image is constant")
     sigma = _noise_sigma(v)
-    valid = ~_artefact_mask(image, v.shape)
-    if valid.mean() < 0.2:
+    valid = ~_artefact_mask(image, v.shape, config)
+    field = ~_outside_field(v, valid, sigma, config)
+    valid &= field
+    if valid.mean() < 0.03:
         raise RoiNotFoundError(source, f"no knee found: only {valid.mean():.0%} of the image is exposed")
     v = cv2.GaussianBlur(v, (0, 0), 0.7)
 
@@ -609,109 +759,191 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
         lo, hi = (r * min(sh, sw) for r in config.width_range)
     widths = np.geomspace(lo, hi, config.num_widths)
     candidates: list[_Candidate] = []
-    maps = []
+    maps: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]] = []  # rotated v, valid, to working px, scale
     for angle in config.angles:
-        rv, rm, inside, m = _rotate(v, valid.astype(np.float32), angle)
+        rv, rm, inside, m = _rotate(v, valid.astype(np.float32), field.astype(np.uint8), angle)
         inv = cv2.invertAffineTransform(m)
+        levels = {1.0: (rv, rm, inside, inv)}
+        if widths[-1] >= 2 * config.coarse_width:  # wide knees are searched at half the resolution
+            half = (max(1, rv.shape[1] // 2), max(1, rv.shape[0] // 2))
+            sx, sy = rv.shape[1] / half[0], rv.shape[0] / half[1]
+            levels[2.0] = (cv2.resize(rv, half, interpolation=cv2.INTER_AREA),
+                           cv2.resize(rm, half, interpolation=cv2.INTER_AREA),
+                           (cv2.resize(inside.astype(np.float32), half, interpolation=cv2.INTER_AREA) > 0.99
+                            ).astype(np.uint8),
+                           np.hstack([inv[:, :2] * [sx, sy], inv[:, 2:]]))
+        for level in levels.values():
+            maps.append((level[0], level[1], level[3], 0.0))
         for width in widths:
             if width < 10:
                 continue
-            response = _joint_response(rv, rm, inside, width, config)
-            maps.append((rv, rm, inv))
+            scale = 2.0 if 2.0 in levels and width >= 2 * config.coarse_width else 1.0
+            lv, lm, lin, linv = levels[scale]
+            index = len(maps) - len(levels) + list(levels).index(scale)
+            maps[index] = (lv, lm, linv, scale)
+            response = _joint_response(lv, lm, lin, width / scale, config)
             weight = (width / widths[0]) ** config.width_weight
-            for value, y, x in _peaks(response, int(round(0.3 * width))):
-                ox, oy = inv @ np.array([x + 0.5, y + 0.5, 1.0])
-                candidates.append(_Candidate(value * weight, value, float(ox), float(oy), float(width), float(angle),
-                                             len(maps) - 1, x, y))
+            for value, y, x in _peaks(response, int(round(0.3 * width / scale))):
+                ox, oy = linv @ np.array([x + 0.5, y + 0.5, 1.0])
+                candidates.append(_Candidate(value * weight, value, float(ox), float(oy), float(width / scale),
+                                             float(angle), index, x, y, scale))
     if not candidates:
         raise RoiNotFoundError(source, "no joint space found (no dark band between two bright bones)")
     candidates.sort(key=lambda c: -c.score)
-    # a joint space lies inside the leg (never as dark as direct exposure) between bones of
-    # similar brightness; the best place passing that is the knee
-    p2, p98 = (float(q) for q in np.percentile(v[valid], [2, 98]))
-    span = max(p98 - p2, 1e-6)
 
-    segments = _straight_edges(v)
-
-    def plausible(c: _Candidate) -> bool:
-        if _on_long_edge(segments, c.x, c.y, c.width, config):
-            return False
-        rv, rm, _ = maps[c.map_index]
-        levels = _window_levels(rv, rm, c.rx, c.ry, c.width, config)
-        bones = levels[[0, 2]]
-        return bool((np.nanmax(levels[1]) - p2) / span >= config.min_gap_level
-                    and np.nanmax(bones) <= config.max_bone_ratio * max(np.nanmin(bones), 1e-6))
-
-    kept = [c for c in candidates[:config.max_candidates] if plausible(c)]
-    if not kept:
-        raise RoiNotFoundError(source, "no joint space found (no dark band inside the leg between two bright "
-                               "bones)")
-    candidates = kept
-    best = candidates[0]
-    width, angle, rx, ry = best.width, best.angle, best.rx, best.ry
-    contrast = best.depth / sigma
-    if contrast < config.min_contrast:
-        raise RoiNotFoundError(source, f"low contrast: the joint space is {contrast:.1f} noise sigmas deep "
-                               f"(at least {config.min_contrast} needed)")
-    # 3. one knee: no other joint line (off this one's line, or beside this knee) scores nearly as well
-    rv, rm, inv = maps[best.map_index]
-    along, normal = inv[:, 0], inv[:, 1]
-    rival = None
-    for c in candidates[1:]:
-        d = np.array([c.x - best.x, c.y - best.y])
-        if abs(d @ normal) > config.distinct[0] * width or abs(d @ along) > config.distinct[1] * width:
-            rival = c
+    # 3. the best places that pass every check; two distinct ones of similar score: unsure
+    p2, p98 = (float(q) for q in np.percentile(v, [2, 98]))
+    geometry = _Geometry(h=h, w=w, f=f, fx=fx, fy=fy, spacing=spacing, box_mm=box_mm, side_scale=side_scale,
+                         sigma=sigma, p2=p2, span=max(p98 - p2, 1e-6), segments=_straight_edges(v), valid=valid)
+    knees: list[_Knee] = []
+    first_reason = None
+    for c in candidates[:config.max_candidates]:
+        if knees and not knees[0].apart(c):
+            continue
+        knee = _verify(c, maps[c.map_index], geometry, config)
+        if _DEBUG:
+            print(f"  cand ({c.x / fx:.0f},{c.y / fy:.0f}) W={c.width * c.scale / f:.0f} a={c.angle} score={c.score:.3f} "
+                  f"depth={c.depth:.3f} -> {knee if isinstance(knee, str) else 'OK ' + str(knee.box)}")
+        if isinstance(knee, str):
+            if first_reason is None:
+                first_reason = f"the best candidate, at ({c.x / fx:.0f}, {c.y / fy:.0f}) px, {knee}"
+            continue
+        knees.append(knee)
+        if len(knees) == 2:
             break
+    if not knees:
+        raise RoiNotFoundError(source, "no knee joint found: " + (first_reason or "no dark band between two bright "
+                                                                              "bones"))
+    best = knees[0]
+    rival = knees[1] if len(knees) > 1 else None
     if rival is not None and rival.score >= config.ambiguity * best.score:
         raise RoiNotFoundError(source, f"two candidate knee joints of similar score ({best.score:.3f} at "
-                               f"({best.x / fx:.0f}, {best.y / fy:.0f}) px, {rival.score:.3f} at "
-                               f"({rival.x / fx:.0f}, {rival.y / fy:.0f}) px)")
+                               f"({best.box.cx:.0f}, {best.box.cy:.0f}) px, {rival.score:.3f} at "
+                               f"({rival.box.cx:.0f}, {rival.box.cy:.0f}) px)")
+    ratio = rival.score / best.score if rival is not None else 0.0
+    confidence = float(np.clip(1.0 - ratio, 0.0, 1.0) * min(1.0, best.snr / (3 * config.min_contrast)))
+    return JointFinding(box=best.box, confidence=confidence, knee_width=best.knee_width, angle=best.angle,
+                        contrast=best.snr)
 
-    # 4. the width of the joint space
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What `_verify` needs to know about the image besides a candidate."""
+
+    h: int
+    w: int
+    f: float
+    fx: float
+    fy: float
+    spacing: float | None
+    box_mm: float
+    side_scale: float
+    sigma: float
+    p2: float
+    span: float
+    segments: np.ndarray
+    valid: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Knee:
+    """A verified candidate: its box (full-image pixels) and joint line (working pixels)."""
+
+    score: float
+    box: Box
+    knee_width: float
+    angle: float
+    snr: float
+    x: float
+    y: float
+    along: tuple[float, float]
+    width_work: float
+
+    def apart(self, c: _Candidate) -> bool:
+        """Whether candidate `c` lies off this knee's joint space (another joint line or knee)."""
+        dx, dy = c.x - self.x, c.y - self.y
+        along = abs(dx * self.along[0] + dy * self.along[1])
+        normal = abs(-dx * self.along[1] + dy * self.along[0])
+        return along > 0.6 * self.width_work or normal > 0.25 * self.width_work
+
+
+def _verify(c: _Candidate, search_map: tuple[np.ndarray, np.ndarray, np.ndarray, float], geo: _Geometry,
+            config: ClassicalConfig) -> _Knee | str:
+    """Candidate `c` checked as a knee joint: a `_Knee`, or why it is not one. Lengths are in
+    pixels of the candidate's search map (`scale` working pixels each) until said otherwise."""
+    rv, rm, inv, scale = search_map
+    width, rx, ry = c.width, c.rx, c.ry
+    # a joint space lies inside the leg (never as dark as direct exposure), between bones of
+    # similar brightness, and stands out of the noise
+    levels = _window_levels(rv, rm, rx, ry, width, config)
+    bones = levels[[0, 2]]
+    bone_level = max(float(np.nanmin(bones)) - geo.p2, 1e-6)
+    if (np.nanmean(levels[1]) - geo.p2) / bone_level < config.min_gap_level:
+        return "is nearly as dark as the background"
+    if c.depth / bone_level < config.min_depth:
+        return f"is too shallow ({c.depth / bone_level:.1%} of the bones' level, at least {config.min_depth:.0%})"
+    if np.nanmax(bones) > config.max_bone_ratio * max(float(np.nanmin(bones)), 1e-6):
+        return "has bones of very unequal brightness above and below"
+    g = max(2, int(round(config.gap_height * width)))
+    hb = max(3, int(round(config.bone_height * width)))
+    cw = max(2, int(round((config.compartment[1] - config.compartment[0]) * width)))
+    sigma = geo.sigma / scale  # a halved map averages 4 pixels
+    snr = c.depth / (sigma * math.sqrt(1.0 / (g * cw) + 1.0 / (hb * cw)))
+    if snr < config.min_contrast:
+        return f"has low contrast (the joint space is {snr:.1f} noise sigmas deep, at least {config.min_contrast:g} needed)"
+    # the width of the joint space
     extent = _joint_extent(rv, rm, rx, ry, width, config)
     if extent is None:
-        raise RoiNotFoundError(source, "no joint space found between the condyles and the tibial plateau")
-    left, right = extent
+        return "shows no joint space across the condyles"
+    left, right, row = extent
     if left is not None and right is not None:
         knee_w, mid = right - left, (left + right) / 2.0
-    elif left is not None or right is not None:  # one end hidden: the other, mirrored about the centre
-        knee_w, mid = 2.0 * abs((left if left is not None else right) - (rx + 0.5)), rx + 0.5
     else:
-        knee_w, mid = config.extent_ratio * width, rx + 0.5
+        # an end hidden (image border, a marker): a knee as wide as the one searched for, or
+        # as twice the half that shows, from the end that shows
+        knee_w = config.extent_ratio * width
+        if geo.spacing is not None:
+            knee_w = geo.box_mm / geo.side_scale / geo.spacing * geo.f / scale
+        mid = rx + 0.5
+        for end, direction in ((left, -1.0), (right, 1.0)):
+            if end is not None:
+                knee_w = max(knee_w, 2.0 * abs(end - mid))
+                mid = end - direction * knee_w / 2.0
     if not 0.5 * width <= knee_w <= 2.0 * width:
-        raise RoiNotFoundError(source, f"the joint space's width ({knee_w / f:.0f} px) does not match the knee "
-                               f"found ({width / f:.0f} px)")
-    ox, oy = inv @ np.array([mid, ry + 0.5, 1.0])
-    cx, cy = ox / fx, oy / fy
-    knee_w_full = knee_w / f
-    if spacing is not None:
-        knee_mm = knee_w_full * spacing
+        return (f"has a joint space ({knee_w * scale / geo.f:.0f} px) that does not match its knee "
+                f"({width * scale / geo.f:.0f} px)")
+    ox, oy = inv @ np.array([mid, row, 1.0])
+    along = (float(inv[0, 0]) / scale, float(inv[1, 0]) / scale)
+    knee_w *= scale  # working pixels from here on
+    reach = (config.gap_height / 2 + config.bone_height) * width * scale
+    if _on_long_edge(geo.segments, float(ox), float(oy), along, knee_w, reach):
+        return "lies on a straight edge that runs on past the knee (collimation or a plate)"
+    cx, cy = ox / geo.fx, oy / geo.fy
+    knee_w_full = knee_w / geo.f
+    if geo.spacing is not None:
+        knee_mm = knee_w_full * geo.spacing
         lo_mm, hi_mm = config.width_range_mm
         if not lo_mm <= knee_mm <= hi_mm:
-            raise RoiNotFoundError(source, f"the knee found is {knee_mm:.0f} mm wide at the joint, not in the "
-                                   f"plausible {lo_mm:.0f}-{hi_mm:.0f} mm (pixel spacing {spacing:g} mm)")
-        side = box_mm / spacing
+            return (f"is {knee_mm:.0f} mm wide at the joint, not in the plausible {lo_mm:.0f}-{hi_mm:.0f} mm "
+                    f"(pixel spacing {geo.spacing:g} mm)")
+        side = geo.box_mm / geo.spacing
     else:
-        side = side_scale * knee_w_full
-    if side < 24 or side > 1.05 * max(h, w):
-        raise RoiNotFoundError(source, f"the box found ({side:.0f} px) is too small or too large for the "
-                               f"{w}x{h} image")
+        side = geo.side_scale * knee_w_full
+    if side < 24 or side > 1.05 * max(geo.h, geo.w):
+        return f"gives a box ({side:.0f} px) too small or too large for the {geo.w}x{geo.h} image"
     box = square_box_around(cx, cy, side)
     # the box must lie mostly on usable pixels of the image
-    inside = box.clip(w, h)
+    inside = box.clip(geo.w, geo.h)
+    usable = 0.0
     if inside.area > 0:
-        sx0, sy0 = int(inside.x0 * fx), int(inside.y0 * fy)
-        sx1, sy1 = max(sx0 + 1, int(math.ceil(inside.x1 * fx))), max(sy0 + 1, int(math.ceil(inside.y1 * fy)))
-        usable = float(valid[sy0:sy1, sx0:sx1].mean()) * inside.area / box.area
-    else:
-        usable = 0.0
+        sx0, sy0 = int(inside.x0 * geo.fx), int(inside.y0 * geo.fy)
+        sx1 = max(sx0 + 1, int(math.ceil(inside.x1 * geo.fx)))
+        sy1 = max(sy0 + 1, int(math.ceil(inside.y1 * geo.fy)))
+        usable = float(geo.valid[sy0:sy1, sx0:sx1].mean()) * inside.area / box.area
     if usable < config.min_inside:
-        raise RoiNotFoundError(source, f"the box found is at the edge of the exposed field ({usable:.0%} of it "
-                               f"on usable pixels)")
-    ratio = rival.score / best.score if rival is not None else 0.0
-    confidence = float(np.clip(1.0 - ratio, 0.0, 1.0) * min(1.0, contrast / (3 * config.min_contrast)))
-    return JointFinding(box=box, confidence=confidence, knee_width=knee_w_full, angle=float(angle),
-                        contrast=float(contrast))
+        return f"is at the edge of the exposed field ({usable:.0%} of its box on usable pixels)"
+    return _Knee(score=c.score, box=box, knee_width=knee_w_full, angle=c.angle, snr=float(snr), x=c.x, y=c.y,
+                 along=along, width_work=float(knee_w))
 
 
 def classical_roi(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | None = None,
