@@ -158,8 +158,9 @@ def test_classical_roi_on_standin_knees():
     images, boxes = standin_set(20, seed=3)
     pred = [classical_roi(im) for im in images]
     ious = [p.iou(t) for p, t in zip(pred, boxes)]
-    # measured ~0.9 mean (sides a few % small: the blurred bone edge); centres within ~1 px
-    assert np.mean(ious) >= 0.85 and min(ious) >= 0.75, ious
+    # measured 0.85 mean, 0.77 least (the side comes from the joint space's extent, which ends a
+    # little inside the blurred bone edge); centres within ~1 px
+    assert np.mean(ious) >= 0.8 and min(ious) >= 0.7, ious
     for p, t in zip(pred, boxes):
         assert abs(p.cy - t.cy) < 0.02 * 300 and abs(p.cx - t.cx) < 0.02 * 300
 
@@ -185,8 +186,9 @@ def test_classical_roi_refuses_an_image_without_a_knee():
 
 def test_roi_modules_do_not_import_tensorflow():
     """The cache's worker processes choose and use an ROI source without TensorFlow."""
-    code = ("import sys, numpy, kneetf.preprocess.roi, kneetf.preprocess.xray as x; "
-            "x.roi_source().box_for('a', numpy.ones((16, 16))); print('tensorflow' in sys.modules)")
+    code = ("import sys, numpy, kneetf.preprocess.roi as r, kneetf.preprocess.xray as x\n"
+            "try:\n    x.roi_source().box_for('a', numpy.random.default_rng(0).random((64, 64)))\n"
+            "except r.RoiNotFoundError:\n    pass\nprint('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
