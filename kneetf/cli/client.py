@@ -49,17 +49,10 @@ def _tls(args: argparse.Namespace) -> Any:
     return bool(args.tls)
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def _outputs(xrays: list[Path], out: str) -> list[Path]:
     """One output file per X-ray: `out` itself for one X-ray named .nii/.nii.gz, else out/<stem>.nii.gz."""
     from kneetf.errors import ConfigError
+    from kneetf.inference.batch import file_id
 
     target = Path(out)
     is_file = target.name.endswith(".nii") or target.name.endswith(".nii.gz")
@@ -67,7 +60,7 @@ def _outputs(xrays: list[Path], out: str) -> list[Path]:
         if len(xrays) != 1:
             raise ConfigError(f"--out {out} is a file but {len(xrays)} X-rays were given; use a folder")
         return [target]
-    paths = [target / f"{_stem(x)}.nii.gz" for x in xrays]
+    paths = [target / f"{file_id(x)}.nii.gz" for x in xrays]
     seen: dict[Path, Path] = {}
     for x, p in zip(xrays, paths):
         if p in seen:

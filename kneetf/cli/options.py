@@ -83,8 +83,8 @@ def format_value(value: Any) -> str:
 
 
 def field_default(flag: ConfigFlag) -> Default:
-    """The field's own default, for argparse and for the help."""
-    return flag.default, format_value(flag.default)
+    """The field's own default, for argparse and for the help (None: the help says it)."""
+    return flag.default, "" if flag.default is None else format_value(flag.default)
 
 
 def _is_tuple(tp: Any) -> bool:

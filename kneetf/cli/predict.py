@@ -4,6 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kneetf.cli.options import ConfigFlag, add_config_flags, config_values
+
+
+def _flags() -> list[ConfigFlag]:
+    """The config fields `kneetf predict` exposes."""
+    from kneetf.io.limits import ReaderConfig
+
+    return [ConfigFlag(ReaderConfig, "max_pixels")]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kneetf.inference.outputs import FORMATS
@@ -26,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the one recorded with the model)")
     parser.add_argument("--allow-outside", action="store_true",
                         help="let a manifest name files outside its folder tree")
+    add_config_flags(parser, _flags())
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -33,13 +43,16 @@ def run(args: argparse.Namespace) -> int:
     from kneetf.errors import KneetfError
     from kneetf.inference.batch import predict_files
     from kneetf.inference.outputs import parse_formats
+    from kneetf.io.limits import ReaderConfig, use_reader_config
     from kneetf.preprocess.xray import roi_source
 
     formats = parse_formats(args.format)
     roi = roi_source(boxes=args.rois, detector=args.roi_detector)
-    report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
-                           keep_patient=args.keep_patient, batch_size=args.batch_size, preprocess=args.preprocess,
-                           allow_outside=args.allow_outside, progress=not args.no_progress)
+    with use_reader_config(ReaderConfig(**config_values(args, _flags(), ReaderConfig))):
+        report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
+                               keep_patient=args.keep_patient, batch_size=args.batch_size,
+                               preprocess=args.preprocess, allow_outside=args.allow_outside,
+                               progress=not args.no_progress)
     total = report.ok + len(report.errors)
     print(f"wrote {report.ok} of {total} reconstruction(s) to {report.out_dir}")
     if report.errors:

@@ -7,31 +7,14 @@
 - `outputs`: NIfTI / DICOM / PNG writing of reconstructions, `NOMINAL_SPACING`;
 - `batch`: `predict_files`, what `kneetf predict` runs.
 
-X-ray preparation (ROI, crop, mirroring, normalisation) is `kneetf.preprocess.xray`. Names
-load lazily, so `import kneetf.inference` does not import TensorFlow.
+X-ray preparation (ROI, crop, mirroring, normalisation) is `kneetf.preprocess.xray`. None of
+these modules imports TensorFlow at import time.
 """
-from __future__ import annotations
+from kneetf.inference.batch import PredictReport, predict_files
+from kneetf.inference.litert import TFLiteModel
+from kneetf.inference.loading import load_model, read_preprocess_config, resolve_model_path
+from kneetf.inference.outputs import NOMINAL_SPACING
+from kneetf.inference.predictor import Predictor, load_predictor
 
-from typing import Any
-
-_LAZY = {
-    "resolve_model_path": "kneetf.inference.loading",
-    "load_model": "kneetf.inference.loading",
-    "read_preprocess_config": "kneetf.inference.loading",
-    "Predictor": "kneetf.inference.predictor",
-    "load_predictor": "kneetf.inference.predictor",
-    "TFLiteModel": "kneetf.inference.litert",
-    "NOMINAL_SPACING": "kneetf.inference.outputs",
-    "predict_files": "kneetf.inference.batch",
-    "PredictReport": "kneetf.inference.batch",
-}
-
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kneetf.inference' has no attribute {name!r}")
+__all__ = ["resolve_model_path", "load_model", "read_preprocess_config", "Predictor", "load_predictor",
+           "TFLiteModel", "NOMINAL_SPACING", "predict_files", "PredictReport"]
