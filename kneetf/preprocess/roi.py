@@ -40,6 +40,7 @@ from kneetf.preprocess.image import image_2d
 log = logging.getLogger(__name__)
 import os
 _DEBUG = bool(os.environ.get("ROIDBG"))
+_DEBUG_HOOK = None
 
 BOX_COLUMNS = ("id", "x0", "y0", "x1", "y1")
 PAD_MODES = ("constant", "edge")
@@ -505,10 +506,12 @@ def _outside_field(v: np.ndarray, valid: np.ndarray, sigma: float, cfg: Classica
     big = stats[:, cv2.CC_STAT_AREA] >= cfg.min_blank * h * w
     big[0] = False
     outside = cv2.dilate(big[labels].astype(np.uint8), kernel).astype(bool)
-    smooth = cv2.GaussianBlur(v, (0, 0), 1.0)
+    # edges well above the noise: smoothed more when it is strong (a blur of sigma s leaves
+    # about 0.28 / s of it; Sobel's gain is ~4)
+    blur = float(np.clip(60.0 * sigma, 1.0, 3.0))
+    smooth = cv2.GaussianBlur(v, (0, 0), blur)
     u8 = np.round(np.clip(smooth, 0.0, 1.0) * 255.0).astype(np.uint8)
-    # edges well above the noise (a sigma-1 blur leaves about 0.28 of it; Sobel's gain is ~4)
-    low = float(np.clip(255.0 * 4.0 * 0.28 * sigma * 4.0, 8.0, 60.0))
+    low = float(np.clip(255.0 * 4.0 * 0.28 / blur * sigma * 4.0, 8.0, 60.0))
     edges = cv2.Canny(u8, low, 2.5 * low, L2gradient=True)
     lines = cv2.HoughLines(edges, 1, np.pi / 180, threshold=max(10, int(0.2 * min(h, w))))
     if lines is None:
@@ -801,6 +804,8 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
         if knees and not knees[0].apart(c):
             continue
         knee = _verify(c, maps[c.map_index], geometry, config)
+        if _DEBUG_HOOK is not None:
+            _DEBUG_HOOK(c.x / fx, c.y / fy, c.width * c.scale / f, knee)
         if _DEBUG:
             print(f"  cand ({c.x / fx:.0f},{c.y / fy:.0f}) W={c.width * c.scale / f:.0f} a={c.angle} score={c.score:.3f} "
                   f"depth={c.depth:.3f} -> {knee if isinstance(knee, str) else 'OK ' + str(knee.box)}")
@@ -808,6 +813,8 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
             if first_reason is None:
                 first_reason = f"the best candidate, at ({c.x / fx:.0f}, {c.y / fy:.0f}) px, {knee}"
             continue
+        if knees and knees[0].inside(knee):
+            continue  # a wider structure around the knee found (both legs), not another knee
         knees.append(knee)
         if len(knees) == 2:
             break
@@ -864,7 +871,13 @@ class _Knee:
         dx, dy = c.x - self.x, c.y - self.y
         along = abs(dx * self.along[0] + dy * self.along[1])
         normal = abs(-dx * self.along[1] + dy * self.along[0])
-        return along > 0.6 * self.width_work or normal > 0.25 * self.width_work
+        return along > self.width_work or normal > 0.25 * self.width_work
+
+    def inside(self, other: "_Knee") -> bool:
+        """Whether `other` is much wider than this knee and spans it (both legs, say)."""
+        dx, dy = self.x - other.x, self.y - other.y
+        along = abs(dx * other.along[0] + dy * other.along[1])
+        return other.width_work > 1.6 * self.width_work and along < 0.5 * other.width_work
 
 
 def _verify(c: _Candidate, search_map: tuple[np.ndarray, np.ndarray, np.ndarray, float], geo: _Geometry,
