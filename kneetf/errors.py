@@ -33,6 +33,12 @@ class InputError(KneetfError, ValueError):
         super().__init__(f"{self.path}: {reason}" if self.path else reason)
 
 
+class RoiNotFoundError(InputError):
+    """The knee joint could not be found in an X-ray with confidence (the classical ROI is
+    unsure); `reason` says why. A batch job lists the file as failed instead of cropping the
+    wrong place."""
+
+
 class ManifestError(InputError):
     """A line of a manifest CSV is not valid; `line` is its 1-based line number."""
 
