@@ -11,7 +11,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from kneetf.protocol import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_DTYPES
 
     p.add_argument("xrays", nargs="*", metavar="XRAY",
-                   help="ROI-cropped knee X-ray files (DICOM, PNG/TIFF/JPEG, .npy)")
+                   help="knee X-ray files (DICOM, PNG/TIFF/JPEG, .npy): ROI-cropped already, or full X-rays with "
+                        "--roi-from / --rois / --roi-detector")
+    roi = p.add_argument_group("ROI (crop full X-rays here, as kneetf predict does; without these options the files "
+                               "are sent as they are)")
+    roi.add_argument("--roi-from", metavar="MODEL",
+                     help="crop with the ROI source the model was trained with, as recorded in its run folder or "
+                          "exported SavedModel folder (the default of --rois / --roi-detector)")
+    crop = roi.add_mutually_exclusive_group()
+    crop.add_argument("--rois", metavar="BOXES_CSV", help="crop with these boxes (CSV id,x0,y0,x1,y1; id = file stem)")
+    crop.add_argument("--roi-detector", metavar="DET_KERAS", help="crop with this trained ROI detector")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", metavar="HOST:PORT", help="gRPC address of TF Serving (e.g. localhost:8500)")
     where.add_argument("--rest", metavar="URL", help="REST address of TF Serving (e.g. http://localhost:8501)")
@@ -95,10 +104,15 @@ def run(args: argparse.Namespace) -> int:
         from kneetf.io.writers import write_nifti
 
         xrays = [Path(x) for x in args.xrays]
+        crop = None
+        if args.roi_from or args.rois or args.roi_detector:
+            from kneetf.inference.loading import model_roi_source
+
+            crop = model_roi_source(args.roi_from, boxes=args.rois, detector=args.roi_detector)
         failed = 0
         for xray, target in zip(xrays, _outputs(xrays, args.out)):
             try:
-                volume = client.predict(xray)["mri"][0]  # (H, W, slices)
+                volume = client.predict(xray, roi=crop)["mri"][0]  # (H, W, slices)
             except InputError as e:
                 print(f"kneetf client: {e}", file=sys.stderr)
                 failed += 1

@@ -14,13 +14,14 @@ from kneetf.config import PreprocessConfig
 from kneetf.data.cache import CacheResult, CacheTask, RawPair, build_cache
 from kneetf.errors import InputError, RoiNotFoundError
 from kneetf.io.limits import ReaderConfig, current_reader_config
+from kneetf.protocol import ROI_DETECTOR_FILE
 
 log = logging.getLogger(__name__)
 
 #: ROI source of the built-in synthetic knees: their true joint boxes
 TRUTH_ROI = "truth"
 #: the copy of the ROI detector a cache was prepared with, in the cache folder
-CACHE_DETECTOR_FILE = "roi_detector.keras"
+CACHE_DETECTOR_FILE = ROI_DETECTOR_FILE
 
 
 # --- built-in synthetic knees -------------------------------------------------------------
@@ -190,6 +191,28 @@ def roi_record(rois: str | Path | None = None, detector: str | Path | None = Non
 
     return {"source": "classical", "version": CLASSICAL_VERSION, "box_mm": CLASSICAL_BOX_MM,
             "side_scale": CLASSICAL_SIDE_SCALE}
+
+
+def copy_roi_detector(cache_dir: str | Path, dest_dir: str | Path) -> Path | None:
+    """Copy the ROI detector a cache was prepared with (its recorded copy) into `dest_dir`
+    under the same name, so that it travels with a model trained on the cache; the copy's
+    path, or None when the cache was not prepared with a detector."""
+    import shutil
+
+    from kneetf.data.cache import read_info
+    from kneetf.io.atomic import atomic_path
+
+    roi = (read_info(cache_dir).get("source") or {}).get("roi") or {}
+    name = roi.get("file")
+    if not name:
+        return None
+    src, dest = Path(cache_dir) / name, Path(dest_dir) / name
+    if not src.is_file():
+        raise InputError(src, "the ROI detector this cache was prepared with is missing from the cache folder")
+    if not (dest.is_file() and file_sha256(dest) == file_sha256(src)):
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+    return dest
 
 
 def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: PreprocessConfig = PreprocessConfig(), *,

@@ -20,10 +20,11 @@ import numpy as np
 
 from kneetf.config import PreprocessConfig
 from kneetf.errors import ConfigError, InputError, KneetfError
+from kneetf.inference.loading import model_roi_source
 from kneetf.inference.outputs import parse_formats, write_prediction
 from kneetf.inference.predictor import load_predictor
 from kneetf.io.atomic import write_text_atomic
-from kneetf.preprocess.xray import PreparedXray, normalize_side, prepare_xray, roi_source, to_output_volume
+from kneetf.preprocess.xray import PreparedXray, normalize_side, prepare_xray, to_output_volume
 
 XRAY_SUFFIXES = {".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
 #: Patient module keywords copied from an input DICOM X-ray with `keep_patient`.
@@ -162,9 +163,11 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                   allow_outside: bool = False, progress: bool = True) -> PredictReport:
     """Reconstruct every X-ray of `inputs` (files, folders, manifest CSVs) into `out_dir`.
 
-    A file that fails (unreadable, no ROI, ...) is reported in the returned report and in
-    `out_dir/errors.csv`; the others are written. `out_dir/predictions.csv` lists what was
-    written (id, source, side, mirrored, ROI box). Only `out_dir` is written to.
+    `roi` (see `kneetf.preprocess.xray.roi_source`) overrides the ROI source recorded with the
+    model (`kneetf.inference.loading.model_roi_source`). A file that fails (unreadable, knee
+    not found, ...) is reported in the returned report and in `out_dir/errors.csv`; the others
+    are written. `out_dir/predictions.csv` lists what was written (id, source, side, mirrored,
+    ROI box, its source, confidence and review flag). Only `out_dir` is written to.
     """
     from tqdm.auto import tqdm
 
@@ -172,7 +175,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
     predictor = load_predictor(model, preprocess)
-    roi = roi_source(roi)
+    roi = model_roi_source(model if isinstance(model, (str, Path)) else None, roi)
     items, errors = collect_inputs(inputs, allow_outside=allow_outside)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,14 +205,20 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                 patient = patient_module(item.path) if keep_patient else None
                 paths = write_prediction(out, prep, to_output_volume(vol, prep.mirrored), formats, patient=patient)
                 report.written[item.id] = paths
+                found = prep.roi
                 rows.append({"id": item.id, "source": str(item.path), "side": prep.side,
                              "mirrored": int(prep.mirrored),
-                             **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple())))})
+                             **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple()))),
+                             "roi_source": found.source if found else "",
+                             "roi_confidence": "" if found is None or np.isnan(found.confidence)
+                             else round(found.confidence, 3),
+                             "roi_flagged": int(found.flagged) if found else 0})
             except Exception as e:
                 report.errors.append({"id": item.id, "file": str(item.path), "reason": f"writing: {_reason(e)}"})
             bar.update(1)
     bar.close()
-    _write_csv(out / "predictions.csv", ["id", "source", "side", "mirrored", "x0", "y0", "x1", "y1"], rows)
+    _write_csv(out / "predictions.csv", ["id", "source", "side", "mirrored", "x0", "y0", "x1", "y1", "roi_source",
+                                         "roi_confidence", "roi_flagged"], rows)
     _write_csv(out / "errors.csv", ["id", "file", "reason"], report.errors)
     return report
 

@@ -1005,12 +1005,13 @@ def find_roi(source: Any, case_id: str, image: np.ndarray, pixel_spacing: Any = 
     pixel, a number or (row, col)) goes to the sources that use it."""
     if hasattr(source, "finding_for"):
         return source.finding_for(case_id, image, pixel_spacing)
+    path = getattr(source, "path", None)
+    detector = hasattr(source, "detection_for") or (path is not None and Path(path).suffix == ".keras")
+    label = (f"detector:{Path(path).name}" if path else "detector") if detector else type(source).__name__
     if hasattr(source, "detection_for"):
         d = source.detection_for(case_id, image, pixel_spacing)
-        name = getattr(source, "path", None)
-        label = f"detector:{Path(name).name}" if name else "detector"
         return RoiFinding(d.box, label, float(d.confidence), bool(d.flagged))
-    return RoiFinding(source.box_for(case_id, image), type(source).__name__)
+    return RoiFinding(source.box_for(case_id, image), label)
 
 
 class CsvRoi:

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from kneetf.config import PreprocessConfig
-from kneetf.errors import ConfigError, InputError
+from kneetf.errors import ConfigError, InputError, RoiNotFoundError
 from kneetf.preprocess.image import image_2d
-from kneetf.preprocess.roi import Box, ClassicalRoi, CsvRoi, FixedRoi, RoiSource, crop_box
+from kneetf.preprocess.roi import Box, ClassicalRoi, CsvRoi, FixedRoi, RoiFinding, RoiSource, crop_box, find_roi
 
 ROI_HELP = "None/'classical', a boxes .csv, a detector .keras, a Box or an object with box_for(id, image)"
 
@@ -108,6 +108,8 @@ class PreparedXray:
     mirrored: bool = False
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    #: where the box came from and how sure its source was (None: a box given by the caller)
+    roi: RoiFinding | None = None
 
     def as_seen(self) -> np.ndarray:
         """The model input as the knee looks (mirroring undone), like the output volume."""
@@ -116,11 +118,11 @@ class PreparedXray:
 
 def _at(error: InputError, path: str | Path | None) -> InputError:
     """`error` re-addressed to `path` (the input being prepared), keeping the file it named
-    (a boxes CSV, a detector) in the reason."""
+    (a boxes CSV, a detector) in the reason, and its class when it is a `RoiNotFoundError`."""
     reason = error.reason
     if error.path and path is not None and str(error.path) != str(path):
         reason = f"{reason} ({error.path})"
-    return InputError(path, reason)
+    return (RoiNotFoundError if isinstance(error, RoiNotFoundError) else InputError)(path, reason)
 
 
 def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, case_id: str = "",
@@ -135,9 +137,11 @@ def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *
     image = image_2d(image, "an X-ray", path=where)
     if not np.all(np.isfinite(image)):
         raise InputError(where, "X-ray holds NaN or infinite values")
+    found = None
     try:
         if box is None:
-            box = roi_source(roi).box_for(case_id, image)
+            found = find_roi(roi_source(roi), case_id, image, (meta or {}).get("pixel_spacing"))
+            box = found.box
         crop = crop_box(image, box)
     except InputError as e:
         raise _at(e, where) from None
@@ -148,7 +152,7 @@ def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *
     x = ops.preprocess_xray(np.ascontiguousarray(crop, dtype=np.float32)[None, :, :, None], config.image_size,
                             config.low_percentile, config.high_percentile)
     return PreparedXray(id=case_id, xray=x.numpy()[0], box=box, side=side, mirrored=mirrored, source=source,
-                        meta=dict(meta or {}))
+                        meta=dict(meta or {}), roi=found)
 
 
 def to_output_volume(mri: np.ndarray, mirrored: bool) -> np.ndarray:
