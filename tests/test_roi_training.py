@@ -1,6 +1,7 @@
 """The knee-joint ROI detector's heads and training (`kneetf.training.roi`) and `kneetf train-roi`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -98,6 +99,21 @@ def test_tiny_detector_trains_saves_and_loads_identically(tmp_path):
         rd.DetectorRoi.load(tmp_path / "missing.keras")
 
 
+def test_known_pixel_spacing_sets_the_side_in_mm():
+    images, _ = standin_set(2, seed=3)
+    model = rd.RoiDetector(rd.TINY_DETECTOR)
+    assert model.detector_config.box_mm is None
+    free = model.detect(images, pixel_spacings=[0.5, None])
+    sized = rd.with_settings(model, box_mm=100.0)
+    assert sized.detector_config.box_mm == 100.0
+    d = sized.detect(images, pixel_spacings=[0.5, (0.2, 0.8)]) + sized.detect(images[:1])
+    assert d[0].box.width == pytest.approx(200.0) and d[1].box.width == pytest.approx(250.0)
+    assert (d[0].box.cx, d[0].box.cy) == pytest.approx((free[0].box.cx, free[0].box.cy))
+    assert d[2].box == free[0].box  # spacing unknown: the predicted side
+    with pytest.raises(Exception, match="only"):
+        rd.with_settings(model, image_size=64)
+
+
 def test_a_regression_detector_saved_by_an_earlier_version_loads():
     """tests/data/roi_detector_regression_tiny.keras was written by the first detector (a
     regression head, config without `head`): it loads, and reads the image and its mirror."""
@@ -141,7 +157,7 @@ def test_train_roi_cli_on_simulated_radiographs(tmp_path):
         assert scores["n"] == 2 and 0 <= scores["detector"]["found_rate"] <= 1
         assert 0 <= scores["classical"]["found_rate"] <= 1
     assert report["heldout_min_found_rate"] == min(s["detector"]["found_rate"] for s in report["heldout"].values())
-    assert rd.load_detector(out).detector_config == rd.TINY_DETECTOR
+    assert rd.load_detector(out).detector_config == dataclasses.replace(rd.TINY_DETECTOR, box_mm=100.0)
     assert sorted(p.name for p in (tmp_path / "preview").iterdir()) == ["issue-00000.png", "issue-00001.png"]
 
 

@@ -28,7 +28,7 @@ Saved as `.keras` with its custom objects registered (package `kneetf`), loaded 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,6 +70,9 @@ class RoiDetectorConfig:
     dense_units: int = 128
     dropout: float = 0.1
     min_confidence: float = 0.3
+    #: side (mm) of the boxes the detector was trained on; when set and an X-ray's pixel
+    #: spacing is known, the box side is this many mm instead of the predicted side
+    box_mm: float | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size % (2 ** len(self.filters)):
@@ -89,6 +92,8 @@ class RoiDetectorConfig:
             raise ConfigError(f"dropout must be in [0, 1). Received: dropout={self.dropout}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ConfigError(f"min_confidence must be in [0, 1]. Received: min_confidence={self.min_confidence}")
+        if self.box_mm is not None and not self.box_mm > 0:
+            raise ConfigError(f"box_mm must be > 0 or None. Received: box_mm={self.box_mm}")
 
     @property
     def grid(self) -> int:
@@ -403,13 +408,20 @@ class RoiDetector(keras.Model):
             maps = 0.5 * (maps + m)
         return self.decode(maps)
 
-    def detect(self, images: Sequence[np.ndarray], *, flip: bool = True, batch_size: int = 32) -> list[Detection]:
-        """`Detection`s of whole X-rays (each (H, W), display-ready). With `flip`, the mirror
-        image is read too and the two readings are averaged (heatmap: the maps, before the
-        hottest cell is chosen; regression: the boxes, and their agreement is the
-        confidence). Without `flip` a regression detection has no confidence (NaN) and is
-        never flagged."""
+    def detect(self, images: Sequence[np.ndarray], *, pixel_spacings: Sequence[Any] | None = None,
+               flip: bool = True, batch_size: int = 32) -> list[Detection]:
+        """`Detection`s of whole X-rays (each (H, W), display-ready).
+
+        With `flip`, the mirror image is read too and the two readings are averaged (heatmap:
+        the maps, before the hottest cell is chosen; regression: the boxes, and their
+        agreement is the confidence). Without `flip` a regression detection has no confidence
+        (NaN) and is never flagged. `pixel_spacings` (mm per pixel, a number or (row, col) per
+        image, None where unknown): the box side becomes the config's `box_mm` when it is set.
+        """
         cfg = self.detector_config
+        spacings = list(pixel_spacings) if pixel_spacings is not None else [None] * len(images)
+        if len(spacings) != len(images):
+            raise ConfigError(f"need one pixel spacing per image. Received {len(spacings)} for {len(images)} images")
         out: list[Detection] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
@@ -418,16 +430,41 @@ class RoiDetector(keras.Model):
             for j, image in enumerate(chunk):
                 target, confidence = self._read(y[j], y[len(chunk) + j] if flip else None)
                 box = decode_box(target, max(np.shape(image)[:2]))
+                mm = _spacing_mm(spacings[start + j])
+                if cfg.box_mm and mm:
+                    box = square_box_around(box.cx, box.cy, cfg.box_mm / mm)
                 out.append(Detection(box=box, confidence=confidence, flagged=bool(confidence < cfg.min_confidence)))
         return out
 
-    def predict_boxes(self, images: Sequence[np.ndarray], batch_size: int = 32, *, flip: bool = True) -> list[Box]:
-        """Square ROI boxes, in pixels, of whole X-rays (each (H, W), display-ready)."""
-        return [d.box for d in self.detect(images, flip=flip, batch_size=batch_size)]
+    def predict_boxes(self, images: Sequence[np.ndarray], batch_size: int = 32, *, flip: bool = True,
+                      pixel_spacings: Sequence[Any] | None = None) -> list[Box]:
+        """Square ROI boxes, in pixels, of whole X-rays (each (H, W), display-ready); see `detect`."""
+        return [d.box for d in self.detect(images, flip=flip, batch_size=batch_size, pixel_spacings=pixel_spacings)]
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def _spacing_mm(spacing: Any) -> float | None:
+    """One pixel size (mm) from a number or (row, col) spacing; None when unknown or invalid."""
+    if spacing is None:
+        return None
+    values = np.atleast_1d(np.asarray(spacing, np.float64))
+    if values.size not in (1, 2) or not np.all(np.isfinite(values)) or not np.all(values > 0):
+        return None
+    return float(np.sqrt(np.prod(values))) if values.size == 2 else float(values[0])
+
+
+def with_settings(model: RoiDetector, **changes: Any) -> RoiDetector:
+    """A copy of `model` with inference settings of its config changed (`min_confidence`,
+    `box_mm`); the weights are shared values, the architecture must not change."""
+    allowed = {"min_confidence", "box_mm"}
+    if set(changes) - allowed:
+        raise ConfigError(f"only {sorted(allowed)} can change on a trained detector. Received: {sorted(changes)}")
+    copy = RoiDetector(replace(model.detector_config, **changes), name=model.name)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def load_detector(path: str | Path) -> RoiDetector:
@@ -488,11 +525,12 @@ class DetectorRoi:
             self._model = load_detector(self.path)
         return self._model
 
-    def detection_for(self, case_id: str, image: np.ndarray) -> Detection:
-        return self.model.detect([image])[0]
+    def detection_for(self, case_id: str, image: np.ndarray, pixel_spacing: Any = None) -> Detection:
+        """The detection of one X-ray (`pixel_spacing`: mm per pixel when known)."""
+        return self.model.detect([image], pixel_spacings=[pixel_spacing])[0]
 
-    def box_for(self, case_id: str, image: np.ndarray) -> Box:
-        d = self.detection_for(case_id, image)
+    def box_for(self, case_id: str, image: np.ndarray, pixel_spacing: Any = None) -> Box:
+        d = self.detection_for(case_id, image, pixel_spacing)
         if d.flagged and self.reject_unsure:
             raise InputError(None, f"the ROI detector is unsure where the knee joint is (confidence "
                                    f"{d.confidence:.2f} < {self.model.detector_config.min_confidence})")
@@ -512,4 +550,4 @@ class DetectorRoi:
 
 __all__ = ["RoiDetectorConfig", "TINY_DETECTOR", "DETECTOR_ARCHS", "HEADS", "Detection", "RoiDetector", "BoxLoss",
            "BoxIoU", "HeatmapLoss", "DetectorRoi", "letterbox", "shrink_square", "encode_box", "decode_box",
-           "detector_input", "heatmap_targets", "load_detector", "save_detector", "BUILTIN_DETECTOR", "BUILTIN_NAME"]
+           "detector_input", "heatmap_targets", "load_detector", "save_detector", "with_settings", "BUILTIN_DETECTOR", "BUILTIN_NAME"]

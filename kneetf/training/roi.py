@@ -63,6 +63,10 @@ class RoiTrainConfig:
     p_full: float = 0.3
     flip: bool = True
     gamma: tuple[float, float] = (0.7, 1.4)
+    #: half of the inputs are blurred or sharpened (x + k (x - blur(x)), k in this range, blur
+    #: sd 0.7-2 input pixels), half get Gaussian noise of sd up to `noise`
+    sharpen: tuple[float, float] = (-0.8, 1.5)
+    noise: float = 0.05
     edge_margin: float = 0.3
     work_size: int = 256  # letterboxed images are shrunk to this once, before cropping
     #: the initial rate when fine-tuning an existing detector (`--init`)
@@ -342,10 +346,19 @@ def make_train_dataset(images: Sequence[np.ndarray], boxes: Sequence[Box], confi
     g_lo, g_hi = math.log(train.gamma[0]), math.log(train.gamma[1])
     size, heatmap, grid = config.image_size, config.head == "heatmap", config.grid
 
+    k_lo, k_hi = train.sharpen
+
     def to_input(crop: Any, target: Any) -> tuple[Any, Any]:
-        x = preprocess_xray(crop[None, :, :, None], size)[0]
+        x = preprocess_xray(crop[None, :, :, None], size)
         gamma = tf.exp(tf.random.uniform((), g_lo, g_hi))
         x = tf.pow(tf.maximum(x, 1e-6), gamma)
+        if k_hi > k_lo or k_lo != 0:
+            k = tf.random.uniform((), k_lo, k_hi) * tf.cast(tf.random.uniform(()) < 0.5, tf.float32)
+            x = x + k * (x - _gaussian_blur(x, tf.random.uniform((), 0.7, 2.0)))
+        if train.noise > 0:
+            sd = tf.random.uniform((), 0.0, train.noise) * tf.cast(tf.random.uniform(()) < 0.5, tf.float32)
+            x = x + sd * tf.random.normal(tf.shape(x))
+        x = tf.clip_by_value(x, 0.0, 1.0)[0]
         return x, (heatmap_targets(target[None], grid)[0] if heatmap else target)
 
     ds = ds.map(to_input, num_parallel_calls=2)
@@ -360,6 +373,18 @@ def _as_work(image: np.ndarray, box: Box, work_size: int) -> tuple[np.ndarray, B
         return image, box
     square, box = work_square(image, box, work_size)
     return square.astype(np.float16), box
+
+
+def _gaussian_blur(x: Any, sigma: Any, radius: int = 4) -> Any:
+    """(1, H, W, 1) images blurred by a Gaussian of sd `sigma` pixels (a TF scalar), separable."""
+    import tensorflow as tf
+
+    t = tf.range(-radius, radius + 1, dtype=tf.float32)
+    g = tf.exp(-t * t / (2.0 * sigma * sigma))
+    g = g / tf.reduce_sum(g)
+    x = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
+    x = tf.nn.conv2d(x, tf.reshape(g, (-1, 1, 1, 1)), 1, "VALID")
+    return tf.nn.conv2d(x, tf.reshape(g, (1, -1, 1, 1)), 1, "VALID")
 
 
 def _weighted_order(weights: Sequence[float], rng: np.random.Generator) -> np.ndarray:
@@ -482,7 +507,7 @@ def _score(model: Any, images: Sequence[np.ndarray], boxes: Sequence[Box],
            spacings: Sequence[float | None]) -> tuple[dict[str, Any], list[Box]]:
     from kneetf.preprocess.roi_score import score_boxes
 
-    det = model.detect(list(images))
+    det = model.detect(list(images), pixel_spacings=list(spacings))
     found = score_boxes([d.box for d in det], list(boxes), [d.flagged for d in det])
     classical = score_boxes(_classical_boxes(images, spacings), list(boxes))
     return {"n": len(boxes), "detector": found, "classical": classical}, [d.box for d in det]
@@ -499,7 +524,9 @@ def train_roi_detector(out: str | Path, *, data: str | Path | None = None, rois:
     to `out` (`.keras`) and write a JSON report (default: `out` with `.json`): found-rate,
     IoU and centre error of the detector and of the classical fallback on `examples.n_val`
     radiographs of every held-out style and on the manifest's held-out rows."""
-    from kneetf.preprocess.roi_detector import load_detector, save_detector
+    from kneetf.data.radiograph import get_style
+    from kneetf.data.synthetic import SynthConfig
+    from kneetf.preprocess.roi_detector import load_detector, save_detector, with_settings
 
     out = Path(out)
     if out.suffix != ".keras":
@@ -547,6 +574,15 @@ def train_roi_detector(out: str | Path, *, data: str | Path | None = None, rois:
                                     val_images=monitor[1] or None, val_boxes=monitor[2] or None, verbose=verbose,
                                     weights=weights)
     t_train = time.perf_counter() - t1
+    # the box side in mm, used when an X-ray's spacing is known: the simulated radiographs'
+    # (an --init detector's own when fine-tuned without them); unknown for the user's boxes
+    if data:
+        box_mm = None
+    elif initial is not None and not examples.n:
+        box_mm = initial.detector_config.box_mm
+    else:
+        box_mm = float(get_style(examples.style).roi_mm or SynthConfig().roi_mm)
+    model = with_settings(model, box_mm=box_mm)
     save_detector(model, out)
 
     report: dict[str, Any] = {"model": str(out), "source": source, "n_train": len(train_x), "n_train_data": n_user,
