@@ -274,14 +274,13 @@ def manifest_examples(data: str | Path, rois: str | Path | None, *, val_fraction
 # === Augmentation and the pipeline ===
 
 def work_square(image: np.ndarray, box: Box, work_size: int) -> tuple[np.ndarray, Box]:
-    """Letterbox and area-shrink to `work_size` once (`shrink_square`, as `detector_input`
+    """Letterbox and area-shrink to `work_size` once (`shrunk_square`, as `detector_input`
     does), float32 min-max scaled to [0, 1] (the detector's robust normalisation does not see
     it); the box in that frame. A square of at most `work_size` is only scaled."""
-    from kneetf.preprocess.roi_detector import letterbox, shrink_square
+    from kneetf.preprocess.roi_detector import shrunk_square
 
-    sq = letterbox(image).astype(np.float32)
-    side = sq.shape[0]
-    small = shrink_square(sq, work_size)
+    side = max(np.shape(image)[:2])
+    small = shrunk_square(image, work_size)
     lo, hi = float(small.min()), float(small.max())
     small = (small - lo) / (hi - lo) if hi > lo else np.zeros_like(small)
     return small, box.scale(small.shape[0] / side)
