@@ -2,14 +2,17 @@
 augmentation, the tf.data pipeline, `train_detector` and `train_roi_detector` (what
 `kneetf train-roi` runs).
 
-Examples are whole X-rays (display-ready, bone bright) and their boxes: by default built-in
-synthetic X-rays with their known boxes (`synthetic_examples`; held out: the next seed), or
-a manifest with a boxes CSV (`manifest_examples`; held out: the manifest's val/test rows,
-else a random fraction).
+Examples are whole X-rays (display-ready, bone bright) and their boxes: by default simulated
+hospital radiographs (`radiograph_examples`: `kneetf.data.radiograph`, style `train`), plus
+a manifest with a boxes CSV when given (`manifest_examples`; held out: the manifest's
+val/test rows, else a random fraction). The held-out score comes from radiographs of every
+held-out style (`heldout_examples`), which training never uses. (`synthetic_examples`, the
+plain built-in X-rays, remains for experiments.)
 
-Training augments every epoch afresh: random square crops of the letterboxed image (zoom in
-or out, shifts, partly outside the image), horizontal flips and random gamma/contrast, with
-the box transformed consistently. This is what lets a few hundred images generalise.
+Every example is letterboxed and shrunk once to a work square (`work_square`); training
+augments every epoch afresh: random square crops (zoom in or out, shifts, partly outside the
+image, the joint centre kept inside), horizontal flips, random gamma, blur or sharpening and
+noise, with the box transformed consistently.
 
 TensorFlow and Keras load inside the functions that use them, so that the configs (and
 `kneetf train-roi --help`) do not load them.
