@@ -60,6 +60,8 @@ HELDOUT_LABELS = ("POST-ANT", "DEBOUT", "WEIGHT BEARING", "ROSENBERG", "SX", "DX
                   "ACC 88213", "HOSP. GEN.", "kVp 65 mAs 8")
 #: mm of the rendering grid never finer than this (the phantom is smooth; finer costs time)
 MIN_RENDER_MM = 0.3
+#: attenuation line integral above which a pixel is anatomy (direct beam: 0; a knee: 2-4)
+BODY_LINE_INTEGRAL = 0.5
 #: stream index of the acquisition's random draws (apart from the knee's, so that a paired
 #: MRI is the one `kneetf synth` writes for the same seed and index)
 ACQUISITION_STREAM = 0xAC0
@@ -400,8 +402,17 @@ def sample_acquisition(rng: np.random.Generator, style: str | RadiographStyle, k
     if rng.random() < st.p_other_knee:
         q = sample_params(rng, synth)
         other = dataclasses.replace(q, left=not knee.left, detector_x=0.0, detector_y=0.0)
-        # the patient's other knee is towards the image's right for a right knee
-        other_offset = ((1.0 if not knee.left else -1.0) * _uniform(rng, st.other_knee_mm), rng.uniform(-15, 15))
+        # the patient's other knee is towards the image's right for a right knee; only a part
+        # of it shows: its joint lies outside the image (by 15 % of the box side at least),
+        # else the image would hold two knees and no single answer
+        sign = 1.0 if not knee.left else -1.0
+        distance, dy = _uniform(rng, st.other_knee_mm), float(rng.uniform(-15, 15))
+        while distance < 600.0:
+            x, y = np.array([jx, jy]) + _rotate(np.array([sign * distance, dy]) / px, angle)
+            if not (-0.15 * side < x < cols + 0.15 * side and -0.15 * side < y < rows + 0.15 * side):
+                break
+            distance += 5.0
+        other_offset = (sign * distance, dy)
     # --- collimation, borders ---
     collimation = None
     if rng.random() < st.p_collimation:
@@ -646,7 +657,11 @@ def render_radiograph(knee: KneeParams, acq: Acquisition, synth: SynthConfig = S
     counts += np.sqrt(counts) * rng.standard_normal(counts.shape, dtype=np.float32)
     raw = -np.log(np.maximum(counts, 0.3) / acq.photons)
     # processing: window on the exposed field, compression, unsharp masking, LUT
-    inside = exposed > 0.5
+    # the window comes from the anatomy in the exposed field (no direct beam, no collimated
+    # area, no lead), as a modality's histogram analysis does
+    inside = (exposed > 0.5) & (line > BODY_LINE_INTEGRAL) & (lead < 0.5)
+    if inside.sum() < 100:
+        inside = exposed > 0.5
     if inside.sum() < 100:
         inside[:] = True
     u = _window(raw, inside, acq.window)

@@ -26,7 +26,8 @@ from kneetf.errors import ConfigError, InputError, RoiNotFoundError
 from kneetf.preprocess.image import image_2d
 from kneetf.preprocess.roi import Box, ClassicalRoi, CsvRoi, FixedRoi, RoiFinding, RoiSource, crop_box, find_roi
 
-ROI_HELP = "None/'classical', a boxes .csv, a detector .keras, a Box or an object with box_for(id, image)"
+ROI_HELP = ("None/'classical', a boxes .csv, a detector .keras or 'builtin', a Box or an object with "
+            "box_for(id, image)")
 
 
 # === ROI source ===
@@ -38,15 +39,17 @@ def roi_source(roi: Any = None, *, boxes: str | Path | None = None, detector: st
     `boxes` (a boxes CSV, `CsvRoi`) and `detector` (a trained detector `.keras`,
     `DetectorRoi`, loaded now so that errors name the file) are the `--rois` /
     `--roi-detector` options. `roi` is what the Python API takes: None or "classical" (the
-    classical fallback), a path ending in .csv or .keras (as above), a `Box` (the same box
-    for every X-ray) or any object with `box_for(id, image)` (used as it is). At most one of
-    the three is given.
+    classical fallback), a path ending in .csv or .keras (as above), "builtin" (the detector
+    shipped with kneetf; also as `detector`), a `Box` (the same box for every X-ray) or any
+    object with `box_for(id, image)` (used as it is). At most one of the three is given.
     """
     if sum(x is not None and x != "" for x in (roi, boxes, detector)) > 1:
         raise ConfigError("give ROI boxes or an ROI detector, not both")
     if isinstance(roi, (str, Path)) and roi != "classical":
         suffix = Path(roi).suffix.lower()
-        if suffix == ".csv":
+        if roi == "builtin":  # the detector shipped with kneetf
+            detector = roi
+        elif suffix == ".csv":
             boxes = roi
         elif suffix == ".keras":
             detector = roi
