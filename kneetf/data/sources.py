@@ -176,6 +176,15 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def detector_file(detector: str | Path) -> Path:
+    """The file of an ROI detector given as a path or as "builtin" (the one shipped with kneetf)."""
+    if str(detector) == "builtin":
+        from kneetf.preprocess.roi_detector import BUILTIN_DETECTOR
+
+        return BUILTIN_DETECTOR
+    return Path(detector)
+
+
 def roi_record(rois: str | Path | None = None, detector: str | Path | None = None) -> dict[str, Any]:
     """What `dataset.json` records of the ROI source a manifest is prepared with: "csv" (the
     boxes file's name), "detector" (its name, SHA-256 and the copy kept in the cache) or
@@ -184,8 +193,9 @@ def roi_record(rois: str | Path | None = None, detector: str | Path | None = Non
         return {"source": "csv", "boxes": Path(rois).name}
     if detector:
         record: dict[str, Any] = {"source": "detector", "name": Path(detector).name}
-        if Path(detector).is_file():
-            record.update(sha256=file_sha256(detector), file=CACHE_DETECTOR_FILE)
+        file = detector_file(detector)
+        if file.is_file():
+            record.update(sha256=file_sha256(file), file=CACHE_DETECTOR_FILE)
         return record
     from kneetf.preprocess.roi import CLASSICAL_BOX_MM, CLASSICAL_SIDE_SCALE, CLASSICAL_VERSION
 
@@ -236,7 +246,7 @@ def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: Preproce
 
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / CACHE_DETECTOR_FILE) as tmp:
-            shutil.copyfile(detector, tmp)
+            shutil.copyfile(detector_file(detector), tmp)
     source = {"kind": "manifest", "manifest": Path(manifest).name, "rois": roi["source"], "roi": roi}
     result = build_cache(tasks, load_files, out, config, workers=workers, shard_size=shard_size,
                          progress=progress, source=source, extra_errors=errors)

@@ -171,11 +171,11 @@ def _chosen_record(source: Any) -> dict[str, Any]:
         return {"source": "fixed"}
     path = getattr(source, "path", None)
     if hasattr(source, "detection_for") or path is not None and Path(path).suffix == ".keras":
-        from kneetf.data.sources import file_sha256
+        from kneetf.data.sources import detector_file, file_sha256
 
         record = {"source": "detector", "name": Path(path).name if path else type(source).__name__}
-        if path is not None and Path(path).is_file():
-            record["sha256"] = file_sha256(path)
+        if path is not None and detector_file(path).is_file():
+            record["sha256"] = file_sha256(detector_file(path))
         return record
     return {"source": type(source).__name__}
 
