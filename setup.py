@@ -17,6 +17,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["kneetf", "kneetf.*"]),
     include_package_data=True,
+    # the built-in knee-ROI detector (docs/roi_detector.md)
+    package_data={"kneetf.preprocess": ["weights/*.keras"]},
     install_requires=[
         "tensorflow==2.21.*",
         "keras>=3.12,<4",

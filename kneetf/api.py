@@ -23,8 +23,8 @@ import numpy as np
 
 from kneetf.errors import ConfigError
 from kneetf.inference.batch import file_id, safe_id
-from kneetf.inference.loading import load_model
 from kneetf.inference.geometry import GEOMETRY, output_affine
+from kneetf.inference.loading import load_model, model_roi_source
 from kneetf.inference.outputs import write_dicom, write_volume
 from kneetf.inference.predictor import load_predictor
 from kneetf.preprocess.roi import Box
@@ -72,9 +72,10 @@ class Reconstructor:
     """ROI + preprocessing + model: `predict(xray_or_path) -> Reconstruction`.
 
     Build it with `Reconstructor.load(path, roi=None)`: `path` is a `.keras` file, a run
-    folder, a SavedModel folder or a `.tflite` file; `roi` is None (the classical fallback),
-    a boxes CSV (ids = file stems or the `id` you pass), an ROI detector `.keras`, a fixed
-    `Box`, or any object with `box_for(id, image)`.
+    folder, a SavedModel folder or a `.tflite` file; `roi` is None (the ROI source the model
+    was trained with, `kneetf.inference.loading.model_roi_source`), "classical", a boxes CSV
+    (ids = file stems or the `id` you pass), an ROI detector `.keras`, a fixed `Box`, or any
+    object with `box_for(id, image)`.
     """
 
     def __init__(self, predictor: Any, roi: Any = None) -> None:
@@ -85,10 +86,12 @@ class Reconstructor:
     def load(cls, path: Any, roi: Any = None, preprocess: Any = None, *, trust_model: bool = False
              ) -> "Reconstructor":
         """Load the model at `path` (or wrap a keras.Model); `preprocess` overrides the
-        recorded preprocessing config (a PreprocessConfig or a JSON holding one). A
-        SavedModel or TFLite file with operations kneetf models never use (file or other
-        I/O) is refused unless `trust_model` (a model file is code)."""
-        return cls(load_predictor(path, preprocess, trust_model=trust_model), roi)
+        recorded preprocessing config (a PreprocessConfig or a JSON holding one). Without
+        `roi`, X-rays are cropped by the ROI source the model was trained with. A SavedModel
+        or TFLite file with operations kneetf models never use (file or other I/O) is refused
+        unless `trust_model` (a model file is code)."""
+        return cls(load_predictor(path, preprocess, trust_model=trust_model),
+                   model_roi_source(path if isinstance(path, (str, Path)) else None, roi))
 
     @property
     def preprocess(self) -> Any:
@@ -98,18 +101,20 @@ class Reconstructor:
     def _prepare(self, item: Any, case_id: str | None, side: str | None, box: Any, cropped: bool) -> Any:
         from kneetf.io.readers import read_xray
 
+        info: dict[str, Any] = {}
         if isinstance(item, (str, Path)):
             path = Path(item)
             image, meta = read_xray(path)
             side = side or getattr(meta, "laterality", None)
             case_id = case_id or safe_id(file_id(path))
             source = str(path)
+            info = meta.to_dict()
         else:
             image, source = np.asarray(item), ""
         if cropped:
             box = Box(0.0, 0.0, float(image.shape[1]), float(image.shape[0]))
         return prepare_xray(image, self.preprocess, self.roi, case_id=case_id or "", side=side or "", box=box,
-                            source=source)
+                            source=source, meta=info)
 
     def predict(self, xray: Any, *, id: str | None = None, side: str | None = None, box: Any = None,
                 cropped: bool = False) -> Reconstruction:

@@ -38,6 +38,12 @@ class UnsafeModelError(InputError):
     loaded only when the user says it is trusted."""
 
 
+class RoiNotFoundError(InputError):
+    """The knee joint could not be found in an X-ray with confidence (the classical ROI is
+    unsure); `reason` says why. A batch job lists the file as failed instead of cropping the
+    wrong place."""
+
+
 class ManifestError(InputError):
     """A line of a manifest CSV is not valid; `line` is its 1-based line number."""
 

@@ -40,6 +40,10 @@ RUN_MODEL_FILE = "model.keras"
 RUN_CONFIG_FILE = "config.json"
 RUN_HISTORY_FILE = "history.csv"
 RUN_BACKUP_DIR = "backup"
+#: The ROI detector a model's training crops came from, copied beside the model (in a run
+#: folder, a cache folder; `assets.extra/` of an export) so that it travels with it.
+ROI_DETECTOR_FILE = "roi_detector.keras"
+EXPORT_ROI_DETECTOR = "assets.extra/" + ROI_DETECTOR_FILE
 #: An export's version folder: its description (with "preprocess"), the TFLite models, the
 #: warm-up requests TF Serving replays at load time.
 EXPORT_INFO_FILE = "kneetf_export.json"
@@ -373,7 +377,8 @@ def parse_rest_response(body: Mapping[str, Any], batch_size: int | None = None,
     return result
 
 
-__all__ = ["RUN_MODEL_FILE", "RUN_CONFIG_FILE", "RUN_HISTORY_FILE", "RUN_BACKUP_DIR", "EXPORT_INFO_FILE", "TFLITE_DIR", "WARMUP_FILE",
+__all__ = ["RUN_MODEL_FILE", "RUN_CONFIG_FILE", "RUN_HISTORY_FILE", "RUN_BACKUP_DIR", "ROI_DETECTOR_FILE",
+           "EXPORT_ROI_DETECTOR", "EXPORT_INFO_FILE", "TFLITE_DIR", "WARMUP_FILE",
            "DEFAULT_MODEL_NAME", "SIGNATURE_DEFAULT", "SIGNATURE_UINT16", "SIGNATURE_NORMALIZED", "SIGNATURE_DTYPES",
            "INPUT_KEY", "OUTPUT_KEYS", "MIN_SIDE", "CONTRACT_IMAGE_SIZE", "CONTRACT_NUM_SLICES",
            "MAX_OUTPUT_VALUES", "SERVING_BATCH_SIZES", "output_shapes", "response_bytes", "check_metadata_shapes",

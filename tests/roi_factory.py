@@ -30,3 +30,36 @@ def standin_set(n: int, seed: int) -> tuple[list[np.ndarray], list[Box]]:
     rng = np.random.default_rng(seed)
     pairs = [standin_knee(rng) for _ in range(n)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def laden_knee(seed: int = 0, *, monochrome1: bool = False) -> tuple[np.ndarray, Box, float]:
+    """A built-in synthetic knee as a hospital stores it: 600 x 500 px at 0.3 mm, the knee off
+    centre, collimated (the outside left bright, as unexposed film is), an unexposed black band
+    along one border, a lead 'R' in a corner, a burned-in text line. Returns the display-ready
+    image (MONOCHROME2 polarity, as the readers give it; `monochrome1` stores it inverted, as
+    such a file holds it), the true 96 mm joint box and the pixel spacing."""
+    from kneetf.data.synthetic import SynthConfig, render_xray, sample_params
+
+    rng = np.random.default_rng(seed)
+    px = 0.3
+    cfg = SynthConfig(xray_size=700, xray_pixel_mm=px, roi_mm=96.0, detector_shift_mm=0.0, placement_mm=(0.0, 0.0))
+    raw, box = render_xray(sample_params(np.random.default_rng([seed, 7]), cfg), cfg, np.random.default_rng(seed))
+    cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+    x0 = int(np.clip(cx - rng.uniform(240, 330), 0, 100))  # the joint off centre
+    y0 = int(np.clip(cy - rng.uniform(170, 300), 0, 200))
+    image = raw[y0:y0 + 500, x0:x0 + 600].astype(np.float32)
+    cx, cy = cx - x0, cy - y0
+    top = float(np.percentile(image, 99.9))
+    # collimation: beyond a tilted left edge and a bottom edge the film is unexposed (brightest)
+    yy, xx = np.mgrid[0:500, 0:600].astype(np.float32)
+    outside = (xx < 60 + 0.05 * yy) | (yy > cy + 150)
+    image[outside] = 1.15 * top + rng.normal(0, 0.01 * top, int(outside.sum()))
+    image[:, 585:] = 0.0  # an unexposed band blanked black
+    lead = np.zeros_like(image, np.uint8)
+    cv2.putText(lead, "R", (500, 70), cv2.FONT_HERSHEY_DUPLEX, 2.0, 1, 6, cv2.LINE_AA)  # a lead letter
+    cv2.putText(lead, "ST MARY 2019-03-02 PA", (120, 30), cv2.FONT_HERSHEY_PLAIN, 1.3, 1, 1)  # burned-in text
+    image[lead > 0] = 1.25 * top
+    image = np.clip(image, 0, None)
+    if monochrome1:
+        image = image.max() - image
+    return image.astype(np.float32), square_box_around(cx, cy, 96.0 / px), px

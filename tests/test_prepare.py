@@ -61,7 +61,13 @@ def test_prepare_dicom_manifest_skips_bad_inputs_and_resumes(synth: Path, tmp_pa
     assert any("nowhere" in r["file"] + r["reason"] for r in errors.values())
     assert any("duplicate" in r["reason"].lower() for r in errors.values())
     assert "3 problem(s) with the inputs" in out
-    assert len(list((cache / "roi_preview").glob("*.png"))) == 6
+    # one contact sheet: a legend bar and one 96-px tile per pair (all boxes from the CSV)
+    sheets = sorted((cache / "roi_preview").glob("*.png"))
+    assert [p.name for p in sheets] == ["sheet-001.png"]
+    import cv2
+
+    assert cv2.imread(str(sheets[0])).shape == (22 + 96, 6 * 96, 3)
+    assert "ROI boxes: csv 6; knee not found in 0 X-ray(s)" in out
     # the cache holds the manifest's ids and no patient identifier from the DICOM headers
     import pydicom
 
@@ -79,6 +85,13 @@ def test_prepare_dicom_manifest_skips_bad_inputs_and_resumes(synth: Path, tmp_pa
                                                       else []) + (load_arrays(cache, "test")["id"]
                                                                   if info["counts"]["test"] else []))
     assert ids == sorted(r["id"] for r in _rows(synth / "manifest.csv"))
+    # every pair's box and its source, as the CSV gave it
+    boxes = {r["id"]: r for r in _rows(rois)}
+    recorded = {r["id"]: r for r in _rows(cache / "rois.csv")}
+    assert sorted(recorded) == ids and {r["source"] for r in recorded.values()} == {"csv"}
+    assert all(float(recorded[i][k]) == float(boxes[i][k]) for i in ids for k in ("x0", "y0", "x1", "y1"))
+    assert info["rois"] == {"file": "rois.csv", "by_source": {"csv": 6}, "flagged": 0, "failed": 0}
+    assert info["source"]["roi"] == {"source": "csv", "boxes": "rois.csv"}
     # a second run finds every shard complete and writes nothing new
     mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("*.tfrecord")}
     assert main(["prepare", str(manifest), "--out", str(cache), "--rois", str(rois)]) == 0
@@ -188,3 +201,62 @@ def test_train_on_a_manifest_prepares_it_on_the_fly(synth: Path, tmp_path: Path)
     assert rc == 0
     assert (tmp_path / "run" / "data" / "manifest-cache" / "dataset.json").exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train_pairs"] >= 3
+
+
+def test_prepare_skips_an_xray_whose_knee_is_not_found(synth: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """No boxes given: the classical ROI finds the knees of collimated, marker-laden hospital
+    X-rays (DICOM with a pixel spacing, one stored MONOCHROME1) and reports the one without a
+    knee as failed; the rest is written, each pair with its box and source, and one contact
+    sheet shows every crop and the failure."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from roi_factory import laden_knee
+
+    from kneetf.io.writers import write_dicom_xray
+
+    rows = _rows(synth / "manifest.csv")[:4]
+    lines, truth = ["id,xray,mri,split"], {}
+    for k, r in enumerate(rows):
+        image, box, spacing = laden_knee(k)
+        if k == 3:
+            image = image[:150]  # the femur above the joint: no knee joint to find
+        write_dicom_xray(tmp_path / f"{r['id']}.dcm", image, pixel_spacing=spacing,
+                         photometric="MONOCHROME1" if k == 1 else "MONOCHROME2")
+        truth[r["id"]] = box
+        lines.append(f"{r['id']},{r['id']}.dcm,{(synth / r['mri']).resolve()},train")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    rc = main(["prepare", str(tmp_path / "manifest.csv"), "--out", str(cache), "--allow-outside", "--workers", "0",
+               "--roi-preview"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    failed = rows[3]["id"]
+    errors = _rows(cache / "errors.csv")
+    assert [e["id"] for e in errors] == [failed] and "no knee joint found" in errors[0]["reason"]
+    assert errors[0]["file"].endswith(f"{failed}.dcm")
+    info = json.loads((cache / "dataset.json").read_text())
+    assert info["counts"]["train"] == 3 and info["rois"]["failed"] == 1
+    assert info["source"]["roi"]["source"] == "classical" and info["source"]["roi"]["box_mm"] == 100.0
+    recorded = {r["id"]: r for r in _rows(cache / "rois.csv")}
+    assert sorted(recorded) == sorted(r["id"] for r in rows[:3])
+    for case_id, r in recorded.items():
+        box, true = [float(r[k]) for k in ("x0", "y0", "x1", "y1")], truth[case_id]
+        assert r["source"] == "classical" and 0.0 < float(r["confidence"]) <= 1.0
+        assert abs((box[0] + box[2]) / 2 - true.cx) < 0.05 * true.width
+        assert abs((box[1] + box[3]) / 2 - true.cy) < 0.05 * true.width
+        assert box[2] - box[0] == pytest.approx(100.0 / 0.3)  # 100 mm: the DICOM's pixel spacing is used
+    n_flagged = sum(r["flagged"] == "1" for r in recorded.values())
+    assert f"ROI boxes: classical 3" in out and "knee not found in 1 X-ray(s)" in out
+    assert (f"({n_flagged} flagged for review)" in out) == (n_flagged > 0)
+    # one sheet: a legend bar over 3 crops and 1 failure tile in a row
+    import cv2
+
+    sheets = sorted((cache / "roi_preview").glob("*.png"))
+    assert [p.name for p in sheets] == ["sheet-001.png"]
+    sheet = cv2.imread(str(sheets[0]))
+    assert sheet.shape == (22 + 96, 4 * 96, 3)
+    from kneetf.data.review import COLOURS
+
+    assert tuple(sheet[22 + 1, 3 * 96 + 1]) == COLOURS["failed"]  # the last tile's frame is red

@@ -1,6 +1,7 @@
 """Knee-joint ROI: box maths, CSV boxes, cropping, the classical fallback and the detector."""
 from __future__ import annotations
 
+import math
 import pickle
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 
 from kneetf.errors import InputError, ManifestError
-from kneetf.preprocess.roi import (Box, ClassicalRoi, CsvRoi, RoiSource, classical_roi, crop_box, draw_box_png,
-                                   iou, load_boxes, mean_iou, square_box_around, write_boxes)
-from roi_factory import standin_knee, standin_set  # tests/roi_factory.py
+from kneetf.preprocess.roi import (CLASSICAL_BOX_MM, Box, ClassicalRoi, CsvRoi, RoiFinding, RoiNotFoundError, RoiSource,
+                                   classical_roi, crop_box, draw_box_png, find_joint, find_roi, iou, load_boxes,
+                                   mean_iou, square_box_around, write_boxes)
+from roi_factory import laden_knee, standin_knee, standin_set  # tests/roi_factory.py
 
 
 # --- box maths ----------------------------------------------------------------------------
@@ -121,6 +123,23 @@ def test_boxes_csv_errors_name_file_and_line(tmp_path, text, match):
     assert str(path) in str(info.value)
 
 
+def test_find_roi_says_which_source_and_how_sure(tmp_path):
+    image, true, spacing = laden_knee(1)
+    csv_found = find_roi(CsvRoi({"a": true}), "a", image)
+    assert csv_found == RoiFinding(true, "csv", csv_found.confidence, False) and math.isnan(csv_found.confidence)
+    classical = find_roi(ClassicalRoi(), "a", image, spacing)
+    assert classical.source == "classical" and classical.box.width == pytest.approx(CLASSICAL_BOX_MM / spacing)
+    assert classical.confidence == pytest.approx(find_joint(image, pixel_spacing=spacing).confidence)
+    assert classical.flagged == (classical.confidence < ClassicalRoi().flag_below)
+    assert find_roi(ClassicalRoi(flag_below=1.01), "a", image).flagged  # a strict reviewer flags everything
+
+    class Plain:  # any object with box_for
+        def box_for(self, case_id, image):
+            return true
+
+    assert find_roi(Plain(), "a", image) == RoiFinding(true, "Plain")
+
+
 def test_csv_roi_source(tmp_path):
     path = write_boxes(tmp_path / "rois.csv", {"a": Box(1, 2, 3, 4)})
     source = CsvRoi(path)
@@ -158,8 +177,9 @@ def test_classical_roi_on_standin_knees():
     images, boxes = standin_set(20, seed=3)
     pred = [classical_roi(im) for im in images]
     ious = [p.iou(t) for p, t in zip(pred, boxes)]
-    # measured ~0.9 mean (sides a few % small: the blurred bone edge); centres within ~1 px
-    assert np.mean(ious) >= 0.85 and min(ious) >= 0.75, ious
+    # measured 0.85 mean, 0.77 least (the side comes from the joint space's extent, which ends a
+    # little inside the blurred bone edge); centres within ~1 px
+    assert np.mean(ious) >= 0.8 and min(ious) >= 0.7, ious
     for p, t in zip(pred, boxes):
         assert abs(p.cy - t.cy) < 0.02 * 300 and abs(p.cx - t.cx) < 0.02 * 300
 
@@ -173,19 +193,51 @@ def test_classical_roi_scales_with_the_image_and_is_picklable():
     assert source.box_for("x", image).width == pytest.approx(classical_roi(image, side_scale=1.5).width)
 
 
-def test_classical_roi_degenerate_image_warns_and_centres(caplog):
-    with caplog.at_level("WARNING"):
-        box = classical_roi(np.full((100, 60), 7, np.uint16))
-    assert "constant image" in caplog.text
-    assert (box.cx, box.cy, box.width) == (30, 50, 30)
+@pytest.mark.parametrize("seed", range(4))
+def test_classical_roi_ignores_markers_collimation_and_borders(seed):
+    """A synthetic knee off centre in a 600 x 500 field at 0.3 mm, collimated (bright outside),
+    a black unexposed band, a lead letter and burned-in text: the earlier fallback put its box
+    on the marker (a third of the side) or around most of the image (2.6x the side) on every
+    one of these; this one finds the joint, and sizes the box in mm when it knows the spacing."""
+    image, true, spacing = laden_knee(seed)
+    for kw in ({}, {"pixel_spacing": spacing}, {"pixel_spacing": (spacing, spacing)}):
+        found = find_joint(image, **kw)
+        box = found.box
+        assert math.hypot(box.cx - true.cx, box.cy - true.cy) <= 0.05 * true.width, (kw, box, true)
+        assert 0.8 <= box.width / true.width <= 1.3, (kw, box, true)
+        assert 0.0 < found.confidence <= 1.0 and found.contrast > 0
+    assert find_joint(image, pixel_spacing=spacing).box.width == pytest.approx(CLASSICAL_BOX_MM / spacing)
+    # a 96 mm convention instead of the default 100 mm
+    assert classical_roi(image, pixel_spacing=spacing, box_mm=96).width == pytest.approx(96 / spacing)
+
+
+def test_classical_roi_refuses_two_knees_and_a_leg_without_its_knee():
+    left, _, spacing = laden_knee(0)
+    right, _, _ = laden_knee(10)
+    with pytest.raises(RoiNotFoundError, match=r"bilateral.dcm: two candidate knee joints of similar score"):
+        classical_roi(np.hstack([left[:, :560], right[:, 40:]]), source="bilateral.dcm")
+    shaft = left[:150]  # the femur ends above the joint: no joint space
+    with pytest.raises(RoiNotFoundError, match="no knee joint found"):
+        classical_roi(shaft, pixel_spacing=spacing)
+    with pytest.raises(ValueError, match="pixel_spacing"):
+        classical_roi(left, pixel_spacing=-1)
+
+
+def test_classical_roi_refuses_an_image_without_a_knee():
+    with pytest.raises(RoiNotFoundError, match=r"knee.dcm: no knee found: the image is constant"):
+        classical_roi(np.full((100, 60), 7, np.uint16), source="knee.dcm")
+    noise = np.random.default_rng(0).normal(1000, 50, (200, 240))
+    with pytest.raises(RoiNotFoundError):
+        classical_roi(noise)
     with pytest.raises(InputError, match="8x8"):
         classical_roi(np.zeros((4, 4)))
 
 
 def test_roi_modules_do_not_import_tensorflow():
     """The cache's worker processes choose and use an ROI source without TensorFlow."""
-    code = ("import sys, numpy, kneetf.preprocess.roi, kneetf.preprocess.xray as x; "
-            "x.roi_source().box_for('a', numpy.ones((16, 16))); print('tensorflow' in sys.modules)")
+    code = ("import sys, numpy, kneetf.preprocess.roi as r, kneetf.preprocess.xray as x\n"
+            "try:\n    x.roi_source().box_for('a', numpy.random.default_rng(0).random((64, 64)))\n"
+            "except r.RoiNotFoundError:\n    pass\nprint('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -8,6 +8,11 @@ decoding and preprocessing, not file generation.
 
     python tools/bench_prepare.py                       # 2 distinct pairs, 16 rows, workers 1 and 2
     python tools/bench_prepare.py --pairs 32 --workers 1,2
+    python tools/bench_prepare.py --roi classical,builtin --pairs 0    # ROI time per image only
+
+`--roi` also times each ROI source on one X-ray at a time (as a prepare worker calls it):
+the OAI-sized X-ray and a 500 x 600 radiograph of the `issue` style (`kneetf.data.radiograph`).
+`tools/bench_roi.py` times them on every held-out radiograph set, with their found-rates.
 
 Prints a table and one final line `RESULT {json}`.
 """
@@ -57,12 +62,43 @@ def write_manifest(root: Path, pairs: list[tuple[str, str]], rows: int, name: st
     return path
 
 
+def roi_times(sources: list[str], images: dict[str, np.ndarray], repeat: int = 5) -> list[dict]:
+    """Milliseconds per image of each ROI source (`classical`, `builtin` or a detector .keras),
+    one image per call after a warm-up call."""
+    rows = []
+    for name in sources:
+        if name == "classical":
+            from kneetf.preprocess.roi import ClassicalRoi
+
+            source = ClassicalRoi()
+        else:
+            from kneetf.preprocess.roi_detector import DetectorRoi
+
+            source = DetectorRoi.load(name)
+        for label, image in images.items():
+            try:
+                source.box_for("warm-up", image)
+            except Exception:  # a fallback that reports a failure still spent its time
+                pass
+            t = time.perf_counter()
+            for _ in range(repeat):
+                try:
+                    source.box_for("x", image)
+                except Exception:
+                    pass
+            ms = 1000.0 * (time.perf_counter() - t) / repeat
+            rows.append({"source": name, "image": label, "ms_per_image": round(ms, 1)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=16, help="manifest rows to prepare per measurement")
     ap.add_argument("--distinct", type=int, default=2, help="distinct generated pairs")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--keep", help="keep the generated inputs in this folder")
+    ap.add_argument("--roi", default="", help="comma-separated ROI sources to time per image: classical, builtin "
+                                              "or a detector .keras (default: none)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from kneetf.data.sources import prepare_manifest
@@ -73,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     pairs = make_inputs(root, args.distinct)
     manifest = write_manifest(root, pairs, args.pairs)
     gen_s = time.perf_counter() - t0
-    # warm-up (TensorFlow's first ops, the page cache) so the first measurement is not penalised
-    prepare_manifest(write_manifest(root, pairs, len(pairs), "warmup.csv"), root / "cache-warm", workers=0,
-                     progress=False)
+    if args.pairs > 0:  # warm-up (TensorFlow's first ops, the page cache): not the first measurement's cost
+        prepare_manifest(write_manifest(root, pairs, len(pairs), "warmup.csv"), root / "cache-warm", workers=0,
+                         progress=False)
     rows = []
-    for workers in (int(w) for w in args.workers.split(",")):
+    for workers in (int(w) for w in args.workers.split(",") if args.pairs > 0):
         out = root / f"cache-w{workers}"
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
@@ -90,9 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'workers':>7s} {'pairs':>6s} {'errors':>6s} {'seconds':>8s} {'pairs/s':>8s}")
     for r in rows:
         print(f"{r['workers']:7d} {r['pairs']:6d} {r['errors']:6d} {r['seconds']:8.2f} {r['pairs_per_s']:8.3f}")
+    roi_rows = []
+    if args.roi:
+        from kneetf.data.radiograph import simulate
+        from kneetf.io.readers import read_xray
+
+        images = {"2000x2500 (OAI-sized)": read_xray(root / pairs[0][0])[0],
+                  "500x600 issue-style": simulate(9101, 0, "issue").presentation()}
+        roi_rows = roi_times(args.roi.split(","), images)
+        print(f"\nROI time per image, one image per call ({os.cpu_count()} CPUs)")
+        print(f"{'source':<24}{'image':<24}{'ms/image':>9}")
+        for r in roi_rows:
+            print(f"{r['source']:<24}{r['image']:<24}{r['ms_per_image']:>9.1f}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
-    print("RESULT " + json.dumps({"bench": "prepare", "rows": rows, "cpus": os.cpu_count()}))
+    print("RESULT " + json.dumps({"bench": "prepare", "rows": rows, "roi": roi_rows, "cpus": os.cpu_count()}))
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--server", metavar="HOST:PORT", help="gRPC address of TF Serving (e.g. localhost:8500)")
     where.add_argument("--rest", metavar="URL", help="REST address of TF Serving (e.g. http://localhost:8501)")
     p.add_argument("--out", help="output .nii/.nii.gz file (one X-ray) or folder (<id>.nii.gz per X-ray)")
-    p.add_argument("--model-info", metavar="JSON_OR_DIR",
+    p.add_argument("--model-info", "--roi-from", metavar="JSON_OR_DIR",
                    help="the export's kneetf_export.json (or its version folder): the model's preprocessing "
                         "(left-knee mirroring, sizes) and ROI source (default: the documented defaults and the "
                         "classical ROI)")
@@ -108,14 +108,12 @@ def run(args: argparse.Namespace) -> int:
         from kneetf.client.xray import WholeImage, reconstruct
         from kneetf.inference.batch import collect_inputs, error_reason
         from kneetf.inference.outputs import write_volume
-        from kneetf.preprocess.xray import roi_source
+        from kneetf.inference.loading import model_roi_source
 
         if args.cropped:
             roi: Any = WholeImage()
-        elif args.rois or args.roi_detector:
-            roi = roi_source(boxes=args.rois, detector=args.roi_detector)
-        else:
-            roi = roi_source(info.roi)
+        else:  # the ROI source the model was trained with, unless --rois / --roi-detector say otherwise
+            roi = model_roi_source(args.model_info, boxes=args.rois, detector=args.roi_detector)
         items, failures = collect_inputs(args.xrays)
         total = len(items) + len(failures)
         targets = _targets(items, args.out) if items else []

@@ -26,8 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default=FORMATS[0], metavar="FORMATS",
                         help=f"comma-separated: {', '.join(FORMATS)} (default: %(default)s)")
     roi = parser.add_mutually_exclusive_group()
-    roi.add_argument("--rois", metavar="BOXES_CSV", help="ROI boxes CSV id,x0,y0,x1,y1 (ids as the outputs')")
-    roi.add_argument("--roi-detector", metavar="DET_KERAS", help="a trained ROI detector (kneetf train-roi)")
+    roi.add_argument("--rois", metavar="BOXES_CSV",
+                     help="ROI boxes CSV id,x0,y0,x1,y1 (ids as the outputs'; default: the ROI source the model "
+                          "was trained with)")
+    roi.add_argument("--roi-detector", metavar="DET_KERAS",
+                     help="a trained ROI detector (kneetf train-roi; default: the ROI source the model was "
+                          "trained with)")
     parser.add_argument("--keep-patient", action="store_true",
                         help="DICOM output joins the DICOM X-ray's study and keeps its patient name, ID, birth "
                              "date and sex (default: a random pseudonymous patient per output)")
@@ -56,10 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from kneetf.inference.batch import predict_files
     from kneetf.inference.outputs import parse_formats
     from kneetf.io.limits import ReaderConfig, use_reader_config
-    from kneetf.preprocess.xray import roi_source
-
     formats = parse_formats(args.format)
-    roi = roi_source(boxes=args.rois, detector=args.roi_detector)
+    roi = args.rois or args.roi_detector  # None: the ROI source recorded with the model
     with use_reader_config(ReaderConfig(**config_values(args, _flags(), ReaderConfig))):
         report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
                                keep_patient=args.keep_patient, batch_size=args.batch_size,

@@ -33,6 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, _flags())
 
 
+def roi_summary_line(summary: dict) -> str:
+    """'ROI boxes: classical 120 (3 flagged for review), csv 4; knee not found in 2 X-ray(s)'."""
+    parts = [f"{source} {n}" for source, n in sorted(summary["by_source"].items())] or ["none"]
+    flagged = f" ({summary['flagged']} flagged for review)" if summary["flagged"] else ""
+    return f"ROI boxes: {', '.join(parts)}{flagged}; knee not found in {summary['failed']} X-ray(s)"
+
+
 def run(args: argparse.Namespace) -> int:
     from kneetf.config import PreprocessConfig
     from kneetf.data.sources import PrepareOptions, prepare_manifest
@@ -46,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     print(f"prepared {result.total} pair(s) into {result.out_dir} ({counts}); "
           f"{result.skipped_shards} shard(s) were already complete")
+    print(roi_summary_line(result.roi_summary()) + f" (boxes in {result.out_dir / 'rois.csv'})")
+    if args.roi_preview:
+        sheets = sorted((result.out_dir / "roi_preview").glob("sheet-*.png"))
+        print(f"ROI contact sheet(s) for review: {', '.join(str(p) for p in sheets)}")
     if result.errors:
         print(f"{len(result.errors)} problem(s) with the inputs; those pairs were skipped "
               f"(see {result.out_dir / 'errors.csv'}):")

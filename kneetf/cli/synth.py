@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train/val/test fractions (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any SynthConfig field, e.g. --set mri_noise=0.05 --set bias_field=0.25 (repeatable)")
+    p.add_argument("--radiograph", metavar="STYLE",
+                   help="write the X-rays as simulated hospital radiographs of this style (train, issue, oai, "
+                        "wide, rotated, processed, collimated: kneetf.data.radiograph.STYLES): pixel spacing, "
+                        "image size, rotation, collimation, lead markers, burned-in text, processing, 8-16 bits, "
+                        "MONOCHROME1/2; rois.csv holds their true joint boxes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -66,8 +71,14 @@ def run(args: argparse.Namespace) -> int:
     from kneetf.data.synthetic import SynthConfig, synthesize
 
     config = from_dict(SynthConfig, {**config_values(args, _flags(), SynthConfig), **_settings(args.set)})
+    radiograph = None
+    if args.radiograph:
+        from kneetf.data.radiograph import get_style
+
+        radiograph = get_style(args.radiograph)
     summary = synthesize(args.out, n=args.n, seed=args.seed, config=config, fractions=_fractions(args.split_fractions),
-                         formats=args.formats.split(","), workers=args.workers, progress=not args.no_progress)
+                         formats=args.formats.split(","), workers=args.workers, progress=not args.no_progress,
+                         radiograph=radiograph)
     print(f"kneetf synth: {summary.n} knees in {summary.out_dir} ({summary.generated} generated, "
           f"{summary.reused} reused) in {summary.seconds:.1f} s; manifest {summary.manifest}")
     return 0

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kneetf.errors import ConfigError, InputError, ServerUnavailableError, ServingError
+from kneetf.errors import ConfigError, InputError, RoiNotFoundError, ServerUnavailableError, ServingError
 from kneetf.protocol import (CONTRACT_IMAGE_SIZE, CONTRACT_NUM_SLICES, SIGNATURE_DEFAULT, SIGNATURE_DTYPES,
                              check_metadata_shapes, output_shapes, response_bytes, signature_batch)
 
@@ -51,6 +51,27 @@ def as_batch(xray: Any, signature: str = SIGNATURE_DEFAULT, *, image_size: int =
 
         batch = np.asarray(tf_resize(batch, image_size), dtype=np.float32)
     return batch
+
+
+def crop_to_roi(xray: Any, roi: Any) -> np.ndarray:
+    """The knee ROI of a full X-ray (a file path, read with `read_xray`, or a 2-D array in
+    presentation values) cropped with the ROI source `roi` (anything with `box_for`; a file's
+    pixel spacing goes to the sources that use it), as `kneetf predict` crops it."""
+    from kneetf.preprocess.roi import crop_box, find_roi
+
+    where, spacing = None, None
+    if isinstance(xray, (str, Path)):
+        from kneetf.io.readers import read_xray
+
+        where = xray
+        xray, meta = read_xray(xray)
+        spacing = meta.pixel_spacing
+    try:
+        return crop_box(np.asarray(xray), find_roi(roi, Path(where).stem if where else "", xray, spacing).box)
+    except RoiNotFoundError as e:
+        raise RoiNotFoundError(e.path or where, e.reason) from None
+    except InputError as e:
+        raise InputError(e.path or where, e.reason) from None
 
 
 def split_batches(batch: np.ndarray, max_batch: int) -> Iterator[np.ndarray]:
@@ -95,16 +116,21 @@ class BaseClient:
 
     # === Public API ===
 
-    def predict(self, xray: Any) -> dict[str, np.ndarray]:
+    def predict(self, xray: Any, *, roi: Any = None) -> dict[str, np.ndarray]:
         """Reconstruct MRI volumes.
 
         Args:
             xray: a 2-D image, a batch (B, H, W) or (B, H, W, 1), or an X-ray file path.
+            roi: None (`xray` is the knee ROI already), or an ROI source that crops the full
+                X-ray first (`crop_to_roi`): for the one the model was trained with,
+                `kneetf.inference.loading.model_roi_source(run_or_export_folder)`.
 
         Returns:
             `{"mri": (B, 128, 128, 20), "xray_recon": (B, 128, 128, 1)}` float32 in [0, 1]
             (the sizes of `output_shapes`).
         """
+        if roi is not None:
+            xray = crop_to_roi(xray, roi)
         batch = as_batch(xray, self.signature, image_size=self.image_size, resize=self.resize)
         self._check_batch(batch)
         self.check_metadata()
@@ -177,4 +203,4 @@ class BaseClient:
         return f"model {self.model!r} ({version}) at {self.address}"
 
 
-__all__ = ["as_batch", "split_batches", "BaseClient"]
+__all__ = ["as_batch", "crop_to_roi", "split_batches", "BaseClient"]

@@ -39,11 +39,12 @@ from kneetf.protocol import EXPORT_INFO_FILE, SIGNATURE_NORMALIZED
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the client knows about the served model: its preprocessing config and the ROI
-    source it was trained with (None: the classical fallback), read from `path`."""
+    """What the client knows about the served model: its preprocessing config and the record
+    of the ROI source it was trained with (`kneetf.inference.loading.read_roi_record`; None:
+    the classical fallback), read from `path`."""
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    roi: str | None = None
+    roi: dict[str, Any] | None = None
     path: Path | None = None
 
 
@@ -56,7 +57,8 @@ def read_model_info(path: str | Path | None = None) -> ModelInfo:
     if preprocess is None:
         raise InputError(path, f"holds no model description (an export's {EXPORT_INFO_FILE} with a "
                                "\"preprocess\" entry)")
-    return ModelInfo(preprocess=preprocess, roi=read_roi_record(path), path=Path(path))
+    record = read_roi_record(path)
+    return ModelInfo(preprocess=preprocess, roi=record[0] if record else None, path=Path(path))
 
 
 class WholeImage:

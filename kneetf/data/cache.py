@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import platform
@@ -40,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from kneetf.config import PreprocessConfig, config_hash, to_dict
-from kneetf.errors import InputError, KneetfError
+from kneetf.errors import InputError, KneetfError, RoiNotFoundError
 from kneetf.io.atomic import atomic_path, write_text_atomic
 from kneetf.version import __version__
 
@@ -49,6 +50,11 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 DATASET_JSON = "dataset.json"
 ERRORS_CSV = "errors.csv"
+#: One row per cached pair: where its X-ray crop came from (box, ROI source, confidence, flag).
+ROIS_CSV = "rois.csv"
+ROI_COLUMNS = ("id", "split", "x0", "y0", "x1", "y1", "source", "confidence", "flagged")
+#: `stage` of an error whose ROI could not be found (the pair is skipped, like any bad input)
+ROI_STAGE = "roi"
 
 
 @dataclass
@@ -64,6 +70,11 @@ class RawPair:
     mri: np.ndarray
     side: str = ""
     box: tuple[float, float, float, float] | None = None
+    #: where the box came from ("csv", "classical", "detector:<file>", "truth"), how sure that
+    #: source was (NaN: it does not say) and whether it flagged the box for review
+    roi_source: str = ""
+    roi_confidence: float = math.nan
+    roi_flagged: bool = False
 
 
 @dataclass
@@ -84,10 +95,55 @@ class CacheResult:
     counts: dict[str, int]
     errors: list[dict[str, str]] = field(default_factory=list)
     skipped_shards: int = 0
+    rois: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def roi_summary(self) -> dict[str, Any]:
+        """Boxes per ROI source, how many were flagged for review, how many X-rays had no box."""
+        return roi_summary(self.rois, self.errors)
+
+
+def roi_summary(rois: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """`{"by_source": {source: n}, "flagged": n, "failed": n}` of ROI records (rows of
+    `rois.csv`) and errors (those of stage "roi" count as failed)."""
+    by_source: dict[str, int] = {}
+    for r in rois:
+        by_source[r["source"] or "unknown"] = by_source.get(r["source"] or "unknown", 0) + 1
+    return {"by_source": by_source, "flagged": sum(bool(r["flagged"]) for r in rois),
+            "failed": sum(e.get("stage") == ROI_STAGE for e in errors)}
+
+
+def _roi_record(raw: RawPair, split: str) -> dict[str, Any]:
+    box = [float(v) for v in raw.box] if raw.box is not None else [math.nan] * 4
+    return {"id": raw.id, "split": split, "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3],
+            "source": raw.roi_source, "confidence": float(raw.roi_confidence), "flagged": bool(raw.roi_flagged)}
+
+
+def _write_rois(path: Path, rois: Iterable[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(ROI_COLUMNS), lineterminator="\n")
+    w.writeheader()
+    for r in rois:
+        w.writerow({k: (int(r[k]) if k == "flagged" else ("" if isinstance(r[k], float) and math.isnan(r[k])
+                                                            else r[k])) for k in ROI_COLUMNS})
+    write_text_atomic(path, buf.getvalue())
+
+
+def read_rois(cache_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a cache's `rois.csv` (empty for a cache written before it existed)."""
+    path = Path(cache_dir) / ROIS_CSV
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            rows.append({**r, **{k: float(r[k]) if r[k] != "" else math.nan for k in ("x0", "y0", "x1", "y1",
+                                                                                       "confidence")},
+                         "flagged": r["flagged"] == "1"})
+    return rows
 
 
 def preprocess_pair(raw: RawPair, config: PreprocessConfig) -> "PreparedPair":
@@ -179,7 +235,10 @@ def _load_one(load_fn: Callable, task: CacheTask, config: PreprocessConfig) -> R
             raw.id = task.id
         return raw
     except InputError as e:
-        return {"id": task.id, "file": e.path or task.source, "reason": e.reason}
+        error = {"id": task.id, "file": e.path or task.source, "reason": e.reason}
+        if isinstance(e, RoiNotFoundError):
+            error["stage"] = ROI_STAGE
+        return error
     except KneetfError as e:
         return {"id": task.id, "file": task.source, "reason": str(e)}
     except Exception as e:  # a worker must not bring the whole job down; report it
@@ -378,6 +437,7 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
     plan = shard_plan(tasks, shard_size)
     counts = {s: 0 for s in SPLITS}
     errors: list[dict[str, str]] = []
+    rois: list[dict[str, Any]] = []
     skipped = 0
     todo = []
     for name, chunk in plan:
@@ -387,6 +447,7 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
         if meta is not None:
             counts[name.split("-")[0]] += meta["count"]
             errors.extend(meta.get("errors", []))
+            rois.extend(meta.get("rois", []))
             skipped += 1
             continue
         todo.append((name, chunk, fp))
@@ -397,6 +458,7 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
     loaded = _iter_loaded(flat, load_fn, config, workers)
     for name, chunk, fp in todo:
         shard_errors: list[dict[str, str]] = []
+        shard_rois: list[dict[str, Any]] = []
         count = 0
         with atomic_path(out / name) as tmp:
             with _ShardWriter(tmp) as writer:
@@ -409,15 +471,19 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
                     try:
                         writer.write(preprocess_pair(item, config))
                         count += 1
+                        shard_rois.append(_roi_record(item, task.split))
                     except InputError as e:
                         shard_errors.append({"id": task.id, "file": task.source, "reason": e.reason})
         write_text_atomic(out / (name + ".json"), json.dumps({"fingerprint": fp, "inputs": INPUT_STAMP,
-                                                              "count": count, "errors": shard_errors}))
+                                                              "count": count, "errors": shard_errors,
+                                                              "rois": shard_rois}))
         counts[name.split("-")[0]] += count
         errors.extend(shard_errors)
+        rois.extend(shard_rois)
     bar.close()
     errors = list(extra_errors) + errors
     _write_errors(out / ERRORS_CSV, errors)
+    _write_rois(out / ROIS_CSV, rois)
     info = {
         "format": "kneetf-cache/1",
         "counts": counts,
@@ -428,12 +494,13 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
         "preprocess": to_dict(config),
         "preprocess_hash": prep_hash,
         "errors": len(errors),
+        "rois": {"file": ROIS_CSV, **roi_summary(rois, errors)},
         "source": source or {},
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_text_atomic(out / DATASET_JSON, json.dumps(info, indent=2))
-    return CacheResult(out_dir=out, counts=counts, errors=errors, skipped_shards=skipped)
+    return CacheResult(out_dir=out, counts=counts, errors=errors, skipped_shards=skipped, rois=rois)
 
 
 def _write_errors(path: Path, errors: Iterable[dict[str, str]]) -> None:

@@ -12,10 +12,16 @@ import numpy as np
 
 from kneetf.config import PreprocessConfig
 from kneetf.data.cache import CacheResult, CacheTask, RawPair, build_cache
-from kneetf.errors import InputError
+from kneetf.errors import InputError, RoiNotFoundError
 from kneetf.io.limits import ReaderConfig, current_reader_config
+from kneetf.protocol import ROI_DETECTOR_FILE
 
 log = logging.getLogger(__name__)
+
+#: ROI source of the built-in synthetic knees: their true joint boxes
+TRUTH_ROI = "truth"
+#: the copy of the ROI detector a cache was prepared with, in the cache folder
+CACHE_DETECTOR_FILE = ROI_DETECTOR_FILE
 
 
 # --- built-in synthetic knees -------------------------------------------------------------
@@ -40,7 +46,8 @@ def load_synthetic(payload: SyntheticPayload, config: PreprocessConfig) -> RawPa
     if window.shape[0] != config.num_slices:
         raise InputError(knee.id, f"synthetic MRI has {knee.mri.shape[0]} slices, fewer than the window "
                                   f"[{config.slice_start}, {config.slice_stop})")
-    return RawPair(id=knee.id, xray=crop_box(xray, box), mri=window, side=knee.side, box=box.as_tuple())
+    return RawPair(id=knee.id, xray=crop_box(xray, box), mri=window, side=knee.side, box=box.as_tuple(),
+                   roi_source=TRUTH_ROI)
 
 
 def build_synthetic_cache(out_dir: str | Path, n: int = 256, seed: int = 0, config: PreprocessConfig = PreprocessConfig(),
@@ -53,7 +60,7 @@ def build_synthetic_cache(out_dir: str | Path, n: int = 256, seed: int = 0, conf
     tasks = [CacheTask(id=f"knee{i:05d}", split=assign_split(seed, i, n, fractions),
                        payload=SyntheticPayload(seed, i, synth_config), source=f"synthetic:{seed}:{i}")
              for i in range(n)]
-    source = {"kind": "synthetic", "n": n, "seed": seed, "config": asdict(synth_config)}
+    source = {"kind": "synthetic", "n": n, "seed": seed, "config": asdict(synth_config), "roi": {"source": TRUTH_ROI}}
     return build_cache(tasks, load_synthetic, out_dir, config, workers=workers, progress=progress, source=source)
 
 
@@ -67,14 +74,17 @@ class FilePayload:
     box: tuple[float, float, float, float] | None  # from a boxes CSV; None = detect
     detector: str | None  # path of a trained ROI detector (.keras); None = classical fallback
     extra: tuple[tuple[str, str], ...] = ()
-    preview_dir: str | None = None  # write `<id>.png` with the box drawn (kneetf prepare --roi-preview)
     # the readers' limit: it decides which files are refused, not what a pair decodes to,
     # so it stays out of repr() and thereby out of the cache key
     max_pixels: int | None = field(default=None, repr=False)
 
     def cache_key(self) -> str:
-        """What decides the cached pair (the preview folder does not)."""
-        return repr(replace(self, preview_dir=None))
+        """What decides the cached pair: the payload, and the classical fallback's version
+        when it finds the box."""
+        from kneetf.preprocess.roi import CLASSICAL_VERSION
+
+        classical = self.box is None and not self.detector
+        return repr(self) + (f" classical/{CLASSICAL_VERSION}" if classical else "")
 
     def input_files(self) -> tuple[str, ...]:
         """The files the pair is made of; replacing one rebuilds its cache shard."""
@@ -86,16 +96,20 @@ class FilePayload:
 _ROI_SOURCES: dict[str | None, Any] = {}
 
 
-def _roi_box(payload: FilePayload, case_id: str, image: np.ndarray):
-    from kneetf.preprocess.roi import Box
+def _roi_finding(payload: FilePayload, case_id: str, image: np.ndarray, meta: Any):
+    """The box of one X-ray with its source, confidence and review flag (`RoiFinding`)."""
+    from kneetf.preprocess.roi import Box, RoiFinding, find_roi
     from kneetf.preprocess.xray import roi_source
 
     if payload.box is not None:  # looked up in the boxes CSV by `manifest_tasks`
-        return Box(*payload.box)
+        return RoiFinding(Box(*payload.box), "csv")
     source = _ROI_SOURCES.get(payload.detector)
     if source is None:
         source = _ROI_SOURCES[payload.detector] = roi_source(detector=payload.detector)
-    return source.box_for(case_id, image)
+    try:
+        return find_roi(source, case_id, image, getattr(meta, "pixel_spacing", None))
+    except RoiNotFoundError as e:  # name the X-ray the knee was not found in
+        raise RoiNotFoundError(e.path or payload.xray, e.reason) from None
 
 
 def load_files(payload: FilePayload, config: PreprocessConfig) -> RawPair:
@@ -103,20 +117,16 @@ def load_files(payload: FilePayload, config: PreprocessConfig) -> RawPair:
     from kneetf.io.readers import read_mri_window, read_xray
     from kneetf.preprocess.roi import crop_box
 
-    xray, _ = read_xray(payload.xray, max_pixels=payload.max_pixels, **dict(payload.extra))
+    xray, meta = read_xray(payload.xray, max_pixels=payload.max_pixels, **dict(payload.extra))
     case_id = payload.id
-    box = _roi_box(payload, case_id, xray)
+    found = _roi_finding(payload, case_id, xray, meta)
     mri, _ = read_mri_window(payload.mri, config.slice_start, config.slice_stop, max_pixels=payload.max_pixels)
-    if payload.preview_dir:
-        from kneetf.preprocess.roi import draw_box_png
-
-        draw_box_png(Path(payload.preview_dir) / f"{case_id}.png", xray, box, label=case_id)
-    return RawPair(id=case_id, xray=crop_box(xray, box), mri=mri, side=payload.side, box=box.as_tuple())
+    return RawPair(id=case_id, xray=crop_box(xray, found.box), mri=mri, side=payload.side, box=found.box.as_tuple(),
+                   roi_source=found.source, roi_confidence=found.confidence, roi_flagged=found.flagged)
 
 
 def manifest_tasks(manifest: str | Path, *, rois: str | Path | None = None, detector: str | Path | None = None,
-                   allow_outside: bool = False, preview_dir: str | Path | None = None,
-                   reader: ReaderConfig | None = None) -> tuple[list[CacheTask], list[dict[str, str]]]:
+                   allow_outside: bool = False, reader: ReaderConfig | None = None) -> tuple[list[CacheTask], list[dict[str, str]]]:
     """Cache tasks for every valid manifest row, and the bad rows as error dicts. `reader`
     (default: the current `ReaderConfig`) limits what the workers decode."""
     reader = reader or current_reader_config()
@@ -136,7 +146,6 @@ def manifest_tasks(manifest: str | Path, *, rois: str | Path | None = None, dete
         payload = FilePayload(id=case.id, xray=str(case.xray), mri=str(case.mri), side=case.side or "",
                               box=box.as_tuple() if box is not None else None,
                               detector=str(detector) if detector else None, extra=extra,
-                              preview_dir=str(preview_dir) if preview_dir else None,
                               max_pixels=reader.max_pixels)
         tasks.append(CacheTask(id=case.id, split=case.split or "train", payload=payload,
                                source=f"{case.xray} | {case.mri}"))
@@ -147,11 +156,73 @@ def manifest_tasks(manifest: str | Path, *, rois: str | Path | None = None, dete
 class PrepareOptions:
     """How `kneetf prepare` runs; the defaults of `prepare_manifest`'s keywords."""
 
-    roi_preview: bool = field(default=False, metadata={"help": "write roi_preview/<id>.png with the box drawn"})
+    roi_preview: bool = field(default=False, metadata={
+        "help": "write contact sheets of every crop (roi_preview/sheet-001.png, ...: one thumbnail per pair with "
+                "its id, framed by its ROI source and review flag, and the X-rays whose knee was not found)"})
     workers: int = field(default=2, metadata={"help": "decoding processes (0 = in-process)"})
     shard_size: int = field(default=64, metadata={"help": "pairs per TFRecord shard"})
     allow_outside: bool = field(default=False, metadata={
         "help": "allow manifest paths that leave the manifest's folder tree"})
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, in hex."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def detector_file(detector: str | Path) -> Path:
+    """The file of an ROI detector given as a path or as "builtin" (the one shipped with kneetf)."""
+    if str(detector) == "builtin":
+        from kneetf.preprocess.roi_detector import BUILTIN_DETECTOR
+
+        return BUILTIN_DETECTOR
+    return Path(detector)
+
+
+def roi_record(rois: str | Path | None = None, detector: str | Path | None = None) -> dict[str, Any]:
+    """What `dataset.json` records of the ROI source a manifest is prepared with: "csv" (the
+    boxes file's name), "detector" (its name, SHA-256 and the copy kept in the cache) or
+    "classical" (the fallback's version and box convention)."""
+    if rois:
+        return {"source": "csv", "boxes": Path(rois).name}
+    if detector:
+        record: dict[str, Any] = {"source": "detector", "name": Path(detector).name}
+        file = detector_file(detector)
+        if file.is_file():
+            record.update(sha256=file_sha256(file), file=CACHE_DETECTOR_FILE)
+        return record
+    from kneetf.preprocess.roi import CLASSICAL_BOX_MM, CLASSICAL_SIDE_SCALE, CLASSICAL_VERSION
+
+    return {"source": "classical", "version": CLASSICAL_VERSION, "box_mm": CLASSICAL_BOX_MM,
+            "side_scale": CLASSICAL_SIDE_SCALE}
+
+
+def copy_roi_detector(cache_dir: str | Path, dest_dir: str | Path) -> Path | None:
+    """Copy the ROI detector a cache was prepared with (its recorded copy) into `dest_dir`
+    under the same name, so that it travels with a model trained on the cache; the copy's
+    path, or None when the cache was not prepared with a detector."""
+    import shutil
+
+    from kneetf.data.cache import read_info
+    from kneetf.io.atomic import atomic_path
+
+    roi = (read_info(cache_dir).get("source") or {}).get("roi") or {}
+    name = roi.get("file")
+    if not name:
+        return None
+    src, dest = Path(cache_dir) / name, Path(dest_dir) / name
+    if not src.is_file():
+        raise InputError(src, "the ROI detector this cache was prepared with is missing from the cache folder")
+    if not (dest.is_file() and file_sha256(dest) == file_sha256(src)):
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+    return dest
 
 
 def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: PreprocessConfig = PreprocessConfig(), *,
@@ -160,12 +231,27 @@ def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: Preproce
                      workers: int = PrepareOptions.workers, shard_size: int = PrepareOptions.shard_size,
                      progress: bool = True, reader: ReaderConfig | None = None) -> CacheResult:
     """`kneetf prepare`: every valid manifest row into the cache; bad rows and files (for
-    instance larger than `reader.max_pixels`) are skipped and listed in `errors.csv`."""
+    instance larger than `reader.max_pixels`, or an X-ray whose knee the classical ROI is
+    unsure of) are skipped and listed in `errors.csv`. Every pair's box, ROI source,
+    confidence and review flag go to `rois.csv`; the ROI source (with a copy of the detector)
+    to `dataset.json`. `roi_preview` writes contact sheets of the crops (`roi_preview/`)."""
     out = Path(out_dir)
-    preview = out / "roi_preview" if roi_preview else None
     tasks, errors = manifest_tasks(manifest, rois=rois, detector=detector, allow_outside=allow_outside,
-                                   preview_dir=preview, reader=reader)
-    source = {"kind": "manifest", "manifest": Path(manifest).name, "rois": "csv" if rois else
-              ("detector" if detector else "classical")}
-    return build_cache(tasks, load_files, out, config, workers=workers, shard_size=shard_size,
-                       progress=progress, source=source, extra_errors=errors)
+                                   reader=reader)
+    roi = roi_record(rois, detector)
+    if roi.get("file"):  # the detector travels with the cache (and from there with the model)
+        import shutil
+
+        from kneetf.io.atomic import atomic_path
+
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / CACHE_DETECTOR_FILE) as tmp:
+            shutil.copyfile(detector_file(detector), tmp)
+    source = {"kind": "manifest", "manifest": Path(manifest).name, "rois": roi["source"], "roi": roi}
+    result = build_cache(tasks, load_files, out, config, workers=workers, shard_size=shard_size,
+                         progress=progress, source=source, extra_errors=errors)
+    if roi_preview:
+        from kneetf.data.review import write_contact_sheets
+
+        write_contact_sheets(out, out / "roi_preview")
+    return result

@@ -760,9 +760,10 @@ def _bias_field(rng: np.random.Generator, axes, amplitude: float) -> np.ndarray:
     return poly
 
 
-def render_xray(p: KneeParams, config: SynthConfig = SynthConfig(), rng: np.random.Generator | None = None
-                ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """The full PA X-ray (MONOCHROME2 uint16, bone bright) and the joint ROI box."""
+def xray_line_integral(p: KneeParams, config: SynthConfig = SynthConfig()) -> np.ndarray:
+    """The noiseless attenuation line integral (sum of mu x length along the beam, an (H, W)
+    float array) of the PA view of knee `p`: what `render_xray` exposes and stores, before the
+    quantum noise and the detector's gain. Geometry as in the module docstring."""
     H = W = config.xray_size
     px = config.xray_pixel_mm
     # world coordinates of detector pixel centres; the knee centre sits at detector_(x, y)
@@ -809,7 +810,13 @@ def render_xray(p: KneeParams, config: SynthConfig = SynthConfig(), rng: np.rand
         bones = cv2.resize(bones.T, (W, H), interpolation=cv2.INTER_LINEAR)
     else:
         bones = bones.T
-    line = line + bones
+    return line + bones
+
+
+def render_xray(p: KneeParams, config: SynthConfig = SynthConfig(), rng: np.random.Generator | None = None
+                ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The full PA X-ray (MONOCHROME2 uint16, bone bright) and the joint ROI box."""
+    line = xray_line_integral(p, config)
     if rng is not None and config.xray_photons > 0:
         counts = config.xray_photons * np.exp(-line)
         counts = counts + np.sqrt(counts) * rng.standard_normal(counts.shape)
@@ -933,40 +940,53 @@ def _mri_origin(p: KneeParams, config: SynthConfig) -> tuple[float, float, float
             (N - 1) / 2.0 * dp - p.place_y)
 
 
-def _write_subject(out_dir: str, seed: int, index: int, config: SynthConfig,
-                   formats: tuple[str, ...]) -> tuple[str, str, tuple[int, int, int, int], bool]:
+def _write_subject(out_dir: str, seed: int, index: int, config: SynthConfig, formats: tuple[str, ...],
+                   radiograph: Any = None) -> tuple[str, str, tuple[float, ...], bool]:
     """Generate and write one subject unless all its files exist. Runs in a worker process.
 
-    Returns (id, side, box, generated)."""
+    With a `radiograph` style (`kneetf.data.radiograph`), the X-ray is that style's simulated
+    radiograph of the same knee (the MRI is unchanged). Returns (id, side, box, generated)."""
     from kneetf.io import writers
 
     out = Path(out_dir)
     knee_id = f"knee{index:05d}"
     paths = _subject_paths(out, knee_id, formats)
-    if _complete(paths, config):
-        p = sample_params(np.random.default_rng([int(seed), int(index)]), config)
-        return knee_id, "left" if p.left else "right", joint_box(p, config), False
     rng = np.random.default_rng([int(seed), int(index)])
     p = sample_params(rng, config)
-    knee = render_knee(p, config, rng, knee_id=knee_id)
-    side_code = "L" if knee.side == "left" else "R"
-    # presentation values (bone bright); the DICOM writer stores MONOCHROME1 inverted itself
-    shown = knee.xray if knee.photometric == "MONOCHROME2" else (4095 - knee.xray).astype(np.uint16)
+    acquisition = None
+    if radiograph is not None:
+        acquisition = radiograph.acquisition(seed, index, p, config)
+    if _complete(paths, config):
+        box = joint_box(p, config) if acquisition is None else acquisition.box.as_tuple()
+        return knee_id, "left" if p.left else "right", box, False
+    side = "left" if p.left else "right"
+    mri_spacing = (config.mri_slice_mm, config.mri_pixel_mm, config.mri_pixel_mm)
+    if acquisition is None:
+        knee = render_knee(p, config, rng, knee_id=knee_id)
+        mri = knee.mri
+        # presentation values (bone bright); the DICOM writer stores MONOCHROME1 inverted itself
+        shown = knee.xray if knee.photometric == "MONOCHROME2" else (4095 - knee.xray).astype(np.uint16)
+        photometric, spacing, bits, box = knee.photometric, knee.xray_spacing, 16, knee.box
+    else:
+        mri = render_mri(p, config, rng)  # the MRI of the plain dataset: its draws come first there too
+        rad = radiograph.render(p, acquisition, config)
+        shown = rad.presentation().astype(np.uint16)
+        photometric, spacing, bits, box = rad.photometric, rad.pixel_spacing, rad.bits, rad.box.as_tuple()
+    side_code = "L" if side == "left" else "R"
     patient = {"PatientName": knee_id, "PatientID": knee_id}
     if "mri_dicom" in paths and not _complete({"mri_dicom": paths["mri_dicom"]}, config):
-        writers.write_dicom_series(paths["mri_dicom"], knee.mri, knee.mri_spacing, origin=_mri_origin(p, config),
-                                   series_description=f"SAG_3D_DESS_{knee.side.upper()}", shuffle_names=True,
+        writers.write_dicom_series(paths["mri_dicom"], mri, mri_spacing, origin=_mri_origin(p, config),
+                                   series_description=f"SAG_3D_DESS_{side.upper()}", shuffle_names=True,
                                    seed=int(seed) * 100003 + int(index), patient=patient, laterality=side_code)
     if "xray_dicom" in paths and not paths["xray_dicom"].is_file():
-        writers.write_dicom_xray(paths["xray_dicom"], shown, pixel_spacing=knee.xray_spacing,
-                                 photometric=knee.photometric, laterality=side_code, patient=patient,
-                                 view_position="PA")
+        writers.write_dicom_xray(paths["xray_dicom"], shown, pixel_spacing=spacing, photometric=photometric,
+                                 laterality=side_code, patient=patient, view_position="PA", bits_stored=bits)
     if "mri_nifti" in paths and not paths["mri_nifti"].is_file():
-        writers.write_nifti(paths["mri_nifti"], knee.mri, knee.mri_spacing, origin=_mri_origin(p, config),
+        writers.write_nifti(paths["mri_nifti"], mri, mri_spacing, origin=_mri_origin(p, config),
                             dtype=np.int16)
     if "xray_png" in paths and not paths["xray_png"].is_file():
-        writers.write_png(paths["xray_png"], shown, bits=16)
-    return knee_id, knee.side, knee.box, True
+        writers.write_png(paths["xray_png"], shown, bits=8 if bits <= 8 else 16)
+    return knee_id, side, box, True
 
 
 def _check_formats(formats: Iterable[str]) -> tuple[str, ...]:
@@ -982,9 +1002,17 @@ def _check_formats(formats: Iterable[str]) -> tuple[str, ...]:
 
 def synthesize(out_dir: str | Path, n: int = 256, seed: int = 0, config: SynthConfig = SynthConfig(), *,
                fractions: Sequence[float] = (0.8, 0.1, 0.1), formats: Iterable[str] = FORMATS, workers: int = 2,
-               progress: bool = True) -> SynthSummary:
-    """`write_synthetic_dataset`, returning a summary (counts, time) instead of the manifest path."""
+               progress: bool = True, radiograph: Any = None) -> SynthSummary:
+    """`write_synthetic_dataset`, returning a summary (counts, time) instead of the manifest path.
+
+    `radiograph`: a `kneetf.data.radiograph.RadiographStyle` (`get_style(name)`): the X-rays
+    are that style's simulated radiographs (pixel spacing, bit depth and photometric
+    interpretation as drawn; `monochrome1_fraction` is then the style's), the boxes their
+    truth boxes (floats)."""
     t0 = time.perf_counter()
+    if radiograph is not None and not hasattr(radiograph, "acquisition"):
+        raise ConfigError("radiograph takes a style object (kneetf.data.radiograph.get_style(name)). "
+                          f"Received: radiograph={radiograph!r}")
     out = Path(out_dir)
     formats = _check_formats(formats)
     if n < 1:
@@ -993,12 +1021,15 @@ def synthesize(out_dir: str | Path, n: int = 256, seed: int = 0, config: SynthCo
     info_path = out / "synth.json"
     info = {"kind": "kneetf-synthetic", "n": int(n), "seed": int(seed), "config": config.to_dict(),
             "fractions": [float(f) for f in fractions], "formats": list(formats), "kneetf_version": __version__}
+    if radiograph is not None:
+        info["radiograph"] = radiograph.to_dict()
     if info_path.is_file():
         try:
             old = json.loads(info_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise InputError(info_path, f"cannot read the existing dataset description: {e}") from e
-        if old.get("seed") != info["seed"] or old.get("config") != json.loads(json.dumps(info["config"])):
+        if (old.get("seed") != info["seed"] or old.get("config") != json.loads(json.dumps(info["config"]))
+                or old.get("radiograph") != json.loads(json.dumps(info.get("radiograph")))):
             raise InputError(out, "holds a synthetic dataset written with another seed or config "
                                   f"(seed {old.get('seed')}); write to an empty folder instead")
     out.mkdir(parents=True, exist_ok=True)
@@ -1006,9 +1037,9 @@ def synthesize(out_dir: str | Path, n: int = 256, seed: int = 0, config: SynthCo
     args = []
     for i in range(n):  # complete subjects are answered here (cheap), without a worker
         if _complete(_subject_paths(out, f"knee{i:05d}", formats), config):
-            results[i] = _write_subject(str(out), int(seed), i, config, formats)
+            results[i] = _write_subject(str(out), int(seed), i, config, formats, radiograph)
         else:
-            args.append((str(out), int(seed), i, config, formats))
+            args.append((str(out), int(seed), i, config, formats, radiograph))
     bar = _progress(len(args), progress)
     try:
         if workers <= 1 or len(args) <= 1:
@@ -1036,7 +1067,7 @@ def synthesize(out_dir: str | Path, n: int = 256, seed: int = 0, config: SynthCo
 
 def write_synthetic_dataset(out_dir: str | Path, n: int = 256, seed: int = 0, config: SynthConfig = SynthConfig(), *,
                             fractions: Sequence[float] = (0.8, 0.1, 0.1), formats: Iterable[str] = FORMATS,
-                            workers: int = 2, progress: bool = True) -> Path:
+                            workers: int = 2, progress: bool = True, radiograph: Any = None) -> Path:
     """Write `n` synthetic paired knees under `out_dir`; returns the path of `manifest.csv`.
 
     Layout: `mri/<id>/` (DICOM series, shuffled file names), `mri/<id>.nii.gz`, `xray/<id>.dcm`,
@@ -1047,7 +1078,7 @@ def write_synthetic_dataset(out_dir: str | Path, n: int = 256, seed: int = 0, co
     `workers` > 1 generates in spawned processes.
     """
     return synthesize(out_dir, n, seed, config, fractions=fractions, formats=formats, workers=workers,
-                      progress=progress).manifest
+                      progress=progress, radiograph=radiograph).manifest
 
 
 def _write_tables(out: Path, results: dict, splits: Sequence[str], formats: Sequence[str]) -> Path:
@@ -1093,5 +1124,5 @@ def _progress(total: int, enabled: bool):
 
 
 __all__ = ["SynthConfig", "SyntheticKnee", "KneeParams", "generate_knee", "render_knee", "sample_params",
-           "render_mri", "render_xray", "joint_box", "assign_split", "write_synthetic_dataset", "synthesize",
-           "SynthSummary", "TISSUES"]
+           "render_mri", "render_xray", "xray_line_integral", "joint_box", "assign_split", "write_synthetic_dataset",
+           "synthesize", "SynthSummary", "TISSUES"]

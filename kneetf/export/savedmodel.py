@@ -29,10 +29,10 @@ from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.export.samples import structured_samples
 from kneetf.inference.loading import preprocess_config
 from kneetf.io.atomic import atomic_path
-from kneetf.protocol import (DEFAULT_MODEL_NAME, EXPORT_INFO_FILE, INPUT_KEY, OUTPUT_KEYS, RUN_CONFIG_FILE,
-                             RUN_MODEL_FILE, SERVING_BATCH_SIZES, SIGNATURE_DEFAULT, SIGNATURE_NORMALIZED,
-                             SIGNATURE_UINT16, TFLITE_DIR, WARMUP_FILE, predict_request, signature_batch,
-                             warmup_record)
+from kneetf.protocol import (DEFAULT_MODEL_NAME, EXPORT_INFO_FILE, EXPORT_ROI_DETECTOR, INPUT_KEY, OUTPUT_KEYS,
+                             RUN_CONFIG_FILE, RUN_MODEL_FILE, SERVING_BATCH_SIZES, SIGNATURE_DEFAULT,
+                             SIGNATURE_NORMALIZED, SIGNATURE_UINT16, TFLITE_DIR, WARMUP_FILE, predict_request,
+                             signature_batch, warmup_record)
 from kneetf.version import __version__
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,26 @@ class ExportResult:
 
 
 # === Loading ===
+
+def _export_roi(source: "ExportSource", version_dir: Path) -> dict[str, Any] | None:
+    """The ROI source the model's training crops came from (its run's record), with the ROI
+    detector, if any, copied into `assets.extra/` so that it travels with the export."""
+    data = source.run_config.get("data")
+    roi = data.get("roi") if isinstance(data, dict) else None
+    if not isinstance(roi, dict):
+        return None
+    if roi.get("file") and source.path is not None:
+        import shutil
+
+        run_dir = source.path if source.path.is_dir() else source.path.parent
+        detector = run_dir / roi["file"]
+        if not detector.is_file():
+            raise InputError(detector, "the ROI detector the model was trained with is missing from its run folder")
+        (version_dir / EXPORT_ROI_DETECTOR).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(detector, version_dir / EXPORT_ROI_DETECTOR)
+        roi = {**roi, "file": EXPORT_ROI_DETECTOR}
+    return roi
+
 
 def _read_run_config(path: Path) -> dict[str, Any]:
     try:
@@ -302,6 +322,7 @@ def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None
             tflite_report = export_tflite(source.model, tmp / TFLITE_DIR, tflite_variants,
                                           representative=representative, data=data,
                                           calibration_samples=calibration_samples)
+        roi = _export_roi(source, tmp)
         info = {
             "kneetf_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -311,6 +332,7 @@ def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None
             "preset": source.run_config.get("preset") or None,
             "model": to_dict(model_config) if model_config is not None else None,
             "preprocess": to_dict(source.preprocess),
+            "roi": roi,
             "signatures": signatures,
             "warmup": {"file": WARMUP_FILE, "batch_sizes": list(warmup_batch_sizes)} if warmup_batch_sizes else None,
             "verify_max_abs_diff": diffs,

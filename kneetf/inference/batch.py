@@ -20,6 +20,7 @@ import numpy as np
 
 from kneetf.config import PreprocessConfig
 from kneetf.errors import ConfigError, InputError, KneetfError
+from kneetf.inference.loading import model_roi_source
 from kneetf.inference.outdir import OutputFolder, written_by_kneetf
 from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, new_pseudonym,
                                       output_paths, parse_formats, write_prediction)
@@ -191,13 +192,16 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
 
     A file that fails (unreadable, no ROI, a kneetf output, ...) is reported in the returned
     report and in `out_dir/errors.csv`; the others are written. `out_dir/predictions.csv`
-    lists what was written (id, source, side, mirrored, ROI box). `names` (`NAMES`): output
+    lists what was written (id, source, side, mirrored, ROI box, its source, confidence and
+    review flag). `names` (`NAMES`): output
     names are the ids, or pseudonyms ("auto": pseudonyms unless `keep_patient`); with
     pseudonyms `source` is left empty, errors name pseudonyms, and `pseudonym_key` (default
     `out_dir/PSEUDONYM_KEY`) maps each pseudonym to its source file. An `out_dir` that is or
     holds an input is refused (ConfigError); an output name that exists and was not written
     by kneetf is reported and not replaced. Only `out_dir` (and `pseudonym_key`) is written to,
     unless a SavedModel or TFLite model loaded with `trust_model` does otherwise (`load_predictor`).
+    `roi` (see `kneetf.preprocess.xray.roi_source`) overrides the ROI source recorded with the
+    model (`kneetf.inference.loading.model_roi_source`).
     """
     from tqdm.auto import tqdm
 
@@ -220,7 +224,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     items, errors = collect_inputs(inputs, allow_outside=allow_outside)
     folder.refuse_inputs(it.path for it in items)
     predictor = load_predictor(model, preprocess, trust_model=trust_model)
-    roi = roi_source(roi)
+    roi = model_roi_source(model if isinstance(model, (str, Path)) else None, roi)
     used = {r["pseudonym"] for r in prior_key}
     for it in items:
         if names == "pseudonym":
@@ -273,9 +277,14 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                                          source=source, pseudonym=item.name if names == "pseudonym" else None,
                                          series_number=numbers.next(source))
                 report.written[item.name] = paths
+                found = prep.roi
                 rows.append({"id": item.name, "source": str(item.path) if names == "id" else "", "side": prep.side,
                              "mirrored": int(prep.mirrored),
-                             **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple())))})
+                             **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple()))),
+                             "roi_source": found.source if found else "",
+                             "roi_confidence": "" if found is None or np.isnan(found.confidence)
+                             else round(found.confidence, 3),
+                             "roi_flagged": int(found.flagged) if found else 0})
             except Exception as e:
                 report.errors.append({"id": item.id, "file": str(item.path), "item": item,
                                       "reason": f"writing: {error_reason(e)}"})
@@ -283,7 +292,8 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     bar.close()
     if names == "pseudonym":
         _pseudonymise(report, items, key_path, used, prior_key)
-    _write_csv(out / "predictions.csv", ["id", "source", "side", "mirrored", "x0", "y0", "x1", "y1"], rows)
+    _write_csv(out / "predictions.csv", ["id", "source", "side", "mirrored", "x0", "y0", "x1", "y1", "roi_source",
+                                         "roi_confidence", "roi_flagged"], rows)
     _write_csv(out / "errors.csv", ["id", "file", "reason"], report.errors)
     for e in report.errors:
         e.pop("item", None)

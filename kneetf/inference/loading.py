@@ -1,6 +1,8 @@
 """Models from disk, whatever `kneetf` wrote: a `.keras` file, a training run folder (holding
 `model.keras` and `config.json`), a SavedModel folder (a TF Serving `<name>/` folder: its
-highest version) or a `.tflite` file; and the preprocessing config recorded with each.
+highest version) or a `.tflite` file; and what was recorded with each: the preprocessing
+config and the ROI source its training crops came from (`model_roi_source` crops new X-rays
+the same way).
 
 The file names are `kneetf.protocol`'s, the ones training and export write.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,6 +18,8 @@ from kneetf.config import PreprocessConfig, from_dict
 from kneetf.data.cache import DATASET_JSON
 from kneetf.errors import ConfigError, InputError
 from kneetf.protocol import EXPORT_INFO_FILE, RUN_CONFIG_FILE, RUN_MODEL_FILE, TFLITE_DIR
+
+log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("keras", "savedmodel", "tflite")
 
@@ -87,6 +92,8 @@ def _records(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
         candidates = [p]
     else:
         folder = p if p.is_dir() else p.parent
+        if p.is_dir() and not (folder / EXPORT_INFO_FILE).exists() and serving_version(folder) is not None:
+            folder = serving_version(folder)
         candidates = [folder / n for n in (RUN_CONFIG_FILE, EXPORT_INFO_FILE, DATASET_JSON)]
         if folder.name == TFLITE_DIR:
             candidates.append(folder.parent / EXPORT_INFO_FILE)
@@ -119,29 +126,123 @@ def read_preprocess_config(path: str | Path) -> PreprocessConfig | None:
     return None
 
 
-def read_roi_record(path: str | Path) -> str | None:
-    """The ROI source recorded with a model (the "roi" entry of the JSON records
-    `read_preprocess_config` reads), as `kneetf.preprocess.xray.roi_source(roi=...)` takes
-    it: "classical", "builtin", or a detector `.keras` path (a relative path is taken from
-    the record's folder). The entry is that value, or {"source": ..., "detector": PATH}.
-    None when nothing usable is recorded: boxes from a CSV name training X-rays only, so a
-    model trained on them gets the classical fallback for new ones."""
-    for c, blob in _records(path):
-        entry = blob.get("roi")
-        if entry is None:
-            continue
-        if isinstance(entry, dict):
-            entry = entry.get("detector") or entry.get("source")
-        if not isinstance(entry, str) or not entry:
-            raise InputError(c, f"unreadable \"roi\" entry {blob.get('roi')!r}")
-        if entry.lower().endswith(".keras"):
-            detector = Path(entry)
-            return str(detector if detector.is_absolute() else c.parent / detector)
-        if entry in ("classical", "builtin"):
+def _roi_entry(entry: Any) -> dict[str, Any] | None:
+    """A recorded "roi" entry as a record: a dict with "source" as it is; the short forms
+    "classical", "builtin" (the shipped detector) and a detector `.keras` path (relative to
+    the record's folder) as the matching record."""
+    if isinstance(entry, dict):
+        if entry.get("source"):
             return entry
+        if isinstance(entry.get("detector"), str):
+            entry = entry["detector"]
+    if not isinstance(entry, str) or not entry:
         return None
+    if entry == "classical":
+        return {"source": "classical"}
+    if entry == "builtin" or entry.lower().endswith(".keras"):
+        return {"source": "detector", "name": Path(entry).name, "file": entry}
     return None
 
 
+def read_roi_record(path: str | Path) -> tuple[dict[str, Any], Path] | None:
+    """The ROI source a model's training crops came from, and the folder its files are
+    relative to: the "roi" record of a run's config.json (also under "data"), of an export's
+    kneetf_export.json, or of a cache's dataset.json (under "source"). `{"source": ...}` is
+    "classical" (with its box convention), "detector" (name, SHA-256, "file": its copy),
+    "csv" (user boxes) or "truth" (the built-in synthetic knees' true boxes). None when
+    nothing is recorded (a model or cache written before this was)."""
+    for c, blob in _records(path):
+        for holder in (blob, blob.get("data"), blob.get("source")):
+            raw = holder.get("roi") if isinstance(holder, dict) else None
+            if raw is None:
+                continue
+            record = _roi_entry(raw)
+            if record is None:
+                raise InputError(c, f"unreadable \"roi\" entry {raw!r}")
+            return record, c.parent
+    return None
+
+
+def _describe(record: Mapping[str, Any]) -> str:
+    kind = record.get("source")
+    if kind == "detector":
+        return f"the ROI detector {record.get('name', '')}".rstrip()
+    return {"classical": "the classical ROI", "csv": f"boxes from {record.get('boxes', 'a CSV')}",
+            "truth": "the synthetic knees' true boxes"}.get(kind, str(kind))
+
+
+def _chosen_record(source: Any) -> dict[str, Any]:
+    """An ROI source chosen by the user, described like a recorded one."""
+    from kneetf.preprocess.roi import ClassicalRoi, CsvRoi, FixedRoi
+
+    if isinstance(source, ClassicalRoi):
+        return {"source": "classical", "box_mm": source.box_mm}
+    if isinstance(source, CsvRoi):
+        return {"source": "csv", "boxes": source.path.name if source.path else "a dict"}
+    if isinstance(source, FixedRoi):
+        return {"source": "fixed"}
+    path = getattr(source, "path", None)
+    if hasattr(source, "detection_for") or path is not None and Path(path).suffix == ".keras":
+        from kneetf.data.sources import detector_file, file_sha256
+
+        record = {"source": "detector", "name": Path(path).name if path else type(source).__name__}
+        if path is not None and detector_file(path).is_file():
+            record["sha256"] = file_sha256(detector_file(path))
+        return record
+    return {"source": type(source).__name__}
+
+
+def model_roi_source(path: str | Path | None, roi: Any = None, *, boxes: str | Path | None = None,
+                     detector: str | Path | None = None) -> Any:
+    """The ROI source to crop new X-rays for the model at `path` with.
+
+    An explicit choice (`roi` as `kneetf.preprocess.xray.roi_source` takes it, or `boxes` /
+    `detector`, the `--rois` / `--roi-detector` options) wins; when it differs from what the
+    model's training crops came from, a warning says so. Otherwise the recorded source is
+    used: the classical ROI with the recorded box convention, or the detector copied beside
+    the model (checked against its recorded SHA-256). A model trained on the built-in
+    synthetic knees (true boxes) or on user boxes from a CSV gets the classical ROI, whose
+    boxes follow the synthetic true boxes' convention (a square of about 100 mm centred on the
+    joint space); for a CSV a warning suggests giving boxes. A model without a record gets
+    the classical ROI, as before records existed.
+    """
+    from kneetf.preprocess.roi import ClassicalRoi
+    from kneetf.preprocess.xray import roi_source
+
+    found = read_roi_record(path) if path is not None and Path(path).exists() else None
+    record, folder = found if found else (None, None)
+    if any(x is not None and x != "" for x in (roi, boxes, detector)):
+        source = roi_source(roi, boxes=boxes, detector=detector)
+        if record is not None and record.get("source") not in ("truth", None):
+            chosen = _chosen_record(source)
+            same = chosen.get("source") == record.get("source") and (
+                chosen["source"] != "detector" or chosen.get("sha256") == record.get("sha256"))
+            if not same:
+                log.warning("%s was trained on crops from %s; cropping with %s instead may give other crops "
+                            "than it learnt from", path, _describe(record), _describe(chosen))
+        return source
+    if record is None or record.get("source") in ("classical", "truth", "csv"):
+        if record is not None and record.get("source") == "csv":
+            log.warning("%s was trained on crops from %s; new X-rays are cropped by the classical ROI unless you "
+                        "give their boxes (--rois / roi=)", path, _describe(record))
+        convention = record if record is not None and record.get("source") == "classical" else {}
+        return ClassicalRoi(**{k: float(convention[k]) for k in ("side_scale", "box_mm") if k in convention})
+    if record.get("source") == "detector":
+        from kneetf.data.sources import detector_file, file_sha256
+
+        file = None
+        if record.get("file"):
+            file = detector_file(record["file"]) if record["file"] == "builtin" else folder / record["file"]
+        if file is None or not file.is_file():
+            log.warning("%s was trained on crops from %s, which is not beside it (%s); cropping with the classical "
+                        "ROI instead", path, _describe(record), file)
+            return ClassicalRoi()
+        if record.get("sha256") and file_sha256(file) != record["sha256"]:
+            raise InputError(file, f"is not the ROI detector {path} was trained with (SHA-256 differs from the "
+                                   "recorded one)")
+        return roi_source(detector=file)
+    raise InputError(path, f"unknown recorded ROI source {record.get('source')!r}")
+
+
 __all__ = ["MODEL_KINDS", "is_savedmodel", "serving_version", "resolve_model_path", "load_model",
-           "preprocess_config", "read_preprocess_config", "read_roi_record"]
+           "preprocess_config", "read_preprocess_config", "read_roi_record", "model_roi_source"]

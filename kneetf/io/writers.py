@@ -43,23 +43,26 @@ def _ds_value(x: float) -> float:
 
 
 def quantize_uint16(values: np.ndarray, slope: float | None = None,
-                    intercept: float | None = None) -> tuple[np.ndarray, float, float]:
+                    intercept: float | None = None, bits: int = 16) -> tuple[np.ndarray, float, float]:
     """Float values -> (uint16 stored values, slope, intercept) with value ~= stored * slope + intercept.
 
-    Integer values within [0, 65535] are stored exactly (slope 1, intercept 0); otherwise
-    the finite range is spread over the 16 bits. Explicit slope/intercept are honoured and
-    values they cannot hold are refused (ValueError).
+    Integer values within [0, 2**bits - 1] are stored exactly (slope 1, intercept 0);
+    otherwise the finite range is spread over the `bits` bits (16 by default). Explicit
+    slope/intercept are honoured and values they cannot hold are refused (ValueError).
     """
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must lie in [1, 16]. Received: bits={bits}")
+    top = float(2 ** bits - 1)
     values = np.asarray(values, dtype=np.float64)
     if not np.isfinite(values).all():
         raise ValueError("values hold NaN or Inf")
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if slope is None and intercept is None:
-        if lo >= 0 and hi <= 65535 and np.array_equal(values, np.round(values)):
+        if lo >= 0 and hi <= top and np.array_equal(values, np.round(values)):
             slope, intercept = 1.0, 0.0
         else:
             intercept = _ds_value(lo)
-            slope = _ds_value((hi - intercept) / 65535.0) if hi > intercept else 1.0
+            slope = _ds_value((hi - intercept) / top) if hi > intercept else 1.0
             if slope <= 0:
                 slope = 1.0
     else:
@@ -68,10 +71,10 @@ def quantize_uint16(values: np.ndarray, slope: float | None = None,
         if slope == 0:
             raise ValueError("rescale slope must not be 0")
     stored = np.round((values - intercept) / slope)
-    if values.size and (stored.min() < -0.5 or stored.max() > 65535.5):
-        raise ValueError(f"values in [{lo:g}, {hi:g}] do not fit 16 bits with slope={slope:g}, "
+    if values.size and (stored.min() < -0.5 or stored.max() > top + 0.5):
+        raise ValueError(f"values in [{lo:g}, {hi:g}] do not fit {bits} bits with slope={slope:g}, "
                          f"intercept={intercept:g}")
-    return np.clip(stored, 0, 65535).astype(np.uint16), slope, intercept
+    return np.clip(stored, 0, top).astype(np.uint16), slope, intercept
 
 
 def _check_array(arr: Any, ndim: int, what: str, path: Path) -> np.ndarray:
@@ -138,16 +141,18 @@ def _update(ds: Any, attributes: Any) -> None:
         setattr(ds, key, value)
 
 
-def _set_pixels(ds: Any, stored: np.ndarray, slope: float, intercept: float, photometric: str) -> None:
+def _set_pixels(ds: Any, stored: np.ndarray, slope: float, intercept: float, photometric: str,
+                bits: int = 16) -> None:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    allocated = 8 if bits <= 8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits, bits - 1, 0
     from pydicom.valuerep import DSfloat
 
     ds.RescaleSlope = DSfloat(slope, auto_format=True)
     ds.RescaleIntercept = DSfloat(intercept, auto_format=True)
-    ds.PixelData = np.ascontiguousarray(stored.astype("<u2")).tobytes()
+    ds.PixelData = np.ascontiguousarray(stored.astype("u1" if allocated == 8 else "<u2")).tobytes()
 
 
 def _save(ds: Any, path: Path) -> None:
@@ -261,13 +266,16 @@ def write_dicom_xray(
     modality: str = "DX",
     view_position: str | None = None,
     derived: bool = False,
+    bits_stored: int = 16,
 ) -> Path:
     """Write 2-D `image` as a DICOM X-ray (DX For Presentation, or CR with modality="CR").
 
     `image` holds presentation values (bright = dense). With "MONOCHROME1" the stored values
-    are inverted as that interpretation requires, so the reader returns `image` either way.
-    Stored as uint16; RescaleSlope/Intercept cover the range unless given. `laterality`:
-    "L", "R", "B" (both knees) or None. `pixel_spacing`: (row_mm, col_mm) or one number.
+    are inverted as that interpretation requires (within the `bits_stored` range), so the
+    reader returns `image` either way. Stored with `bits_stored` bits (8: one byte per
+    pixel, 9-16: two); integers that fit are stored as they are, otherwise
+    RescaleSlope/Intercept cover the range unless given. `laterality`: "L", "R", "B" (both
+    knees) or None. `pixel_spacing`: (row_mm, col_mm) or one number.
     """
     path = Path(path)
     image = _check_array(image, 2, "image", path)
@@ -278,12 +286,14 @@ def write_dicom_xray(
         raise InputError(path, f"laterality must be 'L', 'R', 'B' or None. Received: {laterality!r}")
     if modality not in ("DX", "CR"):
         raise InputError(path, f"modality must be 'DX' or 'CR'. Received: {modality!r}")
+    if not 8 <= bits_stored <= 16:
+        raise InputError(path, f"bits_stored must lie in [8, 16]. Received: {bits_stored}")
     try:
-        stored, slope, intercept = quantize_uint16(image, rescale_slope, rescale_intercept)
+        stored, slope, intercept = quantize_uint16(image, rescale_slope, rescale_intercept, bits=bits_stored)
     except ValueError as e:
         raise InputError(path, str(e)) from e
     if photometric == "MONOCHROME1":
-        stored = (65535 - stored).astype(np.uint16)
+        stored = (2 ** bits_stored - 1 - stored).astype(np.uint16)
     ds = _base_dataset(DX_IMAGE_STORAGE if modality == "DX" else CR_IMAGE_STORAGE, modality, patient)
     from pydicom.uid import generate_uid
 
@@ -309,7 +319,7 @@ def write_dicom_xray(
         ds.ImagerPixelSpacing = ps
     if derived:
         ds.ImageComments = DERIVED_COMMENT
-    _set_pixels(ds, stored, slope, intercept, photometric)
+    _set_pixels(ds, stored, slope, intercept, photometric, bits_stored)
     with atomic_path(path) as tmp:
         _save(ds, tmp)
     return path

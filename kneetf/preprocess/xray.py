@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from kneetf.config import PreprocessConfig
-from kneetf.errors import ConfigError, InputError
+from kneetf.errors import ConfigError, InputError, RoiNotFoundError
 from kneetf.preprocess.image import image_2d
-from kneetf.preprocess.roi import Box, ClassicalRoi, CsvRoi, FixedRoi, RoiSource, crop_box
+from kneetf.preprocess.roi import Box, ClassicalRoi, CsvRoi, FixedRoi, RoiFinding, RoiSource, crop_box, find_roi
 
-ROI_HELP = "None/'classical', a boxes .csv, a detector .keras, a Box or an object with box_for(id, image)"
+ROI_HELP = ("None/'classical', a boxes .csv, a detector .keras or 'builtin', a Box or an object with "
+            "box_for(id, image)")
 
 
 # === ROI source ===
@@ -40,15 +41,17 @@ def roi_source(roi: Any = None, *, boxes: str | Path | None = None, detector: st
     `boxes` (a boxes CSV, `CsvRoi`) and `detector` (a trained detector `.keras`,
     `DetectorRoi`, loaded now so that errors name the file) are the `--rois` /
     `--roi-detector` options. `roi` is what the Python API takes: None or "classical" (the
-    classical fallback), a path ending in .csv or .keras (as above), a `Box` (the same box
-    for every X-ray) or any object with `box_for(id, image)` (used as it is). At most one of
-    the three is given.
+    classical fallback), a path ending in .csv or .keras (as above), "builtin" (the detector
+    shipped with kneetf; also as `detector`), a `Box` (the same box for every X-ray) or any
+    object with `box_for(id, image)` (used as it is). At most one of the three is given.
     """
     if sum(x is not None and x != "" for x in (roi, boxes, detector)) > 1:
         raise ConfigError("give ROI boxes or an ROI detector, not both")
     if isinstance(roi, (str, Path)) and roi != "classical":
         suffix = Path(roi).suffix.lower()
-        if suffix == ".csv":
+        if roi == "builtin":  # the detector shipped with kneetf
+            detector = roi
+        elif suffix == ".csv":
             boxes = roi
         elif suffix == ".keras":
             detector = roi
@@ -111,6 +114,8 @@ class PreparedXray:
     mirrored: bool = False
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    #: where the box came from and how sure its source was (None: a box given by the caller)
+    roi: RoiFinding | None = None
 
     def as_seen(self) -> np.ndarray:
         """The model input as the knee looks (mirroring undone), like the output volume."""
@@ -119,11 +124,11 @@ class PreparedXray:
 
 def _at(error: InputError, path: str | Path | None) -> InputError:
     """`error` re-addressed to `path` (the input being prepared), keeping the file it named
-    (a boxes CSV, a detector) in the reason."""
+    (a boxes CSV, a detector) in the reason, and its class when it is a `RoiNotFoundError`."""
     reason = error.reason
     if error.path and path is not None and str(error.path) != str(path):
         reason = f"{reason} ({error.path})"
-    return InputError(path, reason)
+    return (RoiNotFoundError if isinstance(error, RoiNotFoundError) else InputError)(path, reason)
 
 
 def crop_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, case_id: str = "",
@@ -138,9 +143,11 @@ def crop_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, c
     image = image_2d(image, "an X-ray", path=where)
     if not np.all(np.isfinite(image)):
         raise InputError(where, "X-ray holds NaN or infinite values")
+    found = None
     try:
         if box is None:
-            box = roi_source(roi).box_for(case_id, image)
+            found = find_roi(roi_source(roi), case_id, image, (meta or {}).get("pixel_spacing"))
+            box = found.box
         crop = crop_box(image, box)
     except InputError as e:
         raise _at(e, where) from None
@@ -150,7 +157,7 @@ def crop_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, c
         crop = mirror_xray(crop)
     crop = np.ascontiguousarray(crop, dtype=np.float32)[:, :, None]
     return PreparedXray(id=case_id, xray=crop, box=box, side=side, mirrored=mirrored, source=source,
-                        meta=dict(meta or {}))
+                        meta=dict(meta or {}), roi=found)
 
 
 def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, case_id: str = "",

@@ -125,6 +125,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
 
     from kneetf.data.cache import read_info
     from kneetf.data.pipeline import load_arrays, make_dataset, split_size
+    from kneetf.data.sources import copy_roi_detector
     from kneetf.models.kneenet import KneeNet
     from kneetf.training.callbacks import ImageSummary, LearningRateLogger, TimeBudget
     from kneetf.training.distribute import is_chief, make_strategy, worker_index
@@ -165,6 +166,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     if options.fresh and (work / RUN_BACKUP_DIR).exists():
         shutil.rmtree(work / RUN_BACKUP_DIR)
     write_text_atomic(work / RUN_CONFIG_FILE, json.dumps(blob, indent=2))
+    copy_roi_detector(cache, work)  # the ROI detector, if any, travels with the model
 
     keras.mixed_precision.set_global_policy(options.precision)
     try:
