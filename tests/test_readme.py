@@ -43,8 +43,9 @@ ELSEWHERE: dict[str, tuple[str, str, str]] = {
         "tests/test_bench.py", "test_one_tf_training_measurement",
         "tools/bench_train.py on the tiny preset; the full benchmark is a measurement, not a test"),
     "kneetf train-roi --out roi.keras                                  # simulated radiographs, about 10-15 min on 2 cores": (
-        "tests/test_roi_training.py", "test_train_roi_cli_on_simulated_radiographs (and the --data / --boxes / --init "
-        "tests next to it)", "train-roi on a few radiographs for one epoch; bench_roi in tests/test_bench_roi.py"),
+        "tests/test_roi_training.py", "test_train_roi_cli_on_simulated_radiographs",
+        "train-roi on a few radiographs for one epoch (--data / --boxes / --init in the tests next to it; bench_roi in "
+        "tests/test_bench_roi.py)"),
     '.venv/bin/python -m pytest -q -m "not slow"    # the fast tests only': (
         ".ci/run", "# test:", "CI runs the whole suite; the fast tests are a subset of it"),
 }
