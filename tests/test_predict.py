@@ -206,6 +206,39 @@ def test_all_failures_exit_nonzero_and_name_the_files(tmp_path, runs, capsys):
     assert sorted(e["id"] for e in errors) == ["bad", "flat", "missing"]
 
 
+def test_unreadable_inputs_never_load_the_model_or_tensorflow(tmp_path, runs):
+    """The model (and TensorFlow) loads once an X-ray is read and cropped: a batch of bad
+    files fails without either, for a run folder and for a bare .keras file."""
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.npy").write_bytes(b"nope")
+    np.save(tmp_path / "flat.npy", np.zeros((64, 64), "float32"))
+    for model in (runs["plain"], runs["plain"] / "model.keras"):
+        out = tmp_path / f"out-{model.name}"
+        code = ("import sys; from kneetf.cli.main import main; "
+                f"rc = main(['predict', '--model', {str(model)!r}, {str(tmp_path / 'bad.npy')!r}, "
+                f"{str(tmp_path / 'flat.npy')!r}, '--out', {str(out)!r}, '--no-progress']); "
+                "print(rc, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+        assert result.stdout.strip().splitlines()[-1] == "1 []", result.stderr[-2000:]
+        assert len(list(csv.DictReader((out / "errors.csv").open()))) == 2
+
+
+def test_known_preprocess_agrees_with_the_loaded_predictor(tmp_path, runs):
+    from kneetf.errors import InputError
+    from kneetf.inference.batch import known_preprocess
+    from kneetf.inference.predictor import load_predictor
+
+    for model in (runs["plain"], runs["mirror"], runs["mirror"] / "model.keras"):
+        assert known_preprocess(model) == load_predictor(model).preprocess
+    bare = tmp_path / "bare.keras"
+    bare.write_bytes((runs["plain"] / "model.keras").read_bytes())  # no config.json beside it
+    assert known_preprocess(bare) == load_predictor(bare).preprocess
+    with pytest.raises(InputError, match="model not found"):
+        known_preprocess(tmp_path / "missing.keras")
+
+
 def test_classical_roi_default_and_bad_arguments(tmp_path, runs):
     from kneetf.errors import ConfigError, InputError
     from kneetf.inference.batch import predict_files

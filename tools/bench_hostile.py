@@ -11,10 +11,10 @@ Three files, each a few hundred kilobytes at most, that claim or hide a huge ima
 Each command runs in a fresh `python -m kneetf.cli.main` process started by a small wrapper
 process, whose `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` is the peak RSS of the
 command and of every worker it started. `prepare` pairs each hostile X-ray with a small valid
-MRI series; `predict` runs a freshly built `tiny` model. A normal 2000x2500 DICOM X-ray is
+MRI series; `predict` runs a freshly built `tiny` model. A normal OAI-sized DICOM X-ray is
 measured too, as the reference, and "all" runs every file in one manifest / one predict.
-Both commands load TensorFlow (about 590 MiB of RSS on its own) once a pair is decoded;
-`prepare` of nothing but refused files never loads it, `predict` loads its model first.
+Both commands load TensorFlow (about 590 MiB of RSS on its own) only once an X-ray is
+decoded and cropped: a run of nothing but refused files never loads it.
 
     python tools/bench_hostile.py                      # all files, predict and prepare
     python tools/bench_hostile.py --commands prepare --files png
@@ -128,14 +128,15 @@ def write_png_bomb(path: str | Path, *, width: int = 16000, height: int = 16000)
     return path
 
 
-def write_normal_xray(path: str | Path, shape: tuple[int, int] = (2000, 2500)) -> Path:
-    """A plausible OAI-sized 16-bit DICOM knee X-ray (the reference)."""
+def write_normal_xray(path: str | Path) -> Path:
+    """A plausible OAI-sized 16-bit DICOM knee X-ray (the reference): a simulated radiograph
+    of the `oai` style (`kneetf.data.radiograph`; 2680x1327 pixels of 0.12 mm)."""
+    from kneetf.data.radiograph import simulate
     from kneetf.io.writers import write_dicom_xray
 
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype("float32")
-    image = 1500 + 800 * np.exp(-((yy - shape[0] * 0.45) ** 2) / 8e4) * (np.abs(xx - shape[1] / 2) < shape[1] / 5)
-    image[int(shape[0] * 0.48):int(shape[0] * 0.5), int(shape[1] * 0.3):int(shape[1] * 0.7)] -= 600
-    return write_dicom_xray(path, np.clip(image, 0, 4095).astype("uint16"), pixel_spacing=0.14)
+    r = simulate(0, 0, "oai")
+    return write_dicom_xray(path, np.clip(r.presentation(), 0, 65535).astype("uint16"),
+                            pixel_spacing=tuple(float(v) for v in r.pixel_spacing))
 
 
 HOSTILE = {"deflate": ("deflate.dcm", write_deflate_bomb), "j2k": ("j2k.dcm", write_j2k_liar),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from kneetf.config import PreprocessConfig
 from kneetf.errors import ConfigError, InputError, KneetfError
-from kneetf.inference.loading import model_roi_source
+from kneetf.inference.loading import model_roi_source, read_preprocess_config, resolve_model_path
 from kneetf.inference.outdir import OutputFolder, written_by_kneetf
 from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, new_pseudonym,
                                       output_paths, parse_formats, write_prediction)
@@ -182,6 +183,46 @@ def error_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def known_preprocess(model: Any, preprocess: PreprocessConfig | str | Path | None = None
+                     ) -> PreprocessConfig | None:
+    """The preprocessing config `load_predictor(model, preprocess)` will use, when it can be
+    told without loading the model: given, or recorded beside a model path. None otherwise
+    (an in-memory model, or a model file without a record: its input size decides). A model
+    path that does not exist raises InputError here."""
+    from kneetf.inference.predictor import Predictor
+
+    if isinstance(model, Predictor):
+        return model.preprocess
+    if isinstance(preprocess, PreprocessConfig):
+        return preprocess
+    if preprocess is not None:
+        found = read_preprocess_config(preprocess)
+        if found is None:
+            raise InputError(preprocess, "holds no preprocessing config (a 'preprocess' entry)")
+        return found
+    if not isinstance(model, (str, Path)):
+        return None
+    kind, file = resolve_model_path(model)
+    found = read_preprocess_config(file)
+    if found is None and kind == "keras":
+        found = _keras_archive_sizes(file)
+    return found
+
+
+def _keras_archive_sizes(file: Path) -> PreprocessConfig | None:
+    """PreprocessConfig(image_size, num_slices) of a KneeNet `.keras` archive's model config
+    (what `load_predictor` derives from the loaded model), read without loading it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as z:
+            blob = json.loads(z.read("config.json"))
+        sizes = blob["config"]["config"]
+        return PreprocessConfig(image_size=int(sizes["image_size"]), num_slices=int(sizes["num_slices"]))
+    except Exception:  # not a KneeNet archive as kneetf writes it: the loaded model will tell
+        return None
+
+
 def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path, *,
                   formats: Sequence[str] = ("nifti",), roi: Any = None, keep_patient: bool = False,
                   batch_size: int = 8, preprocess: PreprocessConfig | str | Path | None = None,
@@ -223,7 +264,12 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                               "choose another --out)")
     items, errors = collect_inputs(inputs, allow_outside=allow_outside)
     folder.refuse_inputs(it.path for it in items)
-    predictor = load_predictor(model, preprocess, trust_model=trust_model)
+    # the model loads once an X-ray is read: a batch of unreadable files never loads it (nor TensorFlow)
+    predictor = None
+    config = known_preprocess(model, preprocess)
+    if config is None:
+        predictor = load_predictor(model, preprocess, trust_model=trust_model)
+        config = predictor.preprocess
     roi = model_roi_source(model if isinstance(model, (str, Path)) else None, roi)
     used = {r["pseudonym"] for r in prior_key}
     for it in items:
@@ -255,12 +301,14 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
         prepared: list[tuple[XrayInput, PreparedXray]] = []
         for item in chunk:
             try:
-                prepared.append((item, read_input(item, predictor.preprocess, roi)))
+                prepared.append((item, read_input(item, config, roi)))
             except Exception as e:  # report, keep going with the others
                 report.errors.append({"id": item.id, "file": str(item.path), "item": item, "reason": error_reason(e)})
                 bar.update(1)
         if not prepared:
             continue
+        if predictor is None:
+            predictor = load_predictor(model, preprocess, trust_model=trust_model)
         try:
             mri = predictor(np.stack([p.xray for _, p in prepared]))
         except Exception as e:
@@ -343,5 +391,5 @@ def _write_csv(path: Path, fields: Sequence[str], rows: Iterable[dict[str, Any]]
     write_text_atomic(path, buf.getvalue())
 
 
-__all__ = ["XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "XrayInput", "safe_id", "file_id", "collect_inputs",
+__all__ = ["known_preprocess", "XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "XrayInput", "safe_id", "file_id", "collect_inputs",
            "read_input", "patient_module", "resolve_names", "PredictReport", "error_reason", "predict_files"]

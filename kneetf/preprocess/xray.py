@@ -166,9 +166,9 @@ def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *
     """Full X-ray (2-D, display polarity) -> `crop_xray` (ROI crop, mirroring) -> resize +
     robust normalisation: as the cache prepares training X-rays. Errors name `source` (or
     the id)."""
-    from kneetf.preprocess import ops
-
     prep = crop_xray(image, config, roi, case_id=case_id, side=side, box=box, source=source, meta=meta)
+    from kneetf.preprocess import ops  # TensorFlow: only once the X-ray is cropped
+
     x = ops.preprocess_xray(prep.xray[None], config.image_size, config.low_percentile, config.high_percentile)
     return replace(prep, xray=x.numpy()[0])
 
