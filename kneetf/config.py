@@ -18,6 +18,8 @@ T = TypeVar("T")
 
 XRAY_OUTPUTS = ("paper", "sigmoid", "linear")
 MRI_OUTPUTS = ("paper", "sigmoid", "linear")
+RESIDUAL_PRIORS = ("mean", "kernel_ridge")
+PRIOR_KERNELS = ("rbf", "linear")
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,31 @@ class ModelConfig:
     residual_init_std: float = 0.0
     # dropout rate on the latent as the generator sees it (0 = no dropout layer)
     latent_dropout: float = 0.0
+    residual_prior: str = field(default="mean", metadata={
+        "help": "template of the residual: mean (the mean training volume) or kernel_ridge (a kernel ridge "
+                "prediction from the X-ray, computed in the model)"})
+    prior_kernel: str = field(default="rbf", metadata={"help": "kernel of the kernel ridge prior: rbf or linear"})
+    prior_landmarks: int = field(default=1024, metadata={
+        "help": "training X-rays the kernel ridge prior stores at most (Nystrom landmarks beyond)"})
+    prior_rank: int = field(default=64, metadata={"help": "size of the MRI basis of the kernel ridge prior"})
+    prior_basis_size: int = field(default=32, metadata={
+        "help": "in-plane side of the stored MRI basis of the kernel ridge prior (upsampled to image_size)"})
+    prior_downsample: int = field(default=4, metadata={
+        "help": "area-downsampling factor of the X-ray features of the kernel ridge prior"})
 
     def __post_init__(self) -> None:
+        if self.residual_prior not in RESIDUAL_PRIORS:
+            raise ConfigError(f"residual_prior must be one of {RESIDUAL_PRIORS}. "
+                              f"Received: residual_prior={self.residual_prior!r}")
+        if self.prior_kernel not in PRIOR_KERNELS:
+            raise ConfigError(f"prior_kernel must be one of {PRIOR_KERNELS}. Received: prior_kernel={self.prior_kernel!r}")
+        for name in ("prior_landmarks", "prior_rank", "prior_basis_size", "prior_downsample"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1. Received: {name}={getattr(self, name)}")
+        for name in ("prior_basis_size", "prior_downsample"):
+            if self.image_size % getattr(self, name):
+                raise ConfigError(f"{name} must divide image_size={self.image_size}. "
+                                  f"Received: {name}={getattr(self, name)}")
         if self.residual_init_std < 0:
             raise ConfigError(f"residual_init_std must be >= 0. Received: residual_init_std={self.residual_init_std}")
         if not 0.0 <= self.latent_dropout < 1.0:
@@ -151,8 +176,18 @@ class TrainConfig:
     # 0 = no limit; else stop after the epoch that ends this long after the run started
     # (data preparation included)
     time_budget_s: float = 0.0
+    demo_time_budget_s: float = field(default=0.0, metadata={
+        "help": "time budget of runs on the built-in synthetic knees only (0 = none); time_budget_s, when set, "
+                "applies to every run"})
+    prior_loo_targets: bool = field(default=True, metadata={
+        "help": "train the residual to a kernel ridge prior against the prior's leave-one-out prediction of each "
+                "training pair (as on new data), not its in-sample fit"})
+    prior_folds: int = field(default=5, metadata={
+        "help": "cross-validation folds that choose the kernel ridge prior's ridge strength and width"})
 
     def __post_init__(self) -> None:
+        if self.prior_folds < 2:
+            raise ConfigError(f"prior_folds must be >= 2. Received: prior_folds={self.prior_folds}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1. Received: {name}={getattr(self, name)}")
@@ -161,7 +196,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0. Received: {name}={getattr(self, name)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine'. Received: {self.lr_schedule!r}")
-        for name in ("ssim_weight", "gradient_weight", "augment", "shift_augment"):
+        for name in ("ssim_weight", "gradient_weight", "augment", "shift_augment", "time_budget_s",
+                     "demo_time_budget_s", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0. Received: {name}={getattr(self, name)}")
         if len(self.loss_weights) != 2 or min(self.loss_weights) < 0 or max(self.loss_weights) <= 0:
