@@ -19,6 +19,7 @@ T = TypeVar("T")
 XRAY_OUTPUTS = ("paper", "sigmoid", "linear")
 MRI_OUTPUTS = ("paper", "sigmoid", "linear")
 RESIDUAL_PRIORS = ("mean", "kernel_ridge")
+MONITORS = ("val_loss", "val_mri_loss")
 PRIOR_KERNELS = ("rbf", "linear")
 
 
@@ -169,6 +170,9 @@ class TrainConfig:
     shift_augment: int = 0  # random X-ray shift of up to this many pixels, like an ROI-box error (0 = off)
     lr_schedule: str = "constant"  # or "cosine": decay both rates to 0 over the epochs
     early_stopping_patience: int = 0  # 0 = off
+    monitor: str = field(default="val_loss", metadata={
+        "help": "validation value that picks the kept epoch and drives early stopping: val_loss (X-ray + MRI "
+                "terms) or val_mri_loss"})
     # extra MRI loss terms next to the paper's MSE (kneetf.models.losses): 1 - SSIM of the
     # 2-D slices, and the MSE of the in-plane image gradients
     ssim_weight: float = 0.0
@@ -186,6 +190,8 @@ class TrainConfig:
         "help": "cross-validation folds that choose the kernel ridge prior's ridge strength and width"})
 
     def __post_init__(self) -> None:
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"monitor must be one of {MONITORS}. Received: monitor={self.monitor!r}")
         if self.prior_folds < 2:
             raise ConfigError(f"prior_folds must be >= 2. Received: prior_folds={self.prior_folds}")
         for name in ("epochs", "batch_size"):

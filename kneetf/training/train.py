@@ -108,18 +108,18 @@ def _check_same_run(out: Path, blob: dict[str, Any], fresh: bool) -> None:
                               "use another --out or --fresh to start over")
 
 
-def _val_losses(history: Path) -> list[tuple[int, float]]:
-    """(epoch, val_loss) rows of a history.csv (epochs 0-based, as Keras writes them)."""
+def _val_losses(history: Path, monitor: str = "val_loss") -> list[tuple[int, float]]:
+    """(epoch, monitored value) rows of a history.csv (epochs 0-based, as Keras writes them)."""
     import csv
 
     if not history.exists():
         return []
     with history.open() as f:
-        return [(int(r["epoch"]), float(r["val_loss"])) for r in csv.DictReader(f) if r.get("val_loss")]
+        return [(int(r["epoch"]), float(r[monitor])) for r in csv.DictReader(f) if r.get(monitor)]
 
 
-def _best_val_loss(history: Path) -> float | None:
-    values = [v for _, v in _val_losses(history)]
+def _best_val_loss(history: Path, monitor: str = "val_loss") -> float | None:
+    values = [v for _, v in _val_losses(history, monitor)]
     return min(values) if values else None
 
 
@@ -223,13 +223,22 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
                           split_size(cache, val_split) >= train_config.batch_size)
     sample = load_arrays(cache, val_split, limit=8)
     resumed = (work / "backup").exists()
+    monitor = train_config.monitor
+    threshold = _best_val_loss(work / HISTORY_FILE, monitor) if resumed else None
+    initial = None
+    if not resumed and model_config.residual_template:
+        # the untrained model predicts its template (the mean volume or the kernel ridge
+        # prior): it is the model to beat on validation, kept unless an epoch does better
+        logs = model.evaluate(val_ds, verbose=0, return_dict=True)
+        initial = threshold = float(logs[monitor.removeprefix("val_")])
+        model.save(work / MODEL_FILE)
+        log.info("untrained model (its template alone): %s %.5g", monitor, initial)
     callbacks: list[keras.callbacks.Callback] = [
         LearningRateLogger(),
         # history first: a kill between the two writes then repeats an epoch, never loses a row
         keras.callbacks.CSVLogger(str(work / HISTORY_FILE), append=resumed),
-        keras.callbacks.ModelCheckpoint(str(work / MODEL_FILE), monitor="val_loss", save_best_only=True,
-                                        initial_value_threshold=_best_val_loss(work / HISTORY_FILE) if resumed
-                                        else None),
+        keras.callbacks.ModelCheckpoint(str(work / MODEL_FILE), monitor=monitor, mode="min", save_best_only=True,
+                                        initial_value_threshold=threshold),
         keras.callbacks.BackupAndRestore(str(work / "backup"), double_checkpoint=True, delete_checkpoint=False),
         keras.callbacks.TerminateOnNaN(),
     ]
@@ -241,7 +250,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
         ]
     stoppers: dict[str, keras.callbacks.Callback] = {}
     if train_config.early_stopping_patience:
-        stoppers["early_stopping"] = keras.callbacks.EarlyStopping(patience=train_config.early_stopping_patience)
+        stoppers["early_stopping"] = keras.callbacks.EarlyStopping(monitor=monitor, mode="min",
+                                                                   patience=train_config.early_stopping_patience)
     budget = time_budget(train_config, data)
     if budget:  # counted from the start of the run, data preparation included
         stoppers["time_budget"] = TimeBudget(budget, start=t0)
@@ -262,13 +272,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
         best = _as_float32(best)
         best.save(best_path)
     metrics = _validation_metrics(best, cache, val_split)
-    losses = _val_losses(out / HISTORY_FILE)
+    losses = _val_losses(out / HISTORY_FILE, monitor)
     best_epoch = min(losses, key=lambda r: r[1])[0] + 1 if losses else None
+    if best_epoch is not None and initial is not None and min(v for _, v in losses) >= initial:
+        best_epoch = 0  # no epoch beat the untrained model
     metrics.update(train_pairs=n_train, val_pairs=n_val, val_split=val_split, data_s=round(data_s, 1),
                    train_s=round(train_s, 1), total_s=round(time.monotonic() - t0, 1),
                    epochs_run=len(model.history.epoch) if model.history else 0, resumed=resumed,
                    epochs_done=losses[-1][0] + 1 if losses else 0, epochs=train_config.epochs,
-                   best_epoch=best_epoch, stop_reason=reason.reason, time_budget_s=budget)
+                   best_epoch=best_epoch, stop_reason=reason.reason, time_budget_s=budget, monitor=monitor,
+                   untrained_val=initial)
     if prior is not None:
         metrics.update(prior_s=round(prior_s, 1), prior=prior.info)
     log.info("%s", stop_summary(metrics))
@@ -286,6 +299,8 @@ def stop_summary(metrics: dict[str, Any]) -> str:
            "time_budget": f"time budget of {metrics.get('time_budget_s', 0):.0f} s reached at epoch {done} of {total}",
            "nan": f"stopped at epoch {done} of {total}: the loss became NaN"}.get(metrics.get("stop_reason"), "")
     best = metrics.get("best_epoch")
+    if best == 0:
+        return f"training: {why}; no epoch beat the untrained model (its template), which model.keras keeps"
     return f"training: {why}; best epoch {best} (kept in model.keras)" if best else f"training: {why}"
 
 
