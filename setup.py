@@ -32,7 +32,6 @@ setup(
         "opencv-python-headless>=4.9",
         "matplotlib>=3.8",
         "tqdm>=4.66",
-        "psutil>=5.9",
         "tensorflow-serving-api==2.21.*",
         "grpcio>=1.60",
         "ai-edge-litert>=1.2",

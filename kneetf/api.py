@@ -10,8 +10,8 @@
 
 `Reconstructor` applies what the cache applied to the training X-rays (ROI crop,
 left-knee mirroring when the model's preprocessing mirrors, resize + robust normalisation;
-see `kneetf.predict`), runs the model (Keras, SavedModel or TFLite) and returns volumes in
-the preprocessed MRI's slice order and orientation.
+see `kneetf.preprocess.xray`), runs the model (Keras, SavedModel or TFLite, through
+`kneetf.inference`) and returns volumes in the preprocessed MRI's slice order and orientation.
 """
 from __future__ import annotations
 
@@ -21,8 +21,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kneetf.errors import ConfigError, InputError
-from kneetf.predict import NOMINAL_SPACING, load_model
+from kneetf.errors import ConfigError
+from kneetf.inference.batch import file_id, safe_id
+from kneetf.inference.loading import load_model
+from kneetf.inference.outputs import NOMINAL_SPACING, write_dicom, write_volume
+from kneetf.inference.predictor import load_predictor
+from kneetf.preprocess.roi import Box
+from kneetf.preprocess.xray import mirror_xray, prepare_xray, roi_source, to_output_volume
 
 __all__ = ["load_model", "Reconstructor", "Reconstruction"]
 
@@ -33,7 +38,7 @@ class Reconstruction:
 
     volume: (slices, H, W) float32 in the normalised [0, 1] space, the preprocessed MRI's
         slice order and in-plane orientation (slices first, as in the written NIfTI).
-    spacing: (slice, row, column) mm (nominal, `kneetf.predict.NOMINAL_SPACING`).
+    spacing: (slice, row, column) mm (nominal, `kneetf.inference.outputs.NOMINAL_SPACING`).
     affine: 4x4 RAS affine of the NIfTI file `save` writes.
     id, side: the knee; box: the ROI box (`kneetf.preprocess.roi.Box`) in X-ray pixels;
     xray: the model input (H, W, 1); mirrored: whether the knee was mirrored for the model
@@ -51,58 +56,12 @@ class Reconstruction:
 
     def save(self, path: str | Path) -> Path:
         """Write the volume as NIfTI (`.nii` / `.nii.gz`) or a PNG montage (`.png`), atomically."""
-        from kneetf.io import writers
-        from kneetf.predict import montage_image
-
-        path = Path(path)
-        name = path.name.lower()
-        if name.endswith(".nii") or name.endswith(".nii.gz"):
-            return writers.write_nifti(path, self.volume, self.spacing, slices_first=True)
-        if name.endswith(".png"):
-            xray = None if self.xray is None else (self.xray[:, ::-1] if self.mirrored else self.xray)
-            return writers.write_png(path, montage_image(self.volume, xray), bits=8)
-        raise InputError(path, "save writes .nii, .nii.gz or .png; use save_dicom for a DICOM series")
+        xray = None if self.xray is None else (mirror_xray(self.xray) if self.mirrored else self.xray)
+        return write_volume(path, self.volume, self.spacing, xray=xray)
 
     def save_dicom(self, folder: str | Path, patient: dict[str, Any] | None = None) -> list[Path]:
         """Write the volume as a derived DICOM MR series (anonymous unless `patient` is given)."""
-        from kneetf.io import writers
-        from kneetf.predict import SERIES_DESCRIPTION
-
-        lat = {"left": "L", "right": "R"}.get(self.side)
-        return writers.write_dicom_series(folder, self.volume, self.spacing, series_description=SERIES_DESCRIPTION,
-                                          derived=True, patient=patient, laterality=lat)
-
-
-def _roi_source(roi: Any) -> Any:
-    from kneetf.predict import make_roi
-    from kneetf.preprocess.roi import Box
-
-    if roi is None or roi == "classical":
-        return make_roi()
-    if isinstance(roi, Box):
-        return _FixedRoi(roi)
-    if isinstance(roi, (str, Path)):
-        p = Path(roi)
-        if p.suffix.lower() == ".csv":
-            return make_roi(boxes=p)
-        if p.suffix.lower() == ".keras":
-            return make_roi(detector=p)
-        raise ConfigError(f"roi must be None/'classical', a boxes .csv, a detector .keras, a Box or an object with "
-                          f"box_for(id, image). Received: roi={roi!r}")
-    if hasattr(roi, "box_for"):
-        return roi
-    raise ConfigError(f"roi must be None/'classical', a boxes .csv, a detector .keras, a Box or an object with "
-                      f"box_for(id, image). Received: roi={roi!r}")
-
-
-class _FixedRoi:
-    """The same box for every X-ray."""
-
-    def __init__(self, box: Any) -> None:
-        self.box = box
-
-    def box_for(self, case_id: str, image: np.ndarray) -> Any:
-        return self.box
+        return write_dicom(folder, self.volume, self.spacing, side=self.side, patient=patient)
 
 
 class Reconstructor:
@@ -116,14 +75,12 @@ class Reconstructor:
 
     def __init__(self, predictor: Any, roi: Any = None) -> None:
         self.predictor = predictor
-        self.roi = _roi_source(roi)
+        self.roi = roi_source(roi)
 
     @classmethod
     def load(cls, path: Any, roi: Any = None, preprocess: Any = None) -> "Reconstructor":
         """Load the model at `path` (or wrap a keras.Model); `preprocess` overrides the
         recorded preprocessing config (a PreprocessConfig or a JSON holding one)."""
-        from kneetf.predict import load_predictor
-
         return cls(load_predictor(path, preprocess), roi)
 
     @property
@@ -133,24 +90,19 @@ class Reconstructor:
 
     def _prepare(self, item: Any, case_id: str | None, side: str | None, box: Any, cropped: bool) -> Any:
         from kneetf.io.readers import read_xray
-        from kneetf.predict import _file_id, naming, normalize_side, prepare_xray, safe_id
-        from kneetf.preprocess.roi import Box
 
         if isinstance(item, (str, Path)):
             path = Path(item)
             image, meta = read_xray(path)
             side = side or getattr(meta, "laterality", None)
-            case_id = case_id or safe_id(_file_id(path))
+            case_id = case_id or safe_id(file_id(path))
             source = str(path)
         else:
             image, source = np.asarray(item), ""
         if cropped:
             box = Box(0.0, 0.0, float(image.shape[1]), float(image.shape[0]))
-        try:
-            return prepare_xray(image, self.preprocess, self.roi, case_id=case_id or "", side=normalize_side(side),
-                                box=box, source=source)
-        except InputError as e:
-            raise naming(e, source or case_id or None) from None
+        return prepare_xray(image, self.preprocess, self.roi, case_id=case_id or "", side=side or "", box=box,
+                            source=source)
 
     def predict(self, xray: Any, *, id: str | None = None, side: str | None = None, box: Any = None,
                 cropped: bool = False) -> Reconstruction:
@@ -167,7 +119,6 @@ class Reconstructor:
         """`predict` for several X-rays (paths or arrays), `batch_size` per model call.
         The first input that cannot be used raises an InputError naming it."""
         from kneetf.io.writers import nifti_affine
-        from kneetf.predict import to_output_volume
 
         n = len(xrays)
         for name, seq in (("ids", ids), ("sides", sides), ("boxes", boxes)):

@@ -1,7 +1,8 @@
 """Configuration as frozen dataclasses: model, preprocessing and training.
 
 Each config converts to and from a plain dict (JSON-safe), and `config_hash` gives a
-stable key for caches (a preprocessing change must never reuse an old cache).
+stable key for caches (a preprocessing change must never reuse an old cache). A field
+with `metadata={"help": ...}` can become a command-line flag (`kneetf.cli.options`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ T = TypeVar("T")
 
 XRAY_OUTPUTS = ("paper", "sigmoid", "linear")
 MRI_OUTPUTS = ("paper", "sigmoid", "linear")
+LR_SCHEDULES = ("constant", "cosine")
 RESIDUAL_PRIORS = ("mean", "kernel_ridge")
 MONITORS = ("val_loss", "val_mri_loss")
 PRIOR_KERNELS = ("rbf", "linear")
@@ -60,19 +62,22 @@ class ModelConfig:
     # standard deviation of the normal initialisation of the residual head (0 = zeros: the
     # untrained model predicts the template exactly, but only the head gets gradients at first)
     residual_init_std: float = 0.0
-    # dropout rate on the latent as the generator sees it (0 = no dropout layer)
-    latent_dropout: float = 0.0
+    latent_dropout: float = field(default=0.0, metadata={
+        "help": "dropout rate on the latent the generator sees (0 = no dropout layer)", "metavar": "P"})
     residual_prior: str = field(default="mean", metadata={
         "help": "template of the residual: mean (the mean training volume) or kernel_ridge (a kernel ridge "
-                "prediction from the X-ray, computed in the model)"})
-    prior_kernel: str = field(default="rbf", metadata={"help": "kernel of the kernel ridge prior: rbf or linear"})
+                "prediction from the X-ray, computed in the model)", "choices": RESIDUAL_PRIORS})
+    prior_kernel: str = field(default="rbf", metadata={
+        "help": "kernel of the kernel ridge prior", "choices": PRIOR_KERNELS})
     prior_landmarks: int = field(default=1024, metadata={
-        "help": "training X-rays the kernel ridge prior stores at most (Nystrom landmarks beyond)"})
-    prior_rank: int = field(default=64, metadata={"help": "size of the MRI basis of the kernel ridge prior"})
+        "help": "training X-rays the kernel ridge prior stores at most (Nystrom landmarks beyond)", "metavar": "N"})
+    prior_rank: int = field(default=64, metadata={
+        "help": "size of the MRI basis of the kernel ridge prior", "metavar": "R"})
     prior_basis_size: int = field(default=32, metadata={
-        "help": "in-plane side of the stored MRI basis of the kernel ridge prior (upsampled to image_size)"})
+        "help": "in-plane side of the stored MRI basis of the kernel ridge prior (upsampled to the image size)",
+        "metavar": "PIXELS"})
     prior_downsample: int = field(default=4, metadata={
-        "help": "area-downsampling factor of the X-ray features of the kernel ridge prior"})
+        "help": "area-downsampling factor of the X-ray features of the kernel ridge prior", "metavar": "F"})
 
     def __post_init__(self) -> None:
         if self.residual_prior not in RESIDUAL_PRIORS:
@@ -137,12 +142,12 @@ class PreprocessConfig:
     """How raw arrays become model inputs; stored with (and hashed into) every cache."""
 
     image_size: int = 128
-    slice_start: int = 20
-    num_slices: int = 20
+    slice_start: int = field(default=20, metadata={"help": "first kept MRI slice, 0-based"})
+    num_slices: int = field(default=20, metadata={"help": "number of kept MRI slices"})
     low_percentile: float = 0.5
     high_percentile: float = 99.5
-    # Mirror left knees so that every knee looks like a right one (undone on output).
-    mirror_left: bool = False
+    mirror_left: bool = field(default=False, metadata={
+        "help": "mirror left knees to look like right ones (undone on output)"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.low_percentile < self.high_percentile <= 100:
@@ -160,34 +165,42 @@ class PreprocessConfig:
 class TrainConfig:
     """Optimisation settings of one training run."""
 
-    epochs: int = 60
-    batch_size: int = 32
-    lr_encdec: float = 1e-3
-    lr_generator: float = 1e-4
-    loss_weights: tuple[float, float] = (1.0, 1.0)  # (xray_recon, mri)
-    seed: int = 0
-    augment: float = 0.0  # strength of the X-ray intensity augmentation (0 = off)
-    shift_augment: int = 0  # random X-ray shift of up to this many pixels, like an ROI-box error (0 = off)
-    lr_schedule: str = "constant"  # or "cosine": decay both rates to 0 over the epochs
-    early_stopping_patience: int = 0  # 0 = off
+    epochs: int = field(default=60, metadata={"help": "training epochs"})
+    batch_size: int = field(default=32, metadata={"help": "batch size (global: across all devices)"})
+    lr_encdec: float = field(default=1e-3, metadata={"help": "Adam rate of encoder+decoder"})
+    lr_generator: float = field(default=1e-4, metadata={"help": "Adam rate of the generator"})
+    loss_weights: tuple[float, float] = field(default=(1.0, 1.0), metadata={
+        "help": "weights of the X-ray and MRI terms of the loss", "metavar": "XRAY,MRI"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order, init, synthetic set)"})
+    augment: float = field(default=0.0, metadata={
+        "help": "X-ray intensity augmentation strength (0 = off)", "metavar": "STRENGTH"})
+    shift_augment: int = field(default=0, metadata={
+        "help": "move each training X-ray by up to this many pixels, like an ROI-box error (0 = off)",
+        "metavar": "PIXELS"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "learning-rate schedule (cosine: decay both rates over the epochs)", "choices": LR_SCHEDULES})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "stop when the monitored validation loss has not improved for this many epochs (0 = off)",
+        "metavar": "EPOCHS"})
     monitor: str = field(default="val_loss", metadata={
         "help": "validation value that picks the kept epoch and drives early stopping: val_loss (X-ray + MRI "
-                "terms) or val_mri_loss"})
-    # extra MRI loss terms next to the paper's MSE (kneetf.models.losses): 1 - SSIM of the
-    # 2-D slices, and the MSE of the in-plane image gradients
-    ssim_weight: float = 0.0
-    gradient_weight: float = 0.0
-    # 0 = no limit; else stop after the epoch that ends this long after the run started
-    # (data preparation included)
-    time_budget_s: float = 0.0
+                "terms) or val_mri_loss", "choices": MONITORS})
+    # extra MRI loss terms next to the paper's MSE (kneetf.models.losses)
+    ssim_weight: float = field(default=0.0, metadata={
+        "help": "weight of a 1 - SSIM (2-D slices) term in the MRI loss", "metavar": "W"})
+    gradient_weight: float = field(default=0.0, metadata={
+        "help": "weight of an image-gradient MSE term in the MRI loss", "metavar": "W"})
+    time_budget_s: float = field(default=0.0, metadata={
+        "help": "stop after the epoch that ends this long after the run started, data preparation included "
+                "(0 = no limit; applies to every run)", "metavar": "SECONDS"})
     demo_time_budget_s: float = field(default=0.0, metadata={
-        "help": "time budget of runs on the built-in synthetic knees only (0 = none); time_budget_s, when set, "
-                "applies to every run"})
+        "help": "time budget of runs on the built-in synthetic knees only (0 = none)", "metavar": "SECONDS"})
     prior_loo_targets: bool = field(default=True, metadata={
         "help": "train the residual to a kernel ridge prior against the prior's leave-one-out prediction of each "
                 "training pair (as on new data), not its in-sample fit"})
     prior_folds: int = field(default=5, metadata={
-        "help": "cross-validation folds that choose the kernel ridge prior's ridge strength and width"})
+        "help": "cross-validation folds that choose the kernel ridge prior's ridge strength and width",
+        "metavar": "K"})
 
     def __post_init__(self) -> None:
         if self.monitor not in MONITORS:
@@ -200,7 +213,7 @@ class TrainConfig:
         for name in ("lr_encdec", "lr_generator"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0. Received: {name}={getattr(self, name)}")
-        if self.lr_schedule not in ("constant", "cosine"):
+        if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine'. Received: {self.lr_schedule!r}")
         for name in ("ssim_weight", "gradient_weight", "augment", "shift_augment", "time_budget_s",
                      "demo_time_budget_s", "early_stopping_patience"):

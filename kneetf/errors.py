@@ -40,3 +40,15 @@ class ManifestError(InputError):
         self.line = line
         where = f"line {line}: " if line is not None else ""
         super().__init__(path, where + reason)
+
+
+class ServingError(KneetfError):
+    """The model server answered with an error, or not at all."""
+
+
+class ModelNotFoundError(ServingError):
+    """The server does not serve this model name or version (gRPC NOT_FOUND, HTTP 404)."""
+
+
+class ServerUnavailableError(ServingError):
+    """The server cannot be reached (gRPC UNAVAILABLE, connection refused), after retries."""

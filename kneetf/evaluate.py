@@ -27,6 +27,7 @@ from kneetf import baselines as B
 from kneetf import metrics as M
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import write_text_atomic
+from kneetf.protocol import RUN_HISTORY_FILE
 from kneetf.version import __version__
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ SUMMARY_JSON = "summary.json"
 PER_SUBJECT_CSV = "per_subject.csv"
 SLICE_PSNR_PNG = "slice_psnr.png"
 LEARNING_CURVES_PNG = "learning_curves.png"
-HISTORY_CSV = "history.csv"
 #: metrics on which "the model beats a baseline" is judged
 JUDGED = ("psnr", "ssim_2d")
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim_2d": "SSIM-2D", "ssim_3d": "SSIM-3D", "mae": "MAE"}
@@ -74,7 +74,7 @@ def _history_path(model: Any) -> Path | None:
         return None
     p = Path(model)
     folder = p if p.is_dir() else p.parent
-    h = folder / HISTORY_CSV
+    h = folder / RUN_HISTORY_FILE
     return h if h.is_file() else None
 
 
@@ -93,7 +93,8 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
 
     from kneetf.config import PreprocessConfig, config_hash, from_dict
     from kneetf.data.cache import read_info
-    from kneetf.predict import load_predictor, read_preprocess_config, resolve_model_path
+    from kneetf.inference.loading import read_preprocess_config, resolve_model_path
+    from kneetf.inference.predictor import load_predictor
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")

@@ -33,8 +33,6 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 #: Per-subject metrics, in table order.
 METRICS = ("psnr", "ssim_2d", "ssim_3d", "mae")
-#: Which direction is better, per metric.
-HIGHER_IS_BETTER = {"psnr": True, "ssim_2d": True, "ssim_3d": True, "mae": False}
 
 
 def _pair(true: Any, pred: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +190,6 @@ def keras_psnr(y_true: Any, y_pred: Any) -> Any:
 
 keras_psnr.__name__ = "psnr"
 
-__all__ = ["PSNR_CAP_DB", "METRICS", "HIGHER_IS_BETTER", "mse", "mae", "psnr", "per_slice_psnr",
+__all__ = ["PSNR_CAP_DB", "METRICS", "mse", "mae", "psnr", "per_slice_psnr",
            "per_slice_ssim", "ssim_2d", "ssim_3d", "subject_scores", "summarize", "summarize_scores",
            "keras_psnr"]

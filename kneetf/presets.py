@@ -9,13 +9,13 @@ from __future__ import annotations
 from kneetf.config import ModelConfig, replace
 from kneetf.errors import ConfigError, lookup
 
-#: The paper's reading (DESIGN.md): widths 32..1024, 128^3 generator, BN + activation
+#: The paper's reading: widths 32..1024, 128^3 generator, BN + activation
 #: kept on the 1-channel output layers, linear 1x1 MRI head. About 112M parameters.
 PAPER = ModelConfig(xray_output="paper", mri_output="paper")
 
 #: Default: the paper's topology with every width divided by 8 and an anisotropic
-#: generator whose depth stays small (2x2x1 -> 128x128x16), as in shared/perf/spec.py,
-#: so the PyTorch twin builds the same network. Sigmoid outputs in [0, 1].
+#: generator whose depth stays small (2x2x1 -> 128x128x16). Sigmoid outputs in [0, 1].
+#: `tools/perf/spec.py` reads the architecture of the presets from here for the PyTorch twin.
 COMPACT = replace(
     PAPER,
     encoder_filters=(4, 8, 16, 32, 64, 128),
@@ -37,6 +37,9 @@ TINY = replace(
     generator_strides=((1, 1, 1),) + ((2, 2, 2),) * 2 + ((2, 2, 1),) * 4,
     head_filters=4,
 )
+
+#: The preset `kneetf-train` uses when none is named.
+DEFAULT_PRESET = "compact"
 
 _REGISTRY: dict[str, ModelConfig] = {}
 _DESCRIPTIONS: dict[str, str] = {}

@@ -1,5 +1,5 @@
-"""tools/bench_train.py: our presets against tools/perf/spec.py, FLOPs, option parsing, targets,
-and one real (tiny) measurement."""
+"""tools/bench_train.py: the twin's view of the presets (tools/perf/spec.py), FLOPs, option parsing,
+targets, and one real (tiny) measurement."""
 from __future__ import annotations
 
 import importlib.util
@@ -28,27 +28,44 @@ def _trainable_params(preset: str) -> int:
     return sum(int(v.numpy().size) for v in model.trainable_weights)
 
 
-def test_compact_and_paper_presets_are_the_twins_networks(bench) -> None:
-    for preset in ("compact", "paper"):
-        diffs, notes = bench.spec_differences(preset)
-        assert diffs == [], diffs
+def test_the_twin_reads_every_preset_from_kneetf(bench) -> None:
+    spec, _, _ = bench._perf_modules()
+    from kneetf.presets import get_preset, preset_names
+
+    assert list(spec.PRESETS) == preset_names()
+    paper = spec.PRESETS["paper"]
+    cfg = get_preset("paper")
+    assert (paper["enc"], paper["gen"], paper["gen_strides"]) == (
+        list(cfg.encoder_filters), list(cfg.generator_filters), [tuple(s) for s in cfg.generator_strides])
     # compact's output layers are element-wise choices (no FLOPs), named in the notes
-    assert any("sigmoid" in n for n in bench.spec_differences("compact")[1])
-    assert bench.spec_differences("paper")[1] == []
-    assert bench.spec_differences("tiny")[0]  # no twin for the test preset
+    assert any("sigmoid" in n for n in bench.twin_notes("compact"))
+    assert bench.twin_notes("paper") == []
 
 
-def test_flops_from_our_config_equal_flops_py(bench) -> None:
+@pytest.mark.parametrize("preset", ["tiny", "compact"])
+def test_the_twin_has_kneetfs_layers(bench, preset: str) -> None:
+    """The twin's convolutions (flops.py's layer list, which torch_ref.py builds) have the
+    output shapes of the Keras model's, in order: the twin is kneetf's network."""
     _, flops, _ = bench._perf_modules()
+    from kneetf.models.kneenet import KneeNet
+
+    model = KneeNet(preset)
+    ours = [tuple(layer.output.shape[1:]) for sub in (model.encoder, model.decoder, model.generator)
+            for layer in sub.layers if layer.name.endswith(("_conv", "_deconv"))]
+    twin = [tuple(layer["out_shape"]) for layer in flops.layers(preset) if layer["kind"] != "bn"]
+    assert ours == twin
+
+
+def test_flops_of_the_compact_preset(bench) -> None:
     ours = bench.flops_summary("compact")
-    ref = flops.summary("compact")
-    assert ours["train_gflop_per_sample"] == pytest.approx(ref["train_gflop_per_sample"])
-    assert ours["train_gflop_per_sample"] == pytest.approx(0.577, abs=1e-3)  # tools/perf/README.md
+    assert ours["train_gflop_per_sample"] == pytest.approx(0.577, abs=1e-3)  # docs/performance.md
+    assert "layers" not in ours
 
 
 def test_parameter_counts_match_the_analytic_count(bench) -> None:
-    # an independent check of the architecture: Keras' count against flops.py's formula.
-    # compact's 1-channel X-ray output has no BatchNorm (2 parameters fewer than the twin)
+    # the twin builds kneetf's network: Keras' count against flops.py's formula over the
+    # spec the twin reads. compact's 1-channel X-ray output has no BatchNorm (2 parameters
+    # fewer than the twin)
     assert _trainable_params("compact") == bench.flops_summary("compact")["trainable_params"] - 2
     assert _trainable_params("tiny") == bench.flops_summary("tiny")["trainable_params"] - 2
 

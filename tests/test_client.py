@@ -5,7 +5,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +14,12 @@ pytest.importorskip("tensorflow_serving.apis")
 
 from kneetf.cli.main import main  # noqa: E402
 from kneetf.client import ModelNotFoundError, RestClient, ServerUnavailableError, ServingClient  # noqa: E402
-from kneetf.client import request as rq  # noqa: E402
-from kneetf.client.request import ServingError  # noqa: E402
-from kneetf.errors import ConfigError, InputError  # noqa: E402
-from kneetf.export import OUTPUT_KEYS  # noqa: E402
-from kneetf.export.savedmodel import export_savedmodel, structured_samples  # noqa: E402
+from kneetf import protocol  # noqa: E402
+from kneetf.client.request import as_batch  # noqa: E402
+from kneetf.errors import ConfigError, InputError, ServingError  # noqa: E402
+from kneetf.protocol import OUTPUT_KEYS  # noqa: E402
+from kneetf.export.samples import structured_samples  # noqa: E402
+from kneetf.export.savedmodel import export_savedmodel  # noqa: E402
 from kneetf.preprocess import ops  # noqa: E402
 
 
@@ -211,7 +211,7 @@ def test_server_side_dtype_refusal_maps_to_input_error(server):
     with pytest.raises(InputError, match="refused the request.*float"):
         client._predict_chunk(wrong)
     with pytest.raises(InputError, match="refused"):
-        RestClient(server.rest_url)._request("POST", rq.rest_path("kneetf", None, "predict"),
+        RestClient(server.rest_url)._request("POST", protocol.rest_path("kneetf", None, "predict"),
                                              {"instances": [[1, 2]], "inputs": [[1, 2]]})
 
 
@@ -220,39 +220,39 @@ def test_server_side_dtype_refusal_maps_to_input_error(server):
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64, np.int32, np.float16, np.uint8])
 def test_tensor_codec_agrees_with_tensorflow(dtype):
     x = (np.arange(24).reshape(2, 3, 4, 1) * 3).astype(dtype)
-    proto = rq.tensor_proto(x)
+    proto = protocol.tensor_proto(x)
     np.testing.assert_array_equal(tf.make_ndarray(proto), x)  # TF decodes ours
     theirs = tf.make_tensor_proto(x)
-    got = rq.to_ndarray(theirs)  # we decode TF's
+    got = protocol.to_ndarray(theirs)  # we decode TF's
     assert got.dtype == x.dtype
     np.testing.assert_array_equal(got, x)
 
 
 def test_codec_reads_repeated_fields():
     compact = tf.make_tensor_proto(1.5, dtype=tf.float32, shape=[2, 3])  # one value, broadcast
-    np.testing.assert_array_equal(rq.to_ndarray(compact), np.full((2, 3), 1.5, np.float32))
+    np.testing.assert_array_equal(protocol.to_ndarray(compact), np.full((2, 3), 1.5, np.float32))
     from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
     proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1, 2, 3, 4],
                                    tensor_shape=tensor_shape_pb2.TensorShapeProto(
                                        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=2)] * 2))
-    np.testing.assert_array_equal(rq.to_ndarray(proto), [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(protocol.to_ndarray(proto), [[1, 2], [3, 4]])
 
 
 def test_request_builders_share_one_layout():
-    batch = rq.as_batch(_raw(2, 64, 80), "serving_default")
-    request = rq.predict_request(batch, "kneetf", 3, "serving_default")
+    batch = as_batch(_raw(2, 64, 80), "serving_default")
+    request = protocol.predict_request(batch, "kneetf", 3, "serving_default")
     assert request.model_spec.version.value == 3 and list(request.output_filter) == list(OUTPUT_KEYS)
     np.testing.assert_array_equal(tf.make_ndarray(request.inputs["xray"]), batch)
-    body = rq.rest_body(batch, "serving_default", "inputs")
+    body = protocol.rest_body(batch, "serving_default", "inputs")
     np.testing.assert_array_equal(np.asarray(body["inputs"]["xray"], np.float32), batch)
-    rows = rq.rest_body(batch, "serving_default", "instances")["instances"]
+    rows = protocol.rest_body(batch, "serving_default", "instances")["instances"]
     np.testing.assert_array_equal(np.asarray(rows, np.float32), batch)
     with pytest.raises(ServingError, match="lacks output"):
-        rq.parse_rest_response({"outputs": {"output_0": [[[[0.0]]]]}})
+        protocol.parse_rest_response({"outputs": {"output_0": [[[[0.0]]]]}})
     with pytest.raises(ServingError, match="boom"):
-        rq.parse_rest_response({"error": "boom"})
-    resized = rq.as_batch(_raw(1, 300, 200), "serving_default", resize=True)
+        protocol.parse_rest_response({"error": "boom"})
+    resized = as_batch(_raw(1, 300, 200), "serving_default", resize=True)
     np.testing.assert_array_equal(resized, ops.resize(_raw(1, 300, 200)[..., None], 128).numpy())
 
 
@@ -388,8 +388,10 @@ def test_serving_configs(repo):
 
 
 def test_cli_modules_import_no_tensorflow():
-    """`kneetf client/export --help` stay fast: no TF, Keras or grpc at import time."""
-    code = ("import sys, kneetf.cli.client, kneetf.cli.export, kneetf.export, kneetf.client; "
+    """`kneetf client/export --help` stay fast, and the REST client works without TensorFlow:
+    no TF, Keras or grpc at import time."""
+    code = ("import sys, kneetf.cli.client, kneetf.cli.export, kneetf.export, kneetf.client, kneetf.client.rest, "
+            "kneetf.protocol, kneetf.inference; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'grpc') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -115,7 +115,7 @@ def _snapshot(root):
 def test_evaluate_writes_a_sane_report(tmp_path, cache, run_dir, capsys):
     from kneetf.cli.main import main
     from kneetf.data.pipeline import load_arrays
-    from kneetf.predict import load_model
+    from kneetf.inference.loading import load_model
 
     before_cache, before_run, before_tmp = _snapshot(cache), _snapshot(run_dir), _snapshot(tmp_path)
     out = tmp_path / "report"

@@ -14,6 +14,7 @@ from kneetf.errors import ConfigError, InputError, KneetfError  # noqa: E402
 from kneetf.export import (EXPORT_INFO_FILE, OUTPUT_KEYS, SIGNATURE_DEFAULT, SIGNATURE_NORMALIZED,  # noqa: E402
                            SIGNATURE_UINT16, WARMUP_FILE)
 from kneetf.export import savedmodel  # noqa: E402
+from kneetf.export.samples import structured_samples  # noqa: E402
 from kneetf.export.savedmodel import export_savedmodel, next_version  # noqa: E402
 from kneetf.preprocess import ops  # noqa: E402
 
@@ -39,7 +40,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
 def _raw(batch: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     """Raw detector-like X-rays: structured knees scaled to 12-bit with an offset."""
     rng = np.random.default_rng(seed)
-    images = savedmodel.structured_samples(batch, max(h, w), seed)[:, :h, :w, 0]
+    images = structured_samples(batch, max(h, w), seed)[:, :h, :w, 0]
     return (images * rng.uniform(2000, 4000) + rng.uniform(100, 500)).astype(np.float32)
 
 

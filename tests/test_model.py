@@ -65,21 +65,6 @@ def test_paper_shapes_and_size(paper: KneeNet) -> None:
     assert 110e6 < paper.count_params() < 115e6  # "about 112M parameters"
 
 
-def test_compact_matches_perf_spec(repo) -> None:
-    """The compact preset is the network of tools/perf/spec.py (so the torch twin is the same)."""
-    spec_path = repo / "tools" / "perf" / "spec.py"
-    ns: dict = {}
-    exec(spec_path.read_text(), ns)
-    spec = ns["PRESETS"]["compact"]
-    cfg = get_preset("compact")
-    assert list(cfg.encoder_filters) == spec["enc"]
-    assert list(cfg.decoder_filters) == spec["dec"] and list(cfg.decoder_strides) == spec["dec_strides"]
-    assert cfg.generator_reshape == tuple(spec["gen_reshape"])
-    assert list(cfg.generator_filters) == spec["gen"]
-    assert [tuple(s) for s in cfg.generator_strides] == [tuple(s) for s in spec["gen_strides"]]
-    assert [cfg.head_filters, cfg.num_slices] == spec["head"]
-
-
 @pytest.mark.parametrize("name", ["tiny", "compact"])
 def test_presets_build_by_name_and_config(name: str) -> None:
     by_name = build_model(name, compile=False)

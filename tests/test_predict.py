@@ -1,4 +1,4 @@
-"""`kneetf predict` on generated PNG / .npy / DICOM X-rays with a tiny model."""
+"""`kneetf predict` and `kneetf.inference` on generated PNG / .npy / DICOM X-rays with a tiny model."""
 from __future__ import annotations
 
 import csv
@@ -89,7 +89,8 @@ def test_predict_cli_writes_nifti_dicom_png(tmp_path, runs, capsys):
 
     from kneetf.cli.main import main
     from kneetf.io.writers import nifti_affine
-    from kneetf.predict import NOMINAL_SPACING, load_model
+    from kneetf.inference.loading import load_model
+    from kneetf.inference.outputs import NOMINAL_SPACING
 
     images = _inputs(tmp_path / "in")
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -146,12 +147,14 @@ def test_predict_cli_writes_nifti_dicom_png(tmp_path, runs, capsys):
 def test_keep_patient_and_left_knee_mirroring(tmp_path, runs):
     import pydicom
 
-    from kneetf.predict import load_model, make_roi, predict_files
+    from kneetf.inference.batch import predict_files
+    from kneetf.inference.loading import load_model
+    from kneetf.preprocess.xray import roi_source
 
     images = _inputs(tmp_path / "in")
     out = tmp_path / "out"
     report = predict_files(runs["mirror"], [tmp_path / "in" / "c_dcm.dcm", tmp_path / "in" / "a_png.png"], out,
-                           formats=("nifti", "dicom"), roi=make_roi(tmp_path / "in" / "boxes.csv"),
+                           formats=("nifti", "dicom"), roi=roi_source(tmp_path / "in" / "boxes.csv"),
                            keep_patient=True, progress=False)
     assert report.ok == 2 and not report.errors
     model = load_model(runs["mirror"])
@@ -167,7 +170,9 @@ def test_keep_patient_and_left_knee_mirroring(tmp_path, runs):
 
 
 def test_manifest_input_ids_and_sides(tmp_path, runs):
-    from kneetf.predict import load_model, make_roi, predict_files
+    from kneetf.inference.batch import predict_files
+    from kneetf.inference.loading import load_model
+    from kneetf.preprocess.xray import roi_source
     from kneetf.preprocess.roi import Box, write_boxes
 
     images = _inputs(tmp_path / "in")
@@ -175,7 +180,7 @@ def test_manifest_input_ids_and_sides(tmp_path, runs):
     write_boxes(tmp_path / "in" / "ids.csv", {"kneeA": Box(*BOX), "kneeB": Box(*BOX)})
     out = tmp_path / "out"
     report = predict_files(runs["mirror"], [tmp_path / "in" / "manifest.csv"], out,
-                           roi=make_roi(tmp_path / "in" / "ids.csv"), progress=False)
+                           roi=roi_source(tmp_path / "in" / "ids.csv"), progress=False)
     assert sorted(report.written) == ["kneeA", "kneeB"] and not report.errors
     model = load_model(runs["mirror"])
     vol, _, _ = _read_nifti(out / "kneeA.nii.gz")
@@ -202,7 +207,9 @@ def test_all_failures_exit_nonzero_and_name_the_files(tmp_path, runs, capsys):
 
 def test_classical_roi_default_and_bad_arguments(tmp_path, runs):
     from kneetf.errors import ConfigError, InputError
-    from kneetf.predict import parse_formats, predict_files, resolve_model_path
+    from kneetf.inference.batch import predict_files
+    from kneetf.inference.loading import resolve_model_path
+    from kneetf.inference.outputs import parse_formats
 
     _inputs(tmp_path / "in")
     report = predict_files(runs["plain"], [tmp_path / "in" / "b_npy.npy"], tmp_path / "out", progress=False)
@@ -218,7 +225,8 @@ def test_classical_roi_default_and_bad_arguments(tmp_path, runs):
 
 
 def test_read_preprocess_config_sources(tmp_path, runs):
-    from kneetf.predict import load_predictor, read_preprocess_config
+    from kneetf.inference.loading import read_preprocess_config
+    from kneetf.inference.predictor import load_predictor
 
     assert read_preprocess_config(runs["mirror"]).mirror_left is True
     assert read_preprocess_config(runs["mirror"] / "model.keras").mirror_left is True
@@ -235,7 +243,8 @@ def test_read_preprocess_config_sources(tmp_path, runs):
 @pytest.mark.slow
 def test_savedmodel_and_tflite_predictors_match_keras(tmp_path, runs):
     from kneetf.export.savedmodel import export_savedmodel
-    from kneetf.predict import load_model, load_predictor
+    from kneetf.inference.loading import load_model
+    from kneetf.inference.predictor import load_predictor
 
     result = export_savedmodel(runs["plain"], tmp_path / "saved_models" / "kneetf", warmup_batch_sizes=(),
                                tflite_variants=("fp32",))

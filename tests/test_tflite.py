@@ -12,7 +12,8 @@ pytest.importorskip("ai_edge_litert")
 from kneetf.errors import ConfigError, InputError  # noqa: E402
 from kneetf.export import OUTPUT_KEYS  # noqa: E402
 from kneetf.export import tflite as tfl  # noqa: E402
-from kneetf.export.savedmodel import structured_samples  # noqa: E402
+from kneetf.export.samples import structured_samples  # noqa: E402
+from kneetf.inference.litert import TFLiteModel  # noqa: E402
 
 
 import serving_server  # noqa: E402  (tests/serving_server.py; pytest puts tests/ on sys.path)
@@ -61,7 +62,7 @@ def test_variant_matches_keras(converted, variant, max_abs, min_psnr):
     model = converted["model"]
     x = structured_samples(2, 128, seed=300)
     reference = _keras(model, x)
-    got = tfl.TFLiteModel(converted["report"][variant]["path"]).predict(x)
+    got = TFLiteModel(converted["report"][variant]["path"]).predict(x)
     for k in OUTPUT_KEYS:
         assert got[k].shape == reference[k].shape and got[k].dtype == np.float32
         diff = np.abs(got[k] - reference[k])
@@ -71,13 +72,13 @@ def test_variant_matches_keras(converted, variant, max_abs, min_psnr):
     # the reported numbers are the same measurement on the check set
     rep = converted["report"][variant]["outputs"]["mri"]
     check = converted["check"]
-    again = tfl.compare_outputs(tfl.TFLiteModel(converted["report"][variant]["path"]).predict(check),
+    again = tfl.compare_outputs(TFLiteModel(converted["report"][variant]["path"]).predict(check),
                                 _keras(model, check))["mri"]
     assert again["max_abs_diff"] == pytest.approx(rep["max_abs_diff"], rel=1e-6, abs=1e-9)
 
 
 def test_int8_is_fully_quantised_at_the_edges(converted):
-    m = tfl.TFLiteModel(converted["report"]["int8"]["path"])
+    m = TFLiteModel(converted["report"]["int8"]["path"])
     assert m.quantized and m.input_dtype == np.int8
     scale, zero = m._input["quantization"]
     assert scale == pytest.approx(1 / 255, rel=0.05) and zero == -128  # [0, 1] calibrated input range
@@ -88,12 +89,12 @@ def test_int8_is_fully_quantised_at_the_edges(converted):
     q = m._quantize(x)
     assert q.dtype == np.int8
     assert np.max(np.abs((q.astype(np.float32) - zero) * scale - x)) <= scale / 2 + 1e-7
-    f = tfl.TFLiteModel(converted["report"]["fp32"]["path"])
+    f = TFLiteModel(converted["report"]["fp32"]["path"])
     assert not f.quantized and f.input_dtype == np.float32
 
 
 def test_predict_batches_and_layouts(converted):
-    m = tfl.TFLiteModel(converted["report"]["fp32"]["path"])
+    m = TFLiteModel(converted["report"]["fp32"]["path"])
     x = structured_samples(3, 128, seed=7)
     batch = m.predict(x)
     one = m.predict(x[1, ..., 0])  # (H, W)
@@ -104,10 +105,10 @@ def test_predict_batches_and_layouts(converted):
     with pytest.raises(InputError, match="normalise"):
         m.predict(np.zeros((1, 256, 256, 1), np.float32))
     with pytest.raises(InputError, match="no such TFLite model"):
-        tfl.TFLiteModel(converted["root"] / "missing.tflite")
+        TFLiteModel(converted["root"] / "missing.tflite")
     (converted["root"] / "junk.tflite").write_bytes(b"not a flatbuffer")
     with pytest.raises((InputError, ValueError)):
-        tfl.TFLiteModel(converted["root"] / "junk.tflite")
+        TFLiteModel(converted["root"] / "junk.tflite")
 
 
 def test_representative_samples_sources():

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import kneetf.models.kneenet  # noqa: F401
     from kneetf.client import RestClient, ServingClient
-    from kneetf.export.savedmodel import export_savedmodel, structured_samples
+    from kneetf.export.samples import structured_samples
+    from kneetf.export.savedmodel import export_savedmodel
     from kneetf.preprocess.ops import preprocess_xray
 
     server_module = load_test_server()
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             grpc_client.close()
         tflite_sizes = {}
         if not args.no_tflite:
-            from kneetf.export.tflite import TFLiteModel, convert_tflite
+            from kneetf.export.tflite import convert_tflite
+            from kneetf.inference.litert import TFLiteModel
 
             blobs = convert_tflite(model, ("fp32", "int8"), structured_samples(16, 128, seed=99))
             for variant, blob in blobs.items():

@@ -15,8 +15,9 @@ own subprocess (so TensorFlow and torch never share a thread pool, and peak RSS 
 measurement); with `--compare-torch` TF and torch alternate (TF, torch, TF, torch ...), each
 side reporting the best of its per-round medians. Achieved GFLOP/s use the analytic FLOPs of
 `tools/perf/flops.py` (convolutions only, training step = 3x forward); the peak is a large TF
-fp32 matmul (`tools/perf/peak.py`). The torch twin runs in its own venv (`--torch-python`;
-created with the CPU build of torch 2.13 when missing; the project never depends on torch).
+fp32 matmul (`tools/perf/peak.py`). The torch twin runs in its own environment
+(`--torch-python`, default `.venv-torch/` in the repository, ignored by git; the project never
+depends on torch). Results and how they were measured: `docs/performance.md`.
 
 Prints a table and one final line `RESULT {json}`.
 """
@@ -35,10 +36,11 @@ from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF = ROOT / "tools" / "perf"
-TORCH_VENVS = (ROOT / ".venv-torch", Path("/tmp/.venv-torch"))
-TORCH_PIN = ("torch==2.13.0", "numpy")
+#: The twin's environment when `--torch-python` is not given (ignored by git), created by
+#: `python3 -m venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 numpy`
+TORCH_VENV = ROOT / ".venv-torch"
 
-#: issue targets (issue 3 item 6 / issue 8 item 4)
+#: the project's speed targets (docs/performance.md)
 TARGETS = {
     "paper_train_b4_speedup": 1.5,     # torch step / our step
     "paper_train_b4_peak_frac": 0.40,  # achieved / matmul peak
@@ -60,57 +62,19 @@ def _perf_modules() -> tuple[Any, Any, Any]:
     return spec, flops, benchutil
 
 
-# --- architecture: our presets as tools/perf/spec.py entries ---------------------------------
-def spec_from_config(cfg: Any) -> dict[str, Any]:
-    """The spec.py-style dict of a kneetf ModelConfig (what flops.py and torch_ref.py read)."""
-    return dict(img=cfg.image_size, enc=list(cfg.encoder_filters), dec=list(cfg.decoder_filters),
-                dec_strides=list(cfg.decoder_strides), gen_reshape=tuple(cfg.generator_reshape),
-                gen=list(cfg.generator_filters), gen_strides=[tuple(s) for s in cfg.generator_strides],
-                head=[cfg.head_filters, cfg.num_slices])
-
-
-def spec_differences(preset: str) -> tuple[list[str], list[str]]:
-    """(architecture differences, notes) between kneetf preset `preset` and spec.py's entry
-    of the same name. Differences change the FLOPs; notes are element-wise details."""
+# --- architecture: the presets as tools/perf/spec.py reads them ------------------------------
+def twin_notes(preset: str) -> list[str]:
+    """Where kneetf's network differs from the PyTorch twin's, element-wise (no FLOPs change)."""
     spec, _, _ = _perf_modules()
     from kneetf.presets import get_preset
 
-    cfg = get_preset(preset)
-    if preset not in spec.PRESETS:
-        return [f"spec.py has no preset {preset!r}"], []
-    ours, theirs = spec_from_config(cfg), spec.PRESETS[preset]
-    diffs = [f"{k}: ours {ours[k]} vs spec {theirs[k]}" for k in theirs
-             if json.dumps(ours.get(k)) != json.dumps(theirs[k], default=list)]
-    for name, ours_k, spec_k in (("encoder_kernel", cfg.encoder_kernel, spec.ENC_K),
-                                 ("decoder_kernel", cfg.decoder_kernel, spec.DEC_K),
-                                 ("generator_kernel", cfg.generator_kernel, spec.GEN_K),
-                                 ("encoder_stride", cfg.encoder_stride, 2),
-                                 ("leaky_slope", cfg.leaky_slope, spec.LRELU)):
-        if ours_k != spec_k:
-            diffs.append(f"{name}: ours {ours_k} vs spec {spec_k}")
-    notes = []
-    if cfg.xray_output != "paper":
-        notes.append(f"X-ray output block: ours conv + {cfg.xray_output} (no BN), twin conv + BN + LeakyReLU")
-    if cfg.mri_output != "paper":
-        notes.append(f"MRI head output: ours {cfg.mri_output}, twin linear")
-    if not getattr(cfg, "generator_last_bn_act", True):
-        notes.append("ours: last Conv3DTranspose without BN + ReLU, twin with")
-    if getattr(cfg, "bn_momentum", spec.BN_MOMENTUM) != spec.BN_MOMENTUM:
-        notes.append(f"BN momentum: ours {cfg.bn_momentum}, twin {spec.BN_MOMENTUM}")
-    if cfg.residual_template:
-        notes.append("ours adds a template residual (element-wise)")
-    return diffs, notes
+    return spec.twin_notes(get_preset(preset))
 
 
 def flops_summary(preset: str) -> dict[str, Any]:
-    """flops.py's summary of our preset's architecture (registered from its config)."""
-    spec, flops, _ = _perf_modules()
-    from kneetf.presets import get_preset
-
-    key = f"kneetf:{preset}"
-    spec.PRESETS[key] = spec_from_config(get_preset(preset))
-    flops.PRESETS[key] = spec.PRESETS[key]
-    s = flops.summary(key)
+    """flops.py's summary of a preset's architecture, without the per-layer list."""
+    _, flops, _ = _perf_modules()
+    s = flops.summary(preset)
     s.pop("layers", None)
     return s
 
@@ -352,19 +316,14 @@ def tf_cmd(kind: str, **kw: Any) -> list[str]:
     return cmd
 
 
-def ensure_torch_python(explicit: str | None) -> str:
-    """A python with torch: `explicit`, an existing .venv-torch, or a new /tmp/.venv-torch."""
-    if explicit:
-        return explicit
-    for venv in TORCH_VENVS:
-        py = venv / "bin" / "python"
-        if py.exists() and subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode == 0:
-            return str(py)
-    venv = TORCH_VENVS[-1]
-    print(f"creating {venv} with {' '.join(TORCH_PIN)} (CPU build; once)", file=sys.stderr)
-    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *TORCH_PIN], check=True)
-    return str(venv / "bin" / "python")
+def torch_python(explicit: str | None) -> str:
+    """The python of the twin's environment: `explicit`, else `TORCH_VENV`'s; it must import torch."""
+    python = explicit or str(TORCH_VENV / "bin" / "python")
+    if not Path(python).exists() or subprocess.run([python, "-c", "import torch"], capture_output=True).returncode:
+        raise SystemExit(f"--compare-torch needs a python with torch: {python} has none. Create it with\n"
+                         f"  python3 -m venv {TORCH_VENV} && {TORCH_VENV}/bin/pip install torch==2.13.0 numpy\n"
+                         "(the CPU build; the project itself never depends on torch) or pass --torch-python.")
+    return python
 
 
 def torch_cmd(python: str, preset: str, mode: str, batch: int, steps: int, warmup: int) -> list[str]:
@@ -372,12 +331,12 @@ def torch_cmd(python: str, preset: str, mode: str, batch: int, steps: int, warmu
             "--steps", str(steps), "--warmup", str(warmup)]
 
 
-def measure_peak(quick: bool, torch_python: str | None) -> dict[str, Any]:
+def measure_peak(quick: bool, twin_python: str | None) -> dict[str, Any]:
     n, reps = (2048, 3) if quick else (4096, 5)
     out = {"tf": run_json([sys.executable, str(PERF / "peak.py"), "--which", "tf", "--n", str(n),
                            "--reps", str(reps)])["tf"]}
-    if torch_python:
-        out["torch"] = run_json([torch_python, str(PERF / "peak.py"), "--which", "torch", "--n", str(n),
+    if twin_python:
+        out["torch"] = run_json([twin_python, str(PERF / "peak.py"), "--which", "torch", "--n", str(n),
                                  "--reps", str(reps)])["torch"]
     return out
 
@@ -469,23 +428,20 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
     for kv in a.tf_env or []:
         k, _, v = kv.partition("=")
         env[k] = v
-    torch_python = ensure_torch_python(a.torch_python) if a.compare_torch else None
+    twin_python = torch_python(a.torch_python) if a.compare_torch else None
     load0 = os.getloadavg()
-    peak = measure_peak(a.quick, torch_python)
+    peak = measure_peak(a.quick, twin_python)
     peak_tf = peak["tf"]["gflops_best"]  # provisional; the best of start and end is reported
     modes = ["train", "infer"] if a.mode == "both" else [a.mode]
     train_b = parse_batches(a.batches, a.presets, DEFAULT_TRAIN_BATCHES)
     infer_b = parse_batches(a.infer_batches, a.presets, DEFAULT_INFER_BATCHES)
-    spec, _, _ = _perf_modules()
     arch = {}
     rows = []
     for preset in a.presets:
         fl = flops_summary(preset)
-        diffs, notes = spec_differences(preset)
         arch[preset] = dict(trainable_params=fl["trainable_params"], train_gflop_per_sample=round(fl["train_gflop_per_sample"], 3),
-                            fwd_gflop_per_sample=round(fl["fwd_gflop_per_sample"], 3), spec_differences=diffs,
-                            notes=notes)
-        twin = torch_python is not None and preset in spec.PRESETS and not diffs
+                            fwd_gflop_per_sample=round(fl["fwd_gflop_per_sample"], 3), notes=twin_notes(preset))
+        twin = twin_python is not None
         for mode in modes:
             for batch in (train_b if mode == "train" else infer_b)[preset]:
                 tf_runs, torch_runs = [], []
@@ -495,7 +451,7 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
                                                    intra_op=a.intra_op, inter_op=a.inter_op,
                                                    precision=a.precision), env))
                     if twin:
-                        torch_runs.append(run_json(torch_cmd(torch_python, preset, mode, batch, a.steps, a.warmup),
+                        torch_runs.append(run_json(torch_cmd(twin_python, preset, mode, batch, a.steps, a.warmup),
                                                    cwd=PERF))
                 best_tf = min(tf_runs, key=lambda r: r["step_s_median"])
                 row: dict[str, Any] = dict(preset=preset, mode=mode, batch=batch, tf=_row(best_tf, fl, peak_tf),
@@ -518,7 +474,7 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
                                                 warmup=a.warmup), env) for p in a.presets}
     # the peak once more at the end: other processes share this machine, the better of the two
     # is closer to the machine's own figure; every row's %peak is relative to it
-    peak_end = measure_peak(a.quick, torch_python)
+    peak_end = measure_peak(a.quick, twin_python)
     best = max(peak["tf"]["gflops_best"], peak_end["tf"]["gflops_best"])
     result["peak"] = {**peak, "tf_start": peak["tf"], "tf_end": peak_end["tf"]}
     result["peak"]["tf"] = {**peak["tf"], "gflops_best": best}
@@ -536,9 +492,8 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
 
 def print_report(result: dict[str, Any]) -> None:
     for preset, info in result["architecture"].items():
-        status = "same as spec.py" if not info["spec_differences"] else "; ".join(info["spec_differences"])
         print(f"{preset}: {info['trainable_params']:,d} params (flops.py count), train {info['train_gflop_per_sample']} "
-              f"GFLOP/sample; architecture {status}" + (f" ({'; '.join(info['notes'])})" if info["notes"] else ""))
+              "GFLOP/sample" + (f"; twin differs element-wise: {'; '.join(info['notes'])}" if info["notes"] else ""))
     print_table(result["rows"], result["peak"]["tf"]["gflops_best"])
     if "input" in result:
         i = result["input"]
@@ -571,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (tracing; default 2)")
     p.add_argument("--rounds", type=int, default=2, help="measurements per side, alternating TF/torch (default 2)")
     p.add_argument("--compare-torch", action="store_true", help="also time the PyTorch twin (own venv)")
-    p.add_argument("--torch-python", default=None, help="python of a venv with torch (default: .venv-torch, created)")
+    p.add_argument("--torch-python", default=None,
+                   help="python of an environment with torch (default: .venv-torch/bin/python in the repository)")
     p.add_argument("--no-input-check", dest="input_check", action="store_false",
                    help="skip the cache-vs-memory input pipeline measurement")
     p.add_argument("--profile", action="store_true", help="time each sub-model, the optimizer and generator layers")

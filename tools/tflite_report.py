@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from kneetf.export.savedmodel import load_for_export, structured_samples
-    from kneetf.export.tflite import TFLiteModel, export_tflite, samples_from_cache
+    from kneetf.export.samples import structured_samples
+    from kneetf.export.savedmodel import load_for_export
+    from kneetf.export.tflite import export_tflite, samples_from_cache
+    from kneetf.inference.litert import TFLiteModel
 
     with tempfile.TemporaryDirectory(prefix="kneetf-tflite-report-") as tmp:
         if args.model:

@@ -6,23 +6,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HELP = "send X-rays to a TF Serving server (gRPC or REST)"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from kneetf.protocol import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_DTYPES
+
     p.add_argument("xrays", nargs="*", metavar="XRAY",
                    help="ROI-cropped knee X-ray files (DICOM, PNG/TIFF/JPEG, .npy)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", metavar="HOST:PORT", help="gRPC address of TF Serving (e.g. localhost:8500)")
     where.add_argument("--rest", metavar="URL", help="REST address of TF Serving (e.g. http://localhost:8501)")
     p.add_argument("--out", help="output .nii/.nii.gz file (one X-ray) or folder (<stem>.nii.gz per X-ray)")
-    p.add_argument("--model", default="kneetf", help="model name on the server (default kneetf)")
+    p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name on the server (default: %(default)s)")
     p.add_argument("--version", type=int, help="model version (default: the server's latest)")
-    p.add_argument("--signature", default="serving_default",
-                   choices=("serving_default", "serving_uint16", "predict_normalized"),
-                   help="signature to call (default serving_default)")
-    p.add_argument("--timeout", type=float, default=30.0, help="deadline per request in seconds (default 30)")
-    p.add_argument("--retries", type=int, default=3, help="retries while the server is unavailable (default 3)")
+    p.add_argument("--signature", default=SIGNATURE_DEFAULT, choices=list(SIGNATURE_DTYPES),
+                   help="signature to call (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="deadline per request in seconds (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="retries while the server is unavailable (default: %(default)s)")
     p.add_argument("--no-client-resize", action="store_true",
                    help="send images at their own size (the server resizes; breaks server-side batching of "
                         "mixed sizes)")
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS (gRPC)")
     p.add_argument("--tls-server-name", help="name expected in the server certificate (gRPC)")
     p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("SLICE", "ROW", "COL"),
-                   help="voxel spacing in mm written to the NIfTI header (default 1 1 1)")
+                   help="voxel spacing in mm written to the NIfTI header (default: 1 1 1)")
     p.add_argument("--status", action="store_true", help="print the model's status on the server and exit")
 
 
@@ -48,17 +49,10 @@ def _tls(args: argparse.Namespace) -> Any:
     return bool(args.tls)
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def _outputs(xrays: list[Path], out: str) -> list[Path]:
     """One output file per X-ray: `out` itself for one X-ray named .nii/.nii.gz, else out/<stem>.nii.gz."""
     from kneetf.errors import ConfigError
+    from kneetf.inference.batch import file_id
 
     target = Path(out)
     is_file = target.name.endswith(".nii") or target.name.endswith(".nii.gz")
@@ -66,7 +60,7 @@ def _outputs(xrays: list[Path], out: str) -> list[Path]:
         if len(xrays) != 1:
             raise ConfigError(f"--out {out} is a file but {len(xrays)} X-rays were given; use a folder")
         return [target]
-    paths = [target / f"{_stem(x)}.nii.gz" for x in xrays]
+    paths = [target / f"{file_id(x)}.nii.gz" for x in xrays]
     seen: dict[Path, Path] = {}
     for x, p in zip(xrays, paths):
         if p in seen:

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "score a model against the mean and nearest-neighbour baselines"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="M",
                         help="a .keras file, a training run folder, a SavedModel folder or a .tflite file")
     parser.add_argument("--data", required=True, metavar="CACHE", help="a cache folder (kneetf prepare)")
-    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    from kneetf.baselines import DEFAULT_K
+
+    parser.add_argument("--split", default="test", help="split to score (default: %(default)s)")
     parser.add_argument("--baseline-split", default="train",
-                        help="split the baselines are computed from (default: train)")
+                        help="split the baselines are computed from (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder (the only place written to)")
-    parser.add_argument("--knn", type=int, default=5, metavar="K",
-                        help="k of the k-NN average baseline; 1 leaves it out (default: 5)")
-    parser.add_argument("--batch-size", type=int, default=16, help="X-rays per model call (default: 16)")
+    parser.add_argument("--knn", type=int, default=DEFAULT_K, metavar="K",
+                        help="k of the k-NN average baseline; 1 leaves it out (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="X-rays per model call (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N subjects only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "export a model for TF Serving (SavedModel) and TFLite"
-
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
     if text.strip() == "0":
@@ -19,17 +17,20 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from kneetf.export.tflite import VARIANTS
+
     p.add_argument("model", metavar="MODEL_OR_RUN", help="a .keras file or a training run folder (model.keras)")
     p.add_argument("--out", default="saved_models/kneetf",
-                   help="model base folder; versions go to OUT/<version>/ (default saved_models/kneetf)")
+                   help="model base folder; versions go to OUT/<version>/ (default: %(default)s)")
     p.add_argument("--version", type=int, help="version number (default: the next free one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     p.add_argument("--model-name", help="model name in the warm-up requests (default: the --out folder name)")
     p.add_argument("--tflite", action="store_true", help="also write fp32, fp16 and int8 TFLite models")
-    p.add_argument("--tflite-variants", default="fp32,fp16,int8",
-                   help="comma-separated TFLite variants with --tflite (default fp32,fp16,int8)")
+    p.add_argument("--tflite-variants", default=",".join(VARIANTS),
+                   help="comma-separated TFLite variants with --tflite (default: %(default)s)")
     p.add_argument("--data", metavar="CACHE", help="kneetf cache: int8 calibration and check samples")
-    p.add_argument("--calibration-samples", type=int, default=32, help="int8 calibration samples (default 32)")
+    p.add_argument("--calibration-samples", type=int, default=32,
+                   help="int8 calibration samples (default: %(default)s)")
     p.add_argument("--warmup-batch-sizes", type=_batch_sizes, default=(1,),
                    help="batch sizes of the warm-up requests, e.g. 1,8 (default 1; 0 for none)")
     p.add_argument("--no-warmup", action="store_true", help="write no warm-up requests")

@@ -9,17 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-HELP = "build a manifest from an OAI release folder"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("root", type=Path, help="OAI root holding <visit>/<release>/... and contents.csv files")
     parser.add_argument("--visit", action="append", default=None,
                         help="visit folder, e.g. 00m (repeat for several; default 00m)")
     parser.add_argument("--mri-series", default="SAG_3D_DESS",
-                        help="SeriesDescription prefix of the knee MRI (default SAG_3D_DESS)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the per-participant split (default 0)")
-    parser.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (default 0.8,0.1,0.1)")
+                        help="SeriesDescription prefix of the knee MRI (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-participant split (default: %(default)s)")
+    parser.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="manifest CSV to write")
     parser.add_argument("--skipped-report", type=Path, default=None,
                         help="also write the skipped series as CSV (participant,visit,what,reason)")

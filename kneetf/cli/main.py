@@ -1,8 +1,10 @@
 """The `kneetf` command: one parser, a module per subcommand, one error handler.
 
-Each subcommand lives in `kneetf/cli/<module>.py` and defines `HELP` (one line),
-`add_arguments(parser)` and `run(args) -> int`. Modules import TensorFlow only inside
-`run`, so `kneetf --help` answers without loading it.
+Each subcommand lives in `kneetf/cli/<module>.py` and defines `add_arguments(parser)` and
+`run(args) -> int`; its one-line help is in `COMMANDS`. A command is a thin orchestration of
+library calls; flags that set config fields are generated from the dataclasses
+(`kneetf.cli.options`). Modules import TensorFlow only inside `run`, so `kneetf --help` answers
+without loading it.
 """
 from __future__ import annotations
 

@@ -4,23 +4,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "reconstruct MRI volumes from X-ray files"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kneetf.inference.outputs import FORMATS
+
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="X-ray files (DICOM, PNG/TIFF/JPEG, .npy), folders of them, or a manifest .csv")
     parser.add_argument("--model", required=True, metavar="M",
                         help="a .keras file, a training run folder, a SavedModel folder or a .tflite file")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (the only place written to)")
-    parser.add_argument("--format", default="nifti", metavar="FORMATS",
-                        help="comma-separated: nifti, dicom, png (default: nifti)")
+    parser.add_argument("--format", default=FORMATS[0], metavar="FORMATS",
+                        help=f"comma-separated: {', '.join(FORMATS)} (default: %(default)s)")
     roi = parser.add_mutually_exclusive_group()
     roi.add_argument("--rois", metavar="BOXES_CSV", help="ROI boxes CSV id,x0,y0,x1,y1 (ids as the outputs')")
     roi.add_argument("--roi-detector", metavar="DET_KERAS", help="a trained ROI detector (kneetf train-roi)")
     parser.add_argument("--keep-patient", action="store_true",
                         help="copy the patient module of a DICOM input into the DICOM output (default: anonymous)")
-    parser.add_argument("--batch-size", type=int, default=8, help="X-rays per model call (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="X-rays per model call (default: %(default)s)")
     parser.add_argument("--preprocess", metavar="JSON",
                         help="take the preprocessing config from this run config.json / dataset.json "
                              "(default: the one recorded with the model)")
@@ -31,10 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kneetf.errors import KneetfError
-    from kneetf.predict import make_roi, parse_formats, predict_files
+    from kneetf.inference.batch import predict_files
+    from kneetf.inference.outputs import parse_formats
+    from kneetf.preprocess.xray import roi_source
 
     formats = parse_formats(args.format)
-    roi = make_roi(args.rois, args.roi_detector)
+    roi = roi_source(boxes=args.rois, detector=args.roi_detector)
     report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
                            keep_patient=args.keep_patient, batch_size=args.batch_size, preprocess=args.preprocess,
                            allow_outside=args.allow_outside, progress=not args.no_progress)

@@ -3,7 +3,23 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "decode a manifest, crop the knee ROI and write the TFRecord cache"
+from kneetf.cli.options import ConfigFlag, add_config_flags, config_values
+
+
+def _flags() -> list[ConfigFlag]:
+    """The config fields `kneetf prepare` exposes, in the order of `--help`."""
+    from kneetf.config import PreprocessConfig
+    from kneetf.data.sources import PrepareOptions
+
+    return [
+        ConfigFlag(PrepareOptions, "roi_preview"),
+        ConfigFlag(PrepareOptions, "workers"),
+        ConfigFlag(PrepareOptions, "shard_size"),
+        ConfigFlag(PreprocessConfig, "slice_start"),
+        ConfigFlag(PreprocessConfig, "num_slices"),
+        ConfigFlag(PreprocessConfig, "mirror_left"),
+        ConfigFlag(PrepareOptions, "allow_outside"),
+    ]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -12,24 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     roi = p.add_mutually_exclusive_group()
     roi.add_argument("--rois", help="boxes CSV id,x0,y0,x1,y1 (pixels of the full X-ray)")
     roi.add_argument("--roi-detector", help="trained ROI detector (.keras from `kneetf train-roi`)")
-    p.add_argument("--roi-preview", action="store_true", help="write roi_preview/<id>.png with the box drawn")
-    p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2; 0 = in-process)")
-    p.add_argument("--shard-size", type=int, default=64, help="pairs per TFRecord shard (default 64)")
-    p.add_argument("--slice-start", type=int, default=20, help="first kept MRI slice, 0-based (default 20)")
-    p.add_argument("--num-slices", type=int, default=20, help="number of kept MRI slices (default 20)")
-    p.add_argument("--mirror-left", action="store_true", help="mirror left knees to look like right ones")
-    p.add_argument("--allow-outside", action="store_true",
-                   help="allow manifest paths that leave the manifest's folder tree")
+    add_config_flags(p, _flags())
 
 
 def run(args: argparse.Namespace) -> int:
     from kneetf.config import PreprocessConfig
-    from kneetf.data.sources import prepare_manifest
+    from kneetf.data.sources import PrepareOptions, prepare_manifest
 
-    config = PreprocessConfig(slice_start=args.slice_start, num_slices=args.num_slices, mirror_left=args.mirror_left)
+    flags = _flags()
+    config = PreprocessConfig(**config_values(args, flags, PreprocessConfig))
     result = prepare_manifest(args.manifest, args.out, config, rois=args.rois, detector=args.roi_detector,
-                              allow_outside=args.allow_outside, roi_preview=args.roi_preview,
-                              workers=args.workers, shard_size=args.shard_size)
+                              **config_values(args, flags, PrepareOptions))
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     print(f"prepared {result.total} pair(s) into {result.out_dir} ({counts}); "
           f"{result.skipped_shards} shard(s) were already complete")

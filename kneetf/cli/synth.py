@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "write a synthetic paired knee dataset (DICOM, NIfTI, PNG, manifest)"
+from kneetf.cli.options import ConfigFlag, add_config_flags, config_values
+
+
+def _flags() -> list[ConfigFlag]:
+    from kneetf.data.synthetic import SynthConfig
+
+    return [ConfigFlag(SynthConfig, "monochrome1_fraction"), ConfigFlag(SynthConfig, "left_fraction")]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (run again on it to resume)")
-    p.add_argument("--n", type=int, default=256, help="number of knees (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    p.add_argument("--workers", type=int, default=2, help="generating processes (default 2; 1 = in this process)")
-    p.add_argument("--formats", default="dicom,nifti,png",
-                   help="comma-separated file formats among dicom, nifti, png (default: all three)")
-    p.add_argument("--monochrome1-fraction", type=float, default=0.0, metavar="F",
-                   help="fraction of X-rays stored inverted as MONOCHROME1 (default 0)")
-    p.add_argument("--left-fraction", type=float, default=0.5, metavar="F",
-                   help="fraction of left knees (default 0.5)")
+    p.add_argument("--n", type=int, default=256, help="number of knees (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="generating processes (default: %(default)s; 1 = in this process)")
+    from kneetf.data.synthetic import FORMATS
+
+    p.add_argument("--formats", default=",".join(FORMATS),
+                   help=f"comma-separated file formats among {', '.join(FORMATS)} (default: all)")
+    add_config_flags(p, _flags())
     p.add_argument("--split-fractions", default="0.8,0.1,0.1", metavar="TRAIN,VAL,TEST",
-                   help="train/val/test fractions (default 0.8,0.1,0.1)")
+                   help="train/val/test fractions (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any SynthConfig field, e.g. --set mri_noise=0.05 --set bias_field=0.25 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from kneetf.config import from_dict
     from kneetf.data.synthetic import SynthConfig, synthesize
 
-    config = from_dict(SynthConfig, {"monochrome1_fraction": args.monochrome1_fraction,
-                                     "left_fraction": args.left_fraction, **_settings(args.set)})
+    config = from_dict(SynthConfig, {**config_values(args, _flags(), SynthConfig), **_settings(args.set)})
     summary = synthesize(args.out, n=args.n, seed=args.seed, config=config, fractions=_fractions(args.split_fractions),
                          formats=args.formats.split(","), workers=args.workers, progress=not args.no_progress)
     print(f"kneetf synth: {summary.n} knees in {summary.out_dir} ({summary.generated} generated, "

@@ -1,7 +1,7 @@
 """Clients of a TF Serving model server running a `kneetf export`: gRPC and REST.
 
-Names load lazily, so `import kneetf.client.request` (used by the exporter's warm-up writer)
-does not pull in grpc.
+Names load lazily, so `import kneetf.client` and the REST client do not pull in grpc or
+TensorFlow. Requests and responses are encoded by `kneetf.protocol`.
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 _LAZY = {
     "ServingClient": "kneetf.client.grpc",
     "RestClient": "kneetf.client.rest",
-    "ServingError": "kneetf.client.request",
-    "ModelNotFoundError": "kneetf.client.request",
-    "ServerUnavailableError": "kneetf.client.request",
+    "ServingError": "kneetf.errors",
+    "ModelNotFoundError": "kneetf.errors",
+    "ServerUnavailableError": "kneetf.errors",
 }
 
 __all__ = list(_LAZY)

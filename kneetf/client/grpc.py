@@ -16,11 +16,9 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc)
 
-from kneetf.client.request import (ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
-                                   estimate_response_bytes, init_client_settings, parse_predict_response,
-                                   predict_request, split_batches)
-from kneetf.errors import ConfigError, InputError
-from kneetf.export import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT
+from kneetf.client.request import BaseClient, estimate_response_bytes
+from kneetf.errors import ConfigError, InputError, ModelNotFoundError, ServerUnavailableError, ServingError
+from kneetf.protocol import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, parse_predict_response, predict_request
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ def _read_tls(tls: bool | str | Path | Mapping[str, str | Path]) -> grpc.Channel
     return grpc.ssl_channel_credentials(**blobs)
 
 
-class ServingClient:
+class ServingClient(BaseClient):
     """Send X-rays to TF Serving over gRPC and get `{"mri", "xray_recon"}` arrays back.
 
     Args:
@@ -76,9 +74,9 @@ class ServingClient:
                  tls: bool | str | Path | Mapping[str, str | Path] = False, retries: int = 3, *,
                  backoff: float = 0.25, max_backoff: float = 8.0, max_batch: int = 32, resize: bool = True,
                  image_size: int = 128, max_message_mb: int = 256, tls_server_name: str | None = None) -> None:
-        init_client_settings(self, model=model, version=version, signature=signature, timeout=timeout,
-                             retries=retries, backoff=backoff, max_backoff=max_backoff, max_batch=max_batch,
-                             resize=resize, image_size=image_size)
+        super().__init__(target, model=model, version=version, signature=signature, timeout=timeout,
+                         retries=retries, backoff=backoff, max_backoff=max_backoff, max_batch=max_batch,
+                         resize=resize, image_size=image_size)
         self.target = target
         self.max_message_bytes = int(max_message_mb) * 1024 * 1024
         options = [("grpc.max_send_message_length", self.max_message_bytes),
@@ -94,22 +92,6 @@ class ServingClient:
 
     # === Public API ===
 
-    def predict(self, xray: Any) -> dict[str, np.ndarray]:
-        """Reconstruct MRI volumes.
-
-        Args:
-            xray: a 2-D image, a batch (B, H, W) or (B, H, W, 1), or an X-ray file path.
-
-        Returns:
-            `{"mri": (B, 128, 128, 20), "xray_recon": (B, 128, 128, 1)}` float32 in [0, 1].
-        """
-        batch = as_batch(xray, self.signature, image_size=self.image_size, resize=self.resize)
-        if estimate_response_bytes(min(len(batch), self.max_batch), self.image_size) > self.max_message_bytes:
-            raise InputError(None, f"a response of {self.max_batch} volumes exceeds the {self.max_message_bytes >> 20} "
-                                   "MiB message limit; lower max_batch or raise max_message_mb")
-        parts = [self._predict_chunk(chunk) for chunk in split_batches(batch, self.max_batch)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
     def status(self) -> list[dict[str, Any]]:
         """The server's view of the model: one dict per version with `version`, `state`
         (e.g. AVAILABLE, LOADING) and `error_code` / `error_message`."""
@@ -123,32 +105,19 @@ class ServingClient:
                  "error_code": int(s.status.error_code), "error_message": s.status.error_message}
                 for s in response.model_version_status]
 
-    def health(self) -> bool:
-        """True when the server answers and the model (version) is AVAILABLE."""
-        try:
-            return any(s["state"] == "AVAILABLE" for s in self.status())
-        except ServingError as e:
-            log.info("health check of %s failed: %s", self.target, e)
-            return False
-
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "ServingClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     # === Internals ===
+
+    def _check_batch(self, batch: np.ndarray) -> None:
+        if estimate_response_bytes(min(len(batch), self.max_batch), self.image_size) > self.max_message_bytes:
+            raise InputError(None, f"a response of {self.max_batch} volumes exceeds the {self.max_message_bytes >> 20} "
+                                   "MiB message limit; lower max_batch or raise max_message_mb")
 
     def _predict_chunk(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
         request = predict_request(chunk, self.model, self.version, self.signature)
         return parse_predict_response(self._call(self._predict, request, "Predict"), len(chunk))
-
-    def _describe(self) -> str:
-        version = "latest version" if self.version is None else f"version {self.version}"
-        return f"model {self.model!r} ({version}) at {self.target}"
 
     def _call(self, method: Callable[..., Any], request: Any, what: str) -> Any:
         """Call with a deadline; retry with exponential backoff on UNAVAILABLE only."""

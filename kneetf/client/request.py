@@ -1,57 +1,22 @@
-"""The ONE place where X-rays become TF Serving requests and responses become arrays.
+"""What the gRPC and REST clients share: X-rays as the checked batches a signature takes
+(`as_batch`), split into requests of at most `max_batch`, and `BaseClient` (settings,
+`predict`, `health`, the context manager).
 
-The gRPC client, the REST client and the warm-up writer of the exporter all build their
-requests here, so the three can never disagree on names, dtypes or layout:
-
-- `as_batch`: a 2-D image, a batch (B, H, W[, 1]) or a file path -> a checked
-  (B, H, W, 1) array of the dtype the signature expects;
-- `predict_request` / `parse_predict_response`: gRPC `PredictRequest` / `PredictResponse`;
-- `rest_body` / `parse_rest_response`: TF Serving's REST JSON (`instances` or `inputs` form);
-- `warmup_record`: a serialised `PredictionLog` for `assets.extra/tf_serving_warmup_requests`.
-
-Tensors are packed into `tensor_content` bytes (not repeated float fields): smaller and
-much faster to build than `tf.make_tensor_proto` for image-sized arrays.
+The checks and the request/response encoding are `kneetf.protocol`'s, the same the exporter's
+warm-up requests are built with.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import numpy as np
 
-from kneetf.errors import ConfigError, InputError, KneetfError
-from kneetf.export import (INPUT_KEY, OUTPUT_KEYS, SIGNATURE_DEFAULT, SIGNATURE_DTYPES, SIGNATURE_NORMALIZED,
-                           SIGNATURE_UINT16)
+from kneetf.errors import ConfigError, InputError, ServingError
+from kneetf.protocol import SIGNATURE_DEFAULT, SIGNATURE_DTYPES, signature_batch
 
-#: Smallest accepted image side: catches (H, W, 1) passed where (B, H, W) is expected.
-MIN_SIDE = 8
-
-
-class ServingError(KneetfError):
-    """The model server answered with an error, or not at all."""
-
-
-class ModelNotFoundError(ServingError):
-    """The server does not serve this model name or version (gRPC NOT_FOUND, HTTP 404)."""
-
-
-class ServerUnavailableError(ServingError):
-    """The server cannot be reached (gRPC UNAVAILABLE, connection refused), after retries."""
-
-
-# === Inputs ===
-
-def load_xray(path: str | Path) -> np.ndarray:
-    """Read one X-ray file (DICOM, PNG/TIFF/JPEG, .npy) as a 2-D array with kneetf's reader."""
-    from kneetf.io.readers import read_xray  # lazy: the reader pulls in pydicom / OpenCV
-
-    array, _meta = read_xray(path)
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 2:
-        raise InputError(path, f"expected a 2-D X-ray image, got shape {array.shape}")
-    return array
+log = logging.getLogger(__name__)
 
 
 def as_batch(xray: Any, signature: str = SIGNATURE_DEFAULT, *, image_size: int = 128,
@@ -61,64 +26,30 @@ def as_batch(xray: Any, signature: str = SIGNATURE_DEFAULT, *, image_size: int =
     Args:
         xray: a 2-D image (H, W), a batch (B, H, W) or (B, H, W, 1), or a path to an X-ray
             file (read with `kneetf.io.readers.read_xray`). Images are ROI-cropped knees.
-        signature: one of `kneetf.export.SIGNATURE_DTYPES`; decides the dtype (float32 or
+        signature: one of `kneetf.protocol.SIGNATURE_DTYPES`; decides the dtype (float32 or
             uint16) and, for `predict_normalized`, requires (B, image_size, image_size, 1)
-            values in [0, 1].
+            values in [0, 1] (`kneetf.protocol.signature_batch`).
         image_size: the model's input side.
         resize: area-resize to (image_size, image_size) here, with the same TF op the export
             graph runs first (`kneetf.preprocess.ops.resize`), so the server's own resize is an
             exact identity and the result is unchanged. Only for `serving_default`. Requests
             then have one fixed shape, which TF Serving's batching needs, and are smaller.
     """
-    if signature not in SIGNATURE_DTYPES:
-        raise InputError(None, f"unknown signature {signature!r}; the export has {', '.join(SIGNATURE_DTYPES)}")
-    source = None
+    where = None
     if isinstance(xray, (str, Path)):
-        source = xray
-        xray = load_xray(xray)
-    array = np.asarray(xray)
-    where = source
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.integer)
-                                     or np.issubdtype(array.dtype, np.floating)):
-        raise InputError(where, f"expected a numeric image array, got dtype {array.dtype}")
-    if array.ndim == 2:
-        array = array[None, :, :, None]
-    elif array.ndim == 3:
-        array = array[..., None]
-    elif array.ndim != 4 or array.shape[-1] != 1:
-        raise InputError(where, "expected a 2-D image (H, W) or a batch (B, H, W) / (B, H, W, 1); "
-                                f"got shape {np.shape(xray)}")
-    b, h, w, _ = array.shape
-    if b == 0:
-        raise InputError(where, "the batch is empty")
-    if min(h, w) < MIN_SIDE:
-        raise InputError(where, f"image of {h}x{w} px is too small (a 3-D array is read as (batch, H, W)); "
-                                f"got shape {np.shape(xray)}")
-    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-        raise InputError(where, "the image contains NaN or infinite values")
+        from kneetf.io.readers import read_xray  # lazy: the reader pulls in pydicom / OpenCV
 
-    want = SIGNATURE_DTYPES[signature]
-    if signature == SIGNATURE_NORMALIZED:
-        if (h, w) != (image_size, image_size):
-            raise InputError(where, f"{signature} takes normalised {image_size}x{image_size} images; got {h}x{w}")
-        if array.min() < -1e-6 or array.max() > 1 + 1e-6:
-            raise InputError(where, f"{signature} takes values in [0, 1]; got [{array.min()}, {array.max()}]")
-        return np.ascontiguousarray(array, dtype=np.float32)
-    if want == "uint16":
-        if resize:
-            raise InputError(where, f"{signature} sends raw uint16 pixels; client-side resize needs float32 "
-                                    f"(use {SIGNATURE_DEFAULT})")
-        if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
-            raise InputError(where, f"{signature} takes integer pixel values; got non-integer floats")
-        if array.min() < 0 or array.max() > np.iinfo(np.uint16).max:
-            raise InputError(where, f"{signature} takes values in [0, 65535]; got [{array.min()}, {array.max()}]")
-        return np.ascontiguousarray(array, dtype=np.uint16)
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if resize and (h, w) != (image_size, image_size):
+        where = xray
+        xray = read_xray(xray)[0]
+    if resize and SIGNATURE_DTYPES.get(signature) == "uint16":
+        raise InputError(where, f"{signature} sends raw uint16 pixels; client-side resize needs float32 "
+                                f"(use {SIGNATURE_DEFAULT})")
+    batch = signature_batch(xray, signature, image_size=image_size, where=where)
+    if resize and signature == SIGNATURE_DEFAULT and batch.shape[1:3] != (image_size, image_size):
         from kneetf.preprocess.ops import resize as tf_resize
 
-        array = np.asarray(tf_resize(array, image_size), dtype=np.float32)
-    return array
+        batch = np.asarray(tf_resize(batch, image_size), dtype=np.float32)
+    return batch
 
 
 def split_batches(batch: np.ndarray, max_batch: int) -> Iterator[np.ndarray]:
@@ -132,161 +63,83 @@ def estimate_response_bytes(batch_size: int, image_size: int = 128, num_slices: 
     return int(batch_size) * image_size * image_size * (num_slices + 1) * 4 + 1024
 
 
-# === TensorProto <-> numpy ===
+class BaseClient:
+    """The settings and the public API the gRPC and REST clients share; each subclass sends
+    one request (`_predict_chunk`) and reads the model's status (`status`) its own way.
 
-def _dtype_maps() -> tuple[dict[np.dtype, int], dict[int, np.dtype]]:
-    from tensorflow.core.framework import types_pb2
+    `address` is where the server is (`host:port` or a URL); the other settings are those of
+    `ServingClient`.
+    """
 
-    pairs = [(np.float32, types_pb2.DT_FLOAT), (np.float64, types_pb2.DT_DOUBLE), (np.float16, types_pb2.DT_HALF),
-             (np.uint8, types_pb2.DT_UINT8), (np.int8, types_pb2.DT_INT8), (np.uint16, types_pb2.DT_UINT16),
-             (np.int16, types_pb2.DT_INT16), (np.int32, types_pb2.DT_INT32), (np.int64, types_pb2.DT_INT64)]
-    return {np.dtype(n): t for n, t in pairs}, {t: np.dtype(n) for n, t in pairs}
+    def __init__(self, address: str, *, model: str, version: int | None, signature: str, timeout: float,
+                 retries: int, backoff: float, max_backoff: float, max_batch: int, resize: bool,
+                 image_size: int) -> None:
+        if signature not in SIGNATURE_DTYPES:
+            raise ConfigError(f"unknown signature {signature!r}; choose one of {', '.join(SIGNATURE_DTYPES)}")
+        if timeout <= 0 or retries < 0 or max_batch < 1:
+            raise ConfigError(f"need timeout > 0, retries >= 0, max_batch >= 1. Received: timeout={timeout}, "
+                              f"retries={retries}, max_batch={max_batch}")
+        self.address = address
+        self.model = model
+        self.version = version
+        self.signature = signature
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.max_batch = int(max_batch)
+        self.resize = bool(resize) and signature == SIGNATURE_DEFAULT
+        self.image_size = int(image_size)
 
+    # === Public API ===
 
-def tensor_proto(array: np.ndarray) -> Any:
-    """A `TensorProto` holding `array` as little-endian `tensor_content` bytes."""
-    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+    def predict(self, xray: Any) -> dict[str, np.ndarray]:
+        """Reconstruct MRI volumes.
 
-    to_enum, _ = _dtype_maps()
-    array = np.asarray(array)
-    if array.dtype not in to_enum:
-        raise InputError(None, f"cannot send dtype {array.dtype} to TF Serving")
-    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d))
-                                                   for d in array.shape])
-    content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    return tensor_pb2.TensorProto(dtype=to_enum[array.dtype], tensor_shape=shape, tensor_content=content)
+        Args:
+            xray: a 2-D image, a batch (B, H, W) or (B, H, W, 1), or an X-ray file path.
 
+        Returns:
+            `{"mri": (B, 128, 128, 20), "xray_recon": (B, 128, 128, 1)}` float32 in [0, 1].
+        """
+        batch = as_batch(xray, self.signature, image_size=self.image_size, resize=self.resize)
+        self._check_batch(batch)
+        parts = [self._predict_chunk(chunk) for chunk in split_batches(batch, self.max_batch)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-def to_ndarray(proto: Any) -> np.ndarray:
-    """The numpy array of a `TensorProto` (tensor_content or the typed repeated fields)."""
-    from tensorflow.core.framework import types_pb2
+    def status(self) -> list[dict[str, Any]]:
+        """The server's view of the model: one dict per version with `version`, `state`
+        (e.g. AVAILABLE, LOADING) and `error_code` / `error_message`."""
+        raise NotImplementedError
 
-    _, from_enum = _dtype_maps()
-    if proto.dtype not in from_enum:
-        raise ServingError(f"the server returned a tensor of unsupported dtype enum {proto.dtype}")
-    dtype = from_enum[proto.dtype]
-    shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
-    n = int(np.prod(shape)) if shape else 1
-    if proto.tensor_content:
-        values = np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype)
-    elif proto.dtype == types_pb2.DT_HALF:
-        values = np.asarray(proto.half_val, dtype=np.uint16).view(np.float16)
-    else:
-        field = {np.dtype(np.float32): "float_val", np.dtype(np.float64): "double_val",
-                 np.dtype(np.int64): "int64_val"}.get(dtype, "int_val")
-        values = np.asarray(getattr(proto, field), dtype=dtype)
-    if values.size == 1 and n > 1:  # TF's compact form: one value repeated
-        values = np.full(n, values[0], dtype=dtype)
-    if values.size != n:
-        raise ServingError(f"tensor of shape {shape} arrived with {values.size} values")
-    return values.reshape(shape)
+    def health(self) -> bool:
+        """True when the server answers and the model (version) is AVAILABLE."""
+        try:
+            return any(s["state"] == "AVAILABLE" for s in self.status())
+        except ServingError as e:
+            log.info("health check of %s failed: %s", self.address, e)
+            return False
 
+    def close(self) -> None:
+        """Release the connection (nothing to release for one connection per request)."""
 
-# === gRPC ===
+    def __enter__(self) -> "BaseClient":
+        return self
 
-def predict_request(batch: np.ndarray, model: str, version: int | None = None,
-                    signature: str = SIGNATURE_DEFAULT) -> Any:
-    """A `PredictRequest` for `batch` (from `as_batch`) asking for both named outputs."""
-    from tensorflow_serving.apis import predict_pb2
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model
-    request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = int(version)
-    request.inputs[INPUT_KEY].CopyFrom(tensor_proto(batch))
-    request.output_filter.extend(OUTPUT_KEYS)
-    return request
+    # === Internals ===
 
+    def _check_batch(self, batch: np.ndarray) -> None:
+        """Refuse a batch the transport cannot carry (nothing by default)."""
 
-def _check_outputs(outputs: Mapping[str, np.ndarray], batch_size: int | None) -> dict[str, np.ndarray]:
-    missing = [k for k in OUTPUT_KEYS if k not in outputs]
-    if missing:
-        raise ServingError(f"the response lacks output(s) {', '.join(missing)}; it has {', '.join(outputs) or 'none'} "
-                           "(was the model exported by `kneetf export`?)")
-    result = {k: np.asarray(outputs[k], dtype=np.float32) for k in OUTPUT_KEYS}
-    for k, v in result.items():
-        if v.ndim != 4 or (batch_size is not None and v.shape[0] != batch_size):
-            raise ServingError(f"output {k!r} has shape {v.shape}; expected ({batch_size}, H, W, C)")
-    return result
+    def _predict_chunk(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
-
-def parse_predict_response(response: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """`{"xray_recon": (B, H, W, 1), "mri": (B, H, W, slices)}` float32 from a `PredictResponse`."""
-    return _check_outputs({k: to_ndarray(v) for k, v in response.outputs.items()}, batch_size)
+    def _describe(self) -> str:
+        version = "latest version" if self.version is None else f"version {self.version}"
+        return f"model {self.model!r} ({version}) at {self.address}"
 
 
-def warmup_record(request: Any) -> bytes:
-    """A serialised `PredictionLog` wrapping `request`: one record of TF Serving's warm-up file."""
-    from tensorflow_serving.apis import prediction_log_pb2
-
-    entry = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-    return entry.SerializeToString()
-
-
-# === REST ===
-
-def rest_path(model: str, version: int | None = None, verb: str = "") -> str:
-    """`/v1/models/<model>[/versions/<v>][:verb]`."""
-    path = f"/v1/models/{model}"
-    if version is not None:
-        path += f"/versions/{int(version)}"
-    return path + (f":{verb}" if verb else "")
-
-
-def rest_body(batch: np.ndarray, signature: str = SIGNATURE_DEFAULT, form: str = "inputs") -> dict[str, Any]:
-    """TF Serving REST predict body: columnar `inputs` (default) or row `instances` form."""
-    values = batch.tolist()
-    if form == "inputs":
-        return {"signature_name": signature, "inputs": {INPUT_KEY: values}}
-    if form == "instances":
-        return {"signature_name": signature, "instances": values}
-    raise InputError(None, f"REST form must be 'inputs' or 'instances'. Received: form={form!r}")
-
-
-def parse_rest_response(body: Mapping[str, Any], batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """Arrays from a REST predict answer (`outputs` or `predictions`); `error` becomes ServingError."""
-    if "error" in body:
-        raise ServingError(str(body["error"]))
-    if "outputs" in body:
-        outputs = body["outputs"]
-        if not isinstance(outputs, Mapping):
-            raise ServingError("the REST answer has unnamed outputs; expected xray_recon and mri")
-        return _check_outputs({k: np.asarray(v, dtype=np.float32) for k, v in outputs.items()}, batch_size)
-    if "predictions" in body:
-        rows = body["predictions"]
-        if not rows or not isinstance(rows[0], Mapping):
-            raise ServingError("the REST answer has unnamed predictions; expected xray_recon and mri")
-        keys = rows[0].keys()
-        return _check_outputs({k: np.asarray([r[k] for r in rows], dtype=np.float32) for k in keys}, batch_size)
-    raise ServingError(f"unexpected REST answer with keys {sorted(body)}")
-
-
-# === Client settings ===
-
-def init_client_settings(client: Any, *, model: str, version: int | None, signature: str, timeout: float,
-                         retries: int, backoff: float, max_backoff: float, max_batch: int, resize: bool,
-                         image_size: int) -> None:
-    """Validate and set the settings the gRPC and REST clients share (one place for both)."""
-    if signature not in SIGNATURE_DTYPES:
-        raise ConfigError(f"unknown signature {signature!r}; choose one of {', '.join(SIGNATURE_DTYPES)}")
-    if timeout <= 0 or retries < 0 or max_batch < 1:
-        raise ConfigError(f"need timeout > 0, retries >= 0, max_batch >= 1. Received: timeout={timeout}, "
-                          f"retries={retries}, max_batch={max_batch}")
-    client.model = model
-    client.version = version
-    client.signature = signature
-    client.timeout = float(timeout)
-    client.retries = int(retries)
-    client.backoff = float(backoff)
-    client.max_backoff = float(max_backoff)
-    client.max_batch = int(max_batch)
-    client.resize = bool(resize) and signature == SIGNATURE_DEFAULT
-    client.image_size = int(image_size)
-
-
-__all__ = ["ServingError", "ModelNotFoundError", "ServerUnavailableError", "load_xray", "as_batch", "split_batches",
-           "init_client_settings", "estimate_response_bytes", "tensor_proto", "to_ndarray", "predict_request",
-           "parse_predict_response", "warmup_record", "rest_path", "rest_body", "parse_rest_response",
-           "SIGNATURE_DEFAULT", "SIGNATURE_UINT16", "SIGNATURE_NORMALIZED"]
-
+__all__ = ["as_batch", "split_batches", "estimate_response_bytes", "BaseClient"]

@@ -16,15 +16,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from kneetf.client.request import (ModelNotFoundError, ServerUnavailableError, ServingError, as_batch,
-                                   init_client_settings, parse_rest_response, rest_body, rest_path, split_batches)
-from kneetf.errors import ConfigError, InputError
-from kneetf.export import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT
+from kneetf.client.request import BaseClient
+from kneetf.errors import ConfigError, InputError, ModelNotFoundError, ServerUnavailableError, ServingError
+from kneetf.protocol import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, parse_rest_response, rest_body, rest_path
 
 log = logging.getLogger(__name__)
 
 
-class RestClient:
+class RestClient(BaseClient):
     """Send X-rays to TF Serving's REST API and get `{"mri", "xray_recon"}` arrays back.
 
     Args:
@@ -43,12 +42,12 @@ class RestClient:
                  headers: Mapping[str, str] | None = None) -> None:
         if form not in ("inputs", "instances"):
             raise ConfigError(f"form must be 'inputs' or 'instances'. Received: form={form!r}")
-        init_client_settings(self, model=model, version=version, signature=signature, timeout=timeout,
-                             retries=retries, backoff=backoff, max_backoff=max_backoff, max_batch=max_batch,
-                             resize=resize, image_size=image_size)
         if "://" not in url:
             url = ("https://" if tls else "http://") + url
-        self.url = url.rstrip("/")
+        super().__init__(url.rstrip("/"), model=model, version=version, signature=signature, timeout=timeout,
+                         retries=retries, backoff=backoff, max_backoff=max_backoff, max_batch=max_batch,
+                         resize=resize, image_size=image_size)
+        self.url = self.address
         self.form = form
         self.headers = dict(headers or {})
         self._ssl: ssl.SSLContext | None = None
@@ -60,16 +59,6 @@ class RestClient:
 
     # === Public API ===
 
-    def predict(self, xray: Any) -> dict[str, np.ndarray]:
-        """Reconstruct MRI volumes; see `ServingClient.predict`."""
-        batch = as_batch(xray, self.signature, image_size=self.image_size, resize=self.resize)
-        parts = []
-        for chunk in split_batches(batch, self.max_batch):
-            body = self._request("POST", rest_path(self.model, self.version, "predict"),
-                                 rest_body(chunk, self.signature, self.form))
-            parts.append(parse_rest_response(body, len(chunk)))
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
     def status(self) -> list[dict[str, Any]]:
         """One dict per version: `version`, `state`, `error_code`, `error_message`."""
         body = self._request("GET", rest_path(self.model, self.version))
@@ -78,28 +67,12 @@ class RestClient:
                  "error_message": s.get("status", {}).get("error_message", "")}
                 for s in body.get("model_version_status", [])]
 
-    def health(self) -> bool:
-        """True when the server answers and the model (version) is AVAILABLE."""
-        try:
-            return any(s["state"] == "AVAILABLE" for s in self.status())
-        except ServingError as e:
-            log.info("health check of %s failed: %s", self.url, e)
-            return False
-
-    def close(self) -> None:
-        """Nothing to release (one connection per request); for symmetry with ServingClient."""
-
-    def __enter__(self) -> "RestClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     # === Internals ===
 
-    def _describe(self) -> str:
-        version = "latest version" if self.version is None else f"version {self.version}"
-        return f"model {self.model!r} ({version}) at {self.url}"
+    def _predict_chunk(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
+        body = self._request("POST", rest_path(self.model, self.version, "predict"),
+                             rest_body(chunk, self.signature, self.form))
+        return parse_rest_response(body, len(chunk))
 
     def _request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         """One JSON request with a timeout; retried with exponential backoff when the server

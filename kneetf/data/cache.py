@@ -82,20 +82,19 @@ def preprocess_pair(raw: RawPair, config: PreprocessConfig) -> "PreparedPair":
     when `config.mirror_left`. Raises InputError on unusable arrays."""
     from kneetf.data.records import PreparedPair
     from kneetf.preprocess import ops
+    from kneetf.preprocess.image import image_2d
+    from kneetf.preprocess.xray import mirror_volume, mirror_xray, mirrors
 
-    xray = np.asarray(raw.xray)
+    xray = image_2d(raw.xray, "the X-ray", path=raw.id)
     mri = np.asarray(raw.mri)
-    if xray.ndim != 2 or min(xray.shape) < 2:
-        raise InputError(raw.id, f"X-ray must be a 2-D image, got shape {xray.shape}")
     if mri.ndim != 3 or mri.shape[0] != config.num_slices:
         raise InputError(raw.id, f"MRI window must be ({config.num_slices}, H, W), got shape {mri.shape}")
     for name, a in (("X-ray", xray), ("MRI", mri)):
         if not np.all(np.isfinite(a)):
             raise InputError(raw.id, f"{name} contains NaN or infinite values")
-    mirrored = bool(config.mirror_left and raw.side == "left")
+    mirrored = mirrors(config, raw.side)
     if mirrored:
-        xray = xray[:, ::-1]
-        mri = mri[::-1, :, :]
+        xray, mri = mirror_xray(xray), mirror_volume(mri)
     x = ops.preprocess_xray(xray[None, :, :, None].astype("float32"), config.image_size,
                             config.low_percentile, config.high_percentile)
     m = ops.preprocess_mri(np.transpose(mri, (1, 2, 0))[None].astype("float32"), config.image_size,

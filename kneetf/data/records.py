@@ -79,11 +79,3 @@ def parse_example(serialized: tf.Tensor, image_size: int, num_slices: int) -> di
             raw = tf.io.decode_raw(ex[name], tf.uint16, little_endian=True)
             ex[name] = tf.reshape(tf.cast(raw, tf.float32) / SCALE, shapes[name])
     return ex
-
-
-def decode_example_numpy(serialized: bytes, image_size: int, num_slices: int) -> PreparedPair:
-    """Parse one example eagerly into a PreparedPair (for tools and tests)."""
-    ex = parse_example(tf.constant(serialized), image_size, num_slices)
-    return PreparedPair(id=ex["id"].numpy().decode(), side=ex["side"].numpy().decode(),
-                        xray=ex["xray"].numpy(), mri=ex["mri"].numpy(),
-                        box=tuple(float(v) for v in ex["box"].numpy()), mirrored=bool(ex["mirrored"].numpy()))

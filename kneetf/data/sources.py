@@ -4,7 +4,7 @@ worker process and returns a `RawPair` (ROI-cropped X-ray, MRI slice window)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,22 +73,21 @@ class FilePayload:
         return repr(replace(self, preview_dir=None))
 
 
-_DETECTORS: dict[str, Any] = {}
+#: ROI sources of this worker process by detector path (None: the classical fallback), so
+#: that a detector loads once per process
+_ROI_SOURCES: dict[str | None, Any] = {}
 
 
 def _roi_box(payload: FilePayload, case_id: str, image: np.ndarray):
-    from kneetf.preprocess.roi import Box, classical_roi
+    from kneetf.preprocess.roi import Box
+    from kneetf.preprocess.xray import roi_source
 
-    if payload.box is not None:
+    if payload.box is not None:  # looked up in the boxes CSV by `manifest_tasks`
         return Box(*payload.box)
-    if payload.detector:
-        from kneetf.models.roi_detector import DetectorRoi
-
-        det = _DETECTORS.get(payload.detector)
-        if det is None:
-            det = _DETECTORS[payload.detector] = DetectorRoi.load(payload.detector)
-        return det.box_for(case_id, image)
-    return classical_roi(image)
+    source = _ROI_SOURCES.get(payload.detector)
+    if source is None:
+        source = _ROI_SOURCES[payload.detector] = roi_source(detector=payload.detector)
+    return source.box_for(case_id, image)
 
 
 def load_files(payload: FilePayload, config: PreprocessConfig) -> RawPair:
@@ -132,9 +131,21 @@ def manifest_tasks(manifest: str | Path, *, rois: str | Path | None = None, dete
     return tasks, errors
 
 
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How `kneetf prepare` runs; the defaults of `prepare_manifest`'s keywords."""
+
+    roi_preview: bool = field(default=False, metadata={"help": "write roi_preview/<id>.png with the box drawn"})
+    workers: int = field(default=2, metadata={"help": "decoding processes (0 = in-process)"})
+    shard_size: int = field(default=64, metadata={"help": "pairs per TFRecord shard"})
+    allow_outside: bool = field(default=False, metadata={
+        "help": "allow manifest paths that leave the manifest's folder tree"})
+
+
 def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: PreprocessConfig = PreprocessConfig(), *,
-                     rois: str | Path | None = None, detector: str | Path | None = None, allow_outside: bool = False,
-                     roi_preview: bool = False, workers: int = 2, shard_size: int = 64,
+                     rois: str | Path | None = None, detector: str | Path | None = None,
+                     allow_outside: bool = PrepareOptions.allow_outside, roi_preview: bool = PrepareOptions.roi_preview,
+                     workers: int = PrepareOptions.workers, shard_size: int = PrepareOptions.shard_size,
                      progress: bool = True) -> CacheResult:
     """`kneetf prepare`: every valid manifest row into the cache; bad rows and files are
     skipped and listed in `errors.csv`."""

@@ -94,8 +94,9 @@ class SynthConfig:
     mri_shift_mm: float = 1.0
     #: photons per detector pixel of the unattenuated beam (X-ray quantum noise); 0 = none
     xray_photons: float = 20000.0
-    monochrome1_fraction: float = 0.0
-    left_fraction: float = 0.5
+    monochrome1_fraction: float = field(default=0.0, metadata={
+        "help": "fraction of X-rays stored inverted as MONOCHROME1", "metavar": "F"})
+    left_fraction: float = field(default=0.5, metadata={"help": "fraction of left knees", "metavar": "F"})
     #: KL-grade-like probabilities of grades 0..4
     kl_probabilities: tuple[float, ...] = (0.3, 0.25, 0.2, 0.17, 0.08)
     #: sd of the overall size factor (mean 1)

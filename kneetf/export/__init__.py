@@ -1,41 +1,23 @@
-"""Export KneeNet for TF Serving (SavedModel) and for on-device use (TFLite).
+"""Export KneeNet for TF Serving (`savedmodel`: a SavedModel with three signatures and
+warm-up requests) and for on-device use (`tflite`: fp32, fp16 and int8 variants).
 
-The names of the serving protocol live here, without TensorFlow, so that the exporter, the
-clients and the test server share one definition:
-
-- `serving_default`: input `xray` (batch, H, W, 1) float32, any H and W, already cropped to
-  the knee ROI; resize and robust normalisation run inside the graph.
-- `serving_uint16`: the same graph for raw uint16 pixels (half the bytes of float32 on the wire).
-- `predict_normalized`: input `xray` (batch, 128, 128, 1) float32 already normalised to [0, 1].
-
-Every signature returns `xray_recon` (batch, 128, 128, 1) and `mri` (batch, 128, 128, 20).
+The names of the serving contract (signatures, input and output keys, file names) are
+`kneetf.protocol`'s, shared with the clients and with inference; they are re-exported here.
+Functions load lazily, so `import kneetf.export` does not import TensorFlow.
 """
 from __future__ import annotations
 
 from typing import Any
 
-SIGNATURE_DEFAULT = "serving_default"
-SIGNATURE_UINT16 = "serving_uint16"
-SIGNATURE_NORMALIZED = "predict_normalized"
-#: signature name -> dtype of its `xray` input
-SIGNATURE_DTYPES: dict[str, str] = {
-    SIGNATURE_DEFAULT: "float32",
-    SIGNATURE_UINT16: "uint16",
-    SIGNATURE_NORMALIZED: "float32",
-}
-INPUT_KEY = "xray"
-OUTPUT_KEYS: tuple[str, ...] = ("xray_recon", "mri")
-WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
-EXPORT_INFO_FILE = "kneetf_export.json"
-TFLITE_DIR = "tflite"
-DEFAULT_MODEL_NAME = "kneetf"
+from kneetf.protocol import (DEFAULT_MODEL_NAME, EXPORT_INFO_FILE, INPUT_KEY, OUTPUT_KEYS, SIGNATURE_DEFAULT,
+                             SIGNATURE_DTYPES, SIGNATURE_NORMALIZED, SIGNATURE_UINT16, TFLITE_DIR, WARMUP_FILE)
 
 _LAZY = {
     "export_savedmodel": "kneetf.export.savedmodel",
     "load_for_export": "kneetf.export.savedmodel",
     "export_tflite": "kneetf.export.tflite",
     "convert_tflite": "kneetf.export.tflite",
-    "TFLiteModel": "kneetf.export.tflite",
+    "TFLiteModel": "kneetf.inference.litert",
 }
 
 __all__ = ["SIGNATURE_DEFAULT", "SIGNATURE_UINT16", "SIGNATURE_NORMALIZED", "SIGNATURE_DTYPES", "INPUT_KEY",

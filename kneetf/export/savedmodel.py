@@ -14,7 +14,6 @@ The version folder is written under a temporary name beside it and renamed when 
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -27,15 +26,16 @@ import numpy as np
 
 from kneetf.config import PreprocessConfig, to_dict
 from kneetf.errors import ConfigError, InputError, KneetfError
-from kneetf.export import (DEFAULT_MODEL_NAME, EXPORT_INFO_FILE, INPUT_KEY, OUTPUT_KEYS, SIGNATURE_DEFAULT,
-                           SIGNATURE_NORMALIZED, SIGNATURE_UINT16, TFLITE_DIR, WARMUP_FILE)
+from kneetf.export.samples import structured_samples
+from kneetf.inference.loading import preprocess_config
 from kneetf.io.atomic import atomic_path
+from kneetf.protocol import (DEFAULT_MODEL_NAME, EXPORT_INFO_FILE, INPUT_KEY, OUTPUT_KEYS, RUN_CONFIG_FILE,
+                             RUN_MODEL_FILE, SIGNATURE_DEFAULT, SIGNATURE_NORMALIZED, SIGNATURE_UINT16, TFLITE_DIR,
+                             WARMUP_FILE, predict_request, signature_batch, warmup_record)
 from kneetf.version import __version__
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.keras"
-RUN_CONFIG = "config.json"
 #: largest difference tolerated between the exported graph and Keras in the self-check
 VERIFY_TOLERANCE = 1e-4
 
@@ -62,19 +62,6 @@ class ExportResult:
 
 # === Loading ===
 
-def preprocess_from_run(run_config: dict[str, Any] | None) -> PreprocessConfig:
-    """PreprocessConfig from a run's `config.json` key "preprocess" (defaults otherwise).
-    Keys that PreprocessConfig does not know (cache bookkeeping) are ignored."""
-    blob = (run_config or {}).get("preprocess") or {}
-    names = {f.name for f in dataclasses.fields(PreprocessConfig)}
-    ignored = sorted(set(blob) - names)
-    if ignored:
-        log.debug("preprocess keys not used by the export graph: %s", ", ".join(ignored))
-    from kneetf.config import from_dict
-
-    return from_dict(PreprocessConfig, {k: v for k, v in blob.items() if k in names})
-
-
 def _read_run_config(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -87,7 +74,8 @@ def load_for_export(model_or_run: Any, preprocess: PreprocessConfig | None = Non
     `config.json`) to the model and its preprocessing config.
 
     The preprocessing config is, in order: `preprocess` if given, the "preprocess" key of the
-    run's `config.json` (also looked up beside a `.keras` file), else the defaults.
+    run's `config.json` (also looked up beside a `.keras` file; keys PreprocessConfig does not
+    know are ignored), else the defaults.
     """
     import keras
 
@@ -99,20 +87,20 @@ def load_for_export(model_or_run: Any, preprocess: PreprocessConfig | None = Non
         model = model_or_run
     else:
         path = Path(model_or_run)
-        model_file = path / MODEL_FILE if path.is_dir() else path
+        model_file = path / RUN_MODEL_FILE if path.is_dir() else path
         if not model_file.exists():
-            what = f"a run folder without {MODEL_FILE}" if path.is_dir() else "no such model file"
+            what = f"a run folder without {RUN_MODEL_FILE}" if path.is_dir() else "no such model file"
             raise InputError(path, what)
         if model_file.suffix != ".keras":
             raise InputError(model_file, "expected a .keras model file or a run folder")
-        config_file = model_file.parent / RUN_CONFIG
+        config_file = model_file.parent / RUN_CONFIG_FILE
         if config_file.exists():
             run_config = _read_run_config(config_file)
         try:
             model = keras.saving.load_model(model_file, compile=False, safe_mode=True)
         except (ValueError, OSError, TypeError) as e:
             raise InputError(model_file, f"cannot load the Keras model: {e}") from e
-    prep = preprocess or preprocess_from_run(run_config)
+    prep = preprocess or preprocess_config(run_config.get("preprocess"))
     shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
     if shape is not None and shape[:2] != (prep.image_size, prep.image_size):
         raise ConfigError(f"the model takes {shape[0]}x{shape[1]} images but the preprocessing config says "
@@ -134,31 +122,6 @@ def next_version(base: str | Path) -> int:
     """The next free integer version under `base` (1 for a new folder)."""
     versions = existing_versions(base)
     return versions[-1] + 1 if versions else 1
-
-
-# === Sample inputs (warm-up, calibration) ===
-
-def structured_samples(count: int, size: int = 128, seed: int = 0) -> np.ndarray:
-    """`count` deterministic knee-like test images (count, size, size, 1) float32 in [0, 1]:
-    two bright rounded bones separated by a dark joint space, soft tissue, noise.
-
-    Not data: used for warm-up requests and as a fallback calibration/check set when no
-    cache is given.
-    """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    out = np.empty((count, size, size, 1), np.float32)
-    for i in range(count):
-        gap = 0.5 + rng.uniform(-0.06, 0.06)
-        width = rng.uniform(0.25, 0.4)
-        cx = 0.5 + rng.uniform(-0.08, 0.08)
-        tissue = np.exp(-((xx - cx) / (width * 1.6)) ** 2)
-        femur = (np.abs(xx - cx) < width * (1.0 + 0.6 * (gap - yy).clip(0, 1))) & (yy < gap - 0.03)
-        tibia = (np.abs(xx - cx) < width * 0.9) & (yy > gap + 0.03)
-        image = 0.3 * tissue + 0.6 * (femur | tibia) + 0.05 * rng.standard_normal((size, size))
-        image = (image - image.min()) / max(float(np.ptp(image)), 1e-6)
-        out[i, ..., 0] = image
-    return out
 
 
 # === Export ===
@@ -210,25 +173,22 @@ def write_savedmodel(model: Any, preprocess: PreprocessConfig, directory: str | 
 def warmup_batches(image_size: int, batch_sizes: Sequence[int] = (1,), seed: int = 0
                    ) -> list[tuple[str, np.ndarray]]:
     """(signature, batch) pairs replayed by TF Serving at load time: every signature at
-    every batch size, inputs built with the client's `as_batch`."""
-    from kneetf.client.request import as_batch
-
+    every batch size, checked as the clients check theirs (`kneetf.protocol.signature_batch`)."""
     pairs = []
     for b in batch_sizes:
         images = structured_samples(int(b), image_size, seed)
-        pairs.append((SIGNATURE_DEFAULT, as_batch(images, SIGNATURE_DEFAULT, image_size=image_size)))
-        pairs.append((SIGNATURE_UINT16, as_batch(np.round(images * 4095), SIGNATURE_UINT16, image_size=image_size)))
-        pairs.append((SIGNATURE_NORMALIZED, as_batch(images, SIGNATURE_NORMALIZED, image_size=image_size)))
+        pairs.append((SIGNATURE_DEFAULT, signature_batch(images, SIGNATURE_DEFAULT, image_size=image_size)))
+        pairs.append((SIGNATURE_UINT16, signature_batch(np.round(images * 4095), SIGNATURE_UINT16,
+                                                        image_size=image_size)))
+        pairs.append((SIGNATURE_NORMALIZED, signature_batch(images, SIGNATURE_NORMALIZED, image_size=image_size)))
     return pairs
 
 
 def write_warmup(version_dir: str | Path, model_name: str, image_size: int,
                  batch_sizes: Sequence[int] = (1,)) -> Path:
     """Write `assets.extra/tf_serving_warmup_requests` (TFRecord of PredictionLog protos)
-    with requests built by the one request builder, `kneetf.client.request`."""
+    with requests built by the one request builder, `kneetf.protocol`."""
     import tensorflow as tf
-
-    from kneetf.client.request import predict_request, warmup_record
 
     path = Path(version_dir) / WARMUP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,6 +296,6 @@ def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None
     return ExportResult(path=final, version=version, info=info, tflite=tflite_final)
 
 
-__all__ = ["ExportSource", "ExportResult", "load_for_export", "preprocess_from_run", "existing_versions",
-           "next_version", "structured_samples", "write_savedmodel", "warmup_batches", "write_warmup",
+__all__ = ["ExportSource", "ExportResult", "load_for_export", "existing_versions", "next_version",
+           "write_savedmodel", "warmup_batches", "write_warmup",
            "verify_export", "export_savedmodel"]

@@ -1,7 +1,8 @@
 """TFLite variants of KneeNet (fp32, fp16, int8), run with `ai_edge_litert`.
 
 The TFLite models take the ALREADY NORMALISED input: `xray` (1, 128, 128, 1) float32 in
-[0, 1] (int8 models quantise it inside `TFLiteModel`), the output of
+[0, 1] (int8 models quantise it inside `TFLiteModel`, the runner of
+`kneetf.inference.litert`), the output of
 `kneetf.preprocess.ops.preprocess_xray`. Resize and normalisation stay out of the TFLite
 graph: the percentile (a sort) has no fast TFLite kernel, and an on-device app usually has
 its own image pipeline. Outputs are `xray_recon` and `mri`, as in the SavedModel.
@@ -19,7 +20,6 @@ import json
 import logging
 import math
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -27,8 +27,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from kneetf.errors import ConfigError, InputError
-from kneetf.export import INPUT_KEY, OUTPUT_KEYS, SIGNATURE_DEFAULT
+from kneetf.export.samples import structured_samples
+from kneetf.inference.litert import TFLiteModel
 from kneetf.io.atomic import atomic_path
+from kneetf.protocol import INPUT_KEY, OUTPUT_KEYS, SIGNATURE_DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,6 @@ def representative_samples(count: int, image_size: int = 128, *, data: str | Pat
         return np.stack(arrays[:count])
     if data is not None:
         return samples_from_cache(data, count)
-    from kneetf.export.savedmodel import structured_samples
-
     log.info("no calibration data given: int8 calibrated on %d structured test images (pass a cache for real "
              "ranges)", count)
     return structured_samples(count, image_size, seed)
@@ -139,81 +139,6 @@ def convert_tflite(model: Any, variants: Sequence[str] = VARIANTS, calibration: 
         return {v: _convert(Path(tmp), v, calibration) for v in variants}
 
 
-# === Running ===
-
-class TFLiteModel:
-    """A `.tflite` KneeNet run with `ai_edge_litert`.
-
-    `predict` takes NORMALISED X-rays — (S, S), (B, S, S) or (B, S, S, 1) float in [0, 1],
-    the output of `kneetf.preprocess.ops.preprocess_xray` — and returns
-    `{"mri": (B, S, S, slices), "xray_recon": (B, S, S, 1)}` float32; int8 models are
-    quantised and dequantised with the scales stored in the file.
-
-        >>> m = TFLiteModel("saved_models/kneetf/1/tflite/kneetf_int8.tflite")  # doctest: +SKIP
-        >>> m.predict(x)["mri"].shape                                           # doctest: +SKIP
-        (1, 128, 128, 20)
-    """
-
-    def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(self.path, "no such TFLite model")
-        try:
-            self._interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
-            self._runner = self._interpreter.get_signature_runner(SIGNATURE_DEFAULT)
-        except (ValueError, RuntimeError) as e:
-            raise InputError(self.path, f"not a kneetf TFLite model: {e}") from e
-        inputs = self._runner.get_input_details()
-        outputs = self._runner.get_output_details()
-        if INPUT_KEY not in inputs or any(k not in outputs for k in OUTPUT_KEYS):
-            raise InputError(self.path, f"expected input {INPUT_KEY!r} and outputs {OUTPUT_KEYS}; "
-                                        f"found {list(inputs)} -> {list(outputs)}")
-        self._input = inputs[INPUT_KEY]
-        self._outputs = outputs
-        self.image_size = int(self._input["shape"][1])
-        self.input_dtype = np.dtype(self._input["dtype"])
-        self._lock = threading.Lock()
-
-    @property
-    def quantized(self) -> bool:
-        return np.issubdtype(self.input_dtype, np.integer)
-
-    def _quantize(self, x: np.ndarray) -> np.ndarray:
-        if not self.quantized:
-            return x.astype(self.input_dtype)
-        scale, zero = self._input["quantization"]
-        info = np.iinfo(self.input_dtype)
-        return np.clip(np.round(x / scale + zero), info.min, info.max).astype(self.input_dtype)
-
-    def _dequantize(self, name: str, y: np.ndarray) -> np.ndarray:
-        detail = self._outputs[name]
-        if np.issubdtype(np.dtype(detail["dtype"]), np.integer):
-            scale, zero = detail["quantization"]
-            return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
-        return y.astype(np.float32)
-
-    def predict(self, batch: Any) -> dict[str, np.ndarray]:
-        """Run each sample of the batch (the TFLite graph has batch size 1)."""
-        x = np.asarray(batch, dtype=np.float32)
-        if x.ndim == 2:
-            x = x[None, ..., None]
-        elif x.ndim == 3:
-            x = x[..., None]
-        s = self.image_size
-        if x.ndim != 4 or x.shape[1:] != (s, s, 1) or len(x) == 0:
-            raise InputError(None, f"TFLite KneeNet takes normalised ({s}, {s}) images, a batch (B, {s}, {s}) or "
-                                   f"(B, {s}, {s}, 1); got shape {np.shape(batch)} (resize and normalise first)")
-        results: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_KEYS}
-        with self._lock:
-            for sample in x:
-                out = self._runner(**{INPUT_KEY: self._quantize(sample[None])})
-                for k in OUTPUT_KEYS:
-                    results[k].append(self._dequantize(k, out[k]))
-        return {k: np.concatenate(v) for k, v in results.items()}
-
-
 # === Checking ===
 
 def compare_outputs(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], data_range: float = 1.0
@@ -257,8 +182,6 @@ def export_tflite(model: Any, out_dir: str | Path, variants: Sequence[str] = VAR
             pool = samples_from_cache(data, calibration_samples + 4)
             check = pool[-4:] if len(pool) > 4 else pool
         else:
-            from kneetf.export.savedmodel import structured_samples
-
             check = structured_samples(4, image_size, seed=12345)
     reference = model.predict(check, verbose=0)
     blobs = convert_tflite(model, variants, calibration)
@@ -283,5 +206,5 @@ def export_tflite(model: Any, out_dir: str | Path, variants: Sequence[str] = VAR
     return report
 
 
-__all__ = ["VARIANTS", "TFLiteModel", "convert_tflite", "export_tflite", "compare_outputs", "representative_samples",
+__all__ = ["VARIANTS", "convert_tflite", "export_tflite", "compare_outputs", "representative_samples",
            "samples_from_cache", "tflite_filename"]

@@ -1,6 +1,6 @@
 """Osteoarthritis Initiative (OAI) release folders -> a kneetf manifest.
 
-Layout read (DESIGN.md): `ROOT/<visit>/<release>/<ParticipantID>/<StudyDate>/<Barcode>/001...`,
+Layout read: `ROOT/<visit>/<release>/<ParticipantID>/<StudyDate>/<Barcode>/001...`,
 one series per Barcode folder (files `001`, `002`, ... without suffix), and a `contents.csv`
 with columns `Folder,ParticipantID,StudyDate,Barcode,StudyDescription,SeriesDescription`.
 Every `contents.csv` found at `ROOT/<visit>/contents.csv` or `ROOT/<visit>/<release>/contents.csv`

@@ -1,14 +1,18 @@
 """The knee-joint ROI: a square box centred on the joint space, from a CSV, a detector or a
 classical fallback.
 
-The paper crops the joint with YOLOv2. Here a box comes from one of three `RoiSource`s:
+The paper crops the joint with YOLOv2. Here a box comes from one of these `RoiSource`s:
 
 - `CsvRoi`: user boxes, a CSV `id,x0,y0,x1,y1` (`load_boxes`);
-- `DetectorRoi` (in `kneetf.models.roi_detector`): the small Keras detector `kneetf train-roi`
-  trains;
+- `DetectorRoi` (in `kneetf.preprocess.roi_detector`): the small Keras detector
+  `kneetf train-roi` trains;
 - `ClassicalRoi`: no learning, numpy/OpenCV only (`classical_roi`): the joint space is the
   darkest horizontal band between the two bright bones, and the box side is proportional to
-  the knee width.
+  the knee width;
+- `FixedRoi`: one box for every X-ray.
+
+`kneetf.preprocess.xray.roi_source` chooses among them, for the cache, `kneetf predict` and
+the Python API alike.
 
 Boxes are in pixel coordinates of the full X-ray, `x` = column, `y` = row, the box covers
 `[x0, x1) x [y0, y1)` (continuous coordinates: pixel `i` spans `[i, i + 1)`). Images are
@@ -31,6 +35,7 @@ import numpy as np
 
 from kneetf.errors import InputError, ManifestError
 from kneetf.io.atomic import atomic_path
+from kneetf.preprocess.image import image_2d
 
 log = logging.getLogger(__name__)
 
@@ -282,11 +287,7 @@ def classical_roi(image: np.ndarray, *, side_scale: float = CLASSICAL_SIDE_SCALE
     A degenerate image (constant, no bone found) gives a centred box of half the short side,
     with a warning.
     """
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    if image.ndim != 2 or min(image.shape) < 8:
-        raise InputError(None, f"classical_roi needs an (H, W) image of at least 8x8. Received shape {image.shape}")
+    image = image_2d(image, "classical_roi's input", min_side=8)
     h, w = image.shape
     fallback = square_box_around(w / 2.0, h / 2.0, min(h, w) / 2.0)
     f = min(1.0, work_size / max(h, w))
@@ -389,6 +390,19 @@ class CsvRoi:
         return f"CsvRoi({str(self.path) if self.path else f'{len(self.boxes)} boxes'})"
 
 
+class FixedRoi:
+    """The same box for every X-ray."""
+
+    def __init__(self, box: Box) -> None:
+        self.box = box
+
+    def box_for(self, case_id: str, image: np.ndarray) -> Box:
+        return self.box
+
+    def __repr__(self) -> str:
+        return f"FixedRoi({self.box.as_tuple()})"
+
+
 class ClassicalRoi:
     """The classical fallback (`classical_roi`); no TensorFlow, picklable."""
 
@@ -413,11 +427,7 @@ def draw_box_png(path: str | Path, image: np.ndarray, box: Box | Iterable[Box], 
                  *, colors: Sequence[tuple[int, int, int]] = ((0, 0, 255), (0, 255, 0))) -> Path:
     """Write an 8-bit PNG of `image` with `box` (or several boxes, one colour each, BGR) and
     an optional `label` drawn on it (for `--roi-preview`). Written atomically."""
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    if image.ndim != 2:
-        raise InputError(path, f"draw_box_png needs an (H, W) image. Received shape {image.shape}")
+    image = image_2d(image, "draw_box_png's input", min_side=1, path=path)
     canvas = cv2.cvtColor(to_uint8(image), cv2.COLOR_GRAY2BGR)
     h, w = image.shape
     thickness = max(1, round(max(h, w) / 300))
@@ -438,5 +448,5 @@ def draw_box_png(path: str | Path, image: np.ndarray, box: Box | Iterable[Box], 
 
 
 __all__ = ["Box", "iou", "mean_iou", "square_box_around", "load_boxes", "write_boxes", "crop_box",
-           "classical_roi", "RoiSource", "CsvRoi", "ClassicalRoi", "draw_box_png", "to_uint8",
+           "classical_roi", "RoiSource", "CsvRoi", "FixedRoi", "ClassicalRoi", "draw_box_png", "to_uint8",
            "CLASSICAL_SIDE_SCALE"]

@@ -15,26 +15,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kneetf.config import ModelConfig, PreprocessConfig, TrainConfig, replace, to_dict
+from kneetf.data.cache import DATASET_JSON
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import write_text_atomic
+from kneetf.protocol import RUN_BACKUP_DIR, RUN_CONFIG_FILE, RUN_HISTORY_FILE, RUN_MODEL_FILE
+from kneetf.training.distribute import STRATEGIES
 from kneetf.version import __version__
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 PRIOR_FILE = "prior.json"
 #: why a run stopped (metrics.json "stop_reason")
 STOP_REASONS = ("epochs", "early_stopping", "time_budget", "nan")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclass
@@ -42,10 +43,11 @@ class DataSpec:
     """Where the training pairs come from: a cache folder, a manifest CSV, or (path None)
     the built-in synthetic knees."""
 
-    path: str | None = None
-    synthetic_n: int = 512
+    path: str | None = field(default=None, metadata={
+        "help": "a cache folder (from `kneetf prepare`) or a manifest CSV; default: built-in synthetic knees"})
+    synthetic_n: int = field(default=512, metadata={"help": "number of synthetic knees"})
     synthetic_seed: int = 0
-    workers: int = 2
+    workers: int = field(default=2, metadata={"help": "processes that decode / generate data"})
 
 
 def resolve_cache(data: DataSpec, out_dir: Path, prep: PreprocessConfig, progress: bool = True) -> Path:
@@ -58,7 +60,7 @@ def resolve_cache(data: DataSpec, out_dir: Path, prep: PreprocessConfig, progres
                                       workers=data.workers, progress=progress)
         return cache
     path = Path(data.path)
-    if path.is_dir() and (path / "dataset.json").exists():
+    if path.is_dir() and (path / DATASET_JSON).exists():
         return path
     if path.is_file() and path.suffix.lower() == ".csv":
         cache = out_dir / "data" / f"{path.stem}-cache"
@@ -86,20 +88,20 @@ def _mean_volume(cache: Path, split: str, batch_size: int) -> np.ndarray:
 class RunOptions:
     """How a run executes (not what it learns): devices, precision, resuming."""
 
-    strategy: str = "auto"
-    precision: str = "float32"  # or mixed_float16 / mixed_bfloat16
-    jit: bool = False
-    fresh: bool = False  # ignore a backup of an interrupted run and start over
+    strategy: str = field(default="auto", metadata={
+        "help": "tf.distribute strategy (auto: mirrored when several GPUs are visible; multiworker reads TF_CONFIG)",
+        "choices": STRATEGIES})
+    precision: str = field(default="float32", metadata={
+        "help": "Keras dtype policy while training (saved models are float32)", "choices": PRECISIONS})
+    jit: bool = field(default=False, metadata={"help": "XLA-compile the training step (slower on CPU)"})
+    fresh: bool = field(default=False, metadata={"help": "discard the backup in --out and start over"})
     steps_per_execution: int = 1
-
-
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _check_same_run(out: Path, blob: dict[str, Any], fresh: bool) -> None:
     """A backup may only be resumed by the same model, preprocessing and data."""
-    previous = out / CONFIG_FILE
-    if fresh or not previous.exists() or not (out / "backup").exists():
+    previous = out / RUN_CONFIG_FILE
+    if fresh or not previous.exists() or not (out / RUN_BACKUP_DIR).exists():
         return
     old = json.loads(previous.read_text())
     for key in ("model", "preprocess", "data"):
@@ -192,9 +194,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
             "data": info.get("source") or str(cache), "run": {"strategy": options.strategy,
                                                              "precision": options.precision, "jit": options.jit}}
     _check_same_run(out, blob, options.fresh)
-    if options.fresh and (work / "backup").exists():
-        shutil.rmtree(work / "backup")
-    write_text_atomic(work / CONFIG_FILE, json.dumps(blob, indent=2))
+    if options.fresh and (work / RUN_BACKUP_DIR).exists():
+        shutil.rmtree(work / RUN_BACKUP_DIR)
+    write_text_atomic(work / RUN_CONFIG_FILE, json.dumps(blob, indent=2))
 
     keras.mixed_precision.set_global_policy(options.precision)
     try:
@@ -222,24 +224,24 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     val_ds = make_dataset(cache, val_split, train_config.batch_size, drop_remainder=replicas > 1 and
                           split_size(cache, val_split) >= train_config.batch_size)
     sample = load_arrays(cache, val_split, limit=8)
-    resumed = (work / "backup").exists()
+    resumed = (work / RUN_BACKUP_DIR).exists()
     monitor = train_config.monitor
-    threshold = _best_val_loss(work / HISTORY_FILE, monitor) if resumed else None
+    threshold = _best_val_loss(work / RUN_HISTORY_FILE, monitor) if resumed else None
     initial = None
     if not resumed and model_config.residual_template:
         # the untrained model predicts its template (the mean volume or the kernel ridge
         # prior): it is the model to beat on validation, kept unless an epoch does better
         logs = model.evaluate(val_ds, verbose=0, return_dict=True)
         initial = threshold = float(logs[monitor.removeprefix("val_")])
-        model.save(work / MODEL_FILE)
+        model.save(work / RUN_MODEL_FILE)
         log.info("untrained model (its template alone): %s %.5g", monitor, initial)
     callbacks: list[keras.callbacks.Callback] = [
         LearningRateLogger(),
         # history first: a kill between the two writes then repeats an epoch, never loses a row
-        keras.callbacks.CSVLogger(str(work / HISTORY_FILE), append=resumed),
-        keras.callbacks.ModelCheckpoint(str(work / MODEL_FILE), monitor=monitor, mode="min", save_best_only=True,
-                                        initial_value_threshold=threshold),
-        keras.callbacks.BackupAndRestore(str(work / "backup"), double_checkpoint=True, delete_checkpoint=False),
+        keras.callbacks.CSVLogger(str(work / RUN_HISTORY_FILE), append=resumed),
+        keras.callbacks.ModelCheckpoint(str(work / RUN_MODEL_FILE), monitor=monitor, mode="min",
+                                        save_best_only=True, initial_value_threshold=threshold),
+        keras.callbacks.BackupAndRestore(str(work / RUN_BACKUP_DIR), double_checkpoint=True, delete_checkpoint=False),
         keras.callbacks.TerminateOnNaN(),
     ]
     if chief:
@@ -264,7 +266,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     if not chief:
         return {"chief": False}
 
-    best_path = out / MODEL_FILE
+    best_path = out / RUN_MODEL_FILE
     if not best_path.exists():  # no epoch improved on a resumed run's best: keep the last weights
         model.save(best_path)
     best = keras.saving.load_model(best_path, safe_mode=True)
@@ -272,7 +274,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
         best = _as_float32(best)
         best.save(best_path)
     metrics = _validation_metrics(best, cache, val_split)
-    losses = _val_losses(out / HISTORY_FILE, monitor)
+    losses = _val_losses(out / RUN_HISTORY_FILE, monitor)
     best_epoch = min(losses, key=lambda r: r[1])[0] + 1 if losses else None
     if best_epoch is not None and initial is not None and min(v for _, v in losses) >= initial:
         best_epoch = 0  # no epoch beat the untrained model

@@ -5,18 +5,15 @@ resized and robustly normalised by `kneetf.preprocess.ops.preprocess_xray` (the 
 implementation) to `image_size` x `image_size`. The network regresses the square ROI as
 `(centre x, centre y, side)`, each a fraction of the letterboxed side, through a sigmoid.
 
-Training augments every epoch afresh: random square crops of the letterboxed image (zoom in
-or out, shifts, partly outside the image), horizontal flips and random gamma/contrast, with
-the box transformed consistently. This is what lets a few hundred images generalise.
+Its training (augmentation, dataset, `train_detector`) is `kneetf.training.roi`; this module
+is what inference and the cache builder need: the model, the box encoding, loading and the
+`DetectorRoi` source.
 
 Saved as `.keras` with its custom objects registered (package `kneetf`), loaded with
 `keras.saving.load_model(path, safe_mode=True)`.
 """
 from __future__ import annotations
 
-import logging
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,10 +26,9 @@ from keras import layers, ops
 from kneetf.config import from_dict, to_dict
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import atomic_path
-from kneetf.preprocess.ops import preprocess_xray, resize
-from kneetf.preprocess.roi import Box, crop_box, iou, square_box_around
-
-log = logging.getLogger(__name__)
+from kneetf.preprocess.image import image_2d
+from kneetf.preprocess.ops import preprocess_xray
+from kneetf.preprocess.roi import Box, square_box_around
 
 
 @dataclass(frozen=True)
@@ -59,31 +55,8 @@ class RoiDetectorConfig:
 #: For tests: seconds to build and train.
 TINY_DETECTOR = RoiDetectorConfig(image_size=32, filters=(4, 8), dense_units=8, dropout=0.0)
 
-
-@dataclass(frozen=True)
-class RoiTrainConfig:
-    """Optimisation and augmentation of the ROI detector."""
-
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    seed: int = 0
-    # augmentation: crop side as a fraction of the letterboxed image, probability of the
-    # un-augmented full image, flips, gamma range
-    crop_scale: tuple[float, float] = (0.5, 1.2)
-    p_full: float = 0.2
-    flip: bool = True
-    gamma: tuple[float, float] = (0.7, 1.4)
-    work_size: int = 256  # letterboxed images are shrunk to this once, before cropping
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "work_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1. Received: {name}={getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0. Received: learning_rate={self.learning_rate}")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1]:
-            raise ConfigError(f"crop_scale must be 0 < low <= high. Received: crop_scale={self.crop_scale}")
+#: Detector sizes by name (`kneetf train-roi --arch`).
+DETECTOR_ARCHS: dict[str, RoiDetectorConfig] = {"default": RoiDetectorConfig(), "tiny": TINY_DETECTOR}
 
 
 # === Box encoding ===
@@ -94,11 +67,7 @@ def letterbox(image: np.ndarray) -> np.ndarray:
     Box pixel coordinates are unchanged by it, so a box normalised by the square's side
     maps back by one multiplication.
     """
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    if image.ndim != 2 or min(image.shape) < 2:
-        raise InputError(None, f"the ROI detector needs an (H, W) X-ray. Received shape {image.shape}")
+    image = image_2d(image, "the ROI detector's X-ray")
     h, w = image.shape
     side = max(h, w)
     if h == w:
@@ -294,132 +263,5 @@ class DetectorRoi:
         return f"DetectorRoi({self.path or self.model.name})"
 
 
-# === Training ===
-
-def _shrink(image: np.ndarray, box: Box, work_size: int) -> tuple[np.ndarray, Box]:
-    """Letterbox and area-shrink (the ops.resize implementation) to `work_size`, once."""
-    sq = letterbox(image).astype(np.float32)
-    side = sq.shape[0]
-    if side <= work_size:
-        return sq, box
-    small = resize(tf.constant(sq[None, :, :, None]), work_size).numpy()[0, :, :, 0]
-    return small, box.scale(work_size / side)
-
-
-def augment_example(image: np.ndarray, box: Box, rng: np.random.Generator,
-                    train: RoiTrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """One random square crop of a square `image` holding `box`, as (crop, target).
-
-    The crop's side is `crop_scale` x the image side (never smaller than the box), placed so
-    that the box stays inside it; parts outside the image are padded with its minimum. With
-    probability `p_full` the crop is the whole image. A flip mirrors image and box.
-    """
-    side = image.shape[0]
-    bside = max(box.width, box.height)
-    if rng.random() < train.p_full:
-        ox, oy, c = 0.0, 0.0, float(side)
-    else:
-        c = max(rng.uniform(*train.crop_scale) * side, 1.1 * bside)
-        # the box inside the crop, and the crop not too far outside the image
-        slack = 0.15 * side
-        ranges = []
-        for b0, b1 in ((box.x0, box.x1), (box.y0, box.y1)):
-            lo, hi = max(b1 - c, -slack), min(b0, side + slack - c)
-            if lo > hi:
-                lo, hi = b1 - c, b0
-            ranges.append((lo, max(lo, hi)))
-        ox, oy = (rng.uniform(lo, hi) for lo, hi in ranges)
-        c = float(round(c))
-        ox, oy = float(round(ox)), float(round(oy))
-    crop = crop_box(image, Box(ox, oy, ox + c, oy + c)) if (ox, oy, c) != (0.0, 0.0, float(side)) else image
-    cbox = box.shift(-ox, -oy)
-    if train.flip and rng.random() < 0.5:
-        crop = crop[:, ::-1]
-        cbox = Box(c - cbox.x1, cbox.y0, c - cbox.x0, cbox.y1)
-    return np.ascontiguousarray(crop, np.float32), encode_box(cbox, c)
-
-
-def make_train_dataset(images: Sequence[np.ndarray], boxes: Sequence[Box], image_size: int,
-                       train: RoiTrainConfig) -> tf.data.Dataset:
-    """Endless-per-epoch tf.data of augmented (input, target): crops drawn in Python (fresh
-    every epoch), then `preprocess_xray` and a random gamma/contrast as graph ops."""
-    work = [_shrink(im, b, train.work_size) for im, b in zip(images, boxes)]
-    rng = np.random.default_rng(train.seed)
-
-    def generate():
-        for i in rng.permutation(len(work)):
-            yield augment_example(work[i][0], work[i][1], rng, train)
-
-    spec = (tf.TensorSpec((None, None), tf.float32), tf.TensorSpec((3,), tf.float32))
-    ds = tf.data.Dataset.from_generator(generate, output_signature=spec)
-    g_lo, g_hi = math.log(train.gamma[0]), math.log(train.gamma[1])
-
-    def to_input(crop: tf.Tensor, target: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x = preprocess_xray(crop[None, :, :, None], image_size)[0]
-        gamma = tf.exp(tf.random.uniform((), g_lo, g_hi))
-        x = tf.pow(tf.maximum(x, 1e-6), gamma)
-        return x, target
-
-    ds = ds.map(to_input, num_parallel_calls=2)
-    return ds.batch(train.batch_size).prefetch(2)
-
-
-def evaluate_boxes(pred: Sequence[Box], true: Sequence[Box]) -> dict[str, float]:
-    """Mean / median / 10th percentile IoU and the fraction >= 0.5 and >= 0.75."""
-    ious = np.asarray([iou(p, t) for p, t in zip(pred, true)], np.float64)
-    return {"n": int(ious.size), "mean_iou": float(ious.mean()), "median_iou": float(np.median(ious)),
-            "p10_iou": float(np.percentile(ious, 10)), "frac_iou_ge_0.5": float((ious >= 0.5).mean()),
-            "frac_iou_ge_0.75": float((ious >= 0.75).mean())}
-
-
-class _ValIoU(keras.callbacks.Callback):
-    """Held-out mean IoU on whole images (the inference path) after every epoch, logged as
-    `val_mean_iou`. Monitoring only: the weights of the last epoch are kept, so that the
-    held-out score is not chosen on the held-out set."""
-
-    def __init__(self, x: np.ndarray, sides: Sequence[float], boxes: Sequence[Box]) -> None:
-        super().__init__()
-        self.x, self.sides, self.boxes = x, list(sides), list(boxes)
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        out = self.model.predict(self.x, verbose=0, batch_size=64)
-        value = float(np.mean([iou(decode_box(t, s), b) for t, s, b in zip(out, self.sides, self.boxes)]))
-        if logs is not None:
-            logs["val_mean_iou"] = value
-
-
-def train_detector(images: Sequence[np.ndarray], boxes: Sequence[Box], *,
-                   config: RoiDetectorConfig = RoiDetectorConfig(), train: RoiTrainConfig = RoiTrainConfig(),
-                   val_images: Sequence[np.ndarray] | None = None, val_boxes: Sequence[Box] | None = None,
-                   steps_per_epoch: int | None = None, verbose: int = 0,
-                   callbacks: Sequence[keras.callbacks.Callback] = ()) -> tuple[RoiDetector, dict[str, list[float]]]:
-    """Train a detector on whole X-rays (display-ready, bone bright) and their boxes.
-
-    With validation images, their mean IoU (whole-image inference path) is logged every
-    epoch as `val_mean_iou` (the last epoch's weights are returned, not the best). Returns the
-    model and the history dict. Seeds Python, numpy and TF globally with `train.seed`.
-    """
-    if len(images) != len(boxes) or not images:
-        raise InputError(None, f"need as many boxes as images, at least one. Received {len(images)} images "
-                         f"and {len(boxes)} boxes")
-    keras.utils.set_random_seed(train.seed)
-    t0 = time.perf_counter()
-    ds = make_train_dataset(images, boxes, config.image_size, train)
-    steps = steps_per_epoch or max(1, math.ceil(len(images) / train.batch_size))
-    model = RoiDetector(config)
-    schedule = keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=steps * train.epochs,
-                                                      alpha=0.02)
-    model.compile_for_training(schedule)
-    cbs = list(callbacks)
-    if val_images:
-        x_val = np.stack([detector_input(im, config.image_size) for im in val_images])
-        cbs.append(_ValIoU(x_val, [max(np.shape(im)[:2]) for im in val_images], val_boxes))
-    history = model.fit(ds.repeat(), epochs=train.epochs, steps_per_epoch=steps, verbose=verbose,
-                        callbacks=cbs, shuffle=False)
-    log.info("trained the ROI detector in %.1f s", time.perf_counter() - t0)
-    return model, history.history
-
-
-__all__ = ["RoiDetectorConfig", "RoiTrainConfig", "TINY_DETECTOR", "RoiDetector", "BoxLoss", "BoxIoU",
-           "DetectorRoi", "letterbox", "encode_box", "decode_box", "detector_input", "augment_example",
-           "make_train_dataset", "train_detector", "evaluate_boxes", "load_detector", "save_detector"]
+__all__ = ["RoiDetectorConfig", "TINY_DETECTOR", "DETECTOR_ARCHS", "RoiDetector", "BoxLoss", "BoxIoU", "DetectorRoi", "letterbox",
+           "encode_box", "decode_box", "detector_input", "load_detector", "save_detector"]

@@ -1,0 +1,164 @@
+"""An X-ray prepared for the model exactly as the cache prepares training X-rays, and the
+model's output turned back into a volume.
+
+`prepare_xray`: the 2-D check, the knee ROI box from an `RoiSource` (`roi_source` chooses it:
+boxes CSV, trained detector, fixed box or the classical fallback), `crop_box`, mirroring of
+left knees when the preprocessing config says `mirror_left`, then
+`kneetf.preprocess.ops.preprocess_xray` (resize + robust normalisation).
+
+`to_output_volume`: the model's output (H, W, slices) as a slices-first volume (slices, H, W),
+float32 in the normalised [0, 1] space, in the slice order and in-plane orientation of the
+preprocessed MRI: a mirrored left knee gets its slice order reversed back.
+
+TensorFlow loads only inside `prepare_xray` (the resize), so the cache's worker processes
+can use `roi_source`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kneetf.config import PreprocessConfig
+from kneetf.errors import ConfigError, InputError
+from kneetf.preprocess.image import image_2d
+from kneetf.preprocess.roi import Box, ClassicalRoi, CsvRoi, FixedRoi, RoiSource, crop_box
+
+ROI_HELP = "None/'classical', a boxes .csv, a detector .keras, a Box or an object with box_for(id, image)"
+
+
+# === ROI source ===
+
+def roi_source(roi: Any = None, *, boxes: str | Path | None = None, detector: str | Path | None = None
+               ) -> RoiSource:
+    """The ROI source, chosen in one place for the cache, `kneetf predict` and the Python API.
+
+    `boxes` (a boxes CSV, `CsvRoi`) and `detector` (a trained detector `.keras`,
+    `DetectorRoi`, loaded now so that errors name the file) are the `--rois` /
+    `--roi-detector` options. `roi` is what the Python API takes: None or "classical" (the
+    classical fallback), a path ending in .csv or .keras (as above), a `Box` (the same box
+    for every X-ray) or any object with `box_for(id, image)` (used as it is). At most one of
+    the three is given.
+    """
+    if sum(x is not None and x != "" for x in (roi, boxes, detector)) > 1:
+        raise ConfigError("give ROI boxes or an ROI detector, not both")
+    if isinstance(roi, (str, Path)) and roi != "classical":
+        suffix = Path(roi).suffix.lower()
+        if suffix == ".csv":
+            boxes = roi
+        elif suffix == ".keras":
+            detector = roi
+        else:
+            raise ConfigError(f"roi must be {ROI_HELP}. Received: roi={roi!r}")
+    elif isinstance(roi, Box):
+        return FixedRoi(roi)
+    elif roi is not None and roi != "classical":
+        if not hasattr(roi, "box_for"):
+            raise ConfigError(f"roi must be {ROI_HELP}. Received: roi={roi!r}")
+        return roi
+    if boxes:
+        return CsvRoi(boxes)
+    if detector:
+        from kneetf.preprocess.roi_detector import DetectorRoi
+
+        return DetectorRoi.load(detector)
+    return ClassicalRoi()
+
+
+# === Sides and mirroring ===
+
+def normalize_side(side: Any) -> str:
+    """"left"/"right"/"" from manifest sides or DICOM laterality ("L", "R")."""
+    s = str(side or "").strip().lower()
+    if s in ("l", "left"):
+        return "left"
+    if s in ("r", "right"):
+        return "right"
+    return ""
+
+
+def mirrors(config: PreprocessConfig, side: str) -> bool:
+    """Whether a knee of `side` ("left"/"right"/"") is mirrored to look like a right one."""
+    return bool(config.mirror_left and side == "left")
+
+
+def mirror_xray(image: np.ndarray) -> np.ndarray:
+    """An (H, W[, C]) X-ray flipped left-right: a left knee as a right one, and back."""
+    return image[:, ::-1]
+
+
+def mirror_volume(volume: np.ndarray) -> np.ndarray:
+    """A slices-first (slices, H, W) sagittal volume with its slice order reversed: the MRI of
+    a left knee as a right one's (the X-ray is flipped), and back."""
+    return volume[::-1]
+
+
+# === X-rays ===
+
+@dataclass
+class PreparedXray:
+    """A model-ready X-ray: `xray` (H, W, 1) in [0, 1] and how it was made."""
+
+    id: str
+    xray: np.ndarray
+    box: Box
+    side: str = ""
+    mirrored: bool = False
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def as_seen(self) -> np.ndarray:
+        """The model input as the knee looks (mirroring undone), like the output volume."""
+        return mirror_xray(self.xray) if self.mirrored else self.xray
+
+
+def _at(error: InputError, path: str | Path | None) -> InputError:
+    """`error` re-addressed to `path` (the input being prepared), keeping the file it named
+    (a boxes CSV, a detector) in the reason."""
+    reason = error.reason
+    if error.path and path is not None and str(error.path) != str(path):
+        reason = f"{reason} ({error.path})"
+    return InputError(path, reason)
+
+
+def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, case_id: str = "",
+                 side: str = "", box: Box | None = None, source: str = "", meta: dict[str, Any] | None = None
+                 ) -> PreparedXray:
+    """Full X-ray (2-D, display polarity) -> ROI crop (`box`, else `roi`'s box, else the
+    classical fallback's) -> mirror (left knees, when the config mirrors) -> resize + robust
+    normalisation: as the cache prepares training X-rays. Errors name `source` (or the id)."""
+    from kneetf.preprocess import ops
+
+    where = source or case_id or None
+    image = image_2d(image, "an X-ray", path=where)
+    if not np.all(np.isfinite(image)):
+        raise InputError(where, "X-ray holds NaN or infinite values")
+    try:
+        if box is None:
+            box = roi_source(roi).box_for(case_id, image)
+        crop = crop_box(image, box)
+    except InputError as e:
+        raise _at(e, where) from None
+    side = normalize_side(side)
+    mirrored = mirrors(config, side)
+    if mirrored:
+        crop = mirror_xray(crop)
+    x = ops.preprocess_xray(np.ascontiguousarray(crop, dtype=np.float32)[None, :, :, None], config.image_size,
+                            config.low_percentile, config.high_percentile)
+    return PreparedXray(id=case_id, xray=x.numpy()[0], box=box, side=side, mirrored=mirrored, source=source,
+                        meta=dict(meta or {}))
+
+
+def to_output_volume(mri: np.ndarray, mirrored: bool) -> np.ndarray:
+    """Model output (H, W, slices) -> (slices, H, W) float32, with a mirrored knee's slice
+    order restored."""
+    v = np.transpose(np.asarray(mri, dtype=np.float32), (2, 0, 1))
+    if mirrored:
+        v = mirror_volume(v)
+    return np.ascontiguousarray(v)
+
+
+__all__ = ["roi_source", "normalize_side", "mirrors", "mirror_xray", "mirror_volume", "PreparedXray",
+           "prepare_xray", "to_output_volume"]
