@@ -193,6 +193,9 @@ class TrainConfig:
     time_budget_s: float = field(default=0.0, metadata={
         "help": "stop after the epoch that ends this long after the run started, data preparation included "
                 "(0 = no limit; applies to every run)", "metavar": "SECONDS"})
+    ema_momentum: float = field(default=0.0, metadata={
+        "help": "keep an exponential moving average of the weights with this momentum per step and validate, "
+                "keep and export the averaged weights (0 = off)", "metavar": "M"})
     demo_time_budget_s: float = field(default=0.0, metadata={
         "help": "time budget of runs on the built-in synthetic knees only (0 = none)", "metavar": "SECONDS"})
     prior_loo_targets: bool = field(default=True, metadata={
@@ -207,6 +210,8 @@ class TrainConfig:
             raise ConfigError(f"monitor must be one of {MONITORS}. Received: monitor={self.monitor!r}")
         if self.prior_folds < 2:
             raise ConfigError(f"prior_folds must be >= 2. Received: prior_folds={self.prior_folds}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ConfigError(f"ema_momentum must lie in [0, 1). Received: ema_momentum={self.ema_momentum}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1. Received: {name}={getattr(self, name)}")

@@ -197,8 +197,9 @@ class KneeNet(keras.Model):
         `learning_rate` may be a schedule; by default `train.lr_encdec`.
         """
         train = train or TrainConfig()
+        ema = {"use_ema": True, "ema_momentum": train.ema_momentum} if train.ema_momentum else {}
         optimizer = TwoRateAdam(learning_rate=train.lr_encdec if learning_rate is None else learning_rate,
-                                generator_learning_rate=train.lr_generator)
+                                generator_learning_rate=train.lr_generator, **ema)
         w_xray, w_mri = train.loss_weights
         self.compile(optimizer=optimizer,
                      loss={"xray_recon": "mean_squared_error",

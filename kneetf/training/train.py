@@ -237,6 +237,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
         log.info("untrained model (its template alone): %s %.5g", monitor, initial)
     callbacks: list[keras.callbacks.Callback] = [
         LearningRateLogger(),
+    ]
+    if train_config.ema_momentum:
+        # first: validation, checkpoints and backups see the averaged weights, and a resumed
+        # run swaps them back at the start of its next epoch
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    callbacks += [
         # history first: a kill between the two writes then repeats an epoch, never loses a row
         keras.callbacks.CSVLogger(str(work / RUN_HISTORY_FILE), append=resumed),
         keras.callbacks.ModelCheckpoint(str(work / RUN_MODEL_FILE), monitor=monitor, mode="min",
