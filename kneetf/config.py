@@ -21,7 +21,7 @@ XRAY_OUTPUTS = ("paper", "sigmoid", "linear")
 MRI_OUTPUTS = ("paper", "sigmoid", "linear")
 LR_SCHEDULES = ("constant", "cosine")
 RESIDUAL_PRIORS = ("mean", "kernel_ridge")
-MONITORS = ("val_loss", "val_mri_loss")
+MONITORS = ("val_loss", "val_mri_loss", "val_mri_mse")
 PRIOR_KERNELS = ("rbf", "linear")
 
 
@@ -184,7 +184,8 @@ class TrainConfig:
         "metavar": "EPOCHS"})
     monitor: str = field(default="val_loss", metadata={
         "help": "validation value that picks the kept epoch and drives early stopping: val_loss (X-ray + MRI "
-                "terms) or val_mri_loss", "choices": MONITORS})
+                "terms), val_mri_loss (the MRI terms) or val_mri_mse (the MRI's MSE alone, i.e. PSNR)",
+        "choices": MONITORS})
     # extra MRI loss terms next to the paper's MSE (kneetf.models.losses)
     ssim_weight: float = field(default=0.0, metadata={
         "help": "weight of a 1 - SSIM (2-D slices) term in the MRI loss", "metavar": "W"})

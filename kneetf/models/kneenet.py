@@ -205,6 +205,8 @@ class KneeNet(keras.Model):
                      loss={"xray_recon": "mean_squared_error",
                            "mri": mri_loss(train.ssim_weight, train.gradient_weight)},
                      loss_weights={"xray_recon": float(w_xray), "mri": float(w_mri)},
+                     # the MRI's plain MSE as well (logged as mri_mse): the loss may hold other terms
+                     metrics={"mri": [keras.metrics.MeanSquaredError(name="mse")]},
                      **kwargs)
 
 
