@@ -128,6 +128,7 @@ def test_prior_model_exports_to_savedmodel_and_tflite(tmp_path):
 
     from kneetf.export.savedmodel import export_savedmodel
     from kneetf.export import tflite as tfl
+    from kneetf.inference.trust import check_savedmodel, check_tflite
 
     model, _ = _prior_model(2)
     run = tmp_path / "run"
@@ -136,8 +137,10 @@ def test_prior_model_exports_to_savedmodel_and_tflite(tmp_path):
     x = np.random.default_rng(3).random((2, 128, 128, 1)).astype("float32")
     want = model.predict(x, verbose=0)["mri"]
     result = export_savedmodel(run, tmp_path / "saved" / "kneetf")
+    check_savedmodel(result.path)  # the prior's operations are on the allow list of kneetf exports
     loaded = tf.saved_model.load(str(result.path))
     got = loaded.signatures["predict_normalized"](xray=tf.constant(x))["mri"].numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
     report = tfl.export_tflite(model, tmp_path / "tflite", variants=("fp32",), check=x)
     assert report["fp32"]["outputs"]["mri"]["psnr"] > 80
+    check_tflite(report["fp32"]["path"])
