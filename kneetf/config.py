@@ -20,6 +20,9 @@ T = TypeVar("T")
 XRAY_OUTPUTS = ("paper", "sigmoid", "linear")
 MRI_OUTPUTS = ("paper", "sigmoid", "linear")
 LR_SCHEDULES = ("constant", "cosine")
+RESIDUAL_PRIORS = ("mean", "kernel_ridge")
+MONITORS = ("val_loss", "val_mri_loss", "val_mri_mse")
+PRIOR_KERNELS = ("rbf", "linear")
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,34 @@ class ModelConfig:
     residual_init_std: float = 0.0
     latent_dropout: float = field(default=0.0, metadata={
         "help": "dropout rate on the latent the generator sees (0 = no dropout layer)", "metavar": "P"})
+    residual_prior: str = field(default="mean", metadata={
+        "help": "template of the residual: mean (the mean training volume) or kernel_ridge (a kernel ridge "
+                "prediction from the X-ray, computed in the model)", "choices": RESIDUAL_PRIORS})
+    prior_kernel: str = field(default="rbf", metadata={
+        "help": "kernel of the kernel ridge prior", "choices": PRIOR_KERNELS})
+    prior_landmarks: int = field(default=1024, metadata={
+        "help": "training X-rays the kernel ridge prior stores at most (Nystrom landmarks beyond)", "metavar": "N"})
+    prior_rank: int = field(default=64, metadata={
+        "help": "size of the MRI basis of the kernel ridge prior", "metavar": "R"})
+    prior_basis_size: int = field(default=32, metadata={
+        "help": "in-plane side of the stored MRI basis of the kernel ridge prior (upsampled to the image size)",
+        "metavar": "PIXELS"})
+    prior_downsample: int = field(default=4, metadata={
+        "help": "area-downsampling factor of the X-ray features of the kernel ridge prior", "metavar": "F"})
 
     def __post_init__(self) -> None:
+        if self.residual_prior not in RESIDUAL_PRIORS:
+            raise ConfigError(f"residual_prior must be one of {RESIDUAL_PRIORS}. "
+                              f"Received: residual_prior={self.residual_prior!r}")
+        if self.prior_kernel not in PRIOR_KERNELS:
+            raise ConfigError(f"prior_kernel must be one of {PRIOR_KERNELS}. Received: prior_kernel={self.prior_kernel!r}")
+        for name in ("prior_landmarks", "prior_rank", "prior_basis_size", "prior_downsample"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1. Received: {name}={getattr(self, name)}")
+        for name in ("prior_basis_size", "prior_downsample"):
+            if self.image_size % getattr(self, name):
+                raise ConfigError(f"{name} must divide image_size={self.image_size}. "
+                                  f"Received: {name}={getattr(self, name)}")
         if self.residual_init_std < 0:
             raise ConfigError(f"residual_init_std must be >= 0. Received: residual_init_std={self.residual_init_std}")
         if not 0.0 <= self.latent_dropout < 1.0:
@@ -151,8 +180,12 @@ class TrainConfig:
     lr_schedule: str = field(default="constant", metadata={
         "help": "learning-rate schedule (cosine: decay both rates over the epochs)", "choices": LR_SCHEDULES})
     early_stopping_patience: int = field(default=0, metadata={
-        "help": "stop when the validation loss has not improved for this many epochs (0 = off)",
+        "help": "stop when the monitored validation loss has not improved for this many epochs (0 = off)",
         "metavar": "EPOCHS"})
+    monitor: str = field(default="val_loss", metadata={
+        "help": "validation value that picks the kept epoch and drives early stopping: val_loss (X-ray + MRI "
+                "terms), val_mri_loss (the MRI terms) or val_mri_mse (the MRI's MSE alone, i.e. PSNR)",
+        "choices": MONITORS})
     # extra MRI loss terms next to the paper's MSE (kneetf.models.losses)
     ssim_weight: float = field(default=0.0, metadata={
         "help": "weight of a 1 - SSIM (2-D slices) term in the MRI loss", "metavar": "W"})
@@ -160,9 +193,26 @@ class TrainConfig:
         "help": "weight of an image-gradient MSE term in the MRI loss", "metavar": "W"})
     time_budget_s: float = field(default=0.0, metadata={
         "help": "stop after the epoch that ends this long after the run started, data preparation included "
-                "(0 = no limit)", "metavar": "SECONDS"})
+                "(0 = no limit; applies to every run)", "metavar": "SECONDS"})
+    ema_momentum: float = field(default=0.0, metadata={
+        "help": "keep an exponential moving average of the weights with this momentum per step and validate, "
+                "keep and export the averaged weights (0 = off)", "metavar": "M"})
+    demo_time_budget_s: float = field(default=0.0, metadata={
+        "help": "time budget of runs on the built-in synthetic knees only (0 = none)", "metavar": "SECONDS"})
+    prior_loo_targets: bool = field(default=True, metadata={
+        "help": "train the residual to a kernel ridge prior against the prior's leave-one-out prediction of each "
+                "training pair (as on new data), not its in-sample fit"})
+    prior_folds: int = field(default=5, metadata={
+        "help": "cross-validation folds that choose the kernel ridge prior's ridge strength and width",
+        "metavar": "K"})
 
     def __post_init__(self) -> None:
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"monitor must be one of {MONITORS}. Received: monitor={self.monitor!r}")
+        if self.prior_folds < 2:
+            raise ConfigError(f"prior_folds must be >= 2. Received: prior_folds={self.prior_folds}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ConfigError(f"ema_momentum must lie in [0, 1). Received: ema_momentum={self.ema_momentum}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1. Received: {name}={getattr(self, name)}")
@@ -171,7 +221,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0. Received: {name}={getattr(self, name)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine'. Received: {self.lr_schedule!r}")
-        for name in ("ssim_weight", "gradient_weight", "augment", "shift_augment"):
+        for name in ("ssim_weight", "gradient_weight", "augment", "shift_augment", "time_budget_s",
+                     "demo_time_budget_s", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0. Received: {name}={getattr(self, name)}")
         if len(self.loss_weights) != 2 or min(self.loss_weights) < 0 or max(self.loss_weights) <= 0:

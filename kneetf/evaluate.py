@@ -1,8 +1,9 @@
 """Score a model on a cache split next to the baselines it must beat (`kneetf evaluate`).
 
 Methods compared on the same evaluated subjects, with the same metrics (`kneetf.metrics`):
-the model, the mean training volume, nearest-neighbour retrieval and the k-NN average
-(`kneetf.baselines`, from `baseline_split`). Everything happens in the cache's normalised
+the model, the mean training volume, nearest-neighbour retrieval, the k-NN average and (with
+`strong`, the default) the cross-validated k-NN average and kernel ridge regression, linear
+and RBF (`kneetf.baselines`, all fitted on `baseline_split` only). Everything happens in the cache's normalised
 space (data range 1); the split is streamed, so memory grows with the number of evaluated
 subjects only through the baselines' accumulators.
 
@@ -83,9 +84,11 @@ def _history_path(model: Any) -> Path | None:
 def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: str | Path | None = None, *,
              baseline_split: str = "train", k: int = B.DEFAULT_K, downsample: int = B.DEFAULT_DOWNSAMPLE,
              batch_size: int = 16, limit: int | None = None, progress: bool = True,
-             log_verdict: bool = True, save_volumes: bool = False) -> dict[str, Any]:
+             log_verdict: bool = True, strong: bool = True, folds: int = B.DEFAULT_FOLDS,
+             save_volumes: bool = False) -> dict[str, Any]:
     """Score `model` (path of a .keras / run folder / SavedModel / .tflite, or a keras.Model)
     on `split` of the cache against the baselines; write the report to `out_dir` if given.
+    `strong` adds the cross-validated baselines (`folds`-fold CV on `baseline_split`).
 
     Returns the summary dict (what summary.json holds) plus "per_subject" (list of rows).
     `log_verdict` logs `verdict_lines` (the CLI prints them itself). `save_volumes` writes
@@ -124,8 +127,9 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
         ev_ids += batch["id"]
         ev_xray.append(batch["xray"])
     xray_all = np.concatenate(ev_xray)
-    base = B.streamed_baseline_predictions(lambda: _iter_split(cache_dir, baseline_split, 64), xray_all, ev_ids,
-                                           k=k, downsample=downsample)
+    fit = B.fit_baselines(lambda: _iter_split(cache_dir, baseline_split, 64), xray_all, ev_ids,
+                          k=k, downsample=downsample, strong=strong, folds=folds)
+    base = fit.predictions
     n_base = read_info(cache_dir)["counts"][baseline_split]
     methods = ["model"] + list(base)
 
@@ -152,7 +156,8 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
     if offset != len(ev_ids):
         raise InputError(cache_dir, f"split {split!r} changed while it was read ({len(ev_ids)} then {offset})")
 
-    result = _summary(scores, methods, ev_ids, model, cache_dir, split, baseline_split, n_base, predictor)
+    result = _summary(scores, methods, ev_ids, model, cache_dir, split, baseline_split, n_base, predictor,
+                      fit.labels, fit.details)
     result["per_subject"] = _rows(scores, methods, ev_ids, sides)
     for line in verdict_lines(result) if log_verdict else ():
         (log.warning if "NOT" in line else log.info)(line)
@@ -172,7 +177,9 @@ def _write_volumes(folder: Path, ids: Sequence[str], sides: Sequence[str], mri: 
 
 
 def _summary(scores: dict[str, dict[str, list]], methods: Sequence[str], ids: Sequence[str], model: Any,
-             cache_dir: Path, split: str, baseline_split: str, n_base: int, predictor: Any) -> dict[str, Any]:
+             cache_dir: Path, split: str, baseline_split: str, n_base: int, predictor: Any,
+             labels: dict[str, str] | None = None, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    labels = labels or {}
     summary = {m: M.summarize_scores(scores[m]) for m in methods}
     beats: dict[str, dict[str, Any]] = {}
     for m in methods[1:]:
@@ -198,9 +205,12 @@ def _summary(scores: dict[str, dict[str, list]], methods: Sequence[str], ids: Se
         "baseline_split": baseline_split,
         "n_subjects": len(ids),
         "n_baseline_subjects": int(n_base),
-        "methods": {m: {"label": "model" if m == "model" else B.label(m), **summary[m]} for m in methods},
+        "methods": {m: {"label": "model" if m == "model" else labels.get(m, B.label(m)), **summary[m]}
+                    for m in methods},
         "beats": beats,
         "model_beats_all_baselines": all(all(b[x] for x in JUDGED) for b in beats.values()),
+        "gain_over_best_baseline": _best_gains(summary, methods),
+        "baselines": details or {},
         "subjects": picks,
         "per_slice_psnr": slice_psnr,
         "metric_settings": {"data_range": 1.0, "psnr_cap_db": M.PSNR_CAP_DB, "ssim_window": "gaussian",
@@ -209,6 +219,15 @@ def _summary(scores: dict[str, dict[str, list]], methods: Sequence[str], ids: Se
         "kneetf_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _best_gains(summary: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """Per judged metric: the best baseline and the model's gain over it (the headline figure)."""
+    out = {}
+    for metric in JUDGED:
+        best = max(methods[1:], key=lambda m: summary[m][metric]["mean"])
+        out[metric] = {"baseline": best, "gain": float(summary["model"][metric]["mean"] - summary[best][metric]["mean"])}
+    return out
 
 
 def _rows(scores: dict[str, dict[str, list]], methods: Sequence[str], ids: Sequence[str],
@@ -255,6 +274,11 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
                            f"(better on {100 * b[f'{metric}_win_rate']:.0f}% of subjects)")
     if not out:
         out.append("the model beats every baseline on " + " and ".join(METRIC_LABELS[m] for m in JUDGED))
+    gains = result.get("gain_over_best_baseline")
+    if gains:
+        out.append("gain over the best baseline: " + ", ".join(
+            f"{gains[m]['gain']:+.4g} {METRIC_LABELS[m]} (best: {result['methods'][gains[m]['baseline']]['label']})"
+            for m in JUDGED))
     return out
 
 

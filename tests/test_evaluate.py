@@ -137,7 +137,9 @@ def test_evaluate_writes_a_sane_report(tmp_path, cache, run_dir, capsys):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_subjects"] == 4 and summary["n_baseline_subjects"] == 12
-    assert set(summary["methods"]) == {"model", "mean", "nn", "knn3"}
+    assert set(summary["methods"]) == {"model", "mean", "nn", "knn3", "knn_cv", "krr_linear", "krr_rbf"}
+    assert summary["gain_over_best_baseline"]["psnr"]["gain"] < 0
+    assert "alpha" in summary["baselines"]["krr_rbf"]["best"]
     assert summary["beats"]["nn"]["psnr"] is False
     assert len(summary["per_slice_psnr"]["model"]["mean"]) == SLICES
 
@@ -163,7 +165,7 @@ def test_evaluate_in_memory_model_without_out_dir(tmp_path, cache):
     from kneetf.evaluate import evaluate, format_table
     from kneetf.models.kneenet import KneeNet
 
-    result = evaluate(KneeNet.from_preset("tiny"), cache, "test", None, k=1, limit=2, progress=False)
+    result = evaluate(KneeNet.from_preset("tiny"), cache, "test", None, k=1, limit=2, progress=False, strong=False)
     assert result["n_subjects"] == 2 and set(result["methods"]) == {"model", "mean", "nn"}
     assert len(result["per_subject"]) == 2
     assert "NN baseline" in format_table(result)

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("kneetf.cli.prepare", "decode a manifest, crop the knee ROI and write the TFRecord cache"),
     "import-oai": ("kneetf.cli.import_oai", "build a manifest from an OAI release folder"),
     "train-roi": ("kneetf.cli.train_roi", "train the knee-joint ROI detector"),
-    "evaluate": ("kneetf.cli.evaluate", "score a model against the mean and nearest-neighbour baselines"),
+    "evaluate": ("kneetf.cli.evaluate", "score a model against the baselines (mean, k-NN, kernel ridge)"),
     "predict": ("kneetf.cli.predict", "reconstruct MRI volumes from X-ray files"),
     "export": ("kneetf.cli.export", "export a model for TF Serving (SavedModel) and TFLite"),
     "client": ("kneetf.cli.client", "send X-rays to a TF Serving server (gRPC or REST)"),

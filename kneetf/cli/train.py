@@ -27,7 +27,14 @@ def _flags() -> list[ConfigFlag]:
         ConfigFlag(TrainConfig, "ssim_weight"),
         ConfigFlag(TrainConfig, "gradient_weight"),
         ConfigFlag(ModelConfig, "latent_dropout"),
+        ConfigFlag(ModelConfig, "residual_prior"),
+        ConfigFlag(ModelConfig, "prior_kernel"),
+        ConfigFlag(ModelConfig, "prior_landmarks"),
+        ConfigFlag(ModelConfig, "prior_rank"),
+        ConfigFlag(ModelConfig, "prior_basis_size"),
+        ConfigFlag(TrainConfig, "prior_loo_targets"),
         ConfigFlag(TrainConfig, "early_stopping_patience", "--early-stopping"),
+        ConfigFlag(TrainConfig, "monitor"),
         ConfigFlag(TrainConfig, "lr_schedule"),
         ConfigFlag(TrainConfig, "time_budget_s", "--budget"),
         ConfigFlag(TrainConfig, "seed"),
@@ -103,12 +110,23 @@ def run(args: argparse.Namespace) -> int:
                     recipe=args.recipe)
     if not metrics.get("chief", True):
         return 0
+    from kneetf.training.train import stop_summary
+
     m, b = metrics["model"], metrics["mean_baseline"]
-    print(f"\nvalidation ({metrics['val_split']}, {metrics['val_pairs'] or metrics['train_pairs']} pairs):")
-    print(f"  {'':14s} {'PSNR dB':>8s} {'SSIM-2D':>8s}")
-    print(f"  {'model':14s} {m['psnr']['mean']:8.2f} {m['ssim_2d']['mean']:8.4f}")
-    print(f"  {'mean volume':14s} {b['psnr']['mean']:8.2f} {b['ssim_2d']['mean']:8.4f}")
+    print(f"\n{stop_summary(metrics)}")
+    print(f"validation ({metrics['val_split']}, {metrics['val_pairs'] or metrics['train_pairs']} pairs):")
+    print(f"  {'':22s} {'PSNR dB':>8s} {'SSIM-2D':>8s}")
+    print(f"  {'model':22s} {m['psnr']['mean']:8.2f} {m['ssim_2d']['mean']:8.4f}")
+    if "prior_baseline" in metrics:
+        p = metrics["prior_baseline"]
+        print(f"  {'kernel ridge prior':22s} {p['psnr']['mean']:8.2f} {p['ssim_2d']['mean']:8.4f}")
+    print(f"  {'mean volume':22s} {b['psnr']['mean']:8.2f} {b['ssim_2d']['mean']:8.4f}")
     print(f"  gain over the mean volume: {metrics['psnr_gain_db']:+.2f} dB PSNR, {metrics['ssim_gain']:+.4f} SSIM")
+    if "prior_baseline" in metrics:
+        p = metrics["prior_baseline"]
+        print(f"  gain over the kernel ridge prior alone: {m['psnr']['mean'] - p['psnr']['mean']:+.2f} dB PSNR, "
+              f"{m['ssim_2d']['mean'] - p['ssim_2d']['mean']:+.4f} SSIM")
+    print("  (kneetf evaluate scores the test split against every baseline)")
     print(f"run folder: {args.out}  (model.keras, history.csv, metrics.json, samples.png, tensorboard/)")
     print("RESULT " + json.dumps({"psnr_gain_db": round(metrics["psnr_gain_db"], 3),
                                   "total_s": metrics["total_s"]}))

@@ -3,7 +3,7 @@ batch -> prefetch. Streams from disk; never holds the dataset in memory."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
@@ -56,7 +56,8 @@ def shift_xray(xray: tf.Tensor, max_shift: int) -> tf.Tensor:
 def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 32, *,
                  shuffle: bool = False, repeat: bool = False, seed: int = 0,
                  drop_remainder: bool = False, with_meta: bool = False,
-                 shuffle_buffer: int = 256, augment: float = 0.0, shift: int = 0) -> tf.data.Dataset:
+                 shuffle_buffer: int = 256, augment: float = 0.0, shift: int = 0,
+                 transform: Callable[[dict], dict] | None = None) -> tf.data.Dataset:
     """Batches of `(xray, {"xray_recon": xray, "mri": mri})` from the cache's `split`.
 
     With `with_meta=True` the elements are the parsed feature dicts (id, side, box, ...).
@@ -64,6 +65,8 @@ def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 
     `augment` > 0 applies `augment_xray` with that strength to the input X-ray only; the
     reconstruction target stays the clean X-ray (a denoising auto-encoder). `shift` > 0 moves
     input and reconstruction target together by up to that many pixels (`shift_xray`).
+    `transform` maps each parsed example dict (id, xray, mri, ...) before anything else, e.g.
+    to adjust training targets.
     """
     info = read_info(cache_dir)
     size, slices = info["shapes"]["mri"][0], info["shapes"]["mri"][2]
@@ -83,6 +86,8 @@ def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 
     # ordered maps: the same seed gives the same batches, and every worker of a multi-worker
     # run sees the same stream before DATA sharding (else a sample could land in two replicas)
     ds = ds.map(lambda s: parse_example(s, size, slices), num_parallel_calls=tf.data.AUTOTUNE)
+    if transform is not None:
+        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
     if not with_meta:
         if shift:
             ds = ds.map(lambda ex: {**ex, "xray": shift_xray(ex["xray"], shift)}, num_parallel_calls=tf.data.AUTOTUNE)

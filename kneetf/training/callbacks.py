@@ -1,5 +1,5 @@
 """Keras callbacks of a training run: learning rates and image summaries in TensorBoard,
-a wall-clock budget."""
+a wall-clock budget, and why the run stopped."""
 from __future__ import annotations
 
 import logging
@@ -59,6 +59,32 @@ class ImageSummary(keras.callbacks.Callback):
         self.writer.flush()
 
 
+class StopReason(keras.callbacks.Callback):
+    """Records why `fit` ended: the name of the first of `stoppers` (name -> callback) that set
+    `model.stop_training`, "nan" for a NaN loss, else "epochs". Put it after the stoppers."""
+
+    def __init__(self, stoppers: dict[str, keras.callbacks.Callback] | None = None):
+        super().__init__()
+        self.stoppers = dict(stoppers or {})
+        self.reason = "epochs"
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.reason = "epochs"
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            self.reason = "nan"
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if not self.model.stop_training or self.reason != "epochs":
+            return
+        for name, cb in self.stoppers.items():
+            if getattr(cb, "stopped_epoch", 0) or getattr(cb, "stopped", False):
+                self.reason = name
+                return
+
+
 class TimeBudget(keras.callbacks.Callback):
     """Stops training after the epoch during which `seconds` have passed since `start`
     (a `time.monotonic()` value; by default when training begins)."""
@@ -67,6 +93,7 @@ class TimeBudget(keras.callbacks.Callback):
         super().__init__()
         self.seconds = seconds
         self.start = start
+        self.stopped = False
 
     def on_train_begin(self, logs: Any = None) -> None:
         if self.start is None:
@@ -76,3 +103,4 @@ class TimeBudget(keras.callbacks.Callback):
         if self.seconds and time.monotonic() - self.start > self.seconds:
             log.info("time budget of %.0f s reached after epoch %d; stopping", self.seconds, epoch + 1)
             self.model.stop_training = True
+            self.stopped = True

@@ -2,7 +2,13 @@
 
 The run folder holds `model.keras` (best on validation), `config.json`, `history.csv`,
 `tensorboard/`, `metrics.json` (validation PSNR / SSIM of the model next to the
-mean-training-volume baseline) and `samples.png`.
+mean-training-volume baseline and, for a model with a kernel ridge prior, the prior alone;
+how many epochs ran, the best one, and why training stopped) and `samples.png`.
+
+Training stops at `epochs`, when the validation loss has not improved for
+`early_stopping_patience` epochs, or at a time budget: `time_budget_s` for any run, or
+`demo_time_budget_s` for runs on the built-in synthetic knees only (a user's data is never cut
+short by the demo's budget).
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kneetf.config import ModelConfig, PreprocessConfig, TrainConfig, to_dict
+from kneetf.config import ModelConfig, PreprocessConfig, TrainConfig, replace, to_dict
 from kneetf.data.cache import DATASET_JSON
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import write_text_atomic
@@ -26,6 +32,9 @@ from kneetf.version import __version__
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+PRIOR_FILE = "prior.json"
+#: why a run stopped (metrics.json "stop_reason")
+STOP_REASONS = ("epochs", "early_stopping", "time_budget", "nan")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -101,14 +110,27 @@ def _check_same_run(out: Path, blob: dict[str, Any], fresh: bool) -> None:
                               "use another --out or --fresh to start over")
 
 
-def _best_val_loss(history: Path) -> float | None:
+def _val_losses(history: Path, monitor: str = "val_loss") -> list[tuple[int, float]]:
+    """(epoch, monitored value) rows of a history.csv (epochs 0-based, as Keras writes them)."""
     import csv
 
     if not history.exists():
-        return None
+        return []
     with history.open() as f:
-        values = [float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")]
+        return [(int(r["epoch"]), float(r[monitor])) for r in csv.DictReader(f) if r.get(monitor)]
+
+
+def _best_val_loss(history: Path, monitor: str = "val_loss") -> float | None:
+    values = [v for _, v in _val_losses(history, monitor)]
     return min(values) if values else None
+
+
+def time_budget(train_config: TrainConfig, data: DataSpec) -> float:
+    """The run's time budget in seconds (0 = none): `time_budget_s` for any run, else
+    `demo_time_budget_s` on the built-in synthetic knees only."""
+    if train_config.time_budget_s:
+        return float(train_config.time_budget_s)
+    return float(train_config.demo_time_budget_s) if data.path is None else 0.0
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | Path, *,
@@ -127,7 +149,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     from kneetf.data.pipeline import load_arrays, make_dataset, split_size
     from kneetf.data.sources import copy_roi_detector
     from kneetf.models.kneenet import KneeNet
-    from kneetf.training.callbacks import ImageSummary, LearningRateLogger, TimeBudget
+    from kneetf.training.callbacks import ImageSummary, LearningRateLogger, StopReason, TimeBudget
     from kneetf.training.distribute import is_chief, make_strategy, worker_index
 
     data = data or DataSpec()
@@ -157,6 +179,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     if not n_val:
         log.warning("no validation split in %s: validating on the training split", cache)
     data_s = time.monotonic() - t0
+    prior = None
+    if model_config.residual_template and model_config.residual_prior == "kernel_ridge":
+        from kneetf.training.prior import fit_model_prior, iterate_split
+
+        prior = fit_model_prior(iterate_split(cache, "train"), model_config, train_config, seed=train_config.seed)
+        # the layer's sizes follow the data: fewer landmarks (and a lower rank) on a small split
+        model_config = replace(model_config, prior_landmarks=prior.num_landmarks, prior_rank=prior.rank)
+        if chief:
+            write_text_atomic(work / PRIOR_FILE, json.dumps(prior.info, indent=2))
+    prior_s = time.monotonic() - t0 - data_s
 
     blob = {"kneetf_version": __version__, "preset": preset, "recipe": recipe, "model": to_dict(model_config),
             "train": to_dict(train_config), "preprocess": info["preprocess"],
@@ -172,7 +204,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     try:
         with strategy.scope():
             model = KneeNet(model_config)
-            if model_config.residual_template:
+            if prior is not None:
+                model.set_prior(prior.values)
+            elif model_config.residual_template:
                 model.set_template(_mean_volume(cache, "train", train_config.batch_size))
             model.compile_for_training(train_config, learning_rate=_learning_rate(train_config, n_train),
                                        jit_compile=options.jit, steps_per_execution=options.steps_per_execution)
@@ -181,20 +215,40 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
 
     replicas = strategy.num_replicas_in_sync
     steps = max(1, n_train // train_config.batch_size) if replicas > 1 else None
+    transform = None
+    if prior is not None and train_config.prior_loo_targets:
+        from kneetf.training.prior import offset_transform
+
+        transform = offset_transform(prior, model_config.image_size)
     train_ds = make_dataset(cache, "train", train_config.batch_size, shuffle=True, seed=train_config.seed,
                             repeat=replicas > 1, drop_remainder=replicas > 1, augment=train_config.augment,
-                            shift=train_config.shift_augment)
+                            shift=train_config.shift_augment, transform=transform)
     val_ds = make_dataset(cache, val_split, train_config.batch_size, drop_remainder=replicas > 1 and
                           split_size(cache, val_split) >= train_config.batch_size)
     sample = load_arrays(cache, val_split, limit=8)
     resumed = (work / RUN_BACKUP_DIR).exists()
+    monitor = train_config.monitor
+    threshold = _best_val_loss(work / RUN_HISTORY_FILE, monitor) if resumed else None
+    initial = None
+    if not resumed and model_config.residual_template:
+        # the untrained model predicts its template (the mean volume or the kernel ridge
+        # prior): it is the model to beat on validation, kept unless an epoch does better
+        logs = model.evaluate(val_ds, verbose=0, return_dict=True)
+        initial = threshold = float(logs[monitor.removeprefix("val_")])
+        model.save(work / RUN_MODEL_FILE)
+        log.info("untrained model (its template alone): %s %.5g", monitor, initial)
     callbacks: list[keras.callbacks.Callback] = [
         LearningRateLogger(),
+    ]
+    if train_config.ema_momentum:
+        # first: validation, checkpoints and backups see the averaged weights, and a resumed
+        # run swaps them back at the start of its next epoch
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    callbacks += [
         # history first: a kill between the two writes then repeats an epoch, never loses a row
         keras.callbacks.CSVLogger(str(work / RUN_HISTORY_FILE), append=resumed),
-        keras.callbacks.ModelCheckpoint(str(work / RUN_MODEL_FILE), monitor="val_loss", save_best_only=True,
-                                        initial_value_threshold=_best_val_loss(work / RUN_HISTORY_FILE) if resumed
-                                        else None),
+        keras.callbacks.ModelCheckpoint(str(work / RUN_MODEL_FILE), monitor=monitor, mode="min",
+                                        save_best_only=True, initial_value_threshold=threshold),
         keras.callbacks.BackupAndRestore(str(work / RUN_BACKUP_DIR), double_checkpoint=True, delete_checkpoint=False),
         keras.callbacks.TerminateOnNaN(),
     ]
@@ -204,11 +258,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
             ImageSummary(str(out / "tensorboard" / "images"), sample["xray"], sample["mri"],
                          every=max(1, train_config.epochs // 10)),
         ]
+    stoppers: dict[str, keras.callbacks.Callback] = {}
     if train_config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(patience=train_config.early_stopping_patience,
-                                                       restore_best_weights=True))
-    if train_config.time_budget_s:  # counted from the start of the run, data preparation included
-        callbacks.append(TimeBudget(train_config.time_budget_s, start=t0))
+        stoppers["early_stopping"] = keras.callbacks.EarlyStopping(monitor=monitor, mode="min",
+                                                                   patience=train_config.early_stopping_patience)
+    budget = time_budget(train_config, data)
+    if budget:  # counted from the start of the run, data preparation included
+        stoppers["time_budget"] = TimeBudget(budget, start=t0)
+    reason = StopReason(stoppers)
+    callbacks += list(stoppers.values()) + [reason]
     t1 = time.monotonic()
     model.fit(train_ds, validation_data=val_ds, epochs=train_config.epochs, steps_per_epoch=steps,
               callbacks=callbacks, verbose=verbose)
@@ -224,12 +282,36 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
         best = _as_float32(best)
         best.save(best_path)
     metrics = _validation_metrics(best, cache, val_split)
+    losses = _val_losses(out / RUN_HISTORY_FILE, monitor)
+    best_epoch = min(losses, key=lambda r: r[1])[0] + 1 if losses else None
+    if best_epoch is not None and initial is not None and min(v for _, v in losses) >= initial:
+        best_epoch = 0  # no epoch beat the untrained model
     metrics.update(train_pairs=n_train, val_pairs=n_val, val_split=val_split, data_s=round(data_s, 1),
                    train_s=round(train_s, 1), total_s=round(time.monotonic() - t0, 1),
-                   epochs_run=len(model.history.epoch) if model.history else 0, resumed=resumed)
+                   epochs_run=len(model.history.epoch) if model.history else 0, resumed=resumed,
+                   epochs_done=losses[-1][0] + 1 if losses else 0, epochs=train_config.epochs,
+                   best_epoch=best_epoch, stop_reason=reason.reason, time_budget_s=budget, monitor=monitor,
+                   untrained_val=initial)
+    if prior is not None:
+        metrics.update(prior_s=round(prior_s, 1), prior=prior.info)
+    log.info("%s", stop_summary(metrics))
     write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2))
     _write_samples(best, load_arrays(cache, val_split, limit=4), out / "samples.png")
     return metrics
+
+
+def stop_summary(metrics: dict[str, Any]) -> str:
+    """One line: how many epochs ran, why training stopped and which epoch was kept."""
+    done, total = metrics.get("epochs_done", 0), metrics.get("epochs", 0)
+    why = {"epochs": f"all {total} epochs done",
+           "early_stopping": f"early stop at epoch {done} of {total}: the validation loss had not improved "
+                             "for the patience",
+           "time_budget": f"time budget of {metrics.get('time_budget_s', 0):.0f} s reached at epoch {done} of {total}",
+           "nan": f"stopped at epoch {done} of {total}: the loss became NaN"}.get(metrics.get("stop_reason"), "")
+    best = metrics.get("best_epoch")
+    if best == 0:
+        return f"training: {why}; no epoch beat the untrained model (its template), which model.keras keeps"
+    return f"training: {why}; best epoch {best} (kept in model.keras)" if best else f"training: {why}"
 
 
 def _learning_rate(train_config: TrainConfig, n_train: int) -> Any:
@@ -262,13 +344,17 @@ def _validation_metrics(model: Any, cache: Path, split: str) -> dict[str, Any]:
     base = np.broadcast_to(mean, arrays["mri"].shape)
     model_s = M.summarize(arrays["mri"], pred)
     base_s = M.summarize(arrays["mri"], base)
-    return {
+    out = {
         "split": split,
         "model": model_s,
         "mean_baseline": base_s,
         "psnr_gain_db": model_s["psnr"]["mean"] - base_s["psnr"]["mean"],
         "ssim_gain": model_s["ssim_2d"]["mean"] - base_s["ssim_2d"]["mean"],
     }
+    if getattr(model, "prior", None) is not None:  # the kernel ridge prior alone (the untrained model)
+        prior = np.concatenate([model.prior(arrays["xray"][i:i + 16]).numpy() for i in range(0, len(pred), 16)])
+        out["prior_baseline"] = M.summarize(arrays["mri"], prior)
+    return out
 
 
 def _write_samples(model: Any, arrays: dict[str, Any], path: Path) -> None:
