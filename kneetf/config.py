@@ -193,7 +193,8 @@ class TrainConfig:
         "help": "weight of an image-gradient MSE term in the MRI loss", "metavar": "W"})
     time_budget_s: float = field(default=0.0, metadata={
         "help": "stop after the epoch that ends this long after the run started, data preparation included "
-                "(0 = no limit; applies to every run)", "metavar": "SECONDS"})
+                "(0 = no limit; applies to every run, and replaces the default recipe's 500 s budget of runs on the "
+                "built-in synthetic knees)", "metavar": "SECONDS"})
     ema_momentum: float = field(default=0.0, metadata={
         "help": "keep an exponential moving average of the weights with this momentum per step and validate, "
                 "keep and export the averaged weights (0 = off)", "metavar": "M"})

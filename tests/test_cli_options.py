@@ -96,6 +96,18 @@ def test_every_train_flag_name_sets_its_field(monkeypatch, tmp_path) -> None:
                                                                                 True, True)
 
 
+def test_the_default_recipes_budget_is_the_demos_and_budget_replaces_it(monkeypatch, tmp_path) -> None:
+    from kneetf.training.train import DataSpec, time_budget
+
+    seen = _train_configs(monkeypatch, tmp_path, ["--preset", "tiny"])
+    assert time_budget(seen["train"], DataSpec(path=None)) == 500.0  # the built-in demo
+    assert time_budget(seen["train"], DataSpec(path="cache")) == 0.0  # a user's data is never cut
+    seen = _train_configs(monkeypatch, tmp_path, ["--preset", "tiny", "--budget", "0"])
+    assert time_budget(seen["train"], DataSpec(path=None)) == 0.0
+    seen = _train_configs(monkeypatch, tmp_path, ["--preset", "tiny", "--budget", "60", "--data", "cache"])
+    assert time_budget(seen["train"], seen["data"]) == 60.0
+
+
 def test_train_help_lists_registries_and_recipe_defaults() -> None:
     from kneetf.presets import preset_names
     from kneetf.training.recipes import RECIPES

@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
 
     flags, run_flags = _flags(), _run_flags() + [ConfigFlag(RunOptions, "fresh")]
     model_config, train_config = get_recipe(args.recipe).apply(get_preset(args.preset), TrainConfig())
-    train_config = replace(train_config, **config_values(args, flags, TrainConfig))
+    overrides = config_values(args, flags, TrainConfig)
+    if "time_budget_s" in overrides:  # --budget is this run's budget on any data (0: none), the demo's too
+        overrides.setdefault("demo_time_budget_s", overrides["time_budget_s"])
+    train_config = replace(train_config, **overrides)
     model_config = replace(model_config, **config_values(args, flags, ModelConfig))
     data = DataSpec(**config_values(args, flags, DataSpec), synthetic_seed=train_config.seed)
     options = RunOptions(**config_values(args, run_flags, RunOptions))

@@ -38,7 +38,7 @@ RECIPES: dict[str, Recipe] = {
                    "MSE + 0.05 (1 - SSIM) MRI loss",
         model={"residual_template": True, "mri_output": "sigmoid", "xray_output": "sigmoid", "bn_momentum": 0.9},
         train={"lr_encdec": 1e-3, "lr_generator": 1e-3, "batch_size": 16, "augment": 1.0,
-               "lr_schedule": "cosine", "epochs": 40, "time_budget_s": 500.0, "ssim_weight": 0.05},
+               "lr_schedule": "cosine", "epochs": 40, "demo_time_budget_s": 500.0, "ssim_weight": 0.05},
     ),
 }
 
