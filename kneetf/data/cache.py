@@ -209,13 +209,15 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
         todo.append((name, chunk, fp))
     if skipped:
         log.info("cache %s: %d shard(s) already complete, skipped", out, skipped)
+    if todo and existing.exists():  # it would count shards about to be rewritten: the cache is not ready
+        existing.unlink()
     bar = tqdm(total=sum(len(c) for _, c, _ in todo), desc="prepare", unit="pair", disable=not progress)
     flat = [t for _, chunk, _ in todo for t in chunk]
     loaded = _iter_loaded(flat, load_fn, config, workers)
     for name, chunk, fp in todo:
         shard_errors: list[dict[str, str]] = []
         count = 0
-        with atomic_path(out / name) as tmp:
+        with atomic_path(out / name, fault="prepare.shard") as tmp:
             with tf.io.TFRecordWriter(str(tmp)) as writer:
                 for task in chunk:
                     item = next(loaded)
@@ -229,7 +231,8 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
                     except InputError as e:
                         shard_errors.append({"id": task.id, "file": task.source, "reason": e.reason})
         write_text_atomic(out / (name + ".json"),
-                          json.dumps({"fingerprint": fp, "count": count, "errors": shard_errors}))
+                          json.dumps({"fingerprint": fp, "count": count, "errors": shard_errors}),
+                          fault="prepare.shard_info")
         counts[name.split("-")[0]] += count
         errors.extend(shard_errors)
     bar.close()
@@ -249,7 +252,7 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_text_atomic(out / DATASET_JSON, json.dumps(info, indent=2))
+    write_text_atomic(out / DATASET_JSON, json.dumps(info, indent=2), fault="prepare.info")
     return CacheResult(out_dir=out, counts=counts, errors=errors, skipped_shards=skipped)
 
 

@@ -9,12 +9,10 @@ writers of `kneetf.inference.outputs`. A file that fails is reported and the res
 """
 from __future__ import annotations
 
-import csv
-import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -22,7 +20,7 @@ from kneetf.config import PreprocessConfig
 from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.inference.outputs import parse_formats, write_prediction
 from kneetf.inference.predictor import load_predictor
-from kneetf.io.atomic import write_text_atomic
+from kneetf.io.atomic import CsvLog, remove_debris
 from kneetf.preprocess.xray import PreparedXray, normalize_side, prepare_xray, roi_source, to_output_volume
 
 XRAY_SUFFIXES = {".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
@@ -41,6 +39,10 @@ class XrayInput:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+PREDICTIONS_CSV = "predictions.csv"
+PREDICTION_FIELDS = ("id", "source", "side", "mirrored", "x0", "y0", "x1", "y1")
+ERRORS_CSV = "errors.csv"
+ERROR_FIELDS = ("id", "file", "reason")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -164,7 +166,10 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
 
     A file that fails (unreadable, no ROI, ...) is reported in the returned report and in
     `out_dir/errors.csv`; the others are written. `out_dir/predictions.csv` lists what was
-    written (id, source, side, mirrored, ROI box). Only `out_dir` is written to.
+    written (id, source, side, mirrored, ROI box), one row appended as each reconstruction's
+    files are all in place (each file, and a DICOM series as a folder, is renamed into place
+    whole): a killed run leaves the finished ones listed and nothing half-written, and the
+    same call again writes them all. Only `out_dir` is written to.
     """
     from tqdm.auto import tqdm
 
@@ -176,8 +181,17 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     items, errors = collect_inputs(inputs, allow_outside=allow_outside)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_debris(out)  # what a killed run left half-written
     report = PredictReport(out, errors=list(errors))
-    rows: list[dict[str, Any]] = []
+    # a row is appended once the files of its reconstruction are all in place: a killed run
+    # leaves a predictions.csv that lists exactly the finished ones
+    rows = CsvLog(out / PREDICTIONS_CSV, PREDICTION_FIELDS, fault="predict.row")
+    failures = CsvLog(out / ERRORS_CSV, ERROR_FIELDS, report.errors)
+
+    def fail(item: XrayInput, reason: str) -> None:
+        report.errors.append({"id": item.id, "file": str(item.path), "reason": reason})
+        failures.append(report.errors[-1])
+
     bar = tqdm(total=len(items), desc="predict", unit="xray", disable=not progress)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -186,7 +200,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             try:
                 prepared.append((item, read_input(item, predictor.preprocess, roi)))
             except Exception as e:  # report, keep going with the others
-                report.errors.append({"id": item.id, "file": str(item.path), "reason": _reason(e)})
+                fail(item, _reason(e))
                 bar.update(1)
         if not prepared:
             continue
@@ -194,33 +208,23 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             mri = predictor(np.stack([p.xray for _, p in prepared]))
         except Exception as e:
             for item, _ in prepared:
-                report.errors.append({"id": item.id, "file": str(item.path), "reason": f"model: {_reason(e)}"})
+                fail(item, f"model: {_reason(e)}")
             bar.update(len(prepared))
             continue
         for (item, prep), vol in zip(prepared, mri):
             try:
                 patient = patient_module(item.path) if keep_patient else None
                 paths = write_prediction(out, prep, to_output_volume(vol, prep.mirrored), formats, patient=patient)
+            except Exception as e:
+                fail(item, f"writing: {_reason(e)}")
+            else:
                 report.written[item.id] = paths
                 rows.append({"id": item.id, "source": str(item.path), "side": prep.side,
                              "mirrored": int(prep.mirrored),
                              **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple())))})
-            except Exception as e:
-                report.errors.append({"id": item.id, "file": str(item.path), "reason": f"writing: {_reason(e)}"})
             bar.update(1)
     bar.close()
-    _write_csv(out / "predictions.csv", ["id", "source", "side", "mirrored", "x0", "y0", "x1", "y1"], rows)
-    _write_csv(out / "errors.csv", ["id", "file", "reason"], report.errors)
     return report
-
-
-def _write_csv(path: Path, fields: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    write_text_atomic(path, buf.getvalue())
 
 
 __all__ = ["XRAY_SUFFIXES", "XrayInput", "safe_id", "file_id", "collect_inputs", "read_input", "patient_module",
