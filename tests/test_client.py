@@ -308,6 +308,14 @@ def test_cli_client_writes_nifti(served, server, tmp_path, capsys):
                  "--out", str(tmp_path / "one.nii.gz")]) == 1
     assert "use a folder" in capsys.readouterr().err
 
+    # exit status 4: some X-rays failed, the others were written; 1: none was
+    (tmp_path / "bad.npy").write_bytes(b"not an array")
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), str(tmp_path / "bad.npy"),
+                 "--out", str(tmp_path / "some")]) == 4
+    assert (tmp_path / "some" / "a.nii.gz").exists() and "1 of 2 X-ray(s) failed" in capsys.readouterr().err
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "bad.npy"),
+                 "--out", str(tmp_path / "none")]) == 1
+
 
 # === serving/ configuration ===
 

@@ -49,7 +49,7 @@ def test_prepare_dicom_manifest_skips_bad_inputs_and_resumes(synth: Path, tmp_pa
     cache = tmp_path / "cache"
     rc = main(["prepare", str(manifest), "--out", str(cache), "--rois", str(rois), "--workers", "2",
                "--roi-preview"])
-    assert rc == 0
+    assert rc == 4  # three bad rows skipped, the rest written
     out = capsys.readouterr().out
     info = json.loads((cache / "dataset.json").read_text())
     assert sum(info["counts"].values()) == 6 and info["errors"] == 3
@@ -78,7 +78,7 @@ def test_prepare_dicom_manifest_skips_bad_inputs_and_resumes(synth: Path, tmp_pa
     assert ids == sorted(r["id"] for r in _rows(synth / "manifest.csv"))
     # a second run finds every shard complete and writes nothing new
     mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("*.tfrecord")}
-    assert main(["prepare", str(manifest), "--out", str(cache), "--rois", str(rois)]) == 0
+    assert main(["prepare", str(manifest), "--out", str(cache), "--rois", str(rois)]) == 4
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.tfrecord")} == mtimes
 
 

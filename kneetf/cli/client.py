@@ -108,4 +108,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{xray} -> {target} ({volume.shape[2]} slices of {volume.shape[0]}x{volume.shape[1]})")
     if failed:
         print(f"kneetf client: {failed} of {len(xrays)} X-ray(s) failed", file=sys.stderr)
-    return 1 if failed else 0
+    from kneetf.cli.exits import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+
+    return EXIT_OK if not failed else EXIT_PARTIAL if failed < len(xrays) else EXIT_ERROR

@@ -26,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the one recorded with the model)")
     parser.add_argument("--allow-outside", action="store_true",
                         help="let a manifest name files outside its folder tree")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from kneetf.cli.exits import EXIT_OK, EXIT_PARTIAL
     from kneetf.errors import KneetfError
     from kneetf.inference.batch import predict_files
     from kneetf.inference.outputs import parse_formats
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     roi = roi_source(boxes=args.rois, detector=args.roi_detector)
     report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
                            keep_patient=args.keep_patient, batch_size=args.batch_size, preprocess=args.preprocess,
-                           allow_outside=args.allow_outside, progress=not args.no_progress)
+                           allow_outside=args.allow_outside, progress=args.progress)
     total = report.ok + len(report.errors)
     print(f"wrote {report.ok} of {total} reconstruction(s) to {report.out_dir}")
     if report.errors:
@@ -49,4 +49,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {who}: {e['reason']}", file=sys.stderr)
     if report.ok == 0:
         raise KneetfError("no reconstruction was written" + ("" if total else ": no input files"))
-    return 0
+    return EXIT_PARTIAL if report.errors else EXIT_OK

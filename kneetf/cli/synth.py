@@ -28,7 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train/val/test fractions (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any SynthConfig field, e.g. --set mri_noise=0.05 --set bias_field=0.25 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _settings(items: list[str]) -> dict[str, object]:
@@ -67,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = from_dict(SynthConfig, {**config_values(args, _flags(), SynthConfig), **_settings(args.set)})
     summary = synthesize(args.out, n=args.n, seed=args.seed, config=config, fractions=_fractions(args.split_fractions),
-                         formats=args.formats.split(","), workers=args.workers, progress=not args.no_progress)
+                         formats=args.formats.split(","), workers=args.workers, progress=args.progress)
     print(f"kneetf synth: {summary.n} knees in {summary.out_dir} ({summary.generated} generated, "
           f"{summary.reused} reused) in {summary.seconds:.1f} s; manifest {summary.manifest}")
     return 0
