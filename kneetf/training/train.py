@@ -222,6 +222,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
 
     replicas = strategy.num_replicas_in_sync
     steps = steps_per_pass(cache, "train", train_config.batch_size, drop_remainder=replicas > 1)
+    if not steps:
+        raise ConfigError(f"the train split of {cache} ({n_train} pairs) is smaller than one global batch "
+                          f"({train_config.batch_size}) over {replicas} replicas; use a smaller --batch-size")
     # one pass per epoch, each ordered and augmented by (seed, epoch): a resumed run sees the
     # batches an uninterrupted one would
     train_ds = make_dataset(cache, "train", train_config.batch_size, shuffle=True, seed=train_config.seed,
