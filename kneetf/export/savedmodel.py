@@ -289,8 +289,9 @@ def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None
     out = Path(out)
     name = model_name or out.name or DEFAULT_MODEL_NAME
     fingerprint = export_fingerprint(source, name=name, warmup_batch_sizes=warmup_batch_sizes,
-                                     tflite_variants=tflite_variants)
-    if version is None:
+                                     tflite_variants=tflite_variants, data=str(data) if data else None,
+                                     calibration_samples=calibration_samples if tflite_variants else None)
+    if version is None and representative is None:
         done = _exported_as(out, fingerprint)
         if done is not None:  # e.g. the same command again after the export was killed past its rename
             log.info("%s is already exported as version %d (same model and options); nothing to do", name, done.version)
