@@ -41,6 +41,8 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "scikit-image>=0.22",
+            "highdicom>=0.28",  # reads the derived DICOM series back in the tests
+            "dcm2niix>=1.0.20250506",  # the dcm2niix binary, converts it back in the tests
         ],
         "gdcm": ["python-gdcm>=3.0.24"],
     },

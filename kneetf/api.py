@@ -24,7 +24,8 @@ import numpy as np
 from kneetf.errors import ConfigError
 from kneetf.inference.batch import file_id, safe_id
 from kneetf.inference.loading import load_model
-from kneetf.inference.outputs import NOMINAL_SPACING, write_dicom, write_volume
+from kneetf.inference.geometry import GEOMETRY, output_affine
+from kneetf.inference.outputs import write_dicom, write_volume
 from kneetf.inference.predictor import load_predictor
 from kneetf.preprocess.roi import Box
 from kneetf.preprocess.xray import mirror_xray, prepare_xray, roi_source, to_output_volume
@@ -38,8 +39,10 @@ class Reconstruction:
 
     volume: (slices, H, W) float32 in the normalised [0, 1] space, the preprocessed MRI's
         slice order and in-plane orientation (slices first, as in the written NIfTI).
-    spacing: (slice, row, column) mm (nominal, `kneetf.inference.outputs.NOMINAL_SPACING`).
-    affine: 4x4 RAS affine of the NIfTI file `save` writes.
+    spacing: (slice, row, column) mm and affine: the 4x4 RAS affine of `volume` as it is
+        (voxel (slice, row, column) -> mm), both from the one output geometry
+        (`kneetf.inference.geometry`) that `save`, `save_dicom`, `kneetf predict`,
+        `kneetf evaluate` and `kneetf client` write.
     id, side: the knee; box: the ROI box (`kneetf.preprocess.roi.Box`) in X-ray pixels;
     xray: the model input (H, W, 1); mirrored: whether the knee was mirrored for the model
     (already undone in `volume`).
@@ -57,11 +60,12 @@ class Reconstruction:
     def save(self, path: str | Path) -> Path:
         """Write the volume as NIfTI (`.nii` / `.nii.gz`) or a PNG montage (`.png`), atomically."""
         xray = None if self.xray is None else (mirror_xray(self.xray) if self.mirrored else self.xray)
-        return write_volume(path, self.volume, self.spacing, xray=xray)
+        return write_volume(path, self.volume, xray=xray)
 
     def save_dicom(self, folder: str | Path, patient: dict[str, Any] | None = None) -> list[Path]:
-        """Write the volume as a derived DICOM MR series (anonymous unless `patient` is given)."""
-        return write_dicom(folder, self.volume, self.spacing, side=self.side, patient=patient)
+        """Write the volume as a derived DICOM MR series: a random pseudonymous patient, or
+        `patient` (DICOM keywords -> values, e.g. {"PatientID": ...}) when given."""
+        return write_dicom(folder, self.volume, side=self.side, patient=patient)
 
 
 class Reconstructor:
@@ -78,10 +82,13 @@ class Reconstructor:
         self.roi = roi_source(roi)
 
     @classmethod
-    def load(cls, path: Any, roi: Any = None, preprocess: Any = None) -> "Reconstructor":
+    def load(cls, path: Any, roi: Any = None, preprocess: Any = None, *, trust_model: bool = False
+             ) -> "Reconstructor":
         """Load the model at `path` (or wrap a keras.Model); `preprocess` overrides the
-        recorded preprocessing config (a PreprocessConfig or a JSON holding one)."""
-        return cls(load_predictor(path, preprocess), roi)
+        recorded preprocessing config (a PreprocessConfig or a JSON holding one). A
+        SavedModel or TFLite file with operations kneetf models never use (file or other
+        I/O) is refused unless `trust_model` (a model file is code)."""
+        return cls(load_predictor(path, preprocess, trust_model=trust_model), roi)
 
     @property
     def preprocess(self) -> Any:
@@ -118,22 +125,19 @@ class Reconstructor:
                       cropped: bool = False, batch_size: int = 8) -> list[Reconstruction]:
         """`predict` for several X-rays (paths or arrays), `batch_size` per model call.
         The first input that cannot be used raises an InputError naming it."""
-        from kneetf.io.writers import nifti_affine
-
         n = len(xrays)
         for name, seq in (("ids", ids), ("sides", sides), ("boxes", boxes)):
             if seq is not None and len(seq) != n:
                 raise ConfigError(f"{name} must have one entry per X-ray ({n}). Received: {len(seq)}")
         prepared = [self._prepare(x, ids[i] if ids else None, sides[i] if sides else None,
                                   boxes[i] if boxes else None, cropped) for i, x in enumerate(xrays)]
-        affine = nifti_affine(NOMINAL_SPACING)
         out: list[Reconstruction] = []
         for s in range(0, n, max(1, batch_size)):
             chunk = prepared[s:s + batch_size]
             mri = self.predictor(np.stack([p.xray for p in chunk]))
             for p, vol in zip(chunk, mri):
-                out.append(Reconstruction(volume=to_output_volume(vol, p.mirrored), spacing=NOMINAL_SPACING,
-                                          affine=affine.copy(), id=p.id, box=p.box, side=p.side,
+                out.append(Reconstruction(volume=to_output_volume(vol, p.mirrored), spacing=GEOMETRY.spacing,
+                                          affine=output_affine(), id=p.id, box=p.box, side=p.side,
                                           mirrored=p.mirrored, xray=p.xray))
         return out
 

@@ -33,6 +33,11 @@ class InputError(KneetfError, ValueError):
         super().__init__(f"{self.path}: {reason}" if self.path else reason)
 
 
+class UnsafeModelError(InputError):
+    """A model file would run operations kneetf models never use (file or other I/O); it is
+    loaded only when the user says it is trusted."""
+
+
 class ManifestError(InputError):
     """A line of a manifest CSV is not valid; `line` is its 1-based line number."""
 

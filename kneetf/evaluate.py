@@ -7,8 +7,10 @@ space (data range 1); the split is streamed, so memory grows with the number of 
 subjects only through the baselines' accumulators.
 
 With `out_dir`: `per_subject.csv`, `summary.json`, montages of the best, median and worst
-subjects (by the model's PSNR), `slice_psnr.png` and, for a run folder, `learning_curves.png`.
-Nothing is written anywhere else.
+subjects (by the model's PSNR), `slice_psnr.png` and, for a run folder, `learning_curves.png`;
+with `save_volumes`, each subject's reconstruction as `volumes/<id>.nii.gz` (the output
+geometry of `kneetf predict`, `kneetf.inference.outputs.write_volume`). Nothing is written
+anywhere else.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ SUMMARY_JSON = "summary.json"
 PER_SUBJECT_CSV = "per_subject.csv"
 SLICE_PSNR_PNG = "slice_psnr.png"
 LEARNING_CURVES_PNG = "learning_curves.png"
+VOLUMES_DIR = "volumes"
 #: metrics on which "the model beats a baseline" is judged
 JUDGED = ("psnr", "ssim_2d")
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim_2d": "SSIM-2D", "ssim_3d": "SSIM-3D", "mae": "MAE"}
@@ -80,12 +83,13 @@ def _history_path(model: Any) -> Path | None:
 def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: str | Path | None = None, *,
              baseline_split: str = "train", k: int = B.DEFAULT_K, downsample: int = B.DEFAULT_DOWNSAMPLE,
              batch_size: int = 16, limit: int | None = None, progress: bool = True,
-             log_verdict: bool = True) -> dict[str, Any]:
+             log_verdict: bool = True, save_volumes: bool = False) -> dict[str, Any]:
     """Score `model` (path of a .keras / run folder / SavedModel / .tflite, or a keras.Model)
     on `split` of the cache against the baselines; write the report to `out_dir` if given.
 
     Returns the summary dict (what summary.json holds) plus "per_subject" (list of rows).
-    `log_verdict` logs `verdict_lines` (the CLI prints them itself).
+    `log_verdict` logs `verdict_lines` (the CLI prints them itself). `save_volumes` writes
+    the model's reconstructions to `out_dir/volumes/<id>.nii.gz`.
     """
     from tqdm.auto import tqdm
 
@@ -140,6 +144,8 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
             for key, v in M.subject_scores(true, pred).items():
                 scores[name].setdefault(key, []).extend(list(v))
         sides += batch["side"]
+        if save_volumes and out_dir is not None:
+            _write_volumes(Path(out_dir) / VOLUMES_DIR, batch["id"], batch["side"], preds["model"], cache_prep)
         offset += n
         bar.update(n)
     bar.close()
@@ -153,6 +159,16 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
     if out_dir is not None:
         _write_report(Path(out_dir), result, model, predictor, cache_dir, split, batch_size, limit)
     return result
+
+
+def _write_volumes(folder: Path, ids: Sequence[str], sides: Sequence[str], mri: np.ndarray, prep: Any) -> None:
+    """Model outputs (N, H, W, slices) of a cache batch as `<id>.nii.gz`, mirroring undone."""
+    from kneetf.inference.batch import safe_id
+    from kneetf.inference.outputs import write_volume
+    from kneetf.preprocess.xray import mirrors, to_output_volume
+
+    for sid, side, vol in zip(ids, sides, mri):
+        write_volume(folder / f"{safe_id(sid)}.nii.gz", to_output_volume(vol, mirrors(prep, side)))
 
 
 def _summary(scores: dict[str, dict[str, list]], methods: Sequence[str], ids: Sequence[str], model: Any,
@@ -280,6 +296,8 @@ def _write_report(out: Path, result: dict[str, Any], model: Any, predictor: Any,
     history = _history_path(model)
     if history is not None and viz.save_learning_curves(out / LEARNING_CURVES_PNG, history) is not None:
         files.append(LEARNING_CURVES_PNG)
+    if (out / VOLUMES_DIR).is_dir():
+        files.append(VOLUMES_DIR + "/")
     summary = {k: v for k, v in result.items() if k != "per_subject"}
     summary["files"] = files
     result["files"] = files

@@ -25,11 +25,11 @@ build than `tf.make_tensor_proto` for image-sized arrays.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from kneetf.errors import InputError, ServingError
+from kneetf.errors import ConfigError, InputError, ServingError
 
 # === Files ===
 
@@ -63,6 +63,75 @@ OUTPUT_KEYS: tuple[str, ...] = ("xray_recon", "mri")
 
 #: Smallest accepted image side: catches (H, W, 1) passed where (B, H, W) is expected.
 MIN_SIDE = 8
+
+# === What a server may answer ===
+
+#: The documented outputs of an export, used when the server does not describe its model:
+#: 128x128 images and 20 MRI slices per X-ray.
+CONTRACT_IMAGE_SIZE = 128
+CONTRACT_NUM_SLICES = 20
+#: The most values one X-ray's outputs may hold, whatever a server claims (2**25 float32
+#: values = 128 MiB; a kneetf export answers 344 064).
+MAX_OUTPUT_VALUES = 1 << 25
+#: The batch sizes TF Serving's batching may form (`allowed_batch_sizes` of
+#: serving/batching.config, checked by the tests): the export writes a warm-up request for
+#: each, and the clients split bigger batches at the largest.
+SERVING_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+
+def output_shapes(image_size: int = CONTRACT_IMAGE_SIZE, num_slices: int = CONTRACT_NUM_SLICES
+                  ) -> dict[str, tuple[int, int, int]]:
+    """The shape of each output per X-ray: `{"xray_recon": (S, S, 1), "mri": (S, S, slices)}`."""
+    shapes = {"xray_recon": (int(image_size), int(image_size), 1),
+              "mri": (int(image_size), int(image_size), int(num_slices))}
+    for key, shape in shapes.items():
+        if min(shape) < 1 or int(np.prod(shape)) > MAX_OUTPUT_VALUES:
+            raise ConfigError(f"output {key!r} of {shape} per X-ray is not a kneetf output "
+                              f"(at most {MAX_OUTPUT_VALUES} values)")
+    return shapes
+
+
+def response_bytes(batch_size: int, shapes: Mapping[str, Sequence[int]]) -> int:
+    """Bytes of the float32 outputs of one response for `batch_size` X-rays, plus framing."""
+    return int(batch_size) * sum(int(np.prod(s)) for s in shapes.values()) * 4 + 4096
+
+
+def check_metadata_shapes(dims: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]],
+                          where: str) -> None:
+    """Compare the output dims a server's signature metadata declares (batch first, -1 when
+    unknown) with the shapes the client `expected`; a known dimension that differs is a
+    ServingError naming `where` (the model on the server)."""
+    for key in OUTPUT_KEYS:
+        if key not in dims:
+            raise ServingError(f"{where}: its signature has no output {key!r} (has {', '.join(dims) or 'none'}); "
+                               "was it exported by `kneetf export`?")
+        got = [int(d) for d in dims[key]]
+        want = list(expected[key])
+        if len(got) != len(want) + 1 or any(g not in (-1, w) for g, w in zip(got[1:], want)):
+            raise ServingError(f"{where}: output {key!r} is declared as {tuple(got)}; this client takes "
+                               f"(B, {', '.join(map(str, want))}) (set image_size / num_slices, or --model-info, "
+                               "to the model's)")
+
+
+def _check_shape(key: str, shape: Sequence[int], batch_size: int | None,
+                 expected: Mapping[str, Sequence[int]] | None) -> None:
+    shape = tuple(int(d) for d in shape)
+    if expected is not None:
+        want = (batch_size if batch_size is not None else (shape[0] if shape else -1), *expected[key])
+        if shape != want:
+            raise ServingError(f"the server returned {key!r} of shape {shape}; expected {want}")
+        return
+    if len(shape) != 4 or min(shape) < 0 or (batch_size is not None and shape[0] != batch_size):
+        raise ServingError(f"the server returned {key!r} of shape {shape}; expected ({batch_size}, H, W, C)")
+    if shape[0] and int(np.prod(shape[1:])) > MAX_OUTPUT_VALUES:
+        raise ServingError(f"the server returned {key!r} of shape {shape}: more than {MAX_OUTPUT_VALUES} "
+                           "values per X-ray")
+
+
+def _check_values(key: str, array: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(array)):
+        raise ServingError(f"the server returned {key!r} with NaN or infinite values")
+    return array
 
 
 def signature_batch(array: Any, signature: str = SIGNATURE_DEFAULT, *, image_size: int = 128,
@@ -131,17 +200,29 @@ def tensor_proto(array: np.ndarray) -> Any:
     return tensor_pb2.TensorProto(dtype=to_enum[array.dtype], tensor_shape=shape, tensor_content=content)
 
 
+def tensor_shape(proto: Any) -> tuple[int, ...]:
+    """The shape a `TensorProto` declares (read before any value is decoded)."""
+    return tuple(int(d.size) for d in proto.tensor_shape.dim)
+
+
 def to_ndarray(proto: Any) -> np.ndarray:
-    """The numpy array of a `TensorProto` (tensor_content or the typed repeated fields)."""
+    """The numpy array of a `TensorProto` (tensor_content or the typed repeated fields).
+    The values present must match the declared shape (one value for TF's compact form of a
+    constant tensor); check the declared shape (`tensor_shape`) first when it comes from
+    someone else: the compact form is expanded to it."""
     from tensorflow.core.framework import types_pb2
 
     _, from_enum = _dtype_maps()
     if proto.dtype not in from_enum:
         raise ServingError(f"the server returned a tensor of unsupported dtype enum {proto.dtype}")
     dtype = from_enum[proto.dtype]
-    shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
+    shape = tensor_shape(proto)
+    if any(d < 0 for d in shape):
+        raise ServingError(f"the server returned a tensor of shape {shape}")
     n = int(np.prod(shape)) if shape else 1
     if proto.tensor_content:
+        if len(proto.tensor_content) != n * dtype.itemsize:
+            raise ServingError(f"tensor of shape {shape} arrived with {len(proto.tensor_content)} bytes")
         values = np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype)
     elif proto.dtype == types_pb2.DT_HALF:
         values = np.asarray(proto.half_val, dtype=np.uint16).view(np.float16)
@@ -173,21 +254,49 @@ def predict_request(batch: np.ndarray, model: str, version: int | None = None,
     return request
 
 
-def _check_outputs(outputs: Mapping[str, np.ndarray], batch_size: int | None) -> dict[str, np.ndarray]:
+def parse_predict_response(response: Any, batch_size: int | None = None,
+                           expected: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """`{"xray_recon": (B, H, W, 1), "mri": (B, H, W, slices)}` float32 from a `PredictResponse`.
+
+    Each output's declared shape is checked before its values are decoded: against
+    `(batch_size, *expected[key])` (`output_shapes`) when given, else for rank 4 and at most
+    `MAX_OUTPUT_VALUES` per X-ray; NaN or infinite values are a ServingError too."""
+    outputs = response.outputs
     missing = [k for k in OUTPUT_KEYS if k not in outputs]
     if missing:
-        raise ServingError(f"the response lacks output(s) {', '.join(missing)}; it has {', '.join(outputs) or 'none'} "
-                           "(was the model exported by `kneetf export`?)")
-    result = {k: np.asarray(outputs[k], dtype=np.float32) for k in OUTPUT_KEYS}
-    for k, v in result.items():
-        if v.ndim != 4 or (batch_size is not None and v.shape[0] != batch_size):
-            raise ServingError(f"output {k!r} has shape {v.shape}; expected ({batch_size}, H, W, C)")
+        raise ServingError(f"the response lacks output(s) {', '.join(missing)}; it has "
+                           f"{', '.join(outputs) or 'none'} (was the model exported by `kneetf export`?)")
+    result = {}
+    for key in OUTPUT_KEYS:
+        _check_shape(key, tensor_shape(outputs[key]), batch_size, expected)
+        result[key] = _check_values(key, to_ndarray(outputs[key]).astype(np.float32, copy=False))
     return result
 
 
-def parse_predict_response(response: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """`{"xray_recon": (B, H, W, 1), "mri": (B, H, W, slices)}` float32 from a `PredictResponse`."""
-    return _check_outputs({k: to_ndarray(v) for k, v in response.outputs.items()}, batch_size)
+def metadata_request(model: str, version: int | None = None) -> Any:
+    """A `GetModelMetadataRequest` for the signature definitions of `model`."""
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = model
+    if version is not None:
+        request.model_spec.version.value = int(version)
+    request.metadata_field.append("signature_def")
+    return request
+
+
+def parse_metadata_response(response: Any, signature: str) -> dict[str, list[int]] | None:
+    """Output name -> declared dims (-1 unknown) of `signature` in a
+    `GetModelMetadataResponse`; None when the server does not describe it."""
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    if "signature_def" not in response.metadata:
+        return None
+    defs = get_model_metadata_pb2.SignatureDefMap()
+    if not response.metadata["signature_def"].Unpack(defs) or signature not in defs.signature_def:
+        return None
+    return {k: ([int(d.size) for d in v.tensor_shape.dim] if not v.tensor_shape.unknown_rank else [])
+            for k, v in defs.signature_def[signature].outputs.items()}
 
 
 def warmup_record(request: Any) -> bytes:
@@ -218,26 +327,56 @@ def rest_body(batch: np.ndarray, signature: str = SIGNATURE_DEFAULT, form: str =
     raise InputError(None, f"REST form must be 'inputs' or 'instances'. Received: form={form!r}")
 
 
-def parse_rest_response(body: Mapping[str, Any], batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """Arrays from a REST predict answer (`outputs` or `predictions`); `error` becomes ServingError."""
+def parse_rest_metadata(body: Mapping[str, Any], signature: str) -> dict[str, list[int]] | None:
+    """Output name -> declared dims of `signature` in a REST `/metadata` answer (TF Serving's
+    JSON of `GetModelMetadataResponse`); None when it does not describe it."""
+    try:
+        sig = body["metadata"]["signature_def"]["signature_def"][signature]
+        return {k: [int(d.get("size", -1)) for d in v.get("tensor_shape", {}).get("dim", [])]
+                for k, v in sig["outputs"].items()}
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+
+
+def parse_rest_response(body: Mapping[str, Any], batch_size: int | None = None,
+                        expected: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """Arrays from a REST predict answer (`outputs` or `predictions`); `error` becomes
+    ServingError, and so do outputs of another shape than `(batch_size, *expected[key])`
+    (`output_shapes`), or NaN / infinite values (see `parse_predict_response`)."""
+    if not isinstance(body, Mapping):
+        raise ServingError(f"unexpected REST answer of type {type(body).__name__}")
     if "error" in body:
-        raise ServingError(str(body["error"]))
+        raise ServingError(str(body["error"])[:2000])
     if "outputs" in body:
         outputs = body["outputs"]
         if not isinstance(outputs, Mapping):
             raise ServingError("the REST answer has unnamed outputs; expected xray_recon and mri")
-        return _check_outputs({k: np.asarray(v, dtype=np.float32) for k, v in outputs.items()}, batch_size)
-    if "predictions" in body:
+    elif "predictions" in body:
         rows = body["predictions"]
-        if not rows or not isinstance(rows[0], Mapping):
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, Mapping) for r in rows):
             raise ServingError("the REST answer has unnamed predictions; expected xray_recon and mri")
-        keys = rows[0].keys()
-        return _check_outputs({k: np.asarray([r[k] for r in rows], dtype=np.float32) for k in keys}, batch_size)
-    raise ServingError(f"unexpected REST answer with keys {sorted(body)}")
+        outputs = {k: [r.get(k) for r in rows] for k in OUTPUT_KEYS if k in rows[0]}
+    else:
+        raise ServingError(f"unexpected REST answer with keys {sorted(body)[:10]}")
+    missing = [k for k in OUTPUT_KEYS if k not in outputs]
+    if missing:
+        raise ServingError(f"the response lacks output(s) {', '.join(missing)}; it has "
+                           f"{', '.join(list(outputs)[:10]) or 'none'} (was the model exported by `kneetf export`?)")
+    result = {}
+    for key in OUTPUT_KEYS:
+        try:
+            array = np.asarray(outputs[key], dtype=np.float32)
+        except (ValueError, TypeError) as e:  # ragged lists, strings, null
+            raise ServingError(f"the server returned {key!r} that is not a numeric array: {str(e)[:200]}") from None
+        _check_shape(key, array.shape, batch_size, expected)
+        result[key] = _check_values(key, array)
+    return result
 
 
 __all__ = ["RUN_MODEL_FILE", "RUN_CONFIG_FILE", "RUN_HISTORY_FILE", "RUN_BACKUP_DIR", "EXPORT_INFO_FILE", "TFLITE_DIR", "WARMUP_FILE",
            "DEFAULT_MODEL_NAME", "SIGNATURE_DEFAULT", "SIGNATURE_UINT16", "SIGNATURE_NORMALIZED", "SIGNATURE_DTYPES",
-           "INPUT_KEY", "OUTPUT_KEYS", "MIN_SIDE", "signature_batch", "tensor_proto", "to_ndarray",
-           "predict_request", "parse_predict_response", "warmup_record", "rest_path", "rest_body",
-           "parse_rest_response"]
+           "INPUT_KEY", "OUTPUT_KEYS", "MIN_SIDE", "CONTRACT_IMAGE_SIZE", "CONTRACT_NUM_SLICES",
+           "MAX_OUTPUT_VALUES", "SERVING_BATCH_SIZES", "output_shapes", "response_bytes", "check_metadata_shapes",
+           "signature_batch", "tensor_proto", "tensor_shape", "to_ndarray", "predict_request",
+           "parse_predict_response", "metadata_request", "parse_metadata_response", "warmup_record", "rest_path",
+           "rest_body", "parse_rest_metadata", "parse_rest_response"]

@@ -22,3 +22,18 @@ def random_cache(out: Path, n_train: int, n_val: int, shard_size: int) -> Path:
              for i in range(n_train + n_val)]
     build_cache(tasks, load_random_pair, out, shard_size=shard_size, workers=0, progress=False)
     return out
+
+
+def load_or_die(payload: dict, config: PreprocessConfig) -> RawPair:
+    """`load_random_pair`, except that the worker process kills itself (SIGKILL, as the
+    out-of-memory killer does) when the payload says "die", or says "die_once" and that
+    marker file does not exist yet (it is created first)."""
+    import os
+    import signal
+
+    once = payload.get("die_once")
+    if payload.get("die") or (once and not Path(once).exists()):
+        if once:
+            Path(once).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return load_random_pair(payload["i"], config)

@@ -192,5 +192,146 @@ def make_oai_tree(root: Path, participants: Sequence[str], *, visit: str = "00m"
     return info
 
 
+# === A fake OAI release with distractor series ===
+XRAY_STUDY = "Bilateral PA Fixed Flexion Knee"
+#: header tags an X-ray image can carry; None deletes the tag
+_UNINFORMATIVE = {"SeriesDescription": None, "BodyPartExamined": None, "ImageLaterality": None, "ViewPosition": None}
+KNEE_HEADER = {"SeriesDescription": XRAY_STUDY, "BodyPartExamined": "KNEE", "ImageLaterality": "B",
+               "ViewPosition": "PA"}
+DISTRACTOR_HEADERS = {
+    "hand": {"SeriesDescription": "PA Hand", "BodyPartExamined": "HAND", "ImageLaterality": "R", "ViewPosition": "PA"},
+    "hip": {"SeriesDescription": "AP Pelvis", "BodyPartExamined": "PELVIS", "ViewPosition": "AP"},
+    "lateral": {"SeriesDescription": "Lateral Left Knee", "BodyPartExamined": "KNEE", "ImageLaterality": "L",
+                "ViewPosition": "LL"},
+    "localizer": {"SeriesDescription": "Localizer", "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]},
+    "mislabelled": {"SeriesDescription": None, "BodyPartExamined": "HAND"},
+    "silent": _UNINFORMATIVE,
+}
+DISTRACTOR_VALUE = 555.0
+OTHER_MRI_SEQUENCES = ("COR_IW_TSE_{side}", "SAG_IW_TSE_FS_{side}", "SAG_T2_MAP_{side}", "AX_LOCALIZER_{side}",
+                       "COR_MPR_{side}")
+
+
+def _oai_xray(path: Path, header: dict, value: float | None) -> Path:
+    """A bilateral X-ray (left half value + 2000, right half value) or, with value None, a
+    flat distractor image; its header tags set (or deleted) as `header` says."""
+    image = np.full(OAI_XRAY_SHAPE, DISTRACTOR_VALUE if value is None else value)
+    if value is not None:
+        image[:, : OAI_XRAY_SHAPE[1] // 2] = value + 2000.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_dicom_xray(path, image, pixel_spacing=0.14, laterality="B", photometric="MONOCHROME1")
+
+    def edit(ds, _):
+        for keyword, tag_value in header.items():
+            if tag_value is None:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, tag_value)
+
+    rewrite([path], edit)
+    return path
+
+
+def make_oai_release(root: Path, seed: int = 0) -> tuple[dict[str, tuple[Path, Path, float]], dict[str, list[str]]]:
+    """An OAI visit 00m with an MRI release (1.C.2) and an X-ray release (1.E.1), each with its
+    own contents.csv (MRI series of 3 slices: enough to pair, not to prepare), where X-ray studies "Bilateral PA Fixed Flexion Knee" also hold hand,
+    pelvis, lateral-knee and localizer series, listed and unlisted, labelled and not.
+
+    Returns (expected case id -> (X-ray file, MRI folder, value of the knee's own half),
+    participant -> reasons its knees or images must be skipped for).
+    """
+    rng = np.random.default_rng(seed)
+    mri_rows, xray_rows = [], []
+    expected: dict[str, tuple[Path, Path, float]] = {}
+    unpaired: dict[str, list[str]] = {}
+    mri_rel, xray_rel = root / "00m" / "1.C.2", root / "00m" / "1.E.1"
+    barcode = 30000000
+
+    def mri(pid: str, sides: Sequence[str]) -> dict[str, Path]:
+        nonlocal barcode
+        folders = {}
+        for side in sides:
+            for desc in [f"SAG_3D_DESS_{side}"] + [d.format(side=side) for d in OTHER_MRI_SEQUENCES]:
+                barcode += 1
+                folder = mri_rel / pid / "20050101" / str(barcode)
+                files = write_dicom_series(folder, rng.integers(0, 500, size=(3, 8, 8)).astype(np.float32),
+                                           (0.7, 0.4, 0.4), series_description=desc)
+                for i, f in enumerate(files):
+                    f.rename(folder / f"{i + 1:03d}")
+                mri_rows.append([f"{pid}/20050101/{barcode}", pid, "20050101", str(barcode),
+                                 f"OAI^MR^ENROLLMENT^{side}", desc])
+                if desc.startswith("SAG_3D_DESS"):
+                    folders[side] = folder
+        return folders
+
+    def study(pid: str, date: str, series: Sequence[tuple[str, dict, float | None]], *,
+              listing: str = "subfolders") -> list[Path]:
+        """An X-ray study (one barcode) of `series` (listed description, header, value).
+        listing "subfolders": each series in <barcode>/00k/001, one row each; "files": all
+        images as <barcode>/00k in one folder listed once with the first description."""
+        nonlocal barcode
+        barcode += 1
+        base = xray_rel / pid / date / str(barcode)
+        paths = []
+        for k, (desc, header, value) in enumerate(series, start=1):
+            if listing == "subfolders":
+                path = _oai_xray(base / f"{k:03d}" / "001", header, value)
+                xray_rows.append([f"{pid}/{date}/{barcode}/{k:03d}", pid, date, str(barcode), XRAY_STUDY, desc])
+            else:
+                path = _oai_xray(base / f"{k:03d}", header, value)
+            paths.append(path)
+        if listing == "files":
+            xray_rows.append([f"{pid}/{date}/{barcode}", pid, date, str(barcode), XRAY_STUDY, series[0][0]])
+        return paths
+
+    def expect(pid: str, folders: dict[str, Path], xray: Path, value: float) -> None:
+        for side, folder in folders.items():
+            # the patient's right knee is on the image's left half (value + 2000)
+            expected[f"{pid}_00m_{side[0]}"] = (xray, folder, value + 2000.0 if side == "RIGHT" else value)
+
+    both = ("LEFT", "RIGHT")
+    # one study: a hand as series 001, the knee as 002
+    hand, knee = study("9200001", "20050105", [("PA Hand", DISTRACTOR_HEADERS["hand"], None),
+                                               (XRAY_STUDY, KNEE_HEADER, 100.0)])
+    expect("9200001", mri("9200001", both), knee, 100.0)
+    # nothing listed per series: the DICOM headers tell the lateral knee from the bilateral PA
+    _, knee = study("9200002", "20050105", [("", DISTRACTOR_HEADERS["lateral"], None), ("", KNEE_HEADER, 200.0)])
+    expect("9200002", mri("9200002", both), knee, 200.0)
+    # one folder listed once, holding a pelvis and the knee
+    _, knee = study("9200003", "20050105", [(XRAY_STUDY, DISTRACTOR_HEADERS["hip"], None),
+                                            (XRAY_STUDY, KNEE_HEADER, 300.0)], listing="files")
+    expect("9200003", mri("9200003", both), knee, 300.0)
+    # a localizer first, and a repeat knee study later on: the first knee is used
+    _, knee = study("9200004", "20050105", [("Localizer", DISTRACTOR_HEADERS["localizer"], None),
+                                            (XRAY_STUDY, KNEE_HEADER, 400.0)])
+    study("9200004", "20050302", [(XRAY_STUDY, KNEE_HEADER, 450.0)])
+    expect("9200004", mri("9200004", both), knee, 400.0)
+    # only distractors in the knee study
+    mri("9200005", both)
+    study("9200005", "20050105", [("PA Hand", DISTRACTOR_HEADERS["hand"], None),
+                                  ("Lateral Right Knee", DISTRACTOR_HEADERS["lateral"], None)])
+    unpaired["9200005"] = ["unpaired MRI", "not a bilateral PA knee X-ray"]
+    # listed as the knee, but the header says hand
+    mri("9200006", both)
+    study("9200006", "20050105", [(XRAY_STUDY, DISTRACTOR_HEADERS["mislabelled"], None)])
+    unpaired["9200006"] = ["unpaired MRI", "DICOM header contradicts the listing"]
+    # one knee scanned; the knee X-ray in an old-style one-series barcode folder
+    _, = study("9200007", "20050105", [(XRAY_STUDY, KNEE_HEADER, 700.0)], listing="files")
+    expect("9200007", mri("9200007", ("RIGHT",)), _, 700.0)
+    # two silent images in one unnamed series: no way to tell them apart
+    mri("9200008", both)
+    study("9200008", "20050105", [("", _UNINFORMATIVE, 800.0), ("", _UNINFORMATIVE, None)], listing="files")
+    unpaired["9200008"] = ["unpaired MRI", "ambiguous"]
+
+    header = list(("Folder", "ParticipantID", "StudyDate", "Barcode", "StudyDescription", "SeriesDescription"))
+    for rel, rows in ((mri_rel, mri_rows), (xray_rel, xray_rows)):
+        with open(rel / "contents.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+    return expected, unpaired
+
+
 __all__ = ["volume", "rewrite", "compress", "write_enhanced_mr", "write_declared_huge_dicom",
-           "write_png_header_only", "make_oai_tree"]
+           "write_png_header_only", "make_oai_tree", "make_oai_release"]

@@ -6,8 +6,14 @@ and TF Serving's REST JSON API, over REAL exported SavedModels loaded with
 It follows TF Serving where clients can tell: the latest version by default, NOT_FOUND
 (HTTP 404) for an unknown model, version or signature, INVALID_ARGUMENT (HTTP 400) for a
 wrong input name, dtype or rank, named outputs, `output_filter`, the REST `instances` (row)
-and `inputs` (columnar) forms, `{"error": ...}` bodies. Tensors are encoded with TF's own
-`tf.make_tensor_proto` / `tf.make_ndarray`, independent of the client's codec.
+and `inputs` (columnar) forms, `{"error": ...}` bodies, and the model metadata
+(`PredictionService.GetModelMetadata`, REST `/metadata`: the signature definitions of the
+SavedModel). Tensors are encoded with TF's own `tf.make_tensor_proto` / `tf.make_ndarray`,
+independent of the client's codec.
+
+Hooks make it a lying server for the client's tests (`LocalServingServer.faults`): a
+replacement gRPC Predict answer, a raw REST answer (status, headers, body bytes: wrong
+shapes, huge bodies, redirects), no metadata.
 
 Not part of the package. Run it by hand when no docker engine is available:
 
@@ -29,8 +35,10 @@ from typing import Any, Mapping
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
-                                     prediction_service_pb2_grpc)
+from google.protobuf import json_format
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
 
 log = logging.getLogger("serving_server")
 DEFAULT_SIGNATURE = "serving_default"
@@ -49,13 +57,26 @@ class ModelStore:
 
     def __init__(self, models: Mapping[str, str | Path]) -> None:
         self.models: dict[str, dict[int, Any]] = {}
+        self.bases: dict[str, Path] = {}
         for name, base in models.items():
             base = Path(base)
             versions = sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
             if not versions:
                 raise FileNotFoundError(f"{base}: no numeric version folder")
             self.models[name] = {v: tf.saved_model.load(str(base / str(v))) for v in versions}
+            self.bases[name] = base
         self._lock = threading.Lock()
+
+    def metadata(self, name: str, version: int | None) -> tuple[int, get_model_metadata_pb2.SignatureDefMap]:
+        """The signature definitions of the SavedModel, as TF Serving's GetModelMetadata gives them."""
+        version, _ = self.resolve(name, version)
+        saved = saved_model_pb2.SavedModel()
+        saved.ParseFromString((self.bases[name] / str(version) / "saved_model.pb").read_bytes())
+        defs = get_model_metadata_pb2.SignatureDefMap()
+        for key, sig in saved.meta_graphs[0].signature_def.items():
+            if not key.startswith("__"):
+                defs.signature_def[key].CopyFrom(sig)
+        return version, defs
 
     def resolve(self, name: str, version: int | None) -> tuple[int, Any]:
         if name not in self.models:
@@ -115,14 +136,22 @@ class ModelStore:
 # === gRPC ===
 
 class _Faults:
-    """Test hooks: make the next `unavailable` Predict calls fail with UNAVAILABLE, or
-    delay every call by `delay_s` seconds."""
+    """Test hooks: make the next `unavailable` Predict calls fail with UNAVAILABLE, delay
+    every call by `delay_s` seconds, answer no metadata (`metadata = False`), or replace the
+    model's answer: `grpc_reply(request)` returns a PredictResponse, `rest_reply(body bytes)`
+    returns (status, headers, body bytes) of a REST predict; None lets the model answer."""
 
     def __init__(self) -> None:
+        self.reset()
+        self.lock = threading.Lock()
+
+    def reset(self) -> None:
         self.unavailable = 0
         self.delay_s = 0.0
         self.calls = 0
-        self.lock = threading.Lock()
+        self.grpc_reply: Any = None
+        self.rest_reply: Any = None
+        self.metadata = True
 
     def apply(self, context: grpc.ServicerContext) -> None:
         with self.lock:
@@ -143,6 +172,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> Any:
         self.faults.apply(context)
+        reply = self.faults.grpc_reply(request) if self.faults.grpc_reply else None
+        if reply is not None:
+            return reply
         spec = request.model_spec
         version = spec.version.value if spec.HasField("version") else None
         signature = spec.signature_name or DEFAULT_SIGNATURE
@@ -159,6 +191,22 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.signature_name = signature
         for key, value in outputs.items():
             response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+    def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if not self.faults.metadata:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "test server: no metadata")
+        spec = request.model_spec
+        if list(request.metadata_field) != ["signature_def"]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Metadata field signature_def must be requested")
+        try:
+            version, defs = self.store.metadata(spec.name, spec.version.value if spec.HasField("version") else None)
+        except NotFound as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = spec.name
+        response.model_spec.version.value = version
+        response.metadata["signature_def"].Pack(defs)
         return response
 
 
@@ -185,7 +233,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?::(?P<verb>\w+))?$")
 
 
-def _make_handler(store: ModelStore) -> type[BaseHTTPRequestHandler]:
+def _make_handler(store: ModelStore, faults: _Faults) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -206,7 +254,25 @@ def _make_handler(store: ModelStore) -> type[BaseHTTPRequestHandler]:
                 self._send(404, {"error": f"Malformed request: {self.command} {self.path}"})
             return match
 
+        def _send_raw(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+            """A hook's answer as given: no Content-Length unless in `headers` (then the
+            connection closes after the body)."""
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            try:
+                for start in range(0, len(body), 1 << 16):
+                    self.wfile.write(body[start:start + (1 << 16)])
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
+                pass
+
         def do_GET(self) -> None:
+            meta = re.match(r"^(?P<path>/v1/models/[^:]+)/metadata$", self.path)
+            if meta:
+                return self._metadata(meta["path"])
             match = self._route()
             if not match:
                 return
@@ -219,7 +285,23 @@ def _make_handler(store: ModelStore) -> type[BaseHTTPRequestHandler]:
                 {"version": str(v), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
                 for v in versions]})
 
+        def _metadata(self, path: str) -> None:
+            match = _PATH.match(path)
+            if not match or match["verb"] or not faults.metadata:
+                return self._send(404, {"error": f"Malformed request: GET {self.path}"})
+            try:
+                version, defs = store.metadata(match["name"], int(match["version"]) if match["version"] else None)
+            except NotFound as e:
+                return self._send(404, {"error": str(e)})
+            self._send(200, {"model_spec": {"name": match["name"], "signature_name": "", "version": str(version)},
+                             "metadata": {"signature_def": json_format.MessageToDict(
+                                 defs, preserving_proto_field_name=True)}})
+
         def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            reply = faults.rest_reply(raw) if faults.rest_reply else None
+            if reply is not None:
+                return self._send_raw(*reply)
             match = self._route()
             if not match:
                 return
@@ -227,7 +309,7 @@ def _make_handler(store: ModelStore) -> type[BaseHTTPRequestHandler]:
                 return self._send(404, {"error": f"Malformed request: POST {self.path}"})
             version = int(match["version"]) if match["version"] else None
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                body = json.loads(raw or b"{}")
                 signature = body.get("signature_name", DEFAULT_SIGNATURE)
                 _, fn = store.signature(match["name"], version, signature)
                 specs = ModelStore.input_specs(fn)
@@ -289,7 +371,7 @@ class LocalServingServer:
             self.grpc_port = self._grpc.add_secure_port(f"{host}:{grpc_port}", creds)
         else:
             self.grpc_port = self._grpc.add_insecure_port(f"{host}:{grpc_port}")
-        self._http = ThreadingHTTPServer((host, rest_port), _make_handler(self.store))
+        self._http = ThreadingHTTPServer((host, rest_port), _make_handler(self.store, self.faults))
         self._http.daemon_threads = True
         self.rest_port = self._http.server_address[1]
         self._thread: threading.Thread | None = None

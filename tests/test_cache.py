@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cache_factory import load_or_die
 from kneetf.config import PreprocessConfig
 from kneetf.data.cache import CacheTask, RawPair, build_cache, read_info
 from kneetf.data.pipeline import load_arrays, make_dataset
@@ -81,6 +82,36 @@ def test_resume_skips_finished_shards_and_leaves_no_partial(tmp_path: Path) -> N
     assert set(again) == set(first)  # the debris is gone too
     assert all(again[k] == first[k] for k in first if k != victim)
     assert load_arrays(out, "train")["id"] == ["case0", "case1", "case2", "case3"]
+
+
+def _deadly_tasks(n: int, extra: dict[int, dict]) -> list[CacheTask]:
+    return [CacheTask(id=f"k{i:02d}", split="train", payload={"i": i, **extra.get(i, {})}, source=f"f{i}.dcm")
+            for i in range(n)]
+
+
+@pytest.mark.slow
+def test_a_file_that_kills_its_worker_is_named_and_the_rest_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    tasks = _deadly_tasks(12, {5: {"die": True}})
+    res = build_cache(tasks, load_or_die, out, shard_size=4, workers=2, progress=False)
+    assert res.total == 11 and [e["id"] for e in res.errors] == ["k05"]
+    error = res.errors[0]
+    assert error["file"] == "f5.dcm"
+    assert "worker process died" in error["reason"] and "SIGKILL" in error["reason"]
+    assert load_arrays(out, "train")["id"] == [t.id for t in tasks if t.id != "k05"]
+    assert "k05,f5.dcm," in (out / "errors.csv").read_text()
+    # a rerun finds every shard complete (the culprit is not loaded again)
+    again = build_cache(tasks, load_or_die, out, shard_size=4, workers=2, progress=False)
+    assert again.skipped_shards == 3 and again.total == 11 and [e["id"] for e in again.errors] == ["k05"]
+
+
+@pytest.mark.slow
+def test_pairs_in_flight_when_a_worker_dies_are_loaded_again(tmp_path: Path) -> None:
+    died = tmp_path / "died"  # the worker dies once, while loading k03 (e.g. killed for another reason)
+    res = build_cache(_deadly_tasks(10, {3: {"die_once": str(died)}}), load_or_die, tmp_path / "c",
+                      shard_size=4, workers=2, progress=False)
+    assert died.exists() and res.total == 10 and not res.errors
+    assert load_arrays(tmp_path / "c", "train")["id"] == [f"k{i:02d}" for i in range(10)]
 
 
 def test_cache_refuses_another_preprocessing_config(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """gRPC and REST clients over the wire, against a test server running a real export."""
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import socket
 import subprocess
@@ -13,11 +15,12 @@ tf = pytest.importorskip("tensorflow")
 pytest.importorskip("tensorflow_serving.apis")
 
 from kneetf.cli.main import main  # noqa: E402
+from kneetf.config import PreprocessConfig  # noqa: E402
 from kneetf.client import ModelNotFoundError, RestClient, ServerUnavailableError, ServingClient  # noqa: E402
 from kneetf import protocol  # noqa: E402
 from kneetf.client.request import as_batch  # noqa: E402
 from kneetf.errors import ConfigError, InputError, ServingError  # noqa: E402
-from kneetf.protocol import OUTPUT_KEYS  # noqa: E402
+from kneetf.protocol import OUTPUT_KEYS, SERVING_BATCH_SIZES  # noqa: E402
 from kneetf.export.samples import structured_samples  # noqa: E402
 from kneetf.export.savedmodel import export_savedmodel  # noqa: E402
 from kneetf.preprocess import ops  # noqa: E402
@@ -28,7 +31,8 @@ import serving_server  # noqa: E402  (tests/serving_server.py; pytest puts tests
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny preset exported once (version 1) and served over gRPC and REST."""
+    """The tiny preset exported once (version 1) and served over gRPC and REST; the same
+    weights exported with left-knee mirroring served as model "mirrored"."""
     import keras
 
     import kneetf.models.kneenet  # noqa: F401
@@ -38,18 +42,21 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     model_path = server_module.make_test_model(root / "model.keras", "tiny", seed=11)
     base = root / "saved_models" / "kneetf"
     export_savedmodel(model_path, base, verify=False)
+    mirrored = root / "saved_models" / "mirrored"
+    export_savedmodel(model_path, mirrored, verify=False, warmup_batch_sizes=(),
+                      preprocess=PreprocessConfig(mirror_left=True))
     model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
-    server = server_module.LocalServingServer({"kneetf": base}).start()
-    yield {"server": server, "model": model, "base": base, "root": root}
+    server = server_module.LocalServingServer({"kneetf": base, "mirrored": mirrored}).start()
+    yield {"server": server, "model": model, "base": base, "mirrored": mirrored, "root": root}
     server.stop()
 
 
 @pytest.fixture
 def server(served):
     s = served["server"]
-    s.faults.unavailable, s.faults.delay_s = 0, 0.0
+    s.faults.reset()
     yield s
-    s.faults.unavailable, s.faults.delay_s = 0, 0.0
+    s.faults.reset()
 
 
 def _raw(batch: int, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -283,19 +290,20 @@ def test_tls(served, tmp_path):
 
 def test_cli_client_writes_nifti(served, server, tmp_path, capsys):
     nib = pytest.importorskip("nibabel")
-    raw = _raw(2, 150, 140, seed=9)
+    raw = _raw(2, 150, 150, seed=9)  # square, as knee ROI crops are (--cropped)
     np.save(tmp_path / "a.npy", raw[0])
     np.save(tmp_path / "b.npy", raw[1])
     ref = _reference(served["model"], raw)["mri"]  # (2, 128, 128, 20)
 
     out = tmp_path / "pred.nii.gz"
-    assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), "--out", str(out)]) == 0
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), "--out", str(out),
+                 "--cropped"]) == 0
     data = np.asarray(nib.load(out).dataobj)  # (slice, row, column)
     np.testing.assert_allclose(data, ref[0].transpose(2, 0, 1), atol=1e-5)
 
     folder = tmp_path / "preds"
     assert main(["client", "--rest", server.rest_url, str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
-                 "--out", str(folder)]) == 0
+                 "--out", str(folder), "--cropped"]) == 0
     data = np.asarray(nib.load(folder / "b.nii.gz").dataobj)
     np.testing.assert_allclose(data, ref[1].transpose(2, 0, 1), atol=1e-5)
     assert "20 slices of 128x128" in capsys.readouterr().out
@@ -315,6 +323,277 @@ def test_cli_client_writes_nifti(served, server, tmp_path, capsys):
     assert (tmp_path / "some" / "a.nii.gz").exists() and "1 of 2 X-ray(s) failed" in capsys.readouterr().err
     assert main(["client", "--server", server.grpc_target, str(tmp_path / "bad.npy"),
                  "--out", str(tmp_path / "none")]) == 1
+
+
+# === The client gives the predict answer ===
+
+@pytest.fixture(scope="module")
+def full_xrays(tmp_path_factory):
+    """Whole knee X-rays, not crops (the classical ROI finds the knee): a 16-bit PNG, a
+    float .npy and DICOMs of a left and a right knee."""
+    from roi_factory import standin_knee
+
+    from kneetf.io.writers import write_dicom_xray, write_png
+
+    folder = tmp_path_factory.mktemp("xrays")
+    rng = np.random.default_rng(5)
+    images = [standin_knee(rng, (210, 250))[0] for _ in range(4)]
+    write_png(folder / "a.png", images[0])
+    np.save(folder / "b.npy", images[1].astype(np.float32))
+    write_dicom_xray(folder / "c_left.dcm", images[2], laterality="L")
+    write_dicom_xray(folder / "d_right.dcm", images[3], laterality="R")
+    return {"folder": folder, "images": images}
+
+
+@pytest.mark.parametrize("transport", ["--server", "--rest"])
+def test_cli_client_gives_the_predict_answer(served, server, full_xrays, tmp_path, transport):
+    """`kneetf client` on whole X-rays finds the ROI, mirrors the left knee and undoes it like
+    `kneetf predict` on the same export: the same volumes and the same NIfTI geometry."""
+    import csv
+
+    nib = pytest.importorskip("nibabel")
+    from kneetf.preprocess.roi import ClassicalRoi, crop_box
+
+    folder, version = full_xrays["folder"], served["mirrored"] / "1"
+    assert main(["predict", "--model", str(version), str(folder), "--out", str(tmp_path / "predict"),
+                 "--no-progress", "--names", "id"]) == 0
+    address = server.grpc_target if transport == "--server" else server.rest_url
+    assert main(["client", transport, address, "--model", "mirrored", "--model-info", str(version), str(folder),
+                 "--out", str(tmp_path / "client")]) == 0
+    names = sorted(p.name for p in (tmp_path / "predict").glob("*.nii.gz"))
+    assert names == ["a.nii.gz", "b.nii.gz", "c_left.nii.gz", "d_right.nii.gz"]
+    for name in names:
+        ours, theirs = nib.load(tmp_path / "client" / name), nib.load(tmp_path / "predict" / name)
+        np.testing.assert_allclose(np.asarray(ours.dataobj), np.asarray(theirs.dataobj), atol=1e-5, err_msg=name)
+        np.testing.assert_array_equal(ours.affine, theirs.affine)
+        assert ours.shape == theirs.shape == (20, 128, 128)
+    rows = {r["id"]: r for r in csv.DictReader(open(tmp_path / "predict" / "predictions.csv"))}
+    assert rows["c_left"]["mirrored"] == "1" and rows["d_right"]["mirrored"] == "0"
+    # independently: the left knee's crop, flipped, through Keras; slice order restored
+    image = full_xrays["images"][2].astype(np.float32)
+    crop = crop_box(image, ClassicalRoi().box_for("c_left", image))[:, ::-1]
+    want = _reference(served["model"], crop[None])["mri"][0].transpose(2, 0, 1)[::-1]
+    np.testing.assert_allclose(np.asarray(nib.load(tmp_path / "client" / "c_left.nii.gz").dataobj), want,
+                               atol=1e-5)
+
+
+def test_client_roi_options_and_model_info(served, server, full_xrays, tmp_path, capsys):
+    """--rois and --roi-detector are predict's; the ROI source recorded with the model is
+    the default; a model info without a preprocessing config is refused, naming it."""
+    import json
+    import shutil
+
+    from kneetf.client.xray import read_model_info
+    from kneetf.preprocess.roi import Box, write_boxes
+
+    folder = full_xrays["folder"]
+    write_boxes(tmp_path / "boxes.csv", {"a": Box(40, 30, 190, 180)})
+    assert main(["client", "--server", server.grpc_target, str(folder / "a.png"), "--rois",
+                 str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "boxed.nii.gz")]) == 0
+    assert main(["predict", "--model", str(served["base"] / "1"), str(folder / "a.png"), "--rois",
+                 str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "p"), "--no-progress", "--names", "id"]) == 0
+    nib = pytest.importorskip("nibabel")
+    np.testing.assert_allclose(np.asarray(nib.load(tmp_path / "boxed.nii.gz").dataobj),
+                               np.asarray(nib.load(tmp_path / "p" / "a.nii.gz").dataobj), atol=1e-5)
+
+    info = tmp_path / "info"
+    shutil.copytree(served["mirrored"] / "1", info, ignore=shutil.ignore_patterns("variables", "*.pb"))
+    blob = json.loads((info / "kneetf_export.json").read_text())
+    assert read_model_info(info).roi is None and read_model_info(info).preprocess.mirror_left
+    (info / "kneetf_export.json").write_text(json.dumps({**blob, "roi": "detector/roi.keras"}))
+    assert read_model_info(info).roi == str(info / "detector" / "roi.keras")
+    assert main(["client", "--server", server.grpc_target, "--model-info", str(info), str(folder / "a.png"),
+                 "--out", str(tmp_path / "x.nii.gz")]) == 1  # the recorded detector is used: here, missing
+    assert "roi.keras" in capsys.readouterr().err
+    (info / "kneetf_export.json").write_text(json.dumps({"model_name": "kneetf"}))
+    assert main(["client", "--server", server.grpc_target, "--model-info", str(info), str(folder / "a.png"),
+                 "--out", str(tmp_path / "x.nii.gz")]) == 1
+    assert "holds no model description" in capsys.readouterr().err
+
+
+def test_rest_client_imports_no_tensorflow_with_crops_sent_whole(served, server, full_xrays, tmp_path):
+    """Without client-side resize, the REST path (read, ROI, crop, request, checks, NIfTI)
+    runs without TensorFlow in the client process."""
+    out = tmp_path / "a.nii.gz"
+    code = ("import sys; from kneetf.cli.main import main; "
+            f"rc = main(['client', '--rest', {server.rest_url!r}, {str(full_xrays['folder'] / 'a.png')!r}, "
+            f"'--out', {str(out)!r}, '--no-client-resize']); "
+            "print(rc, sorted(m for m in ('tensorflow', 'keras', 'grpc') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stderr[-2000:]
+    assert out.is_file()
+
+
+# === The client does not trust the server ===
+
+def _lie(mri_shape, fill=0.5, recon_shape=None, content=False):
+    """A gRPC Predict answer with outputs of the given shapes, in TF's compact form (one
+    value for the whole tensor) unless `content`."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import predict_pb2
+
+    def tensor(shape):
+        dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in shape]
+        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT,
+                                       tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims))
+        if content:
+            proto.tensor_content = np.full(shape, fill, np.float32).tobytes()
+        else:
+            proto.float_val.append(fill)
+        return proto
+
+    response = predict_pb2.PredictResponse()
+    response.outputs["mri"].CopyFrom(tensor(mri_shape))
+    response.outputs["xray_recon"].CopyFrom(tensor(recon_shape or (mri_shape[0], 128, 128, 1)))
+    return response
+
+
+def test_grpc_shape_lie_is_refused_before_decoding(server):
+    """An 81-byte answer declaring 1x4000x4000x20 floats is refused from its declared shape,
+    without allocating the 1.3 GB it describes."""
+    import tracemalloc
+
+    lie = _lie((1, 4000, 4000, 20))
+    assert len(lie.outputs["mri"].SerializeToString()) < 100
+    server.faults.grpc_reply = lambda request: lie
+    client = ServingClient(server.grpc_target)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ServingError, match=r"\(1, 4000, 4000, 20\); expected \(1, 128, 128, 20\)"):
+            client.predict(_raw(1, 128, 128))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, peak
+    for shape, message in [((1, 128, 128, 3), "expected"), ((2, 128, 128, 20), "expected"),
+                           ((1, 128, 128), "expected")]:
+        server.faults.grpc_reply = lambda request, shape=shape: _lie(shape)
+        with pytest.raises(ServingError, match=message):
+            client.predict(_raw(1, 128, 128))
+
+
+def test_grpc_answer_larger_than_the_receive_limit_is_refused(server):
+    client = ServingClient(server.grpc_target, max_batch=1)
+    assert client.max_receive_bytes < 4 * 2**20
+    server.faults.grpc_reply = lambda request: _lie((1, 128, 128, 20), recon_shape=(1, 1024, 1024, 1), content=True)
+    with pytest.raises(ServingError, match="receives at most"):
+        client.predict(_raw(1, 128, 128))
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_nan_answer_is_an_error(server, transport):
+    if transport == "grpc":
+        server.faults.grpc_reply = lambda request: _lie((1, 128, 128, 20), fill=float("nan"))
+        client = ServingClient(server.grpc_target)
+    else:
+        body = {"outputs": {"mri": np.zeros((1, 128, 128, 20)).tolist(), "xray_recon": [[[[None]] * 128] * 128]}}
+        server.faults.rest_reply = lambda raw: (200, {"Content-Type": "application/json"}, json.dumps(body).encode())
+        client = RestClient(server.rest_url)
+    with pytest.raises(ServingError, match="NaN"):
+        client.predict(_raw(1, 128, 128))
+
+
+def test_rest_shape_lies_are_refused(server):
+    client = RestClient(server.rest_url)
+    for outputs in [{"mri": np.zeros((1, 5, 5, 3)).tolist(), "xray_recon": np.zeros((1, 5, 5, 1)).tolist()},
+                    {"mri": [[1, 2], [3]], "xray_recon": [0]}, {"mri": "x", "xray_recon": "y"}]:
+        body = json.dumps({"outputs": outputs}).encode()
+        server.faults.rest_reply = lambda raw, body=body: (200, {"Content-Length": str(len(body))}, body)
+        with pytest.raises(ServingError, match="shape|numeric"):
+            client.predict(_raw(1, 128, 128))
+
+
+def test_rest_body_is_capped(server):
+    """An answer bigger than what the expected outputs take is refused: at once when it says
+    so (Content-Length), after the limit when it does not."""
+    client = RestClient(server.rest_url, max_batch=1)
+    limit = client.max_response_bytes
+    assert limit < 16 * 2**20
+    big = b"[" * (limit + 2**20)
+    server.faults.rest_reply = lambda raw: (200, {"Content-Length": str(len(big))}, big)
+    with pytest.raises(ServingError, match=rf"announced an answer of {len(big)} bytes"):
+        client.predict(_raw(1, 128, 128))
+    server.faults.rest_reply = lambda raw: (200, {}, big)
+    with pytest.raises(ServingError, match=rf"more than {limit} bytes"):
+        client.predict(_raw(1, 128, 128))
+    deep = b"[" * 100_000  # JSON nesting past Python's recursion limit
+    server.faults.rest_reply = lambda raw: (200, {}, deep)
+    with pytest.raises(ServingError, match="did not answer JSON"):
+        client.predict(_raw(1, 128, 128))
+
+
+def test_rest_redirects_are_not_followed(server):
+    """A redirect to another host gets neither the request nor its Authorization header."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    seen = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(dict(self.headers))
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        location = f"http://localhost:{other.server_address[1]}/v1/models/kneetf:predict"
+        for code in (301, 302, 307, 308):
+            server.faults.rest_reply = lambda raw, code=code: (code, {"Location": location, "Content-Length": "0"}, b"")
+            client = RestClient(server.rest_url, headers={"Authorization": "Bearer s3cret"}, retries=0)
+            where = f"localhost:{other.server_address[1]}"
+            with pytest.raises(ServingError, match=rf"HTTP {code}, a redirect to .*{where}"):
+                client.predict(_raw(1, 128, 128))
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert seen == []
+
+
+def test_metadata_is_checked_once_and_optional(server):
+    calls = server.faults.calls
+    with pytest.raises(ServingError, match=r"'mri' is declared as \(-1, 128, 128, 20\).*\(B, 128, 128, 24\)"):
+        ServingClient(server.grpc_target, num_slices=24).predict(_raw(1, 128, 128))
+    with pytest.raises(ServingError, match=r"'xray_recon' is declared as \(-1, 128, 128, 1\).*\(B, 64, 64, 1\)"):
+        RestClient(server.rest_url, image_size=64).predict(_raw(1, 64, 64))
+    assert server.faults.calls == calls  # refused before any Predict
+    server.faults.metadata = False  # a server without metadata: answers are still checked
+    got = ServingClient(server.grpc_target).predict(_raw(1, 128, 128))
+    assert got["mri"].shape == (1, 128, 128, 20)
+    with pytest.raises(ServingError, match=r"expected \(1, 128, 128, 24\)"):
+        RestClient(server.rest_url, num_slices=24).predict(_raw(1, 128, 128))
+
+
+def test_cli_client_reports_bad_answers_per_file(served, server, full_xrays, tmp_path, capsys):
+    """One lying answer (NaN), one wrong shape, one unreadable file: each is named at the end,
+    the others are written, the exit status is 4 (partly done)."""
+    folder = full_xrays["folder"]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    answers = iter([_lie((1, 128, 128, 20), fill=float("nan")), _lie((1, 5, 5, 3)), None, None])
+    server.faults.grpc_reply = lambda request: next(answers)
+    out = tmp_path / "out"
+    rc = main(["client", "--server", server.grpc_target, str(folder / "a.png"), str(folder / "b.npy"),
+               str(tmp_path / "broken.png"), str(folder / "c_left.dcm"), str(folder / "d_right.dcm"), "--out",
+               str(out)])
+    err = capsys.readouterr().err
+    assert rc == 4
+    assert sorted(p.name for p in out.iterdir()) == ["c_left.nii.gz", "d_right.nii.gz"]
+    assert "3 of 5 X-ray(s) failed" in err
+    assert re.search(r"a\.png: .*NaN", err) and re.search(r"b\.npy: .*\(1, 5, 5, 3\)", err)
+    assert "broken.png" in err
+
+
+def test_cli_client_stops_when_the_server_is_gone(full_xrays, tmp_path, capsys):
+    folder = full_xrays["folder"]
+    rc = main(["client", "--server", f"127.0.0.1:{_free_port()}", "--retries", "0", "--timeout", "5",
+               str(folder / "a.png"), str(folder / "b.npy"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "2 of 2 X-ray(s) failed" in err
+    assert "cannot reach TF Serving" in err and "b.npy: not sent" in err
 
 
 # === serving/ configuration ===
@@ -358,8 +637,6 @@ def _proto_classes():
 
 def test_serving_configs(repo):
     """The serving/ files parse as the protos TF Serving reads, and agree with each other."""
-    import re
-
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -379,10 +656,18 @@ def test_serving_configs(repo):
     assert monitoring.prometheus_config.enable
     assert monitoring.prometheus_config.path == "/monitoring/prometheus/metrics"
 
+    assert tuple(sizes) == SERVING_BATCH_SIZES  # what the export warms up
+    assert ServingClient("localhost:1").max_batch == max(SERVING_BATCH_SIZES)
+
     compose = (serving / "docker-compose.yml").read_text()
     run_sh = (serving / "run.sh").read_text()
     assert "image: tensorflow/serving:2.21.0" in compose and "tensorflow/serving:2.21.0" in run_sh
-    assert '"8500:8500"' in compose and '"8501:8501"' in compose
+    # published on the loopback interface unless KNEETF_SERVING_HOST says otherwise
+    for port in ("8500", "8501"):
+        assert f'"${{KNEETF_SERVING_HOST:-127.0.0.1}}:{port}:{port}"' in compose
+        assert f'-p "$HOST:{port}:{port}"' in run_sh
+    assert re.search(r'^HOST="\$\{KNEETF_SERVING_HOST:-127\.0\.0\.1\}"$', run_sh, re.M)
+    assert not re.search(r"^\s*-\s*\"?\d+:\d+", compose, re.M)  # no port on every interface
     flags_compose = re.findall(r"^\s+- (--\w+=\S+)", compose, re.M)
     flags_run = re.findall(r"^\s+(--\w+=\S+)(?: \\)?$", run_sh, re.M)
     assert flags_compose == flags_run
@@ -399,7 +684,7 @@ def test_cli_modules_import_no_tensorflow():
     """`kneetf client/export --help` stay fast, and the REST client works without TensorFlow:
     no TF, Keras or grpc at import time."""
     code = ("import sys, kneetf.cli.client, kneetf.cli.export, kneetf.export, kneetf.client, kneetf.client.rest, "
-            "kneetf.protocol, kneetf.inference; "
+            "kneetf.client.xray, kneetf.protocol, kneetf.inference, kneetf.inference.trust; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'grpc') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -15,8 +15,12 @@ from kneetf.export import (EXPORT_INFO_FILE, OUTPUT_KEYS, SIGNATURE_DEFAULT, SIG
                            SIGNATURE_UINT16, WARMUP_FILE)
 from kneetf.export import savedmodel  # noqa: E402
 from kneetf.export.samples import structured_samples  # noqa: E402
-from kneetf.export.savedmodel import export_savedmodel, next_version  # noqa: E402
+from kneetf.export.savedmodel import export_savedmodel, next_version, read_batching_config  # noqa: E402
 from kneetf.preprocess import ops  # noqa: E402
+from kneetf.inference.trust import unsafe_savedmodel_ops  # noqa: E402
+from kneetf.protocol import SERVING_BATCH_SIZES  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 import serving_server  # noqa: E402  (tests/serving_server.py; pytest puts tests/ on sys.path)
@@ -58,6 +62,7 @@ def test_layout_and_info(exported):
     base = result.path.parent
     assert result.version == 1 and result.path == base / "1"
     assert [p.name for p in base.iterdir()] == ["1"]  # no temporary folder left behind
+    assert unsafe_savedmodel_ops(result.path) == {}  # loads without --trust-model
     for name in ("saved_model.pb", "variables", WARMUP_FILE, EXPORT_INFO_FILE):
         assert (result.path / name).exists(), name
     info = json.loads((result.path / EXPORT_INFO_FILE).read_text())
@@ -131,14 +136,29 @@ def test_warmup_records_replay(exported):
         request = log.predict_log.request
         assert request.model_spec.name == "kneetf"
         signature = request.model_spec.signature_name
-        seen.add(signature)
         x = tf.make_ndarray(request.inputs["xray"])  # TF's own decoder, not kneetf's
-        assert x.shape == (1, 128, 128, 1)
+        seen.add((signature, len(x)))
+        assert x.shape[1:] == (128, 128, 1)
         assert x.dtype == (np.uint16 if signature == SIGNATURE_UINT16 else np.float32)
         out = _call(loaded, signature, x)  # what TF Serving does at load time
-        assert out["mri"].shape == (1, 128, 128, 20)
+        assert out["mri"].shape == (len(x), 128, 128, 20)
         assert set(request.output_filter) == set(OUTPUT_KEYS)
-    assert seen == {SIGNATURE_DEFAULT, SIGNATURE_UINT16, SIGNATURE_NORMALIZED}
+    # every signature at every batch size the serving batching config allows
+    allowed = read_batching_config(REPO / "serving" / "batching.config")
+    assert allowed == SERVING_BATCH_SIZES
+    assert seen == {(sig, b) for sig in (SIGNATURE_DEFAULT, SIGNATURE_UINT16, SIGNATURE_NORMALIZED) for b in allowed}
+    assert exported["result"].info["warmup"]["batch_sizes"] == list(allowed)
+
+
+def test_read_batching_config(tmp_path):
+    (tmp_path / "list.config").write_text("max_batch_size { value: 8 }  # comment: allowed_batch_sizes: 99\n"
+                                          "allowed_batch_sizes: [2, 8]\nallowed_batch_sizes: 4\n")
+    assert read_batching_config(tmp_path / "list.config") == (2, 4, 8)
+    (tmp_path / "max.config").write_text("max_batch_size { value: 12 }\nbatch_timeout_micros { value: 5 }\n")
+    assert read_batching_config(tmp_path / "max.config") == (1, 2, 4, 8, 12)
+    (tmp_path / "none.config").write_text("batch_timeout_micros { value: 5 }\n")
+    with pytest.raises(InputError, match="none.config.*neither"):
+        read_batching_config(tmp_path / "none.config")
 
 
 @pytest.mark.slow

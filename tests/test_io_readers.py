@@ -284,22 +284,25 @@ def test_declared_size_refused_before_decoding(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(InputError, match="65535x65535"):
         read_mri(folder)
     png = write_png_header_only(tmp_path / "huge.png", 65535, 65535)
-    with pytest.raises(InputError, match="PNG header declares 4294836225 pixel values"):
+    with pytest.raises(InputError, match="PNG header declares 65535x65535x1 = 4294836225 pixel values"):
         read_xray(png)
     monkeypatch.undo()
     small = write_dicom_xray(tmp_path / "small.dcm", np.ones((8, 8)))
     with pytest.raises(InputError, match="limit of 50"):
         read_xray(small, max_pixels=50)
     cv2.imwrite(str(tmp_path / "t.tiff"), np.ones((8, 9), np.uint16))
-    with pytest.raises(InputError, match="72 pixel values, more than the limit of 71"):
+    with pytest.raises(InputError, match="8x9x1 = 72 pixel values, more than the limit of 71"):
         read_xray(tmp_path / "t.tiff", max_pixels=71)
     cv2.imwrite(str(tmp_path / "t.jpg"), np.ones((8, 9), np.uint8))
     with pytest.raises(InputError, match="72 pixel values"):
         read_xray(tmp_path / "t.jpg", max_pixels=71)
     vol = volume((3, 4, 4))
     write_dicom_series(tmp_path / "s", vol)
-    with pytest.raises(InputError, match="48 values, more than max_pixels=40"):
+    with pytest.raises(InputError, match="series declares 3 decoded slice\\(s\\) of 4x4 = 48 pixel values, more "
+                                         "than the limit of 40"):
         read_mri(tmp_path / "s", max_pixels=40)
+    got, _ = read_mri(tmp_path / "s", window=(0, 2), max_pixels=40)  # only the decoded window counts
+    np.testing.assert_array_equal(got, vol[:2])
 
 
 def test_unknown_and_missing(tmp_path: Path) -> None:

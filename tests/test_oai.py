@@ -1,12 +1,13 @@
 """kneetf.io.oai + `kneetf import-oai` on a small fake OAI tree in the real layout."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dicom_factory import make_oai_tree
+from dicom_factory import OTHER_MRI_SEQUENCES, make_oai_release, make_oai_tree
 from kneetf.cli.main import main
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.manifest import read_manifest
@@ -64,7 +65,7 @@ def test_cli_end_to_end(oai, capsys: pytest.CaptureFixture) -> None:
     printed = capsys.readouterr()
     assert code == 4, printed.err  # written, with series that could not be paired
     assert "7 knees of 4 participants" in printed.out and "unpaired MRI" in printed.out
-    assert report.read_text().startswith("participant,visit,what,reason\n")
+    assert report.read_text().startswith("participant,visit,what,reason,folder\n")
     header = out.read_text().splitlines()[0]
     assert header == "id,xray,mri,side,split,xray_half,participant,visit"
     assert f",00m/1.C.2/{PIDS[0]}/" in out.read_text()  # relative inside the root
@@ -120,3 +121,66 @@ def test_mri_side() -> None:
     assert mri_side("sag_3d_dess_right", "SAG_3D_DESS") == "right"
     assert mri_side("COR_IW_TSE_RIGHT", "SAG_3D_DESS") is None
     assert mri_side("SAG_3D_DESS_THIGH", "SAG_3D_DESS") is None
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    root = tmp_path_factory.mktemp("release")
+    expected, unpaired = make_oai_release(root)
+    return root, expected, unpaired
+
+
+def test_every_knee_is_paired_with_the_knee_series_not_a_distractor(release) -> None:
+    root, expected, unpaired = release
+    result = pair_oai(root, ["00m"])
+    got = {c.id: c for c in result.cases}
+    assert sorted(got) == sorted(expected)
+    for case_id, (xray, mri, value) in expected.items():
+        case = got[case_id]
+        assert (case.xray, case.mri) == (xray, mri), case_id
+        image, _ = read_xray(case.xray, half=case.xray_half)
+        assert np.all(image == value), case_id  # the knee's own half of the knee image
+    skipped: dict[str, str] = {}
+    for s in result.skipped:
+        skipped[s.participant] = skipped.get(s.participant, "") + f" | {s.reason} @ {s.folder}"
+    for pid, reasons in unpaired.items():
+        assert all(r in skipped[pid] for r in reasons), (pid, skipped[pid])
+        assert not any(c.startswith(pid) for c in got)
+    assert "not a bilateral PA knee X-ray: listed as 'PA Hand' (a hand)" in skipped["9200001"]
+    assert "DICOM header says a lateral view (SeriesDescription)" in skipped["9200002"]
+    assert ("contradicts the listing 'Bilateral PA Fixed Flexion Knee': a pelvis and an AP view (SeriesDescription); "
+            "BodyPartExamined PELVIS") in skipped["9200003"]
+    assert "listed as 'Localizer' (a localizer)" in skipped["9200004"] and "extra X-ray: using" in skipped["9200004"]
+    assert "listed as 'Lateral Right Knee' (a lateral view)" in skipped["9200005"]
+    assert skipped["9200008"].count("ambiguous: 2 images") == 2
+    # the other MRI sequences are listed as not used, each with its reason
+    assert len(result.ignored) == len(OTHER_MRI_SEQUENCES) * (2 * 7 + 1)
+    assert all(s.reason.startswith("not used: neither a SAG_3D_DESS") for s in result.ignored)
+
+
+def test_import_oai_writes_the_skipped_series_beside_the_manifest(release, capsys: pytest.CaptureFixture) -> None:
+    root, expected, _ = release
+    out = root / "manifest.csv"
+    assert main(["import-oai", str(root), "--out", str(out)]) == 4  # written, with series skipped
+    printed = capsys.readouterr().out
+    assert f"{len(expected)} knees of 5 participants" in printed
+    assert f"reasons in {root / 'manifest.skipped.csv'}" in printed
+    with (root / "manifest.skipped.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["participant", "visit", "what", "reason", "folder"]
+    hand = [r for r in rows if r["participant"] == "9200001" and "PA Hand" in r["what"]]
+    assert len(hand) == 1 and hand[0]["folder"].endswith("001") and "a hand" in hand[0]["reason"]
+    assert sum(r["reason"].startswith("unpaired MRI") for r in rows) == 6
+    assert {c.id: c.xray for c in read_manifest(out).cases} == {k: v[0] for k, v in expected.items()}
+
+
+def test_xray_description() -> None:
+    from kneetf.io.oai import xray_description
+
+    assert xray_description("Bilateral PA Fixed Flexion Knee") == ("knee", "bilateral")
+    assert xray_description("P.A. knees, both") == ("knee", "bilateral")
+    assert xray_description("PA Fixed Flexion Left Knee") == ("other", "one knee only")
+    assert xray_description("PA Hand")[0] == "other"
+    assert xray_description("Lateral Left Knee") == ("other", "a lateral view")
+    assert xray_description("AP Pelvis") == ("other", "a pelvis and an AP view")
+    assert xray_description("")[0] == xray_description("Knee")[0] == xray_description("Image 2")[0] == "unknown"

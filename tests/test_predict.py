@@ -97,7 +97,8 @@ def test_predict_cli_writes_nifti_dicom_png(tmp_path, runs, capsys):
     before = _snapshot(tmp_path)
     out = tmp_path / "out"
     rc = main(["predict", "--model", str(runs["plain"]), str(tmp_path / "in"), "--out", str(out),
-               "--format", "nifti,dicom,png", "--rois", str(tmp_path / "in" / "boxes.csv"), "--no-progress"])
+               "--format", "nifti,dicom,png", "--rois", str(tmp_path / "in" / "boxes.csv"), "--no-progress",
+               "--names", "id"])
     assert rc == 4  # some inputs failed, the rest were written
     captured = capsys.readouterr()
     assert "wrote 3 of 4" in captured.out
@@ -180,7 +181,7 @@ def test_manifest_input_ids_and_sides(tmp_path, runs):
     write_boxes(tmp_path / "in" / "ids.csv", {"kneeA": Box(*BOX), "kneeB": Box(*BOX)})
     out = tmp_path / "out"
     report = predict_files(runs["mirror"], [tmp_path / "in" / "manifest.csv"], out,
-                           roi=roi_source(tmp_path / "in" / "ids.csv"), progress=False)
+                           roi=roi_source(tmp_path / "in" / "ids.csv"), progress=False, names="id")
     assert sorted(report.written) == ["kneeA", "kneeB"] and not report.errors
     model = load_model(runs["mirror"])
     vol, _, _ = _read_nifti(out / "kneeA.nii.gz")
@@ -196,7 +197,7 @@ def test_all_failures_exit_nonzero_and_name_the_files(tmp_path, runs, capsys):
     (tmp_path / "flat.png").write_bytes(b"")
     out = tmp_path / "out"
     rc = main(["predict", "--model", str(runs["plain"]), str(tmp_path / "bad.npy"), str(tmp_path / "flat.png"),
-               str(tmp_path / "missing.dcm"), "--out", str(out), "--no-progress"])
+               str(tmp_path / "missing.dcm"), "--out", str(out), "--no-progress", "--names", "id"])
     assert rc == 1
     err = capsys.readouterr().err
     for name in ("bad.npy", "flat.png", "missing.dcm", "no reconstruction was written"):

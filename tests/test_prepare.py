@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +97,81 @@ def test_nifti_png_manifest_gives_the_same_cache_as_dicom(synth: Path, tmp_path:
     np.testing.assert_allclose(da["mri"], db["mri"], atol=2e-3)
     # the 16-bit PNG and the DICOM X-ray hold the same image
     np.testing.assert_allclose(da["xray"], db["xray"], atol=2e-3)
+
+
+def _shards(cache: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tfrecord")}
+
+
+def _later(path: Path) -> None:
+    """Give `path` a modification time after everything written so far, as a later edit would."""
+    later = time.time_ns() + 2_000_000_000
+    os.utime(path, ns=(later, later))
+
+
+def test_replaced_inputs_rebuild_only_their_shards(synth: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    rows = [r for r in _rows(data / "manifest.csv") if r["split"] == "train"]
+    cache = tmp_path / "cache"
+    args = ["prepare", str(data / "manifest.csv"), "--out", str(cache), "--rois", str(data / "rois.csv"),
+            "--workers", "0", "--shard-size", "1"]
+    assert main(args) == 0
+    old, before = load_arrays(cache, "train"), _shards(cache)
+    # the first knee's X-ray is replaced by the second's; one slice file of the third's MRI is rewritten
+    xray = data / rows[0]["xray"]
+    shutil.copyfile(data / rows[1]["xray"], xray)
+    _later(xray)
+    import pydicom
+
+    from kneetf.io.dicom import order_slices, scan_dicom
+
+    slice_file = order_slices(scan_dicom(data / rows[2]["mri"])[0], "mri")[0][30].path  # in the window
+    ds = pydicom.dcmread(slice_file)
+    ds.PixelData = (ds.pixel_array // 2).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(slice_file)
+    _later(slice_file)
+    assert main(args) == 0
+    new, after = load_arrays(cache, "train"), _shards(cache)
+    assert new["id"] == old["id"] == [r["id"] for r in rows]
+    assert sorted(n for n in before if after[n] != before[n]) == ["train-00000-of-00004.tfrecord",
+                                                                   "train-00002-of-00004.tfrecord"]
+    assert not np.allclose(new["xray"][0], old["xray"][0], atol=1e-3)
+    assert not np.allclose(new["mri"][2], old["mri"][2], atol=1e-3)
+    np.testing.assert_array_equal(new["xray"][1:], old["xray"][1:])
+    np.testing.assert_array_equal(new["mri"][3], old["mri"][3])
+    assert main(args) == 0 and _shards(cache) == after  # nothing changed since: nothing rebuilt
+
+
+def test_cache_written_before_input_stamps_is_kept_or_rebuilt(synth: Path, tmp_path: Path) -> None:
+    """Sidecars as older versions wrote them (a fingerprint of ids and paths only) stay valid
+    while no input is newer than their shard."""
+    from kneetf.config import PreprocessConfig, config_hash
+    from kneetf.data.cache import _fingerprint, shard_plan
+    from kneetf.data.sources import manifest_tasks
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    cache = tmp_path / "cache"
+    args = ["prepare", str(data / "manifest.csv"), "--out", str(cache), "--rois", str(data / "rois.csv"),
+            "--workers", "0", "--shard-size", "2"]
+    assert main(args) == 0
+    tasks, _ = manifest_tasks(data / "manifest.csv", rois=data / "rois.csv")
+    plan = shard_plan(tasks, 2)
+    for name, chunk in plan:
+        side = cache / (name + ".json")
+        meta = json.loads(side.read_text())
+        side.write_text(json.dumps({"fingerprint": _fingerprint(chunk, config_hash(PreprocessConfig())),
+                                    "count": meta["count"], "errors": meta["errors"]}))
+        os.utime(side, ns=((cache / name).stat().st_mtime_ns,) * 2)
+    before = _shards(cache)
+    name, chunk = plan[0]
+    _later(Path(chunk[0].payload.xray))  # touched after the cache was written: its shard is stale
+    assert main(args) == 0
+    after = _shards(cache)
+    assert sorted(n for n in before if after[n] != before[n]) == [name]
+    assert all(json.loads((cache / (n + ".json")).read_text())["inputs"] == "size+mtime_ns" for n, _ in plan)
+    assert main(args) == 0 and _shards(cache) == after
 
 
 def test_nothing_valid_exits_nonzero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,7 @@ from kneetf.export import OUTPUT_KEYS  # noqa: E402
 from kneetf.export import tflite as tfl  # noqa: E402
 from kneetf.export.samples import structured_samples  # noqa: E402
 from kneetf.inference.litert import TFLiteModel  # noqa: E402
+from kneetf.inference.trust import custom_tflite_ops  # noqa: E402
 
 
 import serving_server  # noqa: E402  (tests/serving_server.py; pytest puts tests/ on sys.path)
@@ -50,6 +51,7 @@ def test_files_and_report(converted):
         assert path == out_dir / f"kneetf_{variant}.tflite"
         assert path.stat().st_size == rep["bytes"] == saved["variants"][variant]["bytes"]
         assert set(rep["outputs"]) == set(OUTPUT_KEYS)
+        assert custom_tflite_ops(path) == []  # loads without --trust-model
     assert report["fp16"]["bytes"] < report["fp32"]["bytes"]
     assert saved["input"]["shape"] == [1, 128, 128, 1] and "normalised" in saved["input"]["note"]
     assert saved["calibration"] == "representative" and saved["check_samples"] == 3

@@ -1,4 +1,9 @@
-"""`kneetf client --server HOST:8500 xray.dcm [...] --out pred.nii.gz|DIR`: ask TF Serving."""
+"""`kneetf client --server HOST:8500 xray.dcm [...] --out pred.nii.gz|DIR`: ask TF Serving.
+
+The X-rays are prepared as `kneetf predict` prepares them (ROI, left-knee mirroring; see
+`kneetf.client.xray`) and the volumes written by predict's writer, so the two agree. An
+X-ray that fails is reported at the end and the others are written; exit status 4 then
+(1 when none could be written; `kneetf.cli.exits`)."""
 from __future__ import annotations
 
 import argparse
@@ -11,11 +16,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from kneetf.protocol import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_DTYPES
 
     p.add_argument("xrays", nargs="*", metavar="XRAY",
-                   help="ROI-cropped knee X-ray files (DICOM, PNG/TIFF/JPEG, .npy)")
+                   help="knee X-ray files (DICOM, PNG/TIFF/JPEG, .npy), folders of them or a manifest .csv; the "
+                        "knee ROI is found and left knees mirrored as `kneetf predict` does")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", metavar="HOST:PORT", help="gRPC address of TF Serving (e.g. localhost:8500)")
     where.add_argument("--rest", metavar="URL", help="REST address of TF Serving (e.g. http://localhost:8501)")
-    p.add_argument("--out", help="output .nii/.nii.gz file (one X-ray) or folder (<stem>.nii.gz per X-ray)")
+    p.add_argument("--out", help="output .nii/.nii.gz file (one X-ray) or folder (<id>.nii.gz per X-ray)")
+    p.add_argument("--model-info", metavar="JSON_OR_DIR",
+                   help="the export's kneetf_export.json (or its version folder): the model's preprocessing "
+                        "(left-knee mirroring, sizes) and ROI source (default: the documented defaults and the "
+                        "classical ROI)")
+    roi = p.add_mutually_exclusive_group()
+    roi.add_argument("--rois", metavar="BOXES_CSV", help="ROI boxes CSV id,x0,y0,x1,y1 (ids as the outputs')")
+    roi.add_argument("--roi-detector", metavar="DET_KERAS", help="a trained ROI detector (kneetf train-roi)")
+    roi.add_argument("--cropped", action="store_true",
+                     help="the X-rays are knee ROI crops already (square): no ROI search")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name on the server (default: %(default)s)")
     p.add_argument("--version", type=int, help="model version (default: the server's latest)")
     p.add_argument("--signature", default=SIGNATURE_DEFAULT, choices=list(SIGNATURE_DTYPES),
@@ -25,15 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=3,
                    help="retries while the server is unavailable (default: %(default)s)")
     p.add_argument("--no-client-resize", action="store_true",
-                   help="send images at their own size (the server resizes; breaks server-side batching of "
+                   help="send the ROI crop at its own size (the server resizes; breaks server-side batching of "
                         "mixed sizes)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     p.add_argument("--tls-ca", metavar="PEM", help="use TLS with this CA certificate")
     p.add_argument("--tls-cert", metavar="PEM", help="client certificate chain for mutual TLS (gRPC)")
     p.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS (gRPC)")
     p.add_argument("--tls-server-name", help="name expected in the server certificate (gRPC)")
-    p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("SLICE", "ROW", "COL"),
-                   help="voxel spacing in mm written to the NIfTI header (default: 1 1 1)")
     p.add_argument("--status", action="store_true", help="print the model's status on the server and exit")
 
 
@@ -49,31 +62,36 @@ def _tls(args: argparse.Namespace) -> Any:
     return bool(args.tls)
 
 
-def _outputs(xrays: list[Path], out: str) -> list[Path]:
-    """One output file per X-ray: `out` itself for one X-ray named .nii/.nii.gz, else out/<stem>.nii.gz."""
+def _targets(items: list[Any], out: str) -> list[Path]:
+    """One output file per X-ray: `out` itself for one X-ray named .nii/.nii.gz, else
+    out/<id>.nii.gz (the names `kneetf predict` writes)."""
     from kneetf.errors import ConfigError
-    from kneetf.inference.batch import file_id
 
     target = Path(out)
-    is_file = target.name.endswith(".nii") or target.name.endswith(".nii.gz")
-    if is_file:
-        if len(xrays) != 1:
-            raise ConfigError(f"--out {out} is a file but {len(xrays)} X-rays were given; use a folder")
+    if target.name.endswith(".nii") or target.name.endswith(".nii.gz"):
+        if len(items) != 1:
+            raise ConfigError(f"--out {out} is a file but {len(items)} X-rays were given; use a folder")
         return [target]
-    paths = [target / f"{file_id(x)}.nii.gz" for x in xrays]
-    seen: dict[Path, Path] = {}
-    for x, p in zip(xrays, paths):
-        if p in seen:
-            raise ConfigError(f"{seen[p]} and {x} would both be written to {p}; rename one")
-        seen[p] = x
-    return paths
+    return [target / f"{item.id}.nii.gz" for item in items]
 
 
 def run(args: argparse.Namespace) -> int:
-    from kneetf.errors import ConfigError, InputError
+    from kneetf.errors import ConfigError, ModelNotFoundError, ServerUnavailableError
 
+    if args.status:
+        info = None
+    else:
+        if not args.xrays:
+            raise ConfigError("no X-ray given (or use --status)")
+        if not args.out:
+            raise ConfigError("--out is required: a .nii.gz file or a folder")
+        from kneetf.client.xray import read_model_info
+
+        info = read_model_info(args.model_info)
+    sizes = {} if info is None else {"image_size": info.preprocess.image_size,
+                                     "num_slices": info.preprocess.num_slices}
     common = dict(model=args.model, version=args.version, signature=args.signature, timeout=args.timeout,
-                  retries=args.retries, tls=_tls(args), resize=not args.no_client_resize)
+                  retries=args.retries, tls=_tls(args), resize=not args.no_client_resize, **sizes)
     if args.server:
         from kneetf.client.grpc import ServingClient
 
@@ -88,26 +106,37 @@ def run(args: argparse.Namespace) -> int:
                 err = f" ({s['error_message']})" if s["error_message"] else ""
                 print(f"{args.model} version {s['version']}: {s['state']}{err}")
             return 0
-        if not args.xrays:
-            raise ConfigError("no X-ray given (or use --status)")
-        if not args.out:
-            raise ConfigError("--out is required: a .nii.gz file or a folder")
-        from kneetf.io.writers import write_nifti
+        from kneetf.client.xray import WholeImage, reconstruct
+        from kneetf.inference.batch import collect_inputs, error_reason
+        from kneetf.inference.outputs import write_volume
+        from kneetf.preprocess.xray import roi_source
 
-        xrays = [Path(x) for x in args.xrays]
-        failed = 0
-        for xray, target in zip(xrays, _outputs(xrays, args.out)):
+        if args.cropped:
+            roi: Any = WholeImage()
+        elif args.rois or args.roi_detector:
+            roi = roi_source(boxes=args.rois, detector=args.roi_detector)
+        else:
+            roi = roi_source(info.roi)
+        items, failures = collect_inputs(args.xrays)
+        total = len(items) + len(failures)
+        targets = _targets(items, args.out) if items else []
+        for i, (item, target) in enumerate(zip(items, targets)):
             try:
-                volume = client.predict(xray)["mri"][0]  # (H, W, slices)
-            except InputError as e:
-                print(f"kneetf client: {e}", file=sys.stderr)
-                failed += 1
+                _, volume = reconstruct(client, item, info.preprocess, roi)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_volume(target, volume)
+            except (ServerUnavailableError, ModelNotFoundError) as e:  # every other X-ray would fail alike
+                failures += [{"id": it.id, "file": str(it.path),
+                              "reason": error_reason(e) if it is item else "not sent"} for it in items[i:]]
+                break
+            except Exception as e:  # this X-ray or this answer: report it, go on with the others
+                failures.append({"id": item.id, "file": str(item.path), "reason": error_reason(e)})
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_nifti(target, volume.transpose(2, 0, 1), tuple(args.spacing), slices_first=True)
-            print(f"{xray} -> {target} ({volume.shape[2]} slices of {volume.shape[0]}x{volume.shape[1]})")
-    if failed:
-        print(f"kneetf client: {failed} of {len(xrays)} X-ray(s) failed", file=sys.stderr)
+            print(f"{item.path} -> {target} ({volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]})")
+    if failures:
+        print(f"kneetf client: {len(failures)} of {total} X-ray(s) failed:", file=sys.stderr)
+        for f in failures:
+            print(f"  {f['file']}: {f['reason']}", file=sys.stderr)
     from kneetf.cli.exits import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
 
-    return EXIT_OK if not failed else EXIT_PARTIAL if failed < len(xrays) else EXIT_ERROR
+    return EXIT_OK if not failures else EXIT_PARTIAL if len(failures) < total else EXIT_ERROR

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="k of the k-NN average baseline; 1 leaves it out (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="X-rays per model call (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N subjects only")
+    parser.add_argument("--save-volumes", action="store_true",
+                        help="also write each subject's reconstruction as volumes/<id>.nii.gz (as kneetf predict)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--knn must be >= 1. Received: --knn {args.knn}")
     result = evaluate(args.model, args.data, args.split, args.out, baseline_split=args.baseline_split,
                       k=args.knn, batch_size=args.batch_size, limit=args.limit, progress=args.progress,
-                      log_verdict=False)
+                      log_verdict=False, save_volumes=args.save_volumes)
     print(format_table(result))
     print()
     for line in verdict_lines(result):

@@ -18,6 +18,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from kneetf.export.tflite import VARIANTS
+    from kneetf.protocol import SERVING_BATCH_SIZES
 
     p.add_argument("model", metavar="MODEL_OR_RUN", help="a .keras file or a training run folder (model.keras)")
     p.add_argument("--out", default="saved_models/kneetf",
@@ -31,15 +32,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="CACHE", help="kneetf cache: int8 calibration and check samples")
     p.add_argument("--calibration-samples", type=int, default=32,
                    help="int8 calibration samples (default: %(default)s)")
-    p.add_argument("--warmup-batch-sizes", type=_batch_sizes, default=(1,),
-                   help="batch sizes of the warm-up requests, e.g. 1,8 (default 1; 0 for none)")
-    p.add_argument("--no-warmup", action="store_true", help="write no warm-up requests")
+    warmup = p.add_mutually_exclusive_group()
+    warmup.add_argument("--warmup-batch-sizes", type=_batch_sizes, default=SERVING_BATCH_SIZES,
+                        help="batch sizes of the warm-up requests, e.g. 1,8; 0 for none (default: "
+                             f"{','.join(map(str, SERVING_BATCH_SIZES))}, the allowed batch sizes of "
+                             "serving/batching.config)")
+    warmup.add_argument("--batching-config", metavar="FILE",
+                        help="warm up every batch size this TF Serving batching config allows (its "
+                             "allowed_batch_sizes)")
+    warmup.add_argument("--no-warmup", action="store_true", help="write no warm-up requests")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing it with Keras")
 
 
 def run(args: argparse.Namespace) -> int:
     from kneetf.errors import ConfigError
-    from kneetf.export.savedmodel import export_savedmodel
+    from kneetf.export.savedmodel import export_savedmodel, read_batching_config
     from kneetf.export.tflite import VARIANTS
 
     variants: tuple[str, ...] = ()
@@ -52,9 +59,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--data is used for TFLite calibration; add --tflite")
     if args.calibration_samples < 1:
         raise ConfigError(f"--calibration-samples must be >= 1. Received: {args.calibration_samples}")
+    warmup = args.warmup_batch_sizes
+    if args.no_warmup:
+        warmup = ()
+    elif args.batching_config:
+        warmup = read_batching_config(args.batching_config)
     result = export_savedmodel(args.model, args.out, version=args.version, overwrite=args.overwrite,
-                               model_name=args.model_name,
-                               warmup_batch_sizes=() if args.no_warmup else args.warmup_batch_sizes,
+                               model_name=args.model_name, warmup_batch_sizes=warmup,
                                verify=not args.no_verify, tflite_variants=variants, data=args.data,
                                calibration_samples=args.calibration_samples)
     info = result.info

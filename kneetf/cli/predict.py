@@ -1,12 +1,22 @@
-"""`kneetf predict`: X-ray files -> `<id>.nii.gz` (and optional DICOM series / PNG montages)."""
+"""`kneetf predict`: X-ray files -> `<name>.nii.gz` (and optional DICOM series / PNG montages); names
+are pseudonyms unless `--names id` or `--keep-patient`."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from kneetf.cli.options import ConfigFlag, add_config_flags, config_values
+
+
+def _flags() -> list[ConfigFlag]:
+    """The config fields `kneetf predict` exposes."""
+    from kneetf.io.limits import ReaderConfig
+
+    return [ConfigFlag(ReaderConfig, "max_pixels")]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kneetf.inference.outputs import FORMATS
+    from kneetf.inference.outputs import FORMATS, NAMES, PSEUDONYM_KEY
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="X-ray files (DICOM, PNG/TIFF/JPEG, .npy), folders of them, or a manifest .csv")
@@ -19,13 +29,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     roi.add_argument("--rois", metavar="BOXES_CSV", help="ROI boxes CSV id,x0,y0,x1,y1 (ids as the outputs')")
     roi.add_argument("--roi-detector", metavar="DET_KERAS", help="a trained ROI detector (kneetf train-roi)")
     parser.add_argument("--keep-patient", action="store_true",
-                        help="copy the patient module of a DICOM input into the DICOM output (default: anonymous)")
+                        help="DICOM output joins the DICOM X-ray's study and keeps its patient name, ID, birth "
+                             "date and sex (default: a random pseudonymous patient per output)")
+    parser.add_argument("--names", choices=NAMES, default="auto",
+                        help="output names: 'pseudonym' (random, e.g. knee-3f9a2c1b7d12; with a private key file "
+                             "pseudonym -> source), 'id' (the file stem or manifest id), 'auto' (pseudonym unless "
+                             "--keep-patient; default)")
+    parser.add_argument("--pseudonym-key", metavar="CSV",
+                        help=f"where the private pseudonym key goes (default: OUT/{PSEUDONYM_KEY}; keep it apart "
+                             "from outputs you share)")
     parser.add_argument("--batch-size", type=int, default=8, help="X-rays per model call (default: %(default)s)")
     parser.add_argument("--preprocess", metavar="JSON",
                         help="take the preprocessing config from this run config.json / dataset.json "
                              "(default: the one recorded with the model)")
     parser.add_argument("--allow-outside", action="store_true",
                         help="let a manifest name files outside its folder tree")
+    add_config_flags(parser, _flags())
+    parser.add_argument("--trust-model", action="store_true",
+                        help="run a SavedModel / TFLite model even if it holds operations kneetf models never use "
+                             "(file or other I/O, custom ops): a model file is code, trust its source")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,19 +55,24 @@ def run(args: argparse.Namespace) -> int:
     from kneetf.errors import KneetfError
     from kneetf.inference.batch import predict_files
     from kneetf.inference.outputs import parse_formats
+    from kneetf.io.limits import ReaderConfig, use_reader_config
     from kneetf.preprocess.xray import roi_source
 
     formats = parse_formats(args.format)
     roi = roi_source(boxes=args.rois, detector=args.roi_detector)
-    report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
-                           keep_patient=args.keep_patient, batch_size=args.batch_size, preprocess=args.preprocess,
-                           allow_outside=args.allow_outside, progress=args.progress)
+    with use_reader_config(ReaderConfig(**config_values(args, _flags(), ReaderConfig))):
+        report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
+                               keep_patient=args.keep_patient, batch_size=args.batch_size,
+                               preprocess=args.preprocess, allow_outside=args.allow_outside,
+                               progress=args.progress, trust_model=args.trust_model, names=args.names,
+                               pseudonym_key=args.pseudonym_key)
     total = report.ok + len(report.errors)
     print(f"wrote {report.ok} of {total} reconstruction(s) to {report.out_dir}")
     if report.errors:
         print(f"{len(report.errors)} failure(s) (also in {report.out_dir / 'errors.csv'}):", file=sys.stderr)
         for e in report.errors:
-            who = f"{e['id']} ({e['file']})" if e.get("id") else e["file"]
+            file = e.get("source") or e["file"]
+            who = f"{e['id']} ({file})" if e.get("id") else file
             print(f"  {who}: {e['reason']}", file=sys.stderr)
     if report.ok == 0:
         raise KneetfError("no reconstruction was written" + ("" if total else ": no input files"))

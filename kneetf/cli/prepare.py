@@ -10,6 +10,7 @@ def _flags() -> list[ConfigFlag]:
     """The config fields `kneetf prepare` exposes, in the order of `--help`."""
     from kneetf.config import PreprocessConfig
     from kneetf.data.sources import PrepareOptions
+    from kneetf.io.limits import ReaderConfig
 
     return [
         ConfigFlag(PrepareOptions, "roi_preview"),
@@ -19,6 +20,7 @@ def _flags() -> list[ConfigFlag]:
         ConfigFlag(PreprocessConfig, "num_slices"),
         ConfigFlag(PreprocessConfig, "mirror_left"),
         ConfigFlag(PrepareOptions, "allow_outside"),
+        ConfigFlag(ReaderConfig, "max_pixels"),
     ]
 
 
@@ -35,11 +37,13 @@ def run(args: argparse.Namespace) -> int:
     from kneetf.cli.exits import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
     from kneetf.config import PreprocessConfig
     from kneetf.data.sources import PrepareOptions, prepare_manifest
+    from kneetf.io.limits import ReaderConfig
 
     flags = _flags()
     config = PreprocessConfig(**config_values(args, flags, PreprocessConfig))
     result = prepare_manifest(args.manifest, args.out, config, rois=args.rois, detector=args.roi_detector,
-                              progress=args.progress, **config_values(args, flags, PrepareOptions))
+                              progress=args.progress, reader=ReaderConfig(**config_values(args, flags, ReaderConfig)),
+                              **config_values(args, flags, PrepareOptions))
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     print(f"prepared {result.total} pair(s) into {result.out_dir} ({counts}); "
           f"{result.skipped_shards} shard(s) were already complete")

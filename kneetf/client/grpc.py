@@ -16,9 +16,11 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc)
 
-from kneetf.client.request import BaseClient, estimate_response_bytes
+from kneetf.client.request import BaseClient
 from kneetf.errors import ConfigError, InputError, ModelNotFoundError, ServerUnavailableError, ServingError
-from kneetf.protocol import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, parse_predict_response, predict_request
+from kneetf.protocol import (CONTRACT_IMAGE_SIZE, CONTRACT_NUM_SLICES, DEFAULT_MODEL_NAME, SERVING_BATCH_SIZES,
+                             SIGNATURE_DEFAULT, metadata_request, parse_metadata_response, parse_predict_response,
+                             predict_request)
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +63,51 @@ class ServingClient(BaseClient):
             mapping with `root_certificates`, `private_key`, `certificate_chain` paths.
         retries: how many times a call is retried when the server is UNAVAILABLE (only
             then), with exponential backoff from `backoff` seconds.
-        max_batch: largest batch per request; bigger inputs are split (keep it at or below
-            `max_batch_size` of the server's batching config).
+        max_batch: largest batch per request; bigger inputs are split (by default the largest
+            allowed batch size of serving/batching.config, `kneetf.protocol.SERVING_BATCH_SIZES`).
         resize: area-resize on the client (same op as the graph; results unchanged) so every
             request has the fixed shape server-side batching needs. `serving_default` only.
-        max_message_mb: gRPC send/receive limit of the channel.
+        image_size, num_slices: the outputs accepted per X-ray, `(image_size, image_size,
+            num_slices)` MRI (the documented 128 and 20 by default). An answer of another
+            shape, or with NaN, is a ServingError; a server whose signature metadata declares
+            other sizes is named before the first answer is read.
+        max_message_mb: gRPC send limit of the channel (requests).
+        max_receive_mb: gRPC receive limit (answers); by default what `max_batch` X-rays'
+            outputs take, plus a margin, so a lying server cannot make the client hold more.
         tls_server_name: expected name in the server certificate, when it differs from `target`.
     """
 
     def __init__(self, target: str, model: str = DEFAULT_MODEL_NAME, version: int | None = None,
                  signature: str = SIGNATURE_DEFAULT, timeout: float = 30.0,
                  tls: bool | str | Path | Mapping[str, str | Path] = False, retries: int = 3, *,
-                 backoff: float = 0.25, max_backoff: float = 8.0, max_batch: int = 32, resize: bool = True,
-                 image_size: int = 128, max_message_mb: int = 256, tls_server_name: str | None = None) -> None:
+                 backoff: float = 0.25, max_backoff: float = 8.0, max_batch: int = max(SERVING_BATCH_SIZES),
+                 resize: bool = True, image_size: int = CONTRACT_IMAGE_SIZE, num_slices: int = CONTRACT_NUM_SLICES,
+                 max_message_mb: int = 256, max_receive_mb: float | None = None,
+                 tls_server_name: str | None = None) -> None:
         super().__init__(target, model=model, version=version, signature=signature, timeout=timeout,
                          retries=retries, backoff=backoff, max_backoff=max_backoff, max_batch=max_batch,
-                         resize=resize, image_size=image_size)
+                         resize=resize, image_size=image_size, num_slices=num_slices)
         self.target = target
         self.max_message_bytes = int(max_message_mb) * 1024 * 1024
+        needed = self._response_bytes(self.max_batch)
+        if max_receive_mb is None:
+            self.max_receive_bytes = needed + needed // 4 + (1 << 20)
+        else:
+            self.max_receive_bytes = int(float(max_receive_mb) * 1024 * 1024)
+            if self.max_receive_bytes < needed:
+                raise ConfigError(f"max_receive_mb={max_receive_mb} is below the {needed / 2**20:.1f} MiB an answer "
+                                  f"for max_batch={self.max_batch} X-rays takes; lower max_batch or raise it")
         options = [("grpc.max_send_message_length", self.max_message_bytes),
-                   ("grpc.max_receive_message_length", self.max_message_bytes)]
+                   ("grpc.max_receive_message_length", self.max_receive_bytes)]
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         if tls:
             self._channel = grpc.secure_channel(target, _read_tls(tls), options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
-        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel).Predict
+        prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._predict = prediction.Predict
+        self._metadata = prediction.GetModelMetadata
         self._status = model_service_pb2_grpc.ModelServiceStub(self._channel).GetModelStatus
 
     # === Public API ===
@@ -110,14 +130,13 @@ class ServingClient(BaseClient):
 
     # === Internals ===
 
-    def _check_batch(self, batch: np.ndarray) -> None:
-        if estimate_response_bytes(min(len(batch), self.max_batch), self.image_size) > self.max_message_bytes:
-            raise InputError(None, f"a response of {self.max_batch} volumes exceeds the {self.max_message_bytes >> 20} "
-                                   "MiB message limit; lower max_batch or raise max_message_mb")
-
     def _predict_chunk(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
         request = predict_request(chunk, self.model, self.version, self.signature)
-        return parse_predict_response(self._call(self._predict, request, "Predict"), len(chunk))
+        return parse_predict_response(self._call(self._predict, request, "Predict"), len(chunk), self._expected)
+
+    def _signature_outputs(self) -> dict[str, list[int]] | None:
+        response = self._call(self._metadata, metadata_request(self.model, self.version), "GetModelMetadata")
+        return parse_metadata_response(response, self.signature)
 
     def _call(self, method: Callable[..., Any], request: Any, what: str) -> Any:
         """Call with a deadline; retry with exponential backoff on UNAVAILABLE only."""
@@ -148,8 +167,9 @@ class ServingClient(BaseClient):
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
             return InputError(None, f"{what}: {self._describe()} refused the request: {details}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return ServingError(f"{what}: message too large or server overloaded at {self.target}: {details} "
-                                "(lower max_batch?)")
+            return ServingError(f"{what}: message too large (this client receives at most "
+                                f"{self.max_receive_bytes / 2**20:.1f} MiB) or server overloaded at {self.target}: "
+                                f"{details}")
         return ServingError(f"{what}: {self._describe()} failed with {code.name if code else 'error'}: {details}")
 
 

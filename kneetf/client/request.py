@@ -1,6 +1,6 @@
 """What the gRPC and REST clients share: X-rays as the checked batches a signature takes
 (`as_batch`), split into requests of at most `max_batch`, and `BaseClient` (settings,
-`predict`, `health`, the context manager).
+`predict`, the checks of what the server answers, `health`, the context manager).
 
 The checks and the request/response encoding are `kneetf.protocol`'s, the same the exporter's
 warm-up requests are built with.
@@ -13,8 +13,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kneetf.errors import ConfigError, InputError, ServingError
-from kneetf.protocol import SIGNATURE_DEFAULT, SIGNATURE_DTYPES, signature_batch
+from kneetf.errors import ConfigError, InputError, ServerUnavailableError, ServingError
+from kneetf.protocol import (CONTRACT_IMAGE_SIZE, CONTRACT_NUM_SLICES, SIGNATURE_DEFAULT, SIGNATURE_DTYPES,
+                             check_metadata_shapes, output_shapes, response_bytes, signature_batch)
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +59,20 @@ def split_batches(batch: np.ndarray, max_batch: int) -> Iterator[np.ndarray]:
         yield batch[start:start + max_batch]
 
 
-def estimate_response_bytes(batch_size: int, image_size: int = 128, num_slices: int = 20) -> int:
-    """Approximate size of the float32 outputs of one response."""
-    return int(batch_size) * image_size * image_size * (num_slices + 1) * 4 + 1024
-
-
 class BaseClient:
     """The settings and the public API the gRPC and REST clients share; each subclass sends
-    one request (`_predict_chunk`) and reads the model's status (`status`) its own way.
+    one request (`_predict_chunk`), reads the model's status (`status`) and its signature's
+    declared outputs (`_signature_outputs`) its own way.
 
     `address` is where the server is (`host:port` or a URL); the other settings are those of
-    `ServingClient`.
+    `ServingClient`. The server is not trusted: every answer must have the outputs of
+    `output_shapes` (checked against the server's signature metadata once, when it gives
+    it), finite values, and fit the size limits, or the call raises ServingError.
     """
 
     def __init__(self, address: str, *, model: str, version: int | None, signature: str, timeout: float,
                  retries: int, backoff: float, max_backoff: float, max_batch: int, resize: bool,
-                 image_size: int) -> None:
+                 image_size: int = CONTRACT_IMAGE_SIZE, num_slices: int = CONTRACT_NUM_SLICES) -> None:
         if signature not in SIGNATURE_DTYPES:
             raise ConfigError(f"unknown signature {signature!r}; choose one of {', '.join(SIGNATURE_DTYPES)}")
         if timeout <= 0 or retries < 0 or max_batch < 1:
@@ -90,6 +89,9 @@ class BaseClient:
         self.max_batch = int(max_batch)
         self.resize = bool(resize) and signature == SIGNATURE_DEFAULT
         self.image_size = int(image_size)
+        self.num_slices = int(num_slices)
+        self._expected = output_shapes(self.image_size, self.num_slices)
+        self._metadata_checked = False
 
     # === Public API ===
 
@@ -100,12 +102,38 @@ class BaseClient:
             xray: a 2-D image, a batch (B, H, W) or (B, H, W, 1), or an X-ray file path.
 
         Returns:
-            `{"mri": (B, 128, 128, 20), "xray_recon": (B, 128, 128, 1)}` float32 in [0, 1].
+            `{"mri": (B, 128, 128, 20), "xray_recon": (B, 128, 128, 1)}` float32 in [0, 1]
+            (the sizes of `output_shapes`).
         """
         batch = as_batch(xray, self.signature, image_size=self.image_size, resize=self.resize)
         self._check_batch(batch)
+        self.check_metadata()
         parts = [self._predict_chunk(chunk) for chunk in split_batches(batch, self.max_batch)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def output_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """The shape of each output per X-ray that this client accepts:
+        `{"xray_recon": (S, S, 1), "mri": (S, S, num_slices)}` with S = `image_size`."""
+        return dict(self._expected)
+
+    def check_metadata(self) -> None:
+        """Once per client: compare the outputs the server's signature declares (TF Serving's
+        model metadata) with `output_shapes`, so that a model of another geometry is named
+        before any answer is read. A server that gives no metadata is checked against the
+        documented contract only (every answer still is)."""
+        if self._metadata_checked:
+            return
+        try:
+            dims = self._signature_outputs()
+        except ServerUnavailableError:
+            raise
+        except ServingError as e:  # no metadata (or no such model: the predict call says so)
+            log.debug("no signature metadata from %s (%s); checking answers against %s", self.address, e,
+                      self._expected)
+            dims = None
+        if dims:
+            check_metadata_shapes(dims, self._expected, self._describe())
+        self._metadata_checked = True
 
     def status(self) -> list[dict[str, Any]]:
         """The server's view of the model: one dict per version with `version`, `state`
@@ -137,9 +165,16 @@ class BaseClient:
     def _predict_chunk(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def _signature_outputs(self) -> dict[str, list[int]] | None:
+        """Output name -> dims the server declares for `signature` (None: not described)."""
+        return None
+
+    def _response_bytes(self, batch_size: int) -> int:
+        return response_bytes(batch_size, self._expected)
+
     def _describe(self) -> str:
         version = "latest version" if self.version is None else f"version {self.version}"
         return f"model {self.model!r} ({version}) at {self.address}"
 
 
-__all__ = ["as_batch", "split_batches", "estimate_response_bytes", "BaseClient"]
+__all__ = ["as_batch", "split_batches", "BaseClient"]

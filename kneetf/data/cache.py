@@ -7,6 +7,17 @@ runs in a process pool; resize and robust normalisation (the TF ops of
 `kneetf.preprocess.ops`) run in this process; each shard is written to a temporary file and
 renamed, with a sidecar JSON of what it holds, so a killed run leaves no half shard and a
 second run skips the finished ones. Bad inputs are skipped and listed in `errors.csv`.
+
+A decoding process that dies (the out-of-memory killer, a crashing decoder) does not end the
+run: the pool is restarted and the files it had in flight are loaded again one at a time; a
+file that kills its worker again is reported in `errors.csv` and the others are written.
+
+A shard is reused when its fingerprint matches: the preprocessing hash, the ids and what
+each payload's `cache_key()` says, and the size and modification time (ns) of every input
+file a payload lists in `input_files()` (each file of a DICOM series folder). Size and time
+rather than a content hash, so that checking the cache stays cheap (no input is read); a
+replaced input changes them. A shard written before input files were fingerprinted is
+reused when none of its inputs is newer than the shard, and rebuilt otherwise.
 """
 from __future__ import annotations
 
@@ -18,7 +29,9 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import platform
+import signal
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,11 +129,46 @@ def shard_plan(tasks: Sequence[CacheTask], shard_size: int) -> list[tuple[str, l
     return plan
 
 
-def _fingerprint(chunk: Sequence[CacheTask], prep_hash: str) -> str:
-    h = hashlib.sha256(prep_hash.encode())
+def input_stamps(paths: Iterable[str | Path]) -> tuple[str, int]:
+    """(digest of the size and mtime_ns of `paths`, newest mtime_ns). A folder stands for the
+    plain files directly inside it (a DICOM series); a missing path is stamped as missing."""
+    h = hashlib.sha256()
+    newest = 0
+    for raw in paths:
+        path = Path(raw)
+        try:
+            entries = ([e for e in sorted(os.scandir(path), key=lambda e: e.name) if e.is_file()]
+                       if path.is_dir() else [path])
+            for entry in entries:
+                st = entry.stat()
+                newest = max(newest, st.st_mtime_ns)
+                h.update(f"{raw}\0{getattr(entry, 'name', '')}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{raw}\0missing\n".encode())
+    return h.hexdigest()[:16], newest
+
+
+def _stamps(chunk: Sequence[CacheTask]) -> tuple[list[str], int]:
+    """Per task the stamp of its payload's input files ("" when it lists none), and the newest mtime."""
+    stamps, newest = [], 0
     for t in chunk:
+        files = t.payload.input_files() if hasattr(t.payload, "input_files") else ()
+        if files:
+            stamp, latest = input_stamps(files)
+            newest = max(newest, latest)
+        else:
+            stamp = ""
+        stamps.append(stamp)
+    return stamps, newest
+
+
+def _fingerprint(chunk: Sequence[CacheTask], prep_hash: str, stamps: Sequence[str] | None = None) -> str:
+    """Fingerprint of a shard; without `stamps` the one written before input files counted."""
+    h = hashlib.sha256(prep_hash.encode())
+    for i, t in enumerate(chunk):
         key = t.payload.cache_key() if hasattr(t.payload, "cache_key") else repr(t.payload)
-        h.update(t.id.encode() + b"\0" + key.encode() + b"\n")
+        stamp = stamps[i] if stamps else ""
+        h.update(t.id.encode() + b"\0" + key.encode() + (b"\0" + stamp.encode() if stamp else b"") + b"\n")
     return h.hexdigest()[:16]
 
 
@@ -138,26 +186,161 @@ def _load_one(load_fn: Callable, task: CacheTask, config: PreprocessConfig) -> R
         return {"id": task.id, "file": task.source, "reason": f"{type(e).__name__}: {e}"}
 
 
+def _how_it_died(processes: Sequence[Any]) -> str:
+    """What the exit codes of a broken pool's worker processes say about the one that died."""
+    for p in processes:
+        code = getattr(p, "exitcode", None)
+        if code is None or code == 0 or code == -signal.SIGTERM:  # SIGTERM: the pool stopping the others
+            continue
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            return f"killed by {name}" + (", as the out-of-memory killer does" if -code == signal.SIGKILL else "")
+        return f"exit status {code}"
+    return "it ended abruptly"
+
+
+def _failed(task: CacheTask, error: BaseException) -> dict[str, str]:
+    return {"id": task.id, "file": task.source, "reason": f"{type(error).__name__}: {error}"}
+
+
+def _died(task: CacheTask, how: str) -> dict[str, str]:
+    return {"id": task.id, "file": task.source,
+            "reason": f"the decoding worker process died while reading it ({how}), twice, the second time "
+                      "reading it alone; skipped"}
+
+
+def _new_pool(workers: int) -> cf.ProcessPoolExecutor:
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _broken_pool(pool: cf.ProcessPoolExecutor) -> str:
+    """Shut down a pool after a worker died -> how it died."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=True, cancel_futures=True)
+    return _how_it_died(processes)
+
+
+def _retry_alone(suspects: Sequence[list], load_fn: Callable, config: PreprocessConfig, how: str) -> None:
+    """Load each [task, future] of `suspects` again in a one-process pool, one at a time;
+    a task whose worker dies again is the culprit and becomes an error."""
+    names = ", ".join(f"{t.id} ({t.source})" if t.source else t.id for t, _ in suspects)
+    log.warning("a decoding worker process died (%s) with %d pair(s) in flight: %s; loading each of them "
+                "again, alone", how, len(suspects), names)
+    solo = None
+    try:
+        for entry in suspects:
+            task = entry[0]
+            solo = solo or _new_pool(1)
+            try:
+                entry[1] = solo.submit(_load_one, load_fn, task, config).result()
+            except cf.process.BrokenProcessPool:
+                again = _broken_pool(solo)
+                solo = None
+                entry[1] = _died(task, again)
+                log.error("%s (%s) killed its decoding worker again (%s); skipped", task.id, task.source, again)
+    finally:
+        if solo is not None:
+            solo.shutdown(wait=True)
+
+
 def _iter_loaded(tasks: Sequence[CacheTask], load_fn: Callable, config: PreprocessConfig,
                  workers: int) -> Iterator[RawPair | dict[str, str]]:
-    """Load tasks in order, at most a bounded number in flight (memory stays flat)."""
+    """Load tasks in order, at most a bounded number in flight (memory stays flat). A dead
+    worker process restarts the pool; the pairs in flight are loaded again one at a time."""
     if workers <= 0:
         for t in tasks:
             yield _load_one(load_fn, t, config)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        pending: deque = deque()
-        it = iter(tasks)
-        for t in it:
-            pending.append(pool.submit(_load_one, load_fn, t, config))
-            if len(pending) >= 4 * workers:
-                break
-        while pending:
-            yield pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(_load_one, load_fn, nxt, config))
+    it = iter(tasks)
+    pending: deque[list] = deque()  # [task, None (not submitted) / future / loaded result], in task order
+    pool = _new_pool(workers)
+    try:
+        while True:
+            while len(pending) < 4 * workers and (task := next(it, None)) is not None:
+                pending.append([task, None])
+            if not pending:
+                return
+            try:
+                for entry in pending:
+                    if entry[1] is None:
+                        entry[1] = pool.submit(_load_one, load_fn, entry[0], config)
+                if isinstance(pending[0][1], cf.Future):
+                    pending[0][1] = pending[0][1].result()
+            except cf.process.BrokenProcessPool:
+                how = _broken_pool(pool)
+                suspects = []
+                for entry in pending:
+                    if not isinstance(entry[1], cf.Future):
+                        continue
+                    if entry[1].cancelled():
+                        entry[1] = None  # never started: submitted again
+                    elif isinstance(entry[1].exception(), cf.process.BrokenProcessPool):
+                        suspects.append(entry)
+                    else:  # finished before the worker died
+                        error = entry[1].exception()
+                        entry[1] = _failed(entry[0], error) if error else entry[1].result()
+                if suspects:
+                    _retry_alone(suspects, load_fn, config, how)
+                pool = _new_pool(workers)
+                continue
+            except Exception as error:  # e.g. a result that cannot be unpickled
+                pending[0][1] = _failed(pending[0][0], error)
+            yield pending.popleft()[1]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: How a shard's sidecar fingerprints its input files (absent in sidecars written before).
+INPUT_STAMP = "size+mtime_ns"
+
+
+def _reusable_shard(shard: Path, fp: str, legacy_fp: str, newest_input_ns: int) -> dict[str, Any] | None:
+    """The sidecar of a finished shard that can be kept, else None (the shard is rebuilt).
+
+    A sidecar written before input files were fingerprinted is kept when its old fingerprint
+    matches and no input file is newer than the shard; it is then rewritten with `fp`.
+    """
+    side = shard.with_name(shard.name + ".json")
+    if not (shard.exists() and side.exists()):
+        return None
+    try:
+        meta = json.loads(side.read_text())
+        if meta.get("fingerprint") == fp:
+            return meta
+        if ("inputs" not in meta and meta.get("fingerprint") == legacy_fp
+                and newest_input_ns <= shard.stat().st_mtime_ns):
+            meta = {**meta, "fingerprint": fp, "inputs": INPUT_STAMP}
+            write_text_atomic(side, json.dumps(meta))
+            return meta
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("%s: unreadable sidecar (%s); rebuilding the shard", side, e)
+    return None
+
+
+class _ShardWriter:
+    """A TFRecord shard that opens its writer on the first record, so that TensorFlow is
+    loaded only once a pair decodes (a shard without a record is an empty file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: Any = None
+
+    def write(self, pair: Any) -> None:
+        from kneetf.data.records import encode_example
+
+        record = encode_example(pair)
+        if self._writer is None:
+            import tensorflow as tf
+
+            self._writer = tf.io.TFRecordWriter(str(self.path))
+        self._writer.write(record)
+
+    def __enter__(self) -> "_ShardWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessConfig], RawPair],
@@ -171,9 +354,6 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
     preprocessing hash raises a KneetfError. `extra_errors` (bad manifest lines, say) are
     reported in errors.csv with the loader's own.
     """
-    from kneetf.data.records import encode_example
-
-    import tensorflow as tf
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -184,7 +364,11 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
     prep_hash = config_hash(config)
     existing = out / DATASET_JSON
     if existing.exists():
-        info = json.loads(existing.read_text())
+        try:
+            info = json.loads(existing.read_text())
+        except (OSError, ValueError) as e:  # rewritten below; every shard's fingerprint holds the hash too
+            log.warning("%s: unreadable (%s); checking the shards one by one", existing, e)
+            info = {"preprocess_hash": prep_hash}
         if info.get("preprocess_hash") != prep_hash:
             raise KneetfError(f"{out}: cache was built with another preprocessing config "
                               f"(hash {info.get('preprocess_hash')} != {prep_hash}); use a new folder")
@@ -197,15 +381,14 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
     skipped = 0
     todo = []
     for name, chunk in plan:
-        side = out / (name + ".json")
-        fp = _fingerprint(chunk, prep_hash)
-        if (out / name).exists() and side.exists():
-            meta = json.loads(side.read_text())
-            if meta.get("fingerprint") == fp:
-                counts[name.split("-")[0]] += meta["count"]
-                errors.extend(meta.get("errors", []))
-                skipped += 1
-                continue
+        stamps, newest = _stamps(chunk)
+        fp = _fingerprint(chunk, prep_hash, stamps)
+        meta = _reusable_shard(out / name, fp, _fingerprint(chunk, prep_hash), newest)
+        if meta is not None:
+            counts[name.split("-")[0]] += meta["count"]
+            errors.extend(meta.get("errors", []))
+            skipped += 1
+            continue
         todo.append((name, chunk, fp))
     if skipped:
         log.info("cache %s: %d shard(s) already complete, skipped", out, skipped)
@@ -218,7 +401,7 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
         shard_errors: list[dict[str, str]] = []
         count = 0
         with atomic_path(out / name, fault="prepare.shard") as tmp:
-            with tf.io.TFRecordWriter(str(tmp)) as writer:
+            with _ShardWriter(tmp) as writer:
                 for task in chunk:
                     item = next(loaded)
                     bar.update(1)
@@ -226,12 +409,12 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
                         shard_errors.append(item)
                         continue
                     try:
-                        writer.write(encode_example(preprocess_pair(item, config)))
+                        writer.write(preprocess_pair(item, config))
                         count += 1
                     except InputError as e:
                         shard_errors.append({"id": task.id, "file": task.source, "reason": e.reason})
-        write_text_atomic(out / (name + ".json"),
-                          json.dumps({"fingerprint": fp, "count": count, "errors": shard_errors}),
+        write_text_atomic(out / (name + ".json"), json.dumps({"fingerprint": fp, "inputs": INPUT_STAMP,
+                                                              "count": count, "errors": shard_errors}),
                           fault="prepare.shard_info")
         counts[name.split("-")[0]] += count
         errors.extend(shard_errors)

@@ -13,6 +13,7 @@ import numpy as np
 from kneetf.config import PreprocessConfig
 from kneetf.data.cache import CacheResult, CacheTask, RawPair, build_cache
 from kneetf.errors import InputError
+from kneetf.io.limits import ReaderConfig, current_reader_config
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,17 @@ class FilePayload:
     detector: str | None  # path of a trained ROI detector (.keras); None = classical fallback
     extra: tuple[tuple[str, str], ...] = ()
     preview_dir: str | None = None  # write `<id>.png` with the box drawn (kneetf prepare --roi-preview)
+    # the readers' limit: it decides which files are refused, not what a pair decodes to,
+    # so it stays out of repr() and thereby out of the cache key
+    max_pixels: int | None = field(default=None, repr=False)
 
     def cache_key(self) -> str:
         """What decides the cached pair (the preview folder does not)."""
         return repr(replace(self, preview_dir=None))
+
+    def input_files(self) -> tuple[str, ...]:
+        """The files the pair is made of; replacing one rebuilds its cache shard."""
+        return (self.xray, self.mri) + ((self.detector,) if self.detector else ())
 
 
 #: ROI sources of this worker process by detector path (None: the classical fallback), so
@@ -95,10 +103,10 @@ def load_files(payload: FilePayload, config: PreprocessConfig) -> RawPair:
     from kneetf.io.readers import read_mri_window, read_xray
     from kneetf.preprocess.roi import crop_box
 
-    xray, _ = read_xray(payload.xray, **dict(payload.extra))
+    xray, _ = read_xray(payload.xray, max_pixels=payload.max_pixels, **dict(payload.extra))
     case_id = payload.id
     box = _roi_box(payload, case_id, xray)
-    mri, _ = read_mri_window(payload.mri, config.slice_start, config.slice_stop)
+    mri, _ = read_mri_window(payload.mri, config.slice_start, config.slice_stop, max_pixels=payload.max_pixels)
     if payload.preview_dir:
         from kneetf.preprocess.roi import draw_box_png
 
@@ -107,8 +115,11 @@ def load_files(payload: FilePayload, config: PreprocessConfig) -> RawPair:
 
 
 def manifest_tasks(manifest: str | Path, *, rois: str | Path | None = None, detector: str | Path | None = None,
-                   allow_outside: bool = False, preview_dir: str | Path | None = None) -> tuple[list[CacheTask], list[dict[str, str]]]:
-    """Cache tasks for every valid manifest row, and the bad rows as error dicts."""
+                   allow_outside: bool = False, preview_dir: str | Path | None = None,
+                   reader: ReaderConfig | None = None) -> tuple[list[CacheTask], list[dict[str, str]]]:
+    """Cache tasks for every valid manifest row, and the bad rows as error dicts. `reader`
+    (default: the current `ReaderConfig`) limits what the workers decode."""
+    reader = reader or current_reader_config()
     from kneetf.io.manifest import read_manifest
     from kneetf.preprocess.roi import load_boxes
 
@@ -125,7 +136,8 @@ def manifest_tasks(manifest: str | Path, *, rois: str | Path | None = None, dete
         payload = FilePayload(id=case.id, xray=str(case.xray), mri=str(case.mri), side=case.side or "",
                               box=box.as_tuple() if box is not None else None,
                               detector=str(detector) if detector else None, extra=extra,
-                              preview_dir=str(preview_dir) if preview_dir else None)
+                              preview_dir=str(preview_dir) if preview_dir else None,
+                              max_pixels=reader.max_pixels)
         tasks.append(CacheTask(id=case.id, split=case.split or "train", payload=payload,
                                source=f"{case.xray} | {case.mri}"))
     return tasks, errors
@@ -146,13 +158,13 @@ def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: Preproce
                      rois: str | Path | None = None, detector: str | Path | None = None,
                      allow_outside: bool = PrepareOptions.allow_outside, roi_preview: bool = PrepareOptions.roi_preview,
                      workers: int = PrepareOptions.workers, shard_size: int = PrepareOptions.shard_size,
-                     progress: bool = True) -> CacheResult:
-    """`kneetf prepare`: every valid manifest row into the cache; bad rows and files are
-    skipped and listed in `errors.csv`."""
+                     progress: bool = True, reader: ReaderConfig | None = None) -> CacheResult:
+    """`kneetf prepare`: every valid manifest row into the cache; bad rows and files (for
+    instance larger than `reader.max_pixels`) are skipped and listed in `errors.csv`."""
     out = Path(out_dir)
     preview = out / "roi_preview" if roi_preview else None
     tasks, errors = manifest_tasks(manifest, rois=rois, detector=detector, allow_outside=allow_outside,
-                                   preview_dir=preview)
+                                   preview_dir=preview, reader=reader)
     source = {"kind": "manifest", "manifest": Path(manifest).name, "rois": "csv" if rois else
               ("detector" if detector else "classical")}
     return build_cache(tasks, load_files, out, config, workers=workers, shard_size=shard_size,

@@ -32,8 +32,9 @@ from kneetf.export.samples import structured_samples
 from kneetf.inference.loading import preprocess_config
 from kneetf.io.atomic import atomic_path, remove_debris
 from kneetf.protocol import (DEFAULT_MODEL_NAME, EXPORT_INFO_FILE, INPUT_KEY, OUTPUT_KEYS, RUN_CONFIG_FILE,
-                             RUN_MODEL_FILE, SIGNATURE_DEFAULT, SIGNATURE_NORMALIZED, SIGNATURE_UINT16, TFLITE_DIR,
-                             WARMUP_FILE, predict_request, signature_batch, warmup_record)
+                             RUN_MODEL_FILE, SERVING_BATCH_SIZES, SIGNATURE_DEFAULT, SIGNATURE_NORMALIZED,
+                             SIGNATURE_UINT16, TFLITE_DIR, WARMUP_FILE, predict_request, signature_batch,
+                             warmup_record)
 from kneetf.version import __version__
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,31 @@ def write_savedmodel(model: Any, preprocess: PreprocessConfig, directory: str | 
     return described
 
 
-def warmup_batches(image_size: int, batch_sizes: Sequence[int] = (1,), seed: int = 0
+def read_batching_config(path: str | Path) -> tuple[int, ...]:
+    """The batch sizes TF Serving's batching may form with the `BatchingParameters` text
+    file `path` (`--batching_parameters_file`): its `allowed_batch_sizes`, else the powers
+    of two up to `max_batch_size` and that size."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(path, f"cannot read the batching config: {e.strerror or e}") from e
+    text = re.sub(r"#[^\n]*", "", text)
+    sizes: list[int] = []
+    for value in re.findall(r"\ballowed_batch_sizes\s*:\s*(\[[^\]]*\]|\d+)", text):
+        sizes += [int(v) for v in re.findall(r"\d+", value)]
+    if not sizes:
+        found = re.search(r"\bmax_batch_size\s*\{\s*value\s*:\s*(\d+)\s*\}", text)
+        if not found:
+            raise InputError(path, "holds neither allowed_batch_sizes nor max_batch_size")
+        top = int(found[1])
+        sizes = [2 ** i for i in range(top.bit_length()) if 2 ** i < top] + [top]
+    if min(sizes) < 1:
+        raise InputError(path, f"batch sizes must be >= 1; got {sizes}")
+    return tuple(sorted(set(sizes)))
+
+
+def warmup_batches(image_size: int, batch_sizes: Sequence[int] = SERVING_BATCH_SIZES, seed: int = 0
                    ) -> list[tuple[str, np.ndarray]]:
     """(signature, batch) pairs replayed by TF Serving at load time: every signature at
     every batch size, checked as the clients check theirs (`kneetf.protocol.signature_batch`)."""
@@ -188,9 +213,11 @@ def warmup_batches(image_size: int, batch_sizes: Sequence[int] = (1,), seed: int
 
 
 def write_warmup(version_dir: str | Path, model_name: str, image_size: int,
-                 batch_sizes: Sequence[int] = (1,)) -> Path:
+                 batch_sizes: Sequence[int] = SERVING_BATCH_SIZES) -> Path:
     """Write `assets.extra/tf_serving_warmup_requests` (TFRecord of PredictionLog protos)
-    with requests built by the one request builder, `kneetf.protocol`."""
+    with requests built by the one request builder, `kneetf.protocol`: every signature at
+    every batch size (by default the allowed batch sizes of serving/batching.config), so
+    that no first request after a load pays for building its graph."""
     import tensorflow as tf
 
     path = Path(version_dir) / WARMUP_FILE
@@ -261,7 +288,7 @@ def _exported_as(out: Path, fingerprint: str) -> ExportResult | None:
 
 def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None = None, overwrite: bool = False,
                       preprocess: PreprocessConfig | None = None, model_name: str | None = None,
-                      warmup_batch_sizes: Sequence[int] = (1,), verify: bool = True,
+                      warmup_batch_sizes: Sequence[int] = SERVING_BATCH_SIZES, verify: bool = True,
                       tflite_variants: Sequence[str] = (), representative: Iterable[np.ndarray] | None = None,
                       data: str | Path | None = None, calibration_samples: int = 32) -> ExportResult:
     """Export for TF Serving into `<out>/<version>/`, atomically.
@@ -275,7 +302,9 @@ def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None
             unless `overwrite`.
         preprocess: overrides the run's preprocessing config.
         model_name: name written into the warm-up requests (default: the folder name).
-        warmup_batch_sizes: batch sizes of the warm-up requests (empty: no warm-up file).
+        warmup_batch_sizes: batch sizes of the warm-up requests (empty: no warm-up file); by
+            default `kneetf.protocol.SERVING_BATCH_SIZES`, the allowed batch sizes of
+            serving/batching.config (`read_batching_config` reads another file's).
         verify: reload the SavedModel and compare it with Keras before publishing it.
         tflite_variants: also write these TFLite variants ("fp32", "fp16", "int8") into
             `<version>/tflite/`, checked against Keras (see `kneetf.export.tflite`).
@@ -344,5 +373,5 @@ def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None
 
 
 __all__ = ["ExportSource", "ExportResult", "load_for_export", "existing_versions", "next_version",
-           "write_savedmodel", "warmup_batches", "write_warmup",
+           "write_savedmodel", "read_batching_config", "warmup_batches", "write_warmup",
            "verify_export", "export_savedmodel"]

@@ -9,6 +9,7 @@ writers of `kneetf.inference.outputs`. A file that fails is reported and the res
 """
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,25 +19,28 @@ import numpy as np
 
 from kneetf.config import PreprocessConfig
 from kneetf.errors import ConfigError, InputError, KneetfError
-from kneetf.inference.outputs import parse_formats, write_prediction
+from kneetf.inference.outdir import OutputFolder, written_by_kneetf
+from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, new_pseudonym,
+                                      output_paths, parse_formats, write_prediction)
 from kneetf.inference.predictor import load_predictor
-from kneetf.io.atomic import CsvLog, remove_debris
-from kneetf.preprocess.xray import PreparedXray, normalize_side, prepare_xray, roi_source, to_output_volume
+from kneetf.io.atomic import CsvLog, remove_debris, write_csv_atomic
+from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray, roi_source,
+                                   to_output_volume)
 
 XRAY_SUFFIXES = {".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
-#: Patient module keywords copied from an input DICOM X-ray with `keep_patient`.
-PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-                    "IssuerOfPatientID", "OtherPatientIDs", "PatientComments")
+KEY_FIELDS = ["pseudonym", "source", "result"]
 
 
 @dataclass
 class XrayInput:
-    """One X-ray to reconstruct: `path` (a file), its output `id` and the knee `side`."""
+    """One X-ray to reconstruct: `path` (a file), its `id` (file stem or manifest id: the key
+    of ROI boxes) and the knee `side`; `name` is its output name (the id or a pseudonym)."""
 
     id: str
     path: Path
     side: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
 
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -117,24 +121,45 @@ def collect_inputs(paths: Sequence[str | Path], *, allow_outside: bool = False
     return unique, errors
 
 
-def read_input(item: XrayInput, config: PreprocessConfig, roi: Any) -> PreparedXray:
-    """Read and prepare one input file (InputError naming the file on failure)."""
+def read_input(item: XrayInput, config: PreprocessConfig, roi: Any, *, normalize: bool = True) -> PreparedXray:
+    """Read and prepare one input file (InputError naming the file on failure):
+    `prepare_xray`, or only its ROI crop and mirroring (`crop_xray`) when not `normalize`."""
     from kneetf.io.readers import read_xray
 
     image, meta = read_xray(item.path, **item.options)
     side = item.side or getattr(meta, "laterality", None)
     info = meta.to_dict() if hasattr(meta, "to_dict") else dict(meta or {})
-    return prepare_xray(image, config, roi, case_id=item.id, side=side, source=str(item.path), meta=info)
+    prepare = prepare_xray if normalize else crop_xray
+    return prepare(image, config, roi, case_id=item.id, side=side, source=str(item.path), meta=info)
 
 
 def patient_module(path: Path) -> dict[str, Any]:
-    """The patient module of a DICOM X-ray (for `keep_patient`); {} for other files."""
-    from kneetf.io.dicom import looks_like_dicom, read_header
+    """The patient attributes `keep_patient` copies from a DICOM X-ray
+    (`kneetf.inference.outputs.PATIENT_KEYWORDS`); {} for other files."""
+    source = SourceXray.read(path)
+    return dict(source.patient) if source is not None else {}
 
-    if not looks_like_dicom(path):
-        return {}
-    ds = read_header(path)
-    return {k: ds.get(k) for k in PATIENT_KEYWORDS if ds.get(k, None) not in (None, "")}
+
+def resolve_names(names: str, keep_patient: bool) -> str:
+    """"auto" -> "pseudonym", or "id" with `keep_patient`; ConfigError for unknown names."""
+    if names not in NAMES:
+        raise ConfigError(f"names must be one of {', '.join(NAMES)}. Received: {names!r}")
+    if names == "auto":
+        return "id" if keep_patient else "pseudonym"
+    return names
+
+
+def _scrub(text: str, item: XrayInput | None, file: str, pseudonym: str) -> str:
+    """`text` with the input's path, file name and id (4 characters or more, as a whole word)
+    replaced by its pseudonym."""
+    paths = {file, str(item.path) if item else ""}
+    words = {Path(w).name for w in paths if w} | paths
+    for word in sorted((w for w in words if w), key=len, reverse=True):
+        text = text.replace(word, pseudonym)
+    stems = {item.id if item else "", file_id(Path(file)) if file else ""}
+    for stem in sorted((w for w in stems if len(w) >= 4), key=len, reverse=True):
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(stem)}(?![A-Za-z0-9])", pseudonym, text)
+    return text
 
 
 @dataclass
@@ -150,7 +175,8 @@ class PredictReport:
         return len(self.written)
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
+    """What went wrong with one input, for a report that names the file beside it."""
     if isinstance(e, InputError):
         return e.reason
     if isinstance(e, KneetfError):
@@ -161,27 +187,84 @@ def _reason(e: BaseException) -> str:
 def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path, *,
                   formats: Sequence[str] = ("nifti",), roi: Any = None, keep_patient: bool = False,
                   batch_size: int = 8, preprocess: PreprocessConfig | str | Path | None = None,
-                  allow_outside: bool = False, progress: bool = True) -> PredictReport:
+                  allow_outside: bool = False, progress: bool = True, trust_model: bool = False,
+                  names: str = "auto",
+                  pseudonym_key: str | Path | None = None) -> PredictReport:
     """Reconstruct every X-ray of `inputs` (files, folders, manifest CSVs) into `out_dir`.
 
-    A file that fails (unreadable, no ROI, ...) is reported in the returned report and in
-    `out_dir/errors.csv`; the others are written. `out_dir/predictions.csv` lists what was
-    written (id, source, side, mirrored, ROI box), one row appended as each reconstruction's
-    files are all in place (each file, and a DICOM series as a folder, is renamed into place
-    whole): a killed run leaves the finished ones listed and nothing half-written, and the
-    same call again writes them all. Only `out_dir` is written to.
+    A file that fails (unreadable, no ROI, a kneetf output, ...) is reported in the returned
+    report and in `out_dir/errors.csv`; the others are written. `out_dir/predictions.csv`
+    lists what was written (id, source, side, mirrored, ROI box), one row appended as each
+    reconstruction's files are all in place (each file, and a DICOM series as a folder, is
+    renamed into place whole): a killed run leaves the finished ones listed and nothing
+    half-written, and the same call again writes them all. `names` (`NAMES`): output names
+    are the ids, or pseudonyms ("auto": pseudonyms unless `keep_patient`); with pseudonyms
+    `source` is left empty, errors name pseudonyms, and `pseudonym_key` (default
+    `out_dir/PSEUDONYM_KEY`, written before any output) maps each pseudonym to its source
+    file; a rerun after a killed run gives its unfinished sources the same pseudonyms. An
+    `out_dir` that is or holds an input is refused (ConfigError); an output name that exists
+    and was not written by kneetf is reported and not replaced. Only `out_dir` (and
+    `pseudonym_key`) is written to, unless a SavedModel or TFLite model loaded with
+    `trust_model` does otherwise (`load_predictor`).
     """
     from tqdm.auto import tqdm
 
     formats = parse_formats(formats)
+    names = resolve_names(names, keep_patient)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
-    predictor = load_predictor(model, preprocess)
-    roi = roi_source(roi)
-    items, errors = collect_inputs(inputs, allow_outside=allow_outside)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = OutputFolder(out)
+    folder.refuse_inputs(inputs)
+    key_path = Path(pseudonym_key) if pseudonym_key else out / PSEUDONYM_KEY
+    run_files = [out / PREDICTIONS_CSV, out / ERRORS_CSV]
+    if names == "pseudonym" and key_path.parent.resolve() == out.resolve():
+        run_files.append(key_path)
+    prior_key = _read_key(key_path) if names == "pseudonym" else []
+    for p in run_files:
+        if not folder.owns(p):
+            raise ConfigError(f"{p} exists and was not written by kneetf; it is left as it is (move it, or "
+                              "choose another --out)")
+    items, errors = collect_inputs(inputs, allow_outside=allow_outside)
+    folder.refuse_inputs(it.path for it in items)
+    predictor = load_predictor(model, preprocess, trust_model=trust_model)
+    roi = roi_source(roi)
+    # a killed run wrote its key (no result yet) before its outputs: the same sources keep their
+    # pseudonyms, in order, so that the rerun replaces those outputs instead of adding new ones
+    sources = {str(it.path) for it in items}
+    unfinished: dict[str, list[str]] = {}
+    for r in prior_key:
+        if not r["result"] and r["source"] in sources:
+            unfinished.setdefault(r["source"], []).append(r["pseudonym"])
+    used = {r["pseudonym"] for r in prior_key}
+    for it in items:
+        if names == "pseudonym":
+            again = unfinished.get(str(it.path))
+            it.name = again.pop(0) if again else ""
+            while not it.name:
+                it.name = new_pseudonym()
+                it.name = "" if it.name in used else it.name
+        else:
+            it.name = it.id
+        used.add(it.name)
+    reused = {it.name for it in items}
+    prior_key = [r for r in prior_key if r["pseudonym"] not in reused]  # written again below
+    usable = []
+    for it in items:
+        marker = written_by_kneetf(it.path)
+        if marker is not None:
+            errors.append({"id": it.id, "file": str(it.path), "item": it,
+                           "reason": f"is an output of kneetf (listed in {marker}), not an X-ray"})
+        else:
+            usable.append(it)
+    items = usable
+    folder.claim(run_files)
     remove_debris(out)  # what a killed run left half-written
+    if names == "pseudonym":  # the key first: outputs of an interrupted run stay traceable
+        write_csv_atomic(key_path, KEY_FIELDS,
+                         prior_key + [{"pseudonym": it.name, "source": str(it.path), "result": ""} for it in items])
+        for e in errors:
+            _pseudonymise_error(e, used)
     report = PredictReport(out, errors=list(errors))
     # a row is appended once the files of its reconstruction are all in place: a killed run
     # leaves a predictions.csv that lists exactly the finished ones
@@ -189,18 +272,22 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     failures = CsvLog(out / ERRORS_CSV, ERROR_FIELDS, report.errors)
 
     def fail(item: XrayInput, reason: str) -> None:
-        report.errors.append({"id": item.id, "file": str(item.path), "reason": reason})
-        failures.append(report.errors[-1])
+        e: dict[str, Any] = {"id": item.id, "file": str(item.path), "item": item, "reason": reason}
+        if names == "pseudonym":
+            _pseudonymise_error(e, used)
+        report.errors.append(e)
+        failures.append(e)
 
+    numbers = SeriesNumbers()
     bar = tqdm(total=len(items), desc="predict", unit="xray", disable=not progress)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        prepared: list[tuple[XrayInput, PreparedXray]] = []
+        prepared = []
         for item in chunk:
             try:
                 prepared.append((item, read_input(item, predictor.preprocess, roi)))
             except Exception as e:  # report, keep going with the others
-                fail(item, _reason(e))
+                fail(item, error_reason(e))
                 bar.update(1)
         if not prepared:
             continue
@@ -208,24 +295,69 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             mri = predictor(np.stack([p.xray for _, p in prepared]))
         except Exception as e:
             for item, _ in prepared:
-                fail(item, f"model: {_reason(e)}")
+                fail(item, f"model: {error_reason(e)}")
             bar.update(len(prepared))
             continue
         for (item, prep), vol in zip(prepared, mri):
             try:
-                patient = patient_module(item.path) if keep_patient else None
-                paths = write_prediction(out, prep, to_output_volume(vol, prep.mirrored), formats, patient=patient)
+                folder.claim(output_paths(out, item.name, formats))
+                source = SourceXray.read(item.path) if keep_patient and "dicom" in formats else None
+                paths = write_prediction(out, item.name, prep, to_output_volume(vol, prep.mirrored), formats,
+                                         source=source, pseudonym=item.name if names == "pseudonym" else None,
+                                         series_number=numbers.next(source))
             except Exception as e:
-                fail(item, f"writing: {_reason(e)}")
+                fail(item, f"writing: {error_reason(e)}")
             else:
-                report.written[item.id] = paths
-                rows.append({"id": item.id, "source": str(item.path), "side": prep.side,
+                report.written[item.name] = paths
+                rows.append({"id": item.name, "source": str(item.path) if names == "id" else "", "side": prep.side,
                              "mirrored": int(prep.mirrored),
                              **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple())))})
             bar.update(1)
     bar.close()
+    if names == "pseudonym":
+        _write_key(report, items, key_path, prior_key)
+    for e in report.errors:
+        e.pop("item", None)
     return report
 
 
-__all__ = ["XRAY_SUFFIXES", "XrayInput", "safe_id", "file_id", "collect_inputs", "read_input", "patient_module",
-           "PredictReport", "predict_files"]
+def _read_key(path: Path) -> list[dict[str, str]]:
+    """The rows of an existing pseudonym key (kept when a run adds to it); [] when none."""
+    if not path.exists():
+        return []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if list(reader.fieldnames or []) != KEY_FIELDS:
+                raise ConfigError(f"{path} exists and is not a kneetf pseudonym key (columns {KEY_FIELDS})")
+            return [dict(r) for r in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{path}: cannot read the pseudonym key ({e})") from None
+
+
+def _pseudonymise_error(e: dict[str, Any], used: set[str]) -> None:
+    """Turn one error row into a pseudonymous one (the input's pseudonym, or a new one for an
+    input that never got one); the source stays in "source" for the caller and the key."""
+    item = e.get("item")
+    name = item.name if item is not None and item.name else ""
+    while not name:
+        name = new_pseudonym()
+        name = "" if name in used else name
+    used.add(name)
+    e["source"] = e["file"]
+    e["reason"] = _scrub(e["reason"], item, e["file"], name)
+    e["id"], e["file"] = name, ""
+
+
+def _write_key(report: PredictReport, items: Sequence[XrayInput], key_path: Path,
+               prior_key: list[dict[str, str]]) -> None:
+    """The private key with each pseudonym's result: written or failed."""
+    key = [{"pseudonym": it.name, "source": str(it.path), "result": "written"}
+           for it in items if it.name in report.written]
+    key += [{"pseudonym": e["id"], "source": e["source"], "result": "failed"} for e in report.errors]
+    write_csv_atomic(key_path, KEY_FIELDS, prior_key + key)
+
+
+__all__ = ["XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "PREDICTIONS_CSV", "ERRORS_CSV", "XrayInput", "safe_id",
+           "file_id", "collect_inputs", "read_input", "patient_module", "resolve_names", "PredictReport",
+           "error_reason", "predict_files"]

@@ -77,12 +77,11 @@ def preprocess_config(blob: Mapping[str, Any] | None) -> PreprocessConfig:
     return from_dict(PreprocessConfig, {k: v for k, v in (blob or {}).items() if k in known})
 
 
-def read_preprocess_config(path: str | Path) -> PreprocessConfig | None:
-    """The preprocessing config recorded with a model or data: a JSON file with a
-    "preprocess" entry (a run's config.json, an export's kneetf_export.json, a cache's
-    dataset.json) or a folder holding one. For a model file, the folder it sits in is
-    searched (and, for `<version>/tflite/*.tflite`, the export's version folder). None when
-    there is none. Keys PreprocessConfig does not know are ignored."""
+def _records(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The JSON records kept with a model or data, (file, content), most specific first: a
+    JSON file itself, or a run's config.json, an export's kneetf_export.json, a cache's
+    dataset.json in the folder (for a model file, the folder it sits in; for
+    `<version>/tflite/*.tflite`, also the export's version folder)."""
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".json":
         candidates = [p]
@@ -91,6 +90,7 @@ def read_preprocess_config(path: str | Path) -> PreprocessConfig | None:
         candidates = [folder / n for n in (RUN_CONFIG_FILE, EXPORT_INFO_FILE, DATASET_JSON)]
         if folder.name == TFLITE_DIR:
             candidates.append(folder.parent / EXPORT_INFO_FILE)
+    out = []
     for c in candidates:
         if not c.is_file():
             continue
@@ -98,7 +98,19 @@ def read_preprocess_config(path: str | Path) -> PreprocessConfig | None:
             blob = json.loads(c.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise InputError(c, f"cannot read the JSON: {e}") from e
-        prep = blob.get("preprocess") if isinstance(blob, dict) else None
+        if isinstance(blob, dict):
+            out.append((c, blob))
+    return out
+
+
+def read_preprocess_config(path: str | Path) -> PreprocessConfig | None:
+    """The preprocessing config recorded with a model or data: a JSON file with a
+    "preprocess" entry (a run's config.json, an export's kneetf_export.json, a cache's
+    dataset.json) or a folder holding one. For a model file, the folder it sits in is
+    searched (and, for `<version>/tflite/*.tflite`, the export's version folder). None when
+    there is none. Keys PreprocessConfig does not know are ignored."""
+    for c, blob in _records(path):
+        prep = blob.get("preprocess")
         if isinstance(prep, dict):
             try:
                 return preprocess_config(prep)
@@ -107,5 +119,29 @@ def read_preprocess_config(path: str | Path) -> PreprocessConfig | None:
     return None
 
 
+def read_roi_record(path: str | Path) -> str | None:
+    """The ROI source recorded with a model (the "roi" entry of the JSON records
+    `read_preprocess_config` reads), as `kneetf.preprocess.xray.roi_source(roi=...)` takes
+    it: "classical", "builtin", or a detector `.keras` path (a relative path is taken from
+    the record's folder). The entry is that value, or {"source": ..., "detector": PATH}.
+    None when nothing usable is recorded: boxes from a CSV name training X-rays only, so a
+    model trained on them gets the classical fallback for new ones."""
+    for c, blob in _records(path):
+        entry = blob.get("roi")
+        if entry is None:
+            continue
+        if isinstance(entry, dict):
+            entry = entry.get("detector") or entry.get("source")
+        if not isinstance(entry, str) or not entry:
+            raise InputError(c, f"unreadable \"roi\" entry {blob.get('roi')!r}")
+        if entry.lower().endswith(".keras"):
+            detector = Path(entry)
+            return str(detector if detector.is_absolute() else c.parent / detector)
+        if entry in ("classical", "builtin"):
+            return entry
+        return None
+    return None
+
+
 __all__ = ["MODEL_KINDS", "is_savedmodel", "serving_version", "resolve_model_path", "load_model",
-           "preprocess_config", "read_preprocess_config"]
+           "preprocess_config", "read_preprocess_config", "read_roi_record"]

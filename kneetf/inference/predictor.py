@@ -12,6 +12,7 @@ from kneetf.config import PreprocessConfig
 from kneetf.errors import InputError
 from kneetf.inference.litert import TFLiteModel
 from kneetf.inference.loading import load_model, read_preprocess_config, resolve_model_path
+from kneetf.inference.trust import check_savedmodel, check_tflite
 from kneetf.protocol import SIGNATURE_NORMALIZED
 
 
@@ -70,9 +71,11 @@ def _keras_predictor(model: Any, path: Path | None, prep: PreprocessConfig | Non
     return Predictor(fn, "keras", path, prep, model)
 
 
-def _savedmodel_predictor(path: Path, prep: PreprocessConfig | None) -> Predictor:
+def _savedmodel_predictor(path: Path, prep: PreprocessConfig | None, trust_model: bool = False) -> Predictor:
     import tensorflow as tf
 
+    if not trust_model:
+        check_savedmodel(path)
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:
@@ -97,7 +100,9 @@ def _savedmodel_predictor(path: Path, prep: PreprocessConfig | None) -> Predicto
     return p
 
 
-def _tflite_predictor(path: Path, prep: PreprocessConfig | None) -> Predictor:
+def _tflite_predictor(path: Path, prep: PreprocessConfig | None, trust_model: bool = False) -> Predictor:
+    if not trust_model:
+        check_tflite(path)
     model = TFLiteModel(path)
     prep = prep or PreprocessConfig()
 
@@ -107,11 +112,15 @@ def _tflite_predictor(path: Path, prep: PreprocessConfig | None) -> Predictor:
     return Predictor(fn, "tflite", path, prep, model)
 
 
-def load_predictor(model: Any, preprocess: PreprocessConfig | str | Path | None = None) -> Predictor:
+def load_predictor(model: Any, preprocess: PreprocessConfig | str | Path | None = None, *,
+                   trust_model: bool = False) -> Predictor:
     """A `Predictor` for a model path (any format above) or an in-memory keras.Model.
 
     `preprocess`: a PreprocessConfig, or a JSON/folder to read it from; by default the one
-    recorded beside the model (a run's config.json), else the defaults.
+    recorded beside the model (a run's config.json), else the defaults. A model file is
+    code: `.keras` files load with `safe_mode=True`; a SavedModel or `.tflite` file that
+    would run operations kneetf models never use (file or other I/O, custom ops) is refused
+    (`kneetf.inference.trust`) unless `trust_model`.
     """
     if isinstance(preprocess, (str, Path)):
         source = preprocess
@@ -127,8 +136,8 @@ def load_predictor(model: Any, preprocess: PreprocessConfig | str | Path | None 
     if kind == "keras":
         return _keras_predictor(load_model(file), file, prep)
     if kind == "savedmodel":
-        return _savedmodel_predictor(file, prep)
-    return _tflite_predictor(file, prep)
+        return _savedmodel_predictor(file, prep, trust_model)
+    return _tflite_predictor(file, prep, trust_model)
 
 
 __all__ = ["Predictor", "load_predictor"]

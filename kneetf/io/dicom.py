@@ -14,27 +14,38 @@ Geometry conventions (shared with `kneetf.io.writers` and the NIfTI reader):
   the patient's leftmost slice and slices step towards the patient's right. OAI's sagittal
   DESS series use this orientation.
 
+Untrusted files (see `kneetf.io.limits`): the size a header declares is checked against
+`max_pixels` before pixels are decoded; compressed pixel data must hold, frame by frame, the
+image the DICOM header declares (JPEG / JPEG-LS frame header, JPEG 2000 SIZ marker); a
+Deflated Explicit VR Little Endian file is inflated as a stream first and refused as soon as
+it inflates past what its header declares, before pydicom inflates it.
+
 Everything here is numpy + pydicom (no TensorFlow): it runs in cache-building workers.
 Nothing that identifies a patient (names, ids, dates, UIDs) leaves this module in the
 meta dicts; Series UIDs are used only to check that a folder holds one series.
 """
 from __future__ import annotations
 
+import io
 import logging
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from kneetf.errors import InputError
+from kneetf.io.headers import codestream_size
+from kneetf.io.limits import DEFAULT_MAX_PIXELS, check_pixels, resolve_max_pixels
 
 log = logging.getLogger(__name__)
 
 #: Sagittal orientation used by the writers by default (see the module docstring).
 DEFAULT_ORIENTATION: tuple[float, ...] = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
-#: Refuse images that declare more values (rows x columns x frames x samples) than this.
-MAX_PIXELS: int = 2**28
+#: The default limit of declared pixel values (`kneetf.io.limits.DEFAULT_MAX_PIXELS`).
+MAX_PIXELS: int = DEFAULT_MAX_PIXELS
 #: Elements bigger than this (pixel data, private blobs) are read lazily from the file.
 _DEFER_SIZE = 4096
 #: Files a DICOM folder scan never opens.
@@ -88,13 +99,22 @@ def looks_like_dicom(path: Path) -> bool:
         return False
 
 
-def read_header(path: str | Path, *, force: bool = False) -> Any:
-    """Parse a DICOM file with its large elements (pixel data) deferred: read on first use."""
+def read_header(path: str | Path, *, force: bool = False, max_pixels: int | None = None) -> Any:
+    """Parse a DICOM file with its large elements (pixel data) deferred: read on first use.
+
+    A deflated file is first inflated as a stream (keeping only its header) and refused when
+    the header declares more than `max_pixels` values (None: the current `ReaderConfig`'s) or
+    when the stream inflates past what the header declares; only then does pydicom read it.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
+        if _is_deflated(path):
+            _check_deflated(Path(path), resolve_max_pixels(max_pixels))
         return pydicom.dcmread(path, defer_size=_DEFER_SIZE, force=force)
+    except InputError:
+        raise
     except InvalidDicomError as e:
         raise InputError(path, f"not a DICOM file ({e})") from e
     except (OSError, EOFError) as e:
@@ -111,22 +131,143 @@ def _int(ds: Any, keyword: str, default: int) -> int:
         return default
 
 
-def check_declared_size(ds: Any, path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int, int]:
-    """Check the size the header declares BEFORE any pixel is decoded; returns (frames, rows, cols)."""
+def check_declared_size(ds: Any, path: str | Path, max_pixels: int | None = None) -> tuple[int, int, int]:
+    """Check the size the header declares BEFORE any pixel is decoded; returns (frames, rows, cols).
+
+    Counted: rows x columns x frames x samples per pixel, against `max_pixels` (None: the
+    current `ReaderConfig`'s).
+    """
+    max_pixels = resolve_max_pixels(max_pixels)
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
     frames = max(_int(ds, "NumberOfFrames", 1), 1)
     samples = max(_int(ds, "SamplesPerPixel", 1), 1)
     bits = _int(ds, "BitsAllocated", 16)
     if rows <= 0 or cols <= 0:
         raise InputError(path, f"declares an empty image (Rows={rows}, Columns={cols})")
-    values = rows * cols * frames * samples
-    if values > max_pixels:
-        raise InputError(path, f"declares {rows}x{cols} pixels x {frames} frame(s) x {samples} sample(s) "
-                               f"= {values} values ({values * max(bits, 8) // 8 / 2**20:.0f} MiB), more than "
-                               f"the limit of {max_pixels} (max_pixels); refusing to decode it")
+    check_pixels(path, "DICOM header", rows * cols * frames * samples, max_pixels,
+                 f"{rows}x{cols} pixels x {frames} frame(s) x {samples} sample(s)")
     if bits not in (1, 8, 16, 32, 64):
         raise InputError(path, f"declares BitsAllocated={bits}; expected 8, 16, 32 or 64")
     return frames, rows, cols
+
+
+def _pixel_bytes(ds: Any) -> int:
+    """Bytes of native pixel data the header declares (all frames)."""
+    values = (_int(ds, "Rows", 0) * _int(ds, "Columns", 0) * max(_int(ds, "NumberOfFrames", 1), 1)
+              * max(_int(ds, "SamplesPerPixel", 1), 1))
+    return (values * _int(ds, "BitsAllocated", 16) + 7) // 8
+
+
+# === Deflated files: inflated as a stream, with a cap, before pydicom reads them ===
+DEFLATED = "1.2.840.10008.1.2.1.99"
+#: Most bytes a deflated file may inflate to before its pixel data element starts.
+_DEFLATED_HEADER_CAP = 32 * 2**20
+#: Bytes allowed after the pixel data (trailing elements, padding).
+_DEFLATED_TRAILER = 2**20
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+
+
+def _is_deflated(path: str | Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" and DEFLATED.encode() in head
+
+
+def _inflate(f: BinaryIO, chunk: int = 2**18) -> Iterator[bytes]:
+    """The raw deflate stream of `f` from its position -> inflated pieces of at most `chunk` bytes."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    while not d.eof:
+        data = d.unconsumed_tail or f.read(chunk)
+        if not data:
+            tail = d.flush()
+            if tail:
+                yield tail
+            return
+        piece = d.decompress(data, chunk)
+        if piece:
+            yield piece
+
+
+def _deflated_header(head: bytes) -> tuple[Any, int, int] | None:
+    """(header dataset, offset and declared length of the top-level pixel data element)
+    once `head` holds that element's header; None while it does not."""
+    from pydicom.filereader import read_dataset
+
+    found: list[int] = []
+
+    def at_pixels(tag: Any, vr: Any, length: int) -> bool:
+        if tag >> 16 == 0x7FE0:
+            found.append(length)
+            return True
+        return False
+
+    fp = io.BytesIO(head)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=at_pixels)
+    except Exception:
+        return None
+    return (ds, fp.tell(), found[0]) if found else None
+
+
+def _check_deflated(path: Path, max_pixels: int) -> None:
+    """Inflate a Deflated Explicit VR Little Endian file as a stream, keeping only its header:
+    refuse it when the header declares more than `max_pixels` values, or when the stream
+    inflates past the pixel data the header declares (a decompression bomb)."""
+    from pydicom.filereader import read_dataset, read_preamble
+
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = read_dataset(f, is_implicit_VR=False, is_little_endian=True,
+                                stop_when=lambda tag, vr, length: tag >> 16 != 2)
+        if str(meta.get("TransferSyntaxUID", "")).strip() != DEFLATED:
+            return
+        head = bytearray()
+        searched = 0
+        hits: list[int] = []  # where a pixel data tag may start, not parsed yet
+        header = None
+        cap, total = _DEFLATED_HEADER_CAP, 0
+        for piece in _inflate(f):
+            total += len(piece)
+            if total > cap:
+                if header is None:
+                    raise InputError(path, f"deflated data inflates past {cap} bytes before its pixel data "
+                                           "element; refusing a decompression bomb")
+                raise InputError(path, f"deflated data inflates past {cap} bytes, more than the "
+                                       f"{_pixel_bytes(header[0])} bytes of pixel data its header declares; "
+                                       "refusing a decompression bomb")
+            if header is not None:
+                continue
+            head += piece
+            for tag in _PIXEL_TAGS:
+                at = head.find(tag, max(searched - 3, 0))
+                while at >= 0:
+                    hits.append(at)
+                    at = head.find(tag, at + 1)
+            searched = len(head)
+            if not any(at + 12 <= len(head) for at in hits):
+                continue  # no element header complete yet
+            hits = [at for at in hits if at + 12 > len(head)]
+            header = _deflated_header(bytes(head))
+            if header is None:
+                continue
+            ds, offset, length = header
+            check_declared_size(ds, path, max_pixels)
+            expected = _pixel_bytes(ds)
+            if length == 0xFFFFFFFF:
+                raise InputError(path, "deflated file holds encapsulated (compressed) pixel data; its "
+                                       "transfer syntax requires native pixels")
+            if length > expected + 1:
+                raise InputError(path, f"pixel data element declares {length} bytes but the header declares "
+                                       f"{expected} ({_int(ds, 'Rows', 0)}x{_int(ds, 'Columns', 0)} pixels)")
+            cap = offset + 12 + length + _DEFLATED_TRAILER
+            del head[:]
 
 
 def _stored_range(ds: Any) -> tuple[float, float]:
@@ -148,10 +289,62 @@ def to_grey(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+#: Transfer syntaxes whose frames are JPEG / JPEG-LS ("jpeg") or JPEG 2000 / HTJ2K ("j2k") codestreams.
+_CODESTREAMS = {
+    "1.2.840.10008.1.2.4.50": "jpeg", "1.2.840.10008.1.2.4.51": "jpeg", "1.2.840.10008.1.2.4.57": "jpeg",
+    "1.2.840.10008.1.2.4.70": "jpeg", "1.2.840.10008.1.2.4.80": "jpeg", "1.2.840.10008.1.2.4.81": "jpeg",
+    "1.2.840.10008.1.2.4.90": "j2k", "1.2.840.10008.1.2.4.91": "j2k", "1.2.840.10008.1.2.4.92": "j2k",
+    "1.2.840.10008.1.2.4.93": "j2k", "1.2.840.10008.1.2.4.201": "j2k", "1.2.840.10008.1.2.4.202": "j2k",
+    "1.2.840.10008.1.2.4.203": "j2k",
+}
+_KIND_NAMES = {"jpeg": "JPEG", "j2k": "JPEG 2000"}
+
+
+def check_codestreams(ds: Any, path: str | Path, index: int | None = None) -> None:
+    """Refuse compressed pixel data whose frame (`index`, or every frame) holds an image of
+    another size or number of components than the DICOM header declares, before decoding."""
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    kind = _CODESTREAMS.get(ts)
+    if kind is None or "PixelData" not in ds:
+        return
+    from pydicom.encaps import generate_fragmented_frames
+
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    samples = max(_int(ds, "SamplesPerPixel", 1), 1)
+    frames = max(_int(ds, "NumberOfFrames", 1), 1)
+    name = _KIND_NAMES[kind]
+    try:
+        fragmented = generate_fragmented_frames(ds.PixelData, number_of_frames=frames)
+        for i, fragments in enumerate(fragmented):
+            if index is not None and i != index:
+                continue
+            head = b""
+            for fragment in fragments:
+                head += fragment
+                if len(head) >= 2**16:
+                    break
+            try:
+                size = codestream_size(kind, head)
+            except ValueError as e:
+                raise InputError(path, f"frame {i}: not a valid {name} codestream ({e})") from None
+            if size != (rows, cols, samples):
+                raise InputError(path, f"the {name} codestream of frame {i} holds a {size[0]}x{size[1]} image "
+                                       f"with {size[2]} component(s) but the DICOM header declares {rows}x{cols} "
+                                       f"with {samples} sample(s) per pixel; refusing to decode it")
+            if index is not None:
+                return
+    except InputError:
+        raise
+    except Exception as e:  # pydicom: malformed encapsulation
+        raise InputError(path, f"malformed encapsulated pixel data: {type(e).__name__}: {e}") from e
+
+
 def _decode(ds: Any, path: str | Path, index: int | None = None) -> np.ndarray:
-    """Decode all frames (index None) or one frame of `ds`; errors name the transfer syntax."""
+    """Decode all frames (index None) or one frame of `ds`; errors name the transfer syntax.
+    Compressed frames are checked against the header first (`check_codestreams`)."""
     from pydicom.pixels import pixel_array
 
+    check_codestreams(ds, path, index)
     try:
         if index is None:
             return ds.pixel_array
@@ -194,12 +387,14 @@ def require_finite(arr: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 # === Single images (X-rays) ===
-def read_dicom_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict[str, Any]]:
+def read_dicom_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One DICOM image -> (2-D float32, meta fields): modality LUT / rescale applied,
-    MONOCHROME1 inverted (bright = dense), colour converted to grey."""
+    MONOCHROME1 inverted (bright = dense), colour converted to grey. Files declaring more
+    than `max_pixels` values are refused before decoding."""
     from pydicom.pixels import apply_modality_lut
 
-    ds = read_header(path)
+    max_pixels = resolve_max_pixels(max_pixels)
+    ds = read_header(path, max_pixels=max_pixels)
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise InputError(path, "DICOM file holds no image (no PixelData)")
     frames, _, _ = check_declared_size(ds, path, max_pixels)
@@ -341,14 +536,15 @@ def _headerless(path: Path) -> Any | None:
     return ds
 
 
-def scan_dicom(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[list[SliceRef], list[str]]:
+def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list[SliceRef], list[str]]:
     """Headers of every DICOM image in a folder (or one multi-frame file), pixels deferred.
 
     Returns (slices in file order, skipped entries with reasons). Hidden files, sub-folders,
     known non-image suffixes, non-DICOM files and DICOM files without an image (DICOMDIR,
-    structured reports) are skipped.
+    structured reports) are skipped. Each file must declare at most `max_pixels` values.
     """
     path = Path(path)
+    max_pixels = resolve_max_pixels(max_pixels)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir())
     refs: list[SliceRef] = []
     skipped: list[str] = []
@@ -359,7 +555,7 @@ def scan_dicom(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[list[
             skipped.append(f"{f.name} (not DICOM: suffix {f.suffix})")
             continue
         try:
-            ds = read_header(f, force=f.suffix.lower() in (".dcm", ".dicom", ".ima"))
+            ds = read_header(f, force=f.suffix.lower() in (".dcm", ".dicom", ".ima"), max_pixels=max_pixels)
         except InputError as e:
             ds = _headerless(f)  # old files without the 128-byte preamble
             if ds is None:
@@ -493,18 +689,16 @@ def decode_slices(refs: Sequence[SliceRef]) -> np.ndarray:
 
 def read_dicom_series(path: str | Path, *, window: tuple[int, int] | None = None, min_slices: int = 1,
                       series_uid: str | None = None,
-                      max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict[str, Any]]:
+                      max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """A DICOM series folder (or one multi-frame file) -> ((slices, H, W) float32, meta fields).
 
     All headers are read (pixels deferred) to validate and sort the whole series; then only
-    the slices of `window` = [start, stop) in sorted order are decoded (all when None).
+    the slices of `window` = [start, stop) in sorted order are decoded (all when None). Each
+    file, and the decoded slices together, must hold at most `max_pixels` values.
     """
     path = Path(path)
+    max_pixels = resolve_max_pixels(max_pixels)
     refs, _skipped = scan_dicom(path, max_pixels=max_pixels)
-    total_values = len(refs) * refs[0].rows * refs[0].cols
-    if total_values > max_pixels:
-        raise InputError(path, f"series declares {len(refs)} slices of {refs[0].rows}x{refs[0].cols} "
-                               f"= {total_values} values, more than max_pixels={max_pixels}")
     if window is not None:
         min_slices = max(min_slices, window[1])
     refs, step = order_slices(refs, path, min_slices=min_slices, series_uid=series_uid)
@@ -512,6 +706,8 @@ def read_dicom_series(path: str | Path, *, window: tuple[int, int] | None = None
     if not 0 <= start < stop <= len(refs):
         raise InputError(path, f"slice window [{start}, {stop}) is outside the {len(refs)} slices")
     chosen = refs[start:stop]
+    check_pixels(path, "series", len(chosen) * chosen[0].rows * chosen[0].cols, max_pixels,
+                 f"{len(chosen)} decoded slice(s) of {chosen[0].rows}x{chosen[0].cols}")
     volume = require_finite(decode_slices(chosen), path)
     first = chosen[0]
     ds = first.ds

@@ -1,24 +1,42 @@
 """Osteoarthritis Initiative (OAI) release folders -> a kneetf manifest.
 
-Layout read: `ROOT/<visit>/<release>/<ParticipantID>/<StudyDate>/<Barcode>/001...`,
-one series per Barcode folder (files `001`, `002`, ... without suffix), and a `contents.csv`
-with columns `Folder,ParticipantID,StudyDate,Barcode,StudyDescription,SeriesDescription`.
-Every `contents.csv` found at `ROOT/<visit>/contents.csv` or `ROOT/<visit>/<release>/contents.csv`
-is read; its `Folder` is resolved against the csv's folder first, then the visit folder.
+Layout read: `ROOT/<visit>/<release>/<ParticipantID>/<StudyDate>/<Barcode>/001...`, one
+series per listed folder (files `001`, `002`, ... without suffix), and a `contents.csv` with
+columns `Folder,ParticipantID,StudyDate,Barcode,StudyDescription,SeriesDescription`, one row
+per series. Every `contents.csv` found at `ROOT/<visit>/contents.csv` or
+`ROOT/<visit>/<release>/contents.csv` is read; its `Folder` is resolved against the csv's
+folder first, then the visit folder and the root. A `Folder` may also name a series
+sub-folder of a study (`<Barcode>/002`), one image file, or a study folder whose images
+(directly inside or in series sub-folders) are told apart by their DICOM headers.
 
 Pairing, per participant and visit:
 * knee MRI: SeriesDescription starts with the `mri_series` prefix (default `SAG_3D_DESS`)
-  and ends with `_LEFT` or `_RIGHT` (the knee's side);
-* X-ray: "Bilateral PA Fixed Flexion Knee" in SeriesDescription or StudyDescription (any
-  case). Both knees are on one image, the patient's RIGHT knee on the image's LEFT half.
+  and ends with `_LEFT` or `_RIGHT` (the knee's side). When one side has several, the series
+  named exactly `<prefix>_<SIDE>` comes first, then the earliest (StudyDate, Barcode).
+* X-ray: chosen by each SERIES' own description, not its study's. A study "Bilateral PA
+  Fixed Flexion Knee" may hold a hand, hip, lateral knee or localizer series beside the
+  bilateral PA knee: every series of such a study, and every series whose own description
+  names a bilateral PA knee, is a candidate, classified by `xray_description`. A candidate
+  whose SeriesDescription names something else (a hand, a lateral view, ...) is skipped. The
+  DICOM header (SeriesDescription, BodyPartExamined, ImageLaterality, ViewPosition,
+  ImageType, Modality) of every candidate image is read (not its pixels): a header that
+  contradicts the listing skips the image; when the listing says nothing about the series
+  (an empty SeriesDescription, a folder listed as several series, a folder holding several
+  images) the header must confirm a bilateral PA knee, unless the image is the visit's only
+  candidate and nothing in the header contradicts it. Both knees are on one image, the
+  patient's RIGHT knee on the image's LEFT half.
+
+Everything listed and not used is reported with the reason: `OaiImport.skipped` (series
+that were candidates, and MRIs left without an X-ray) and `OaiImport.ignored` (the other
+series); `kneetf import-oai` writes both to `<manifest>.skipped.csv`.
 
 Decision on the X-ray halves: nothing is copied or rewritten. Each manifest row points at
 the whole bilateral X-ray file and says which half of the stored image is its knee in an
 `xray_half` column (`left` for the right knee, `right` for the left knee); `read_manifest`
-keeps it in `Case.xray_half` and `read_xray(path, half=...)` crops it. When a series has
-several candidates (repeat scans) the first by (StudyDate, Barcode) is used and the others
-are reported. Ids are `<ParticipantID>_<visit>_<R|L>`. Splits are drawn per participant
-with a seeded generator, so no participant is in two splits (across visits too).
+keeps it in `Case.xray_half` and `read_xray(path, half=...)` crops it. When a visit has
+several usable X-rays (repeat scans) the first by (StudyDate, Barcode, folder) is used and
+the others are reported. Ids are `<ParticipantID>_<visit>_<R|L>`. Splits are drawn per
+participant with a seeded generator, so no participant is in two splits (across visits too).
 
 Paths outside the manifest's folder are written absolute; `read_manifest` then needs
 `allow_outside=True` (the OAI tree usually lives elsewhere).
@@ -26,15 +44,18 @@ Paths outside the manifest's folder are written absolute; `read_manifest` then n
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from kneetf.errors import ConfigError, InputError
+from kneetf.io.atomic import write_text_atomic
 from kneetf.io.manifest import Case, check_id, write_manifest
 
 log = logging.getLogger(__name__)
@@ -43,6 +64,30 @@ CONTENTS_COLUMNS = ("Folder", "ParticipantID", "StudyDate", "Barcode", "StudyDes
 XRAY_DESCRIPTION = "bilateral pa fixed flexion knee"
 #: image half (columns of the stored bilateral X-ray) holding each knee of the patient
 HALF_OF_SIDE = {"right": "left", "left": "right"}
+#: columns of the skipped-series report
+SKIPPED_COLUMNS = ("participant", "visit", "what", "reason", "folder")
+
+# Words of a description that name another body part or view than a PA knee radiograph.
+_OTHER_WORDS = {
+    "hand": "a hand", "hands": "a hand", "wrist": "a wrist", "finger": "a hand", "fingers": "a hand",
+    "hip": "a hip", "hips": "a hip", "pelvis": "a pelvis", "spine": "a spine", "chest": "a chest",
+    "ankle": "an ankle", "foot": "a foot", "feet": "a foot", "femur": "a femur", "tibia": "a tibia",
+    "limb": "a full limb", "scanogram": "a full limb", "lateral": "a lateral view", "lat": "a lateral view",
+    "localizer": "a localizer", "localiser": "a localizer", "scout": "a localizer", "survey": "a localizer",
+    "topogram": "a localizer", "skyline": "a patella view", "sunrise": "a patella view",
+    "merchant": "a patella view", "patella": "a patella view", "tunnel": "a tunnel view", "notch": "a tunnel view",
+    "oblique": "an oblique view", "axial": "an axial view", "ap": "an AP view",
+}
+_KNEE_WORDS = {"knee", "knees"}
+_PA_WORDS = {"pa", "posteroanterior"}
+_BILATERAL_WORDS = {"bilateral", "bilat", "bil", "both"}
+_ONE_SIDE_WORDS = {"left", "right", "lt", "rt"}
+#: BodyPartExamined values that do not rule a knee out
+_VAGUE_BODY_PARTS = {"", "EXTREMITY", "LEG", "LOWER LIMB", "LOWERLIMB", "LOWER EXTREMITY", "LOWEREXTREMITY",
+                     "LOWER_EXTREMITY", "LOWER_LIMB", "JOINT"}
+_LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LAT", "LATERAL", "LLO", "RLO"}
+_XRAY_MODALITIES = {"CR", "DX", "RG", "DR", "OT", "PX"}
+_NOT_IMAGES = {".txt", ".csv", ".json", ".xml", ".md", ".html", ".pdf", ".log", ".ini", ".zip"}
 
 
 @dataclass(frozen=True)
@@ -63,29 +108,48 @@ class ContentsRow:
     def where(self) -> str:
         return f"{self.csv}:{self.line}"
 
+    @property
+    def what(self) -> str:
+        series = self.series_description or f"(no SeriesDescription) of study {self.study_description!r}"
+        return f"{series} ({self.where})"
+
 
 @dataclass(frozen=True)
 class Skipped:
-    """A relevant series (or participant) left out of the manifest, and why."""
+    """A listed series (or one of its images) left out of the manifest, and why."""
 
     participant: str
     visit: str
     what: str
     reason: str
+    folder: str = ""
 
 
 @dataclass
 class OaiImport:
+    """What `pair_oai` found: the cases, the candidate series it skipped (and MRIs left
+    unpaired) in `skipped`, and the other listed series it did not use in `ignored`."""
+
     cases: list[Case]
     skipped: list[Skipped] = field(default_factory=list)
     rows_read: int = 0
     participants: int = 0
+    ignored: list[Skipped] = field(default_factory=list)
 
     def skipped_by_reason(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
         for s in self.skipped:
             counts[s.reason.split(":")[0]] += 1
         return dict(counts)
+
+    def report_csv(self) -> str:
+        """The skipped and the ignored series as CSV (`SKIPPED_COLUMNS`)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(SKIPPED_COLUMNS)
+        for s in self.skipped + self.ignored:
+            writer.writerow([s.participant, s.visit, s.what, s.reason, s.folder])
+        return buf.getvalue()
 
 
 # === contents.csv ===
@@ -136,22 +200,109 @@ def mri_side(series_description: str, prefix: str) -> str | None:
     return None
 
 
+def _words(text: str) -> set[str]:
+    return set(re.split(r"[^a-z0-9]+", text.lower().replace(".", ""))) - {""}
+
+
+def xray_description(text: str) -> tuple[str, str]:
+    """Classify an X-ray series or study description -> (verdict, why).
+
+    "knee": a PA view of the knees, bilateral unless it names one side ("why" says
+    "bilateral" when it says so); "other": something else (why names it: a hand, a lateral
+    view, one knee only, ...); "unknown": empty or silent about the body part and view.
+    """
+    words = _words(text)
+    if not words:
+        return "unknown", ""
+    others = sorted({_OTHER_WORDS[w] for w in words if w in _OTHER_WORDS})
+    if others:
+        return "other", " and ".join(others)
+    if words & _KNEE_WORDS:
+        if not words & _PA_WORDS:
+            return "unknown", "a knee, view not named"
+        if words & _BILATERAL_WORDS:
+            return "knee", "bilateral"
+        if words & _ONE_SIDE_WORDS:
+            return "other", "one knee only"
+        return "knee", ""
+    return "unknown", ""
+
+
 def is_bilateral_xray(row: ContentsRow) -> bool:
-    return (XRAY_DESCRIPTION in row.series_description.lower()
-            or XRAY_DESCRIPTION in row.study_description.lower())
+    """True when the row's series, or its study, is described as a bilateral PA knee X-ray."""
+    return any(xray_description(d) == ("knee", "bilateral")
+               for d in (row.series_description, row.study_description))
 
 
-def _series_folder(row: ContentsRow, root: Path) -> Path | None:
+def _header_text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword, None)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()
+
+
+def xray_header(path: Path) -> tuple[str, str]:
+    """Classify one image file from its DICOM header (pixels are not read) -> (verdict, why),
+    verdicts as `xray_description`; what the header says is in `why`."""
+    from kneetf.io.dicom import read_header
+
+    try:
+        ds = read_header(path)  # pixel data deferred, never read here; deflated files capped
+    except InputError as e:
+        return "other", f"not a usable DICOM file ({e.reason})"
+    facts = {k: _header_text(ds, k) for k in ("SeriesDescription", "BodyPartExamined", "ImageLaterality",
+                                              "ViewPosition", "Modality", "ImageType")}
+    said = ", ".join(f"{k} {v!r}" for k, v in facts.items() if v and k != "ImageType")
+    other = []
+    if "LOCALIZER" in facts["ImageType"].upper():
+        other.append("a localizer (ImageType)")
+    if facts["Modality"] and facts["Modality"].upper() not in _XRAY_MODALITIES:
+        other.append(f"not a radiograph (Modality {facts['Modality']})")
+    verdict, why = xray_description(facts["SeriesDescription"])
+    if verdict == "other":
+        other.append(f"{why} (SeriesDescription)")
+    body = facts["BodyPartExamined"].upper()
+    if body and "KNEE" not in body and body not in _VAGUE_BODY_PARTS:
+        other.append(f"BodyPartExamined {facts['BodyPartExamined']}")
+    view = facts["ViewPosition"].upper()
+    if view in _LATERAL_VIEWS:
+        other.append(f"a lateral view (ViewPosition {facts['ViewPosition']})")
+    laterality = facts["ImageLaterality"].upper()
+    if laterality in ("L", "R"):
+        other.append(f"one knee only (ImageLaterality {laterality})")
+    if other:
+        return "other", "; ".join(other)
+    knee = verdict == "knee" or "KNEE" in body
+    if knee and (view in ("", "PA") or verdict == "knee"):
+        return "knee", said
+    return "unknown", said or "no SeriesDescription, BodyPartExamined, ImageLaterality or ViewPosition"
+
+
+def _series_path(row: ContentsRow, root: Path) -> Path | None:
     rel = Path(row.folder.replace("\\", "/"))
     for base in (row.csv.parent, root / row.visit, root):
         candidate = base / rel
-        if candidate.is_dir():
+        if candidate.exists():
             return candidate
     return None
 
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _image_files(path: Path, depth: int = 2) -> list[Path]:
+    """The image files a listed path stands for: itself, or the plain files of the folder,
+    or (a study folder) those of its series sub-folders."""
+    if path.is_file():
+        return [path]
+    files = [f for f in _files(path) if f.suffix.lower() not in _NOT_IMAGES and f.name.upper() != "DICOMDIR"]
+    if files or depth == 0:
+        return files
+    return [f for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            for f in _image_files(sub, depth - 1)]
 
 
 # === Splits ===
@@ -179,78 +330,151 @@ def split_participants(participants: Sequence[str], fractions: Sequence[float], 
     return out
 
 
+# === Choosing the X-ray ===
+@dataclass
+class _XrayCandidate:
+    row: ContentsRow
+    file: Path
+    evidence: int  # 2: listing and header agree, 1: one of them says knee, 0: neither contradicts
+    note: str
+
+
+def _xray_candidates(rows: list[ContentsRow], path: Path, root: Path, skip: Any) -> list[_XrayCandidate]:
+    """The usable images among the series listed as `rows` (one folder or file, listed by
+    one or more rows); everything else is reported through `skip(row, image, reason)`."""
+    row = rows[0]
+    descriptions = {r.series_description for r in rows}
+    listings = {xray_description(d) for d in descriptions}
+    if len(rows) == 1 or len(descriptions) == 1:
+        listing, listed_why = xray_description(row.series_description)
+        if listing == "other":
+            skip(row, path, f"not a bilateral PA knee X-ray: listed as {row.series_description!r} "
+                            f"({listed_why})")
+            return []
+    else:  # one folder listed as several series: the listing cannot say which image is which
+        listing, listed_why = "unknown", "listed as " + " and ".join(repr(d) for d in sorted(descriptions))
+        if all(v == "other" for v, _ in listings):
+            skip(row, path, f"not a bilateral PA knee X-ray: {listed_why}")
+            return []
+    images = _image_files(path)
+    if not images:
+        skip(row, path, "X-ray folder holds no image file")
+        return []
+    out = []
+    for image in images:
+        verdict, why = xray_header(image)
+        if verdict == "other":
+            if listing == "knee":
+                skip(row, image, f"DICOM header contradicts the listing {row.series_description!r}: {why}")
+            else:
+                skip(row, image, f"not a bilateral PA knee X-ray: DICOM header says {why}")
+            continue
+        listed_knee = listing == "knee"
+        if len(images) > 1:  # the listing does not say which image: only a header naming a knee does
+            evidence = (1 + listed_knee) if verdict == "knee" else 0
+        else:
+            evidence = listed_knee + (verdict == "knee")
+        out.append(_XrayCandidate(row, image, evidence, why))
+    confirmed = [c for c in out if c.evidence >= 1]
+    if len(out) > 1 or (confirmed and len(confirmed) < len(out)):
+        for c in out:
+            if c.evidence == 0:
+                skip(row, c.file, f"ambiguous: {len(images)} images in {listed_why or 'an unnamed series'} and "
+                                  f"this one's DICOM header does not show a bilateral PA knee ({c.note})")
+        out = confirmed
+    return out
+
+
+def _choose_xray(candidates: list[_XrayCandidate], skip: Any) -> _XrayCandidate | None:
+    if not candidates:
+        return None
+    strongest = max(c.evidence for c in candidates)
+    if strongest == 0 and len(candidates) > 1:
+        for c in candidates:
+            skip(c.row, c.file, f"ambiguous: {len(candidates)} candidate images at this visit and no listing "
+                                "or DICOM header names a bilateral PA knee")
+        return None
+    ordered = sorted(candidates, key=lambda c: (-c.evidence, c.row.study_date, c.row.barcode, str(c.file)))
+    best = ordered[0]
+    for extra in ordered[1:]:
+        if extra.evidence == best.evidence:
+            skip(extra.row, extra.file, f"extra X-ray: using {best.file} (barcode {best.row.barcode})")
+        else:
+            skip(extra.row, extra.file, f"ambiguous: {best.file} (barcode {best.row.barcode}) is the better "
+                                        f"confirmed bilateral PA knee; this one's header says {extra.note or 'nothing'}")
+    return best
+
+
 # === Pairing ===
 def pair_oai(root: str | Path, visits: Sequence[str] = ("00m",), *, mri_series: str = "SAG_3D_DESS",
              seed: int = 0, split: Sequence[float] = (0.8, 0.1, 0.1)) -> OaiImport:
-    """Pair each knee MRI with the bilateral X-ray of the same participant and visit."""
+    """Pair each knee MRI with the bilateral X-ray of the same participant and visit (see
+    the module docstring for how the X-ray series is chosen)."""
     root = Path(root)
     fractions = parse_split(split)
     rows: list[ContentsRow] = []
     skipped: list[Skipped] = []
+    ignored: list[Skipped] = []
     for visit in visits:
         for csv_path in find_contents(root, visit):
             got, bad = read_contents(csv_path, visit)
             rows += got
             skipped += bad
-    xrays: dict[tuple[str, str], list[ContentsRow]] = defaultdict(list)
-    mris: dict[tuple[str, str, str], list[ContentsRow]] = defaultdict(list)
-    seen_folders: set[Path] = set()
+
+    def skip(row: ContentsRow, path: Path | None, reason: str, into: list[Skipped] = skipped) -> None:
+        where = row.folder if path is None else str(path)
+        into.append(Skipped(row.participant, row.visit, row.what, reason, where))
+
+    xray_studies = {(r.participant, r.visit, r.study_date, r.barcode) for r in rows
+                    if xray_description(r.study_description) == ("knee", "bilateral")}
+    xray_rows: dict[Path, list[ContentsRow]] = defaultdict(list)
+    mris: dict[tuple[str, str, str], list[tuple[ContentsRow, Path]]] = defaultdict(list)
+    seen_mri: set[Path] = set()
     for row in rows:
         side = mri_side(row.series_description, mri_series)
-        relevant = side is not None or is_bilateral_xray(row)
-        if not relevant:
+        in_xray_study = (row.participant, row.visit, row.study_date, row.barcode) in xray_studies
+        if side is None and not in_xray_study and not is_bilateral_xray(row):
+            skip(row, None, f"not used: neither a {mri_series}_LEFT/_RIGHT MRI nor a series of a bilateral PA "
+                            "knee X-ray study", ignored)
             continue
-        what = f"{row.series_description or row.study_description} ({row.where})"
-        folder = _series_folder(row, root)
-        if folder is None:
-            skipped.append(Skipped(row.participant, row.visit, what, f"folder not found: {row.folder}"))
+        path = _series_path(row, root)
+        if path is None:
+            skip(row, None, f"folder not found: {row.folder}")
             continue
-        if folder in seen_folders:
-            continue  # listed by two contents.csv files
-        seen_folders.add(folder)
         if side is not None:
-            mris[(row.participant, row.visit, side)].append(row)
+            if path not in seen_mri:  # a folder listed by two contents.csv files counts once
+                seen_mri.add(path)
+                mris[(row.participant, row.visit, side)].append((row, path))
         else:
-            xrays[(row.participant, row.visit)].append(row)
+            xray_rows[path].append(row)
 
-    def first(candidates: list[ContentsRow], kind: str) -> ContentsRow:
-        ordered = sorted(candidates, key=lambda r: (r.study_date, r.barcode))
-        for extra in ordered[1:]:
-            skipped.append(Skipped(extra.participant, extra.visit, f"{extra.series_description} ({extra.where})",
-                                   f"extra {kind}: using barcode {ordered[0].barcode}"))
-        return ordered[0]
-
-    chosen_xray: dict[tuple[str, str], tuple[ContentsRow, Path | None]] = {}
-    for key, candidates in sorted(xrays.items()):
-        xray = first(candidates, "X-ray")
-        files = _files(_series_folder(xray, root))
-        if len(files) != 1:
-            skipped.append(Skipped(key[0], key[1], f"{xray.series_description} ({xray.where})",
-                                   f"X-ray folder holds {len(files)} files: expected one image"))
-        chosen_xray[key] = (xray, files[0] if len(files) == 1 else None)
+    candidates: dict[tuple[str, str], list[_XrayCandidate]] = defaultdict(list)
+    for path, listed in xray_rows.items():
+        unique = list({r.series_description: r for r in listed}.values())  # the same series listed twice
+        for c in _xray_candidates(unique, path, root, skip):
+            candidates[(c.row.participant, c.row.visit)].append(c)
+    chosen_xray = {key: c for key, cs in sorted(candidates.items()) if (c := _choose_xray(cs, skip)) is not None}
 
     pending: list[tuple[ContentsRow, str, Path, Path]] = []
     paired: set[tuple[str, str]] = set()
-    for (pid, visit, side), candidates in sorted(mris.items()):
-        mri = first(candidates, "MRI series")
-        what = f"{mri.series_description} ({mri.where})"
+    for (pid, visit, side), found in sorted(mris.items()):
+        exact = f"{mri_series}_{side}".upper()
+        found = sorted(found, key=lambda m: (m[0].series_description.upper() != exact, m[0].study_date,
+                                             m[0].barcode, m[0].folder))
+        mri, mri_dir = found[0]
+        for extra, extra_dir in found[1:]:
+            skip(extra, extra_dir, f"extra MRI series: using {mri.series_description} of barcode {mri.barcode}")
         if (pid, visit) not in chosen_xray:
-            skipped.append(Skipped(pid, visit, what,
-                                   "unpaired MRI: no bilateral PA fixed flexion knee X-ray at this visit"))
+            skip(mri, mri_dir, "unpaired MRI: no bilateral PA fixed flexion knee X-ray at this visit")
             continue
         paired.add((pid, visit))
-        xray_file = chosen_xray[(pid, visit)][1]
-        mri_dir = _series_folder(mri, root)
-        if xray_file is None:
-            skipped.append(Skipped(pid, visit, what, "unusable X-ray: see the X-ray entry"))
-        elif not _files(mri_dir):
-            skipped.append(Skipped(pid, visit, what, "empty MRI folder"))
+        if not mri_dir.is_dir() or not _files(mri_dir):
+            skip(mri, mri_dir, "empty MRI folder")
         else:
-            pending.append((mri, side, mri_dir, xray_file))
-    for key, (xray, _file) in chosen_xray.items():
+            pending.append((mri, side, mri_dir, chosen_xray[(pid, visit)].file))
+    for key, xray in chosen_xray.items():
         if key not in paired:
-            skipped.append(Skipped(key[0], key[1], f"{xray.series_description} ({xray.where})",
-                                   f"unpaired X-ray: no {mri_series}_LEFT/_RIGHT MRI at this visit"))
+            skip(xray.row, xray.file, f"unpaired X-ray: no {mri_series}_LEFT/_RIGHT MRI at this visit")
 
     splits = split_participants([m.participant for m, *_ in pending], fractions, seed)
     cases = []
@@ -258,7 +482,7 @@ def pair_oai(root: str | Path, visits: Sequence[str] = ("00m",), *, mri_series: 
         case_id = f"{mri.participant}_{mri.visit}_{'R' if side == 'right' else 'L'}"
         why = check_id(case_id)
         if why:
-            skipped.append(Skipped(mri.participant, mri.visit, mri.where, f"bad id: {why}"))
+            skip(mri, mri_dir, f"bad id: {why}")
             continue
         cases.append(Case(id=case_id, xray=xray_file, mri=mri_dir, side=side, split=splits[mri.participant],
                           xray_half=HALF_OF_SIDE[side],
@@ -266,21 +490,32 @@ def pair_oai(root: str | Path, visits: Sequence[str] = ("00m",), *, mri_series: 
     cases.sort(key=lambda c: c.id)
     for s in skipped:
         log.debug("skipped %s %s %s: %s", s.participant, s.visit, s.what, s.reason)
-    return OaiImport(cases=cases, skipped=skipped, rows_read=len(rows), participants=len(splits))
+    return OaiImport(cases=cases, skipped=skipped, rows_read=len(rows), participants=len(splits), ignored=ignored)
+
+
+def skipped_report_path(manifest: str | Path) -> Path:
+    """Where `import_oai` writes the skipped series by default: `<manifest stem>.skipped.csv`."""
+    manifest = Path(manifest)
+    return manifest.with_name(manifest.stem + ".skipped.csv")
 
 
 def import_oai(root: str | Path, out: str | Path, visits: Sequence[str] = ("00m",), *,
-               mri_series: str = "SAG_3D_DESS", seed: int = 0,
-               split: Sequence[float] = (0.8, 0.1, 0.1)) -> OaiImport:
-    """`pair_oai`, then write the manifest `out` atomically (when at least one case paired)."""
+               mri_series: str = "SAG_3D_DESS", seed: int = 0, split: Sequence[float] = (0.8, 0.1, 0.1),
+               skipped_report: str | Path | None = None) -> OaiImport:
+    """`pair_oai`, then write the skipped-series report (`skipped_report`, default
+    `skipped_report_path(out)`) and, when at least one case paired, the manifest `out`;
+    both atomically."""
     result = pair_oai(root, visits, mri_series=mri_series, seed=seed, split=split)
+    report = Path(skipped_report) if skipped_report is not None else skipped_report_path(out)
+    write_text_atomic(report, result.report_csv())
     if not result.cases:
         raise InputError(root, f"no {mri_series}_LEFT/_RIGHT MRI could be paired with a bilateral PA fixed "
                                f"flexion knee X-ray in visit(s) {', '.join(visits)} ({len(result.skipped)} "
-                               "relevant series skipped)")
+                               f"relevant series skipped; see {report})")
     write_manifest(out, result.cases)
     return result
 
 
 __all__ = ["pair_oai", "import_oai", "OaiImport", "Skipped", "ContentsRow", "find_contents", "read_contents",
-           "mri_side", "is_bilateral_xray", "split_participants", "parse_split", "HALF_OF_SIDE"]
+           "mri_side", "is_bilateral_xray", "xray_description", "xray_header", "split_participants", "parse_split",
+           "skipped_report_path", "HALF_OF_SIDE", "SKIPPED_COLUMNS"]

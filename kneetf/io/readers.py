@@ -10,10 +10,11 @@ Contract of every reader (`Reader.read`):
   patient's left to right, rows superior -> inferior, columns anterior -> posterior), .npy
   taken as slices-first.
 * The meta dataclasses carry geometry and display facts only, never patient identifiers.
-* Declared sizes (DICOM Rows x Columns x frames, PNG/JPEG/TIFF headers, NIfTI and .npy
-  headers) are checked against `max_pixels` BEFORE pixel data is read; empty arrays,
-  NaN/Inf and wrong dimensions are refused. Every failure is an `InputError` naming the
-  file, the problem and the readers tried.
+* Declared sizes (DICOM Rows x Columns x frames, the codestream inside compressed DICOM,
+  PNG/JPEG/TIFF headers, NIfTI and .npy headers) are checked against `max_pixels`
+  (`kneetf.io.limits`; None = the current `ReaderConfig`) BEFORE pixel data is read;
+  empty arrays, NaN/Inf and wrong dimensions are refused. Every failure is an `InputError`
+  naming the file, the problem and the readers tried.
 
     >>> image, meta = read_xray("knee.dcm")
     >>> volume, meta = read_mri_window("series_folder/", 20, 40)   # decodes 20 slices only
@@ -23,16 +24,16 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from kneetf.errors import InputError
-from kneetf.io.dicom import (LPS_TO_RAS, MAX_PIXELS, looks_like_dicom, read_dicom_image, read_dicom_series,
-                             require_finite, to_grey)
+from kneetf.io.dicom import LPS_TO_RAS, looks_like_dicom, read_dicom_image, read_dicom_series, require_finite, to_grey
+from kneetf.io.headers import file_image_size
+from kneetf.io.limits import check_pixels, resolve_max_pixels
 
 log = logging.getLogger(__name__)
 
@@ -93,104 +94,15 @@ class VolumeMeta:
 
 
 # === Header size checks ===
-def _refuse_size(path: Path, what: str, values: int, max_pixels: int) -> None:
-    if values <= 0:
-        raise InputError(path, f"{what} declares an empty image")
-    if values > max_pixels:
-        raise InputError(path, f"{what} declares {values} pixel values, more than the limit of {max_pixels} "
-                               "(max_pixels); refusing to decode it")
-
-
-def _png_size(f: BinaryIO) -> tuple[int, int, int]:
-    head = f.read(29)
-    if len(head) < 29 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        raise ValueError("no PNG signature / IHDR chunk")
-    width, height, _depth, colour = struct.unpack(">IIBB", head[16:26])
-    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 4)
-    return height, width, channels
-
-
-def _jpeg_size(f: BinaryIO) -> tuple[int, int, int]:
-    if f.read(2) != b"\xff\xd8":
-        raise ValueError("no JPEG start-of-image marker")
-    while True:
-        byte = f.read(1)
-        while byte and byte != b"\xff":
-            byte = f.read(1)
-        while byte == b"\xff":
-            byte = f.read(1)
-        if not byte:
-            raise ValueError("no JPEG frame header (SOF) found")
-        marker = byte[0]
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
-            continue
-        raw = f.read(2)
-        if len(raw) < 2:
-            raise ValueError("truncated JPEG segment")
-        length = struct.unpack(">H", raw)[0]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            seg = f.read(6)
-            if len(seg) < 6:
-                raise ValueError("truncated JPEG frame header")
-            _precision, height, width, comps = struct.unpack(">BHHB", seg)
-            if height == 0:
-                raise ValueError("JPEG frame header declares height 0 (DNL marker is not supported)")
-            return height, width, comps
-        f.seek(length - 2, 1)
-
-
-def _tiff_size(f: BinaryIO) -> tuple[int, int, int]:
-    head = f.read(16)
-    order = {b"II": "<", b"MM": ">"}.get(head[:2])
-    if order is None:
-        raise ValueError("no TIFF byte-order mark")
-    version = struct.unpack(order + "H", head[2:4])[0]
-    if version == 42:
-        offset = struct.unpack(order + "I", head[4:8])[0]
-        count_fmt, entry_size, value_fmt = "H", 12, "I"
-    elif version == 43:  # BigTIFF
-        offset = struct.unpack(order + "Q", head[8:16])[0]
-        count_fmt, entry_size, value_fmt = "Q", 20, "Q"
-    else:
-        raise ValueError(f"TIFF version {version} is not 42 or 43")
-    f.seek(offset)
-    count_size = struct.calcsize(count_fmt)
-    n = struct.unpack(order + count_fmt, f.read(count_size))[0]
-    if n > 4096:
-        raise ValueError(f"TIFF IFD claims {n} entries")
-    tags: dict[int, int] = {}
-    for _ in range(n):
-        entry = f.read(entry_size)
-        if len(entry) < entry_size:
-            raise ValueError("truncated TIFF IFD")
-        tag, typ = struct.unpack(order + "HH", entry[:4])
-        value = entry[4 + struct.calcsize(value_fmt):]
-        if typ == 3:
-            tags[tag] = struct.unpack(order + "H", value[:2])[0]
-        elif typ == 4:
-            tags[tag] = struct.unpack(order + "I", value[:4])[0]
-        elif typ == 16:
-            tags[tag] = struct.unpack(order + "Q", value[:8])[0]
-    if 256 not in tags or 257 not in tags:
-        raise ValueError("TIFF IFD has no ImageWidth/ImageLength")
-    return tags[257], tags[256], tags.get(277, 1)
-
-
-_HEADER_PARSERS = {".png": _png_size, ".jpg": _jpeg_size, ".jpeg": _jpeg_size, ".tif": _tiff_size,
-                   ".tiff": _tiff_size}
-
-
 def declared_image_size(path: str | Path) -> tuple[int, int, int]:
     """(height, width, channels) from a PNG/JPEG/TIFF header, without decoding pixels."""
     path = Path(path)
-    parser = _HEADER_PARSERS.get(path.suffix.lower())
-    if parser is None:
-        raise InputError(path, f"no header parser for suffix {path.suffix!r}")
     try:
-        with open(path, "rb") as f:
-            return parser(f)
-    except (ValueError, struct.error) as e:
+        return file_image_size(path)
+    except ValueError as e:
         raise InputError(path, f"not a valid {path.suffix.lstrip('.').upper()} file: {e}") from e
+    except OSError as e:
+        raise InputError(path, f"cannot read file: {e}") from e
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -214,7 +126,7 @@ def _load_npy(path: Path, ndim: int, what: str, max_pixels: int) -> np.ndarray:
         shape = shape[:2]
     if len(shape) != ndim:
         raise InputError(path, f"holds a {len(shape)}-D array of shape {shape}; {what} must be {ndim}-D")
-    _refuse_size(path, ".npy header", int(np.prod(shape)), max_pixels)
+    check_pixels(path, ".npy header", int(np.prod(shape)), max_pixels, "x".join(map(str, shape)))
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
     return np.array(arr, dtype=np.float32).reshape(shape)
 
@@ -250,19 +162,20 @@ class DicomXrayReader(Reader):
     def describe(self) -> str:
         return "dicom (.dcm, .dicom, .ima or a DICOM preamble)"
 
-    def read(self, path: Path, *, max_pixels: int = MAX_PIXELS, **_: Any) -> tuple[np.ndarray, XrayMeta]:
-        image, info = read_dicom_image(path, max_pixels=max_pixels)
+    def read(self, path: Path, *, max_pixels: int | None = None, **_: Any) -> tuple[np.ndarray, XrayMeta]:
+        image, info = read_dicom_image(path, max_pixels=resolve_max_pixels(max_pixels))
         return image, XrayMeta(source=str(path), reader=self.name, shape=image.shape, **info)
 
 
 class ImageXrayReader(Reader):
     name, kind, suffixes = "image", "xray", (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
-    def read(self, path: Path, *, max_pixels: int = MAX_PIXELS, **_: Any) -> tuple[np.ndarray, XrayMeta]:
+    def read(self, path: Path, *, max_pixels: int | None = None, **_: Any) -> tuple[np.ndarray, XrayMeta]:
         import cv2
 
         height, width, channels = declared_image_size(path)
-        _refuse_size(path, f"{path.suffix.lstrip('.').upper()} header", height * width * channels, max_pixels)
+        check_pixels(path, f"{path.suffix.lstrip('.').upper()} header", height * width * channels,
+                     resolve_max_pixels(max_pixels), f"{height}x{width}x{channels}")
         buf = np.fromfile(path, dtype=np.uint8)
         image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
         if image is None:
@@ -279,8 +192,8 @@ class ImageXrayReader(Reader):
 class NpyXrayReader(Reader):
     name, kind, suffixes = "npy", "xray", (".npy",)
 
-    def read(self, path: Path, *, max_pixels: int = MAX_PIXELS, **_: Any) -> tuple[np.ndarray, XrayMeta]:
-        image = _load_npy(path, 2, "an X-ray", max_pixels)
+    def read(self, path: Path, *, max_pixels: int | None = None, **_: Any) -> tuple[np.ndarray, XrayMeta]:
+        image = _load_npy(path, 2, "an X-ray", resolve_max_pixels(max_pixels))
         return image, XrayMeta(source=str(path), reader=self.name, shape=image.shape)
 
 
@@ -294,10 +207,10 @@ class DicomSeriesReader(Reader):
         return "dicom-series (a folder of DICOM slices, or one multi-frame DICOM file)"
 
     def read(self, path: Path, *, window: tuple[int, int] | None = None, min_slices: int = 1,
-             series_uid: str | None = None, max_pixels: int = MAX_PIXELS,
+             series_uid: str | None = None, max_pixels: int | None = None,
              **_: Any) -> tuple[np.ndarray, VolumeMeta]:
         volume, info = read_dicom_series(path, window=window, min_slices=min_slices, series_uid=series_uid,
-                                         max_pixels=max_pixels)
+                                         max_pixels=resolve_max_pixels(max_pixels))
         return volume, VolumeMeta(source=str(path), reader=self.name, shape=volume.shape, **info)
 
 
@@ -305,7 +218,7 @@ class NiftiReader(Reader):
     name, kind, suffixes = "nifti", "mri", (".nii", ".nii.gz")
 
     def read(self, path: Path, *, window: tuple[int, int] | None = None, min_slices: int = 1,
-             max_pixels: int = MAX_PIXELS, **_: Any) -> tuple[np.ndarray, VolumeMeta]:
+             max_pixels: int | None = None, **_: Any) -> tuple[np.ndarray, VolumeMeta]:
         import nibabel as nib
         from nibabel import orientations as ornt
 
@@ -318,7 +231,8 @@ class NiftiReader(Reader):
             shape = shape[:-1]
         if len(shape) != 3:
             raise InputError(path, f"holds an array of shape {tuple(img.shape)}; an MRI volume must be 3-D")
-        _refuse_size(path, "NIfTI header", int(np.prod(shape)), max_pixels)
+        check_pixels(path, "NIfTI header", int(np.prod(shape)), resolve_max_pixels(max_pixels),
+                     "x".join(map(str, shape)))
         affine = np.asarray(img.affine, dtype=np.float64)
         transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(SAGITTAL_AXCODES))
         slice_axis = int(np.nonzero(transform[:, 0] == 0)[0][0])
@@ -356,18 +270,19 @@ class NpyVolumeReader(Reader):
     name, kind, suffixes = "npy", "mri", (".npy",)
 
     def read(self, path: Path, *, window: tuple[int, int] | None = None, min_slices: int = 1,
-             max_pixels: int = MAX_PIXELS, **_: Any) -> tuple[np.ndarray, VolumeMeta]:
+             max_pixels: int | None = None, **_: Any) -> tuple[np.ndarray, VolumeMeta]:
         shape, _ = _npy_header(path)
         if len(shape) != 3:
             raise InputError(path, f"holds a {len(shape)}-D array of shape {shape}; an MRI volume must be "
                                    "3-D (slices, rows, columns)")
-        _refuse_size(path, ".npy header", int(np.prod(shape)), max_pixels)
         n = shape[0]
         if n < min_slices:
             raise InputError(path, f"has {n} slice(s); at least {min_slices} are needed (min_slices)")
         start, stop = (0, n) if window is None else window
         if not 0 <= start < stop <= n:
             raise InputError(path, f"slice window [{start}, {stop}) is outside the {n} slices")
+        check_pixels(path, ".npy header", (stop - start) * shape[1] * shape[2], resolve_max_pixels(max_pixels),
+                     f"{stop - start} of {n} slices x {shape[1]}x{shape[2]}")
         volume = np.array(np.load(path, mmap_mode="r", allow_pickle=False)[start:stop], dtype=np.float32)
         require_finite(volume, path)
         return volume, VolumeMeta(source=str(path), reader=self.name, shape=volume.shape, total_slices=n,
@@ -423,13 +338,13 @@ def split_half(image: np.ndarray, half: str, path: str | Path = "") -> np.ndarra
 
 
 def read_xray(path: str | Path, *, half: str | None = None,
-              max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, XrayMeta]:
+              max_pixels: int | None = None) -> tuple[np.ndarray, XrayMeta]:
     """Read an X-ray (DICOM, PNG/TIFF/JPEG, .npy) -> (2-D float32, XrayMeta).
 
-    `half` ("left"/"right") keeps that half of the stored image's columns, for bilateral
+    `max_pixels` limits the declared size (None: the current `ReaderConfig`'s). `half` ("left"/"right") keeps that half of the stored image's columns, for bilateral
     images (OAI: the patient's right knee is on the image's left half).
     """
-    image, meta = _read_with(XRAY_READERS, path, "X-ray", max_pixels=max_pixels)
+    image, meta = _read_with(XRAY_READERS, path, "X-ray", max_pixels=resolve_max_pixels(max_pixels))
     if image.ndim != 2:
         raise InputError(path, f"X-ray decoded to shape {image.shape}; expected 2-D")
     require_finite(image, path)
@@ -440,7 +355,7 @@ def read_xray(path: str | Path, *, half: str | None = None,
 
 
 def read_mri(path: str | Path, *, window: tuple[int, int] | None = None, min_slices: int = 1,
-             series_uid: str | None = None, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, VolumeMeta]:
+             series_uid: str | None = None, max_pixels: int | None = None) -> tuple[np.ndarray, VolumeMeta]:
     """Read an MRI (DICOM series folder or multi-frame file, NIfTI, .npy) -> ((slices, H, W) float32, meta).
 
     With `window=(start, stop)` only those sorted slices are decoded (the whole series is
@@ -452,7 +367,7 @@ def read_mri(path: str | Path, *, window: tuple[int, int] | None = None, min_sli
             raise InputError(path, f"slice window must satisfy 0 <= start < stop. Received: {tuple(window)}")
         window = (start, stop)
     volume, meta = _read_with(MRI_READERS, path, "MRI", window=window, min_slices=min_slices,
-                              series_uid=series_uid, max_pixels=max_pixels)
+                              series_uid=series_uid, max_pixels=resolve_max_pixels(max_pixels))
     if volume.ndim != 3:
         raise InputError(path, f"MRI decoded to shape {volume.shape}; expected (slices, rows, columns)")
     return volume, meta

@@ -122,6 +122,22 @@ def _base_dataset(sop_class: str, modality: str, patient: Mapping[str, Any] | No
     return ds
 
 
+def _update(ds: Any, attributes: Any) -> None:
+    """Set `attributes` (a Dataset, or DICOM keyword -> value) on `ds`."""
+    import pydicom
+    from pydicom.datadict import tag_for_keyword
+
+    if attributes is None:
+        return
+    if isinstance(attributes, pydicom.Dataset):
+        ds.update(attributes)
+        return
+    for key, value in dict(attributes).items():
+        if tag_for_keyword(key) is None:
+            raise ValueError(f"attributes must be keyed by DICOM keywords. Received: {key!r}")
+        setattr(ds, key, value)
+
+
 def _set_pixels(ds: Any, stored: np.ndarray, slope: float, intercept: float, photometric: str) -> None:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
@@ -158,6 +174,7 @@ def write_dicom_series(
     modality: str = "MR",
     derived: bool = False,
     laterality: str | None = None,
+    attributes: Any = None,
 ) -> list[Path]:
     """Write (slices, rows, cols) `volume` as a DICOM MR series folder, one file per slice.
 
@@ -167,8 +184,11 @@ def write_dicom_series(
     [0, 65535]). `shuffle_names` gives files names unrelated to slice order (seeded by
     `rng`/`seed`) to exercise position-based sorting. `patient` maps DICOM keywords to values
     (anonymous by default). `derived` marks the series DERIVED\\SECONDARY with the comment
-    "kneetf reconstruction, not for diagnostic use". The folder is written in a temporary
-    sibling and renamed into place (an existing folder is replaced).
+    "kneetf reconstruction, not for diagnostic use". `attributes` (a pydicom Dataset or a
+    mapping of DICOM keywords to values) is set on every file last, so it can add or replace
+    any attribute but the geometry, pixels and SOP instance UIDs (e.g. the study module of a
+    source image). The folder is written in a temporary sibling and renamed into place (an
+    existing folder is replaced).
 
     Returns the file paths, index k holding slice k.
     """
@@ -211,6 +231,7 @@ def write_dicom_series(
     base.PixelSpacing = [row_mm, col_mm]
     base.SliceThickness = slice_mm
     base.SpacingBetweenSlices = slice_mm
+    _update(base, attributes)
     with atomic_path(folder, directory=True) as tmp:
         for k in range(n):
             ds = copy.deepcopy(base)
@@ -310,6 +331,8 @@ def write_nifti(
     origin: Sequence[float] = (0.0, 0.0, 0.0),
     dtype: Any = np.float32,
     slices_first: bool = False,
+    header: Mapping[str, Any] | None = None,
+    xform_code: int = 1,
 ) -> Path:
     """Write (slices, rows, cols) `volume` as NIfTI-1 (.nii or .nii.gz), geometry as in DICOM.
 
@@ -317,7 +340,10 @@ def write_nifti(
     `slices_first` the volume's own (slice, row, column) layout (what predictions use, so that
     `nibabel.load(f).get_fdata()` has the documented shape (20, 128, 128)). Either way an
     sform/qform (scanner, mm) places voxels where `write_dicom_series` would, and the NIfTI
-    reader reorients any NIfTI to the (slice, row, column) sagittal layout.
+    reader reorients any NIfTI to the (slice, row, column) sagittal layout. `header` sets
+    further NIfTI header fields (e.g. `descrip`, `cal_min`); `xform_code` is the sform and
+    qform code (1: scanner). The gzip stream carries no time stamp, so equal inputs give
+    equal files.
     """
     import nibabel as nib
 
@@ -333,9 +359,11 @@ def write_nifti(
     else:
         data = np.ascontiguousarray(np.asarray(volume, dtype=dtype).transpose(2, 1, 0))
     img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=xform_code)
+    img.set_sform(affine, code=xform_code)
     img.header.set_xyzt_units("mm")
+    for key, value in dict(header or {}).items():
+        img.header[key] = value
     blob = img.to_bytes()
     if path.name.endswith(".gz"):
         blob = gzip.compress(blob, compresslevel=1, mtime=0)  # fast; level 6 is ~10x slower

@@ -1,21 +1,23 @@
 """An X-ray prepared for the model exactly as the cache prepares training X-rays, and the
 model's output turned back into a volume.
 
-`prepare_xray`: the 2-D check, the knee ROI box from an `RoiSource` (`roi_source` chooses it:
-boxes CSV, trained detector, fixed box or the classical fallback), `crop_box`, mirroring of
-left knees when the preprocessing config says `mirror_left`, then
-`kneetf.preprocess.ops.preprocess_xray` (resize + robust normalisation).
+`prepare_xray`: `crop_xray` (the 2-D check, the knee ROI box from an `RoiSource` (`roi_source`
+chooses it: boxes CSV, trained detector, fixed box or the classical fallback), `crop_box`,
+mirroring of left knees when the preprocessing config says `mirror_left`), then
+`kneetf.preprocess.ops.preprocess_xray` (resize + robust normalisation). The TF Serving
+client sends `crop_xray`'s crop to the export, whose graph runs the same resize and
+normalisation.
 
 `to_output_volume`: the model's output (H, W, slices) as a slices-first volume (slices, H, W),
 float32 in the normalised [0, 1] space, in the slice order and in-plane orientation of the
 preprocessed MRI: a mirrored left knee gets its slice order reversed back.
 
 TensorFlow loads only inside `prepare_xray` (the resize), so the cache's worker processes
-can use `roi_source`.
+can use `roi_source`, and `crop_xray` runs without it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +101,8 @@ def mirror_volume(volume: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PreparedXray:
-    """A model-ready X-ray: `xray` (H, W, 1) in [0, 1] and how it was made."""
+    """A model-ready X-ray: `xray` (H, W, 1) in [0, 1] (`prepare_xray`; the ROI crop in the
+    image's own values for `crop_xray`) and how it was made."""
 
     id: str
     xray: np.ndarray
@@ -123,14 +126,14 @@ def _at(error: InputError, path: str | Path | None) -> InputError:
     return InputError(path, reason)
 
 
-def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, case_id: str = "",
-                 side: str = "", box: Box | None = None, source: str = "", meta: dict[str, Any] | None = None
-                 ) -> PreparedXray:
+def crop_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, case_id: str = "",
+              side: str = "", box: Box | None = None, source: str = "", meta: dict[str, Any] | None = None
+              ) -> PreparedXray:
     """Full X-ray (2-D, display polarity) -> ROI crop (`box`, else `roi`'s box, else the
-    classical fallback's) -> mirror (left knees, when the config mirrors) -> resize + robust
-    normalisation: as the cache prepares training X-rays. Errors name `source` (or the id)."""
-    from kneetf.preprocess import ops
-
+    classical fallback's) -> mirror (left knees, when the config mirrors): the first half of
+    `prepare_xray`, without TensorFlow. `xray` is the (h, w, 1) float32 crop in the image's
+    own values: what the export's `serving_default` signature takes. Errors name `source`
+    (or the id)."""
     where = source or case_id or None
     image = image_2d(image, "an X-ray", path=where)
     if not np.all(np.isfinite(image)):
@@ -145,10 +148,22 @@ def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *
     mirrored = mirrors(config, side)
     if mirrored:
         crop = mirror_xray(crop)
-    x = ops.preprocess_xray(np.ascontiguousarray(crop, dtype=np.float32)[None, :, :, None], config.image_size,
-                            config.low_percentile, config.high_percentile)
-    return PreparedXray(id=case_id, xray=x.numpy()[0], box=box, side=side, mirrored=mirrored, source=source,
+    crop = np.ascontiguousarray(crop, dtype=np.float32)[:, :, None]
+    return PreparedXray(id=case_id, xray=crop, box=box, side=side, mirrored=mirrored, source=source,
                         meta=dict(meta or {}))
+
+
+def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, case_id: str = "",
+                 side: str = "", box: Box | None = None, source: str = "", meta: dict[str, Any] | None = None
+                 ) -> PreparedXray:
+    """Full X-ray (2-D, display polarity) -> `crop_xray` (ROI crop, mirroring) -> resize +
+    robust normalisation: as the cache prepares training X-rays. Errors name `source` (or
+    the id)."""
+    from kneetf.preprocess import ops
+
+    prep = crop_xray(image, config, roi, case_id=case_id, side=side, box=box, source=source, meta=meta)
+    x = ops.preprocess_xray(prep.xray[None], config.image_size, config.low_percentile, config.high_percentile)
+    return replace(prep, xray=x.numpy()[0])
 
 
 def to_output_volume(mri: np.ndarray, mirrored: bool) -> np.ndarray:
@@ -161,4 +176,4 @@ def to_output_volume(mri: np.ndarray, mirrored: bool) -> np.ndarray:
 
 
 __all__ = ["roi_source", "normalize_side", "mirrors", "mirror_xray", "mirror_volume", "PreparedXray",
-           "prepare_xray", "to_output_volume"]
+           "crop_xray", "prepare_xray", "to_output_volume"]

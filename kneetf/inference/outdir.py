@@ -1,0 +1,87 @@
+"""The output folder of `kneetf predict`: it never holds an input, and kneetf replaces only
+what it wrote itself.
+
+Every name kneetf writes into an output folder is listed in its marker file `MARKER`
+(JSON, `{"files": [...]}`) before the file is written, so a crash never leaves an unlisted
+kneetf file. A name that exists but is not listed was put there by someone else: kneetf
+refuses to replace it. An input that a marker lists is a kneetf output (a montage PNG, a
+slice of a derived series), not an X-ray, and is refused.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from kneetf.errors import ConfigError, InputError
+from kneetf.io.atomic import write_text_atomic
+from kneetf.version import __version__
+
+MARKER = ".kneetf-outputs.json"
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _listed(folder: Path) -> set[str]:
+    marker = folder / MARKER
+    if not marker.is_file():
+        return set()
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {str(f) for f in files if isinstance(f, str)}
+
+
+def written_by_kneetf(path: str | Path) -> Path | None:
+    """The marker file that lists `path` (or a folder holding it) as a kneetf output, or None."""
+    p = _resolved(path)
+    for folder in p.parents:
+        names = _listed(folder)
+        if names and p.relative_to(folder).parts[0] in names:
+            return folder / MARKER
+    return None
+
+
+class OutputFolder:
+    """An output folder and the names kneetf wrote into it (`MARKER`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--out {self.path} exists and is not a folder")
+        self.names = _listed(self.path)
+
+    def refuse_inputs(self, inputs: Iterable[str | Path]) -> None:
+        """ConfigError when the folder is one of `inputs`, or holds one (at any depth)."""
+        out = _resolved(self.path)
+        for raw in inputs:
+            p = _resolved(raw)
+            if p == out or out in p.parents:
+                what = "is" if p == out else "holds"
+                raise ConfigError(f"--out {self.path} {what} the input {raw}: kneetf would write over or read "
+                                  "its own outputs; choose an output folder outside the inputs")
+
+    def owns(self, path: Path) -> bool:
+        """True when `path` in this folder does not exist or was written by kneetf."""
+        return path.name in self.names or not (path.exists() or path.is_symlink())
+
+    def claim(self, paths: Iterable[Path]) -> None:
+        """List `paths` (in this folder) in the marker before they are written. InputError
+        naming the first one that exists and was not written by kneetf."""
+        paths = list(paths)
+        for p in paths:
+            if not self.owns(p):
+                raise InputError(p, "exists and was not written by kneetf; it is left as it is (move it, "
+                                    "or choose another --out)")
+        new = {p.name for p in paths} - self.names
+        if new:
+            self.names |= new
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path / MARKER, json.dumps(
+                {"written_by": f"kneetf {__version__}", "files": sorted(self.names)}, indent=1))
+
+
+__all__ = ["MARKER", "written_by_kneetf", "OutputFolder"]
