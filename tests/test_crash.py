@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import struct
 import zipfile
@@ -218,6 +219,8 @@ def _prepare_inputs(root: Path) -> None:
     (root / "x2.npy").unlink()
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
     (root / "boxes.csv").write_text("\n".join(boxes) + "\n")
+    for p in root.iterdir():  # shard fingerprints hold the inputs' size and mtime: alike in every run
+        os.utime(p, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
 
 
 PREPARE = ["prepare", "manifest.csv", "--out", "cache", "--workers", "0", "--shard-size", "2", "--rois", "boxes.csv",
