@@ -15,7 +15,8 @@ otherwise; batches are (N, H, W, slices). Values live in the normalised [0, 1] s
   gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)`.
 - `mae`: mean absolute error.
 
-Only numpy and scipy here; `keras_psnr` imports Keras when called.
+Only numpy and scipy here; `keras_psnr` and `keras_ssim_2d` (the training logs' versions)
+import Keras / TensorFlow when called.
 """
 from __future__ import annotations
 
@@ -190,6 +191,17 @@ def keras_psnr(y_true: Any, y_pred: Any) -> Any:
 
 keras_psnr.__name__ = "psnr"
 
+
+def keras_ssim_2d(y_true: Any, y_pred: Any) -> Any:
+    """SSIM-2D per sample of (batch, H, W, slices) volumes in TensorFlow (`tf.image.ssim`:
+    the same Gaussian window, constants and cropping as `ssim_2d`, data range 1)."""
+    import tensorflow as tf
+
+    return tf.image.ssim(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=1.0)
+
+
+keras_ssim_2d.__name__ = "ssim"
+
 __all__ = ["PSNR_CAP_DB", "METRICS", "mse", "mae", "psnr", "per_slice_psnr",
            "per_slice_ssim", "ssim_2d", "ssim_3d", "subject_scores", "summarize", "summarize_scores",
-           "keras_psnr"]
+           "keras_psnr", "keras_ssim_2d"]

@@ -26,9 +26,9 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Save a matplotlib figure as PNG, atomically."""
-    with atomic_path(path) as tmp:
+def save_figure(fig: Any, path: str | Path, *, fault: str = "write") -> Path:
+    """Save a matplotlib figure as PNG, atomically (`fault`: its fault-injection name)."""
+    with atomic_path(path, fault=fault) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     return Path(path)
 
@@ -102,9 +102,10 @@ def montage_figure(xrays: Any, true: Any | None, pred: Any, ids: Sequence[str] |
 
 
 def save_montage(path: str | Path, xrays: Any, true: Any | None, pred: Any, ids: Sequence[str] | None = None, *,
-                 num_slices: int = 6, titles: Sequence[str] | None = None) -> Path:
+                 num_slices: int = 6, titles: Sequence[str] | None = None, fault: str = "write") -> Path:
     """`montage_figure` written to a PNG (atomically)."""
-    return save_figure(montage_figure(xrays, true, pred, ids, num_slices=num_slices, titles=titles), path)
+    return save_figure(montage_figure(xrays, true, pred, ids, num_slices=num_slices, titles=titles), path,
+                       fault=fault)
 
 
 def save_slice_psnr_plot(path: str | Path, curves: Mapping[str, tuple[Any, Any]],

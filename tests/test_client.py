@@ -316,6 +316,14 @@ def test_cli_client_writes_nifti(served, server, tmp_path, capsys):
                  "--out", str(tmp_path / "one.nii.gz")]) == 1
     assert "use a folder" in capsys.readouterr().err
 
+    # exit status 4: some X-rays failed, the others were written; 1: none was
+    (tmp_path / "bad.npy").write_bytes(b"not an array")
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), str(tmp_path / "bad.npy"),
+                 "--out", str(tmp_path / "some")]) == 4
+    assert (tmp_path / "some" / "a.nii.gz").exists() and "1 of 2 X-ray(s) failed" in capsys.readouterr().err
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "bad.npy"),
+                 "--out", str(tmp_path / "none")]) == 1
+
 
 # === The client gives the predict answer ===
 
@@ -564,7 +572,7 @@ def test_metadata_is_checked_once_and_optional(server):
 
 def test_cli_client_reports_bad_answers_per_file(served, server, full_xrays, tmp_path, capsys):
     """One lying answer (NaN), one wrong shape, one unreadable file: each is named at the end,
-    the others are written, the exit status is 1."""
+    the others are written, the exit status is 4 (partly done)."""
     folder = full_xrays["folder"]
     (tmp_path / "broken.png").write_bytes(b"not a png")
     answers = iter([_lie((1, 128, 128, 20), fill=float("nan")), _lie((1, 5, 5, 3)), None, None])
@@ -574,7 +582,7 @@ def test_cli_client_reports_bad_answers_per_file(served, server, full_xrays, tmp
                str(tmp_path / "broken.png"), str(folder / "c_left.dcm"), str(folder / "d_right.dcm"), "--out",
                str(out)])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 4
     assert sorted(p.name for p in out.iterdir()) == ["c_left.nii.gz", "d_right.nii.gz"]
     assert "3 of 5 X-ray(s) failed" in err
     assert re.search(r"a\.png: .*NaN", err) and re.search(r"b\.npy: .*\(1, 5, 5, 3\)", err)

@@ -177,9 +177,10 @@ def one_device(cache: Path, runs: Path) -> Path:
 
 
 def final(run: Path, worker: int = 0) -> dict[str, np.ndarray]:
-    """The weights after the last epoch (BackupAndRestore's file, kept after the run)."""
+    """The weights after the last epoch (the backup's last commit, kept after the run)."""
     folder = run if worker == 0 else run / f".worker-{worker}"
-    return weights(folder / "backup" / "latest.weights.h5", model_config(run))
+    state = json.loads((folder / "backup" / "training_metadata.json").read_text())
+    return weights(folder / "backup" / state["weights"], model_config(run))
 
 
 def max_gap(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:

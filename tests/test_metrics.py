@@ -121,3 +121,11 @@ def test_keras_psnr_matches_numpy():
     assert got[0] == pytest.approx(metrics.psnr(t[0], p[0]), abs=1e-3)
     assert got[1] == pytest.approx(metrics.PSNR_CAP_DB, abs=1e-3)
     assert metrics.keras_psnr.__name__ == "psnr"
+
+
+def test_keras_ssim_2d_matches_numpy():
+    t = np.stack([_structured_pair(s, (32, 32, 6))[0] for s in (12, 13)]).astype("float32")
+    p = np.stack([_structured_pair(s, (32, 32, 6))[1] for s in (12, 13)]).astype("float32")
+    got = np.asarray(metrics.keras_ssim_2d(t, p))
+    for i in range(2):
+        assert got[i] == pytest.approx(metrics.ssim_2d(t[i], p[i]), abs=1e-4)

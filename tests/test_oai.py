@@ -63,7 +63,7 @@ def test_cli_end_to_end(oai, capsys: pytest.CaptureFixture) -> None:
     code = main(["import-oai", str(root), "--visit", "00m", "--seed", "1", "--split", "0.5,0.25,0.25",
                  "--out", str(out), "--skipped-report", str(report)])
     printed = capsys.readouterr()
-    assert code == 0, printed.err
+    assert code == 4, printed.err  # written, with series that could not be paired
     assert "7 knees of 4 participants" in printed.out and "unpaired MRI" in printed.out
     assert report.read_text().startswith("participant,visit,what,reason,folder\n")
     header = out.read_text().splitlines()[0]
@@ -82,7 +82,7 @@ def test_cli_end_to_end(oai, capsys: pytest.CaptureFixture) -> None:
         np.testing.assert_array_equal(volume, info[pid]["RIGHT" if case.side == "right" else "LEFT"][1][20:40])
     # a manifest written elsewhere holds absolute paths, refused unless allowed explicitly
     elsewhere = root / "manifests" / "oai.csv"
-    assert main(["import-oai", str(root), "--out", str(elsewhere)]) == 0
+    assert main(["import-oai", str(root), "--out", str(elsewhere)]) == 4
     assert "allow_outside" in capsys.readouterr().err
     errors = read_manifest(elsewhere).errors
     assert len(errors) == 14 and all("leaves the manifest's folder" in e.reason for e in errors)
@@ -161,7 +161,7 @@ def test_every_knee_is_paired_with_the_knee_series_not_a_distractor(release) -> 
 def test_import_oai_writes_the_skipped_series_beside_the_manifest(release, capsys: pytest.CaptureFixture) -> None:
     root, expected, _ = release
     out = root / "manifest.csv"
-    assert main(["import-oai", str(root), "--out", str(out)]) == 0
+    assert main(["import-oai", str(root), "--out", str(out)]) == 4  # written, with series skipped
     printed = capsys.readouterr().out
     assert f"{len(expected)} knees of 5 participants" in printed
     assert f"reasons in {root / 'manifest.skipped.csv'}" in printed

@@ -349,6 +349,44 @@ def test_failed_inputs_are_pseudonymous_in_errors_csv(tmp_path, run):
     assert len(rows) == 3 and len({r["pseudonym"] for r in rows}) == 3
 
 
+class _Killed(BaseException):
+    """Stands for a SIGKILL at a write point: nothing of the run after it happens."""
+
+
+def test_rerun_after_a_kill_keeps_the_pseudonyms_of_unfinished_outputs(tmp_path, run, monkeypatch):
+    from kneetf import faults
+    from kneetf.inference.batch import predict_files
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        np.save(tmp_path / "in" / f"knee{i}.npy", _xray(10 + i))
+    out = tmp_path / "out"
+    real = faults.point
+
+    def killed_after_first_row(name, detail=""):
+        if name == "predict.row.after":
+            raise _Killed
+        real(name, detail)
+
+    monkeypatch.setattr(faults, "point", killed_after_first_row)
+    with pytest.raises(_Killed):
+        predict_files(run, [tmp_path / "in"], out, progress=False)
+    monkeypatch.setattr(faults, "point", real)
+    key = list(csv.DictReader((out / "PRIVATE_pseudonym_key.csv").open()))
+    assert len(key) == 3 and {r["result"] for r in key} == {""}  # written before any output
+    first = {r["pseudonym"] for r in key}
+    done = [r["id"] for r in csv.DictReader((out / "predictions.csv").open())]
+    assert len(done) == 1 and (out / f"{done[0]}.nii.gz").exists()
+
+    report = predict_files(run, [tmp_path / "in"], out, progress=False)
+    assert report.ok == 3
+    key = list(csv.DictReader((out / "PRIVATE_pseudonym_key.csv").open()))
+    assert len(key) == 3 and {r["pseudonym"] for r in key} == first and {r["result"] for r in key} == {"written"}
+    assert {r["id"] for r in csv.DictReader((out / "predictions.csv").open())} == first
+    # the killed run's output was replaced, not left beside a new one
+    assert {p.name for p in out.glob("*.nii.gz")} == {f"{n}.nii.gz" for n in first}
+
+
 # === The output folder ===
 
 def test_out_that_is_or_holds_an_input_is_refused(tmp_path, run):

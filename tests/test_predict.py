@@ -99,7 +99,7 @@ def test_predict_cli_writes_nifti_dicom_png(tmp_path, runs, capsys):
     rc = main(["predict", "--model", str(runs["plain"]), str(tmp_path / "in"), "--out", str(out),
                "--format", "nifti,dicom,png", "--rois", str(tmp_path / "in" / "boxes.csv"), "--no-progress",
                "--names", "id"])
-    assert rc == 0
+    assert rc == 4  # some inputs failed, the rest were written
     captured = capsys.readouterr()
     assert "wrote 3 of 4" in captured.out
     assert "broken" in captured.err

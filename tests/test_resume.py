@@ -87,8 +87,13 @@ def optimizer_iterations(out: Path) -> int:
     lr = keras.optimizers.schedules.CosineDecay(train.lr_encdec, 1) if train.lr_schedule == "cosine" else None
     model.compile_for_training(train, learning_rate=lr)
     model.optimizer.build(model.trainable_variables)
-    model.load_weights(out / "backup" / "latest.weights.h5")
+    model.load_weights(out / "backup" / last_weights(out))
     return int(model.optimizer.iterations.numpy())
+
+
+def last_weights(out: Path) -> str:
+    """The weights file of the run's last commit."""
+    return json.loads((out / "backup" / "training_metadata.json").read_text())["weights"]
 
 
 def expected_lr(train: dict, iterations: int) -> float:
@@ -168,6 +173,15 @@ def test_sigkill_mid_epoch_resumes_from_last_epoch_then_trains_further(cache: Pa
     assert longer["epochs"] == EPOCHS + 2
     check_learning_rates(rows, [train] * EPOCHS + [longer] * 2, per_epoch)
 
+    # settings that define the loss or the model cannot change on a resume
+    config = (out / "config.json").read_text()
+    p = subprocess.run(train_cmd(*args, "--resume", "--batch-size", "2", "--lr-encdec", "0.5", "--loss-weights", "0,1"),
+                       capture_output=True, text=True, env=_env(), timeout=TIMEOUT_S)
+    assert p.returncode == 1, p.stderr[-3000:]
+    for setting in ("batch_size 4 -> 2", "lr_encdec", "loss_weights [1.0, 1.0] -> [0.0, 1.0]", "--fresh"):
+        assert setting in p.stderr
+    assert "Traceback" not in p.stderr and (out / "config.json").read_text() == config
+
 
 def test_resume_without_a_run_is_an_error(tmp_path: Path) -> None:
     p = subprocess.run(train_cmd("--preset", "tiny", "--out", str(tmp_path / "none"), "--resume"),
@@ -191,7 +205,7 @@ def test_mixed_float16_trains_and_saves_a_float32_model(cache: Path, tmp_path: P
     pred = model.predict(x, verbose=0)
     assert pred["mri"].dtype == np.float32 and np.isfinite(pred["mri"]).all()
     # the saved weights are the trained ones (one epoch: the best is the last, as in the backup)
-    trained = h5_weights(out / "backup" / "latest.weights.h5", run_config(out)["model"])
+    trained = h5_weights(out / "backup" / last_weights(out), run_config(out)["model"])
     saved = {v.path: np.asarray(v) for v in model.weights}
     assert set(saved) <= set(trained)
     for path, value in saved.items():

@@ -67,7 +67,8 @@ def test_train_writes_a_complete_run_folder(tmp_path: Path, capsys: pytest.Captu
     assert any((run / "tensorboard").rglob("events.out.tfevents*"))
     history = (run / "history.csv").read_text().splitlines()
     header = history[0].split(",")
-    assert {"loss", "val_loss", "mri_loss", "xray_recon_loss", "lr_encdec", "lr_generator"} <= set(header)
+    assert {"loss", "val_loss", "mri_loss", "xray_recon_loss", "lr_encdec", "lr_generator", "val_psnr",
+            "val_ssim"} <= set(header)
     assert len(history) == 1 + 3
     row = dict(zip(header, history[1].split(",")))
     assert float(row["lr_encdec"]) == pytest.approx(1e-3) and float(row["lr_generator"]) == pytest.approx(1e-4)
@@ -76,6 +77,15 @@ def test_train_writes_a_complete_run_folder(tmp_path: Path, capsys: pytest.Captu
     assert np.isfinite(metrics["model"]["psnr"]["mean"]) and np.isfinite(metrics["mean_baseline"]["psnr"]["mean"])
     assert metrics["psnr_gain_db"] == pytest.approx(metrics["model"]["psnr"]["mean"]
                                                     - metrics["mean_baseline"]["psnr"]["mean"])
+    # the validation PSNR / SSIM logged at the best epoch are those of the saved model
+    rows = [dict(zip(header, line.split(","))) for line in history[1:]]
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    assert float(best["val_psnr"]) == pytest.approx(metrics["model"]["psnr"]["mean"], abs=1e-3)
+    assert float(best["val_ssim"]) == pytest.approx(metrics["model"]["ssim_2d"]["mean"], abs=1e-3)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(run / "tensorboard" / "validation")).Reload().Tags()["tensors"]
+    assert {"epoch_psnr", "epoch_ssim", "epoch_loss"} <= set(scalars)
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["encoder_filters"] == [2, 2, 4, 4, 8, 8]
     out = capsys.readouterr().out

@@ -2,7 +2,8 @@
 
 The X-rays are prepared as `kneetf predict` prepares them (ROI, left-knee mirroring; see
 `kneetf.client.xray`) and the volumes written by predict's writer, so the two agree. An
-X-ray that fails is reported at the end and the others are written; exit status 1 then."""
+X-ray that fails is reported at the end and the others are written; exit status 4 then
+(1 when none could be written; `kneetf.cli.exits`)."""
 from __future__ import annotations
 
 import argparse
@@ -134,4 +135,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"kneetf client: {len(failures)} of {total} X-ray(s) failed:", file=sys.stderr)
         for f in failures:
             print(f"  {f['file']}: {f['reason']}", file=sys.stderr)
-    return 1 if failures else 0
+    from kneetf.cli.exits import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+
+    return EXIT_OK if not failures else EXIT_PARTIAL if len(failures) < total else EXIT_ERROR

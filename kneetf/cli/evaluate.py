@@ -27,7 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N subjects only")
     parser.add_argument("--save-volumes", action="store_true",
                         help="also write each subject's reconstruction as volumes/<id>.nii.gz (as kneetf predict)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.folds < 2:
         raise ConfigError(f"--folds must be >= 2. Received: --folds {args.folds}")
     result = evaluate(args.model, args.data, args.split, args.out, baseline_split=args.baseline_split,
-                      k=args.knn, batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress,
+                      k=args.knn, batch_size=args.batch_size, limit=args.limit, progress=args.progress,
                       log_verdict=False, strong=not args.no_strong, folds=args.folds,
                       save_volumes=args.save_volumes)
     print(format_table(result))

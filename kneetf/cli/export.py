@@ -69,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
                                verify=not args.no_verify, tflite_variants=variants, data=args.data,
                                calibration_samples=args.calibration_samples)
     info = result.info
-    print(f"exported {info['model_name']} version {result.version} to {result.path}")
+    if result.reused:
+        print(f"{info['model_name']} version {result.version} in {result.path} already holds this export "
+              "(same weights, preprocessing and options); nothing written")
+    else:
+        print(f"exported {info['model_name']} version {result.version} to {result.path}")
     for name, sig in info["signatures"].items():
         spec = sig["inputs"]["xray"]
         shape = "x".join("?" if d is None else str(d) for d in spec["shape"])

@@ -47,4 +47,6 @@ def run(args: argparse.Namespace) -> int:
     if any(os.path.commonpath([out_dir, os.path.normpath(c.xray.absolute())]) != out_dir for c in result.cases):
         print("note: the manifest holds absolute paths outside its folder; reading it needs "
               "allow_outside (an explicit opt-in)", file=sys.stderr)
-    return 0
+    from kneetf.cli.exits import EXIT_OK, EXIT_PARTIAL
+
+    return EXIT_PARTIAL if result.skipped else EXIT_OK

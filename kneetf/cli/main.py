@@ -5,6 +5,11 @@ Each subcommand lives in `kneetf/cli/<module>.py` and defines `add_arguments(par
 library calls; flags that set config fields are generated from the dataclasses
 (`kneetf.cli.options`). Modules import TensorFlow only inside `run`, so `kneetf --help` answers
 without loading it.
+
+Global options, before or after the command name: `-v` (debug log), `-q` (warnings and
+results only, no progress bars) and `--no-progress` (no progress bars; also when the
+environment sets `TQDM_DISABLE`). A command reads `args.progress`. Exit statuses: see
+`kneetf.cli.exits`.
 """
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
+from kneetf.cli.exits import EXIT_CRASH, EXIT_ERROR, EXIT_INTERRUPT, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE  # noqa: F401
 from kneetf.version import __version__
 
 #: subcommand -> (module, one-line help); help text here so `--help` imports nothing.
@@ -30,13 +37,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "client": ("kneetf.cli.client", "send X-rays to a TF Serving server (gRPC or REST)"),
 }
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPT = 0, 1, 2, 3, 130
+#: options every command takes, before or after its name
+GLOBAL_OPTIONS = ("-v", "--verbose", "-q", "--quiet", "--no-progress")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="log warnings and errors only; no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (also when the environment sets TQDM_DISABLE); "
+                             "training prints one line per epoch")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kneetf", description="Reconstruct a 3-D knee MRI from one knee X-ray.")
+    parser = argparse.ArgumentParser(
+        prog="kneetf", description="Reconstruct a 3-D knee MRI from one knee X-ray.",
+        epilog="exit status: 0 done, 1 error, 2 usage, 3 crash (a bug; the traceback goes to a log file), "
+               "4 some inputs failed (the rest were written), 130 interrupted")
     parser.add_argument("--version", action="version", version=f"kneetf {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
@@ -47,18 +68,41 @@ def _command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     module_name, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"kneetf {name}", description=help_)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _add_global_options(parser)
     module.add_arguments(parser)
     return parser, module
 
 
-def run_command(name: str, argv: Sequence[str]) -> int:
-    """Parse `argv` for subcommand `name` and run it, mapping errors to exit codes."""
+def progress_wanted(no_progress: bool = False, quiet: bool = False) -> bool:
+    """Progress bars unless asked not to: `--no-progress`, `-q` or `TQDM_DISABLE` set."""
+    return not (no_progress or quiet or os.environ.get("TQDM_DISABLE", "").strip().lower() not in _FALSE)
+
+
+def _crash_log(name: str) -> Path:
+    """Write the current exception's traceback to a log file; returns its path."""
+    import tempfile
+    import time
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"kneetf-{name}-crash-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f"kneetf {__version__} {name}: {' '.join(sys.argv)}\n\n")
+        traceback.print_exc(file=f)
+    return Path(path)
+
+
+def run_command(name: str, argv: Sequence[str], global_args: Sequence[str] = ()) -> int:
+    """Parse `argv` (with `global_args` given before the command name) for subcommand `name`
+    and run it, mapping errors to exit statuses (`kneetf.cli.exits`)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     parser, module = _command_parser(name)
-    args = parser.parse_args(list(argv))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    args = parser.parse_args([*global_args, *argv])
+    if args.verbose and args.quiet:
+        parser.error("-v and -q exclude each other")
+    args.progress = progress_wanted(args.no_progress, args.quiet)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
     from kneetf.errors import KneetfError
 
     try:
@@ -72,19 +116,40 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"kneetf {name}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as e:  # a bug: a short message here, the traceback in a file
+        try:
+            where = f"the traceback is in {_crash_log(name)}"
+        except OSError as log_error:
+            where = f"the traceback could not be written ({log_error})"
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"kneetf {name}: crashed: {type(e).__name__}: {e}\n  this is a bug in kneetf; {where}",
+              file=sys.stderr)
+        return EXIT_CRASH
+
+
+def _split_global(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(global options given before the command name, the rest)."""
+    i = 0
+    while i < len(argv) and argv[i] in GLOBAL_OPTIONS:
+        i += 1
+    return argv[:i], argv[i:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv or argv[0] in ("-h", "--help"):
+    global_args, rest = _split_global(argv)
+    if not rest or rest[0] in ("-h", "--help"):
         parser.print_help()
-        return EXIT_OK if argv else EXIT_USAGE
-    if argv[0] not in COMMANDS:
-        # --version / -v and unknown commands: let argparse answer
+        return EXIT_OK if rest else EXIT_USAGE
+    if rest[0] not in COMMANDS:
+        # --version and unknown commands: let argparse answer
         parser.parse_args(argv)
         return EXIT_USAGE
-    return run_command(argv[0], argv[1:])
+    return run_command(rest[0], rest[1:], global_args)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:

@@ -52,10 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-model", action="store_true",
                         help="run a SavedModel / TFLite model even if it holds operations kneetf models never use "
                              "(file or other I/O, custom ops): a model file is code, trust its source")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from kneetf.cli.exits import EXIT_OK, EXIT_PARTIAL
     from kneetf.errors import KneetfError
     from kneetf.inference.batch import predict_files
     from kneetf.inference.outputs import parse_formats
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,
                                keep_patient=args.keep_patient, batch_size=args.batch_size,
                                preprocess=args.preprocess, allow_outside=args.allow_outside,
-                               progress=not args.no_progress, trust_model=args.trust_model, names=args.names,
+                               progress=args.progress, trust_model=args.trust_model, names=args.names,
                                pseudonym_key=args.pseudonym_key)
     total = report.ok + len(report.errors)
     print(f"wrote {report.ok} of {total} reconstruction(s) to {report.out_dir}")
@@ -78,4 +78,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {who}: {e['reason']}", file=sys.stderr)
     if report.ok == 0:
         raise KneetfError("no reconstruction was written" + ("" if total else ": no input files"))
-    return 0
+    return EXIT_PARTIAL if report.errors else EXIT_OK

@@ -41,6 +41,7 @@ def roi_summary_line(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kneetf.cli.exits import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
     from kneetf.config import PreprocessConfig
     from kneetf.data.sources import PrepareOptions, prepare_manifest
     from kneetf.io.limits import ReaderConfig
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     flags = _flags()
     config = PreprocessConfig(**config_values(args, flags, PreprocessConfig))
     result = prepare_manifest(args.manifest, args.out, config, rois=args.rois, detector=args.roi_detector,
-                              reader=ReaderConfig(**config_values(args, flags, ReaderConfig)),
+                              progress=args.progress, reader=ReaderConfig(**config_values(args, flags, ReaderConfig)),
                               **config_values(args, flags, PrepareOptions))
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     print(f"prepared {result.total} pair(s) into {result.out_dir} ({counts}); "
@@ -64,4 +65,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {e.get('id') or '-'}: {e.get('file')}: {e.get('reason')}")
         if len(result.errors) > 20:
             print(f"  ... and {len(result.errors) - 20} more")
-    return 0 if result.total else 1
+    if not result.total:
+        return EXIT_ERROR
+    return EXIT_PARTIAL if result.errors else EXIT_OK

@@ -33,7 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "wide, rotated, processed, collimated: kneetf.data.radiograph.STYLES): pixel spacing, "
                         "image size, rotation, collimation, lead markers, burned-in text, processing, 8-16 bits, "
                         "MONOCHROME1/2; rois.csv holds their true joint boxes")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _settings(items: list[str]) -> dict[str, object]:
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
         radiograph = get_style(args.radiograph)
     summary = synthesize(args.out, n=args.n, seed=args.seed, config=config, fractions=_fractions(args.split_fractions),
-                         formats=args.formats.split(","), workers=args.workers, progress=not args.no_progress,
+                         formats=args.formats.split(","), workers=args.workers, progress=args.progress,
                          radiograph=radiograph)
     print(f"kneetf synth: {summary.n} knees in {summary.out_dir} ({summary.generated} generated, "
           f"{summary.reused} reused) in {summary.seconds:.1f} s; manifest {summary.manifest}")

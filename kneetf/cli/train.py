@@ -48,6 +48,12 @@ def _run_flags() -> list[ConfigFlag]:
     return [ConfigFlag(RunOptions, "strategy"), ConfigFlag(RunOptions, "precision"), ConfigFlag(RunOptions, "jit")]
 
 
+def _resume_flags() -> list[ConfigFlag]:
+    from kneetf.training.train import RunOptions
+
+    return [ConfigFlag(RunOptions, "resume"), ConfigFlag(RunOptions, "fresh")]
+
+
 def _recipe_default(flag: ConfigFlag) -> Default:
     """Model and training fields keep the preset's and recipe's values unless given; the
     help shows them, per recipe where the recipes differ."""
@@ -79,12 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run folder (default: %(default)s); run again to resume an interrupted run")
     add_config_flags(p, _run_flags())
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true",
-                       help="continue the run in --out (an error if there is none); with a larger --epochs, "
-                            "train a finished run further")
-    from kneetf.training.train import RunOptions
-
-    add_config_flags(group, [ConfigFlag(RunOptions, "fresh")])
+    add_config_flags(group, _resume_flags())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not (Path(args.out) / RUN_BACKUP_DIR).exists():
         raise ConfigError(f"--resume: {args.out} holds no run to resume (no {RUN_BACKUP_DIR}/ folder)")
 
-    flags, run_flags = _flags(), _run_flags() + [ConfigFlag(RunOptions, "fresh")]
+    flags, run_flags = _flags(), _run_flags() + _resume_flags()
     model_config, train_config = get_recipe(args.recipe).apply(get_preset(args.preset), TrainConfig())
     overrides = config_values(args, flags, TrainConfig)
     if "time_budget_s" in overrides:  # --budget is this run's budget on any data (0: none), the demo's too
@@ -109,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
     model_config = replace(model_config, **config_values(args, flags, ModelConfig))
     data = DataSpec(**config_values(args, flags, DataSpec), synthetic_seed=train_config.seed)
     options = RunOptions(**config_values(args, run_flags, RunOptions))
+    # Keras' progress bar, or one line per epoch (-q: none)
+    verbose = "auto" if args.progress else 0 if args.quiet else 2
     metrics = train(model_config, train_config, args.out, data=data, preset=args.preset, options=options,
-                    recipe=args.recipe)
+                    recipe=args.recipe, verbose=verbose)
     if not metrics.get("chief", True):
         return 0
     from kneetf.training.train import stop_summary

@@ -453,6 +453,8 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
         todo.append((name, chunk, fp))
     if skipped:
         log.info("cache %s: %d shard(s) already complete, skipped", out, skipped)
+    if todo and existing.exists():  # it would count shards about to be rewritten: the cache is not ready
+        existing.unlink()
     bar = tqdm(total=sum(len(c) for _, c, _ in todo), desc="prepare", unit="pair", disable=not progress)
     flat = [t for _, chunk, _ in todo for t in chunk]
     loaded = _iter_loaded(flat, load_fn, config, workers)
@@ -460,7 +462,7 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
         shard_errors: list[dict[str, str]] = []
         shard_rois: list[dict[str, Any]] = []
         count = 0
-        with atomic_path(out / name) as tmp:
+        with atomic_path(out / name, fault="prepare.shard") as tmp:
             with _ShardWriter(tmp) as writer:
                 for task in chunk:
                     item = next(loaded)
@@ -476,7 +478,8 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
                         shard_errors.append({"id": task.id, "file": task.source, "reason": e.reason})
         write_text_atomic(out / (name + ".json"), json.dumps({"fingerprint": fp, "inputs": INPUT_STAMP,
                                                               "count": count, "errors": shard_errors,
-                                                              "rois": shard_rois}))
+                                                              "rois": shard_rois}),
+                          fault="prepare.shard_info")
         counts[name.split("-")[0]] += count
         errors.extend(shard_errors)
         rois.extend(shard_rois)
@@ -499,7 +502,7 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_text_atomic(out / DATASET_JSON, json.dumps(info, indent=2))
+    write_text_atomic(out / DATASET_JSON, json.dumps(info, indent=2), fault="prepare.info")
     return CacheResult(out_dir=out, counts=counts, errors=errors, skipped_shards=skipped, rois=rois)
 
 

@@ -29,35 +29,54 @@ def split_size(cache_dir: str | Path, split: str) -> int:
     return int(read_info(cache_dir)["counts"].get(split, 0))
 
 
-def augment_xray(xray: tf.Tensor, strength: float = 1.0) -> tf.Tensor:
+def _draw(seed: tf.Tensor | None, k: int, shape: Any, low: Any, high: Any, dtype: Any = tf.float32) -> tf.Tensor:
+    """The k-th uniform draw of an element: stateless from `seed` (shape [2]) when given."""
+    if seed is None:
+        return tf.random.uniform(shape, low, high, dtype=dtype)
+    return tf.random.stateless_uniform(shape, tf.random.experimental.stateless_fold_in(seed, k), low, high,
+                                       dtype=dtype)
+
+
+def augment_xray(xray: tf.Tensor, strength: float = 1.0, seed: tf.Tensor | None = None) -> tf.Tensor:
     """Intensity augmentation of one normalised X-ray (H, W, 1): random gamma, contrast,
-    brightness and noise. Geometry is untouched, so the X-ray / MRI pair stays consistent."""
+    brightness and noise. Geometry is untouched, so the X-ray / MRI pair stays consistent.
+    With `seed` (int shape [2]) the draws are a function of it (stateless random ops)."""
     s = float(strength)
-    gamma = tf.exp(tf.random.uniform([], -0.25 * s, 0.25 * s))
+    gamma = tf.exp(_draw(seed, 0, [], -0.25 * s, 0.25 * s))
     x = tf.pow(tf.clip_by_value(xray, 1e-6, 1.0), gamma)
-    contrast = tf.random.uniform([], 1.0 - 0.15 * s, 1.0 + 0.15 * s)
+    contrast = _draw(seed, 1, [], 1.0 - 0.15 * s, 1.0 + 0.15 * s)
     mean = tf.reduce_mean(x)
-    x = (x - mean) * contrast + mean + tf.random.uniform([], -0.05 * s, 0.05 * s)
-    x = x + tf.random.normal(tf.shape(x), stddev=tf.random.uniform([], 0.0, 0.02 * s))
-    return tf.clip_by_value(x, 0.0, 1.0)
+    x = (x - mean) * contrast + mean + _draw(seed, 2, [], -0.05 * s, 0.05 * s)
+    stddev = _draw(seed, 3, [], 0.0, 0.02 * s)
+    if seed is None:
+        noise = tf.random.normal(tf.shape(x), stddev=stddev)
+    else:
+        noise = tf.random.stateless_normal(tf.shape(x), tf.random.experimental.stateless_fold_in(seed, 4)) * stddev
+    return tf.clip_by_value(x + noise, 0.0, 1.0)
 
 
-def shift_xray(xray: tf.Tensor, max_shift: int) -> tf.Tensor:
+def shift_xray(xray: tf.Tensor, max_shift: int, seed: tf.Tensor | None = None) -> tf.Tensor:
     """Move one X-ray (H, W, C) by a random whole-pixel offset in [-max_shift, max_shift] per
-    axis, edges mirrored: the error of a knee-ROI box, which the MRI does not depend on."""
+    axis, edges mirrored: the error of a knee-ROI box, which the MRI does not depend on.
+    With `seed` (int shape [2]) the offset is a function of it."""
     if max_shift <= 0:
         return xray
     h, w = tf.shape(xray)[0], tf.shape(xray)[1]
     padded = tf.pad(xray, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]], mode="SYMMETRIC")
-    dy, dx = (tf.random.uniform([], 0, 2 * max_shift + 1, dtype=tf.int32) for _ in range(2))
+    dy, dx = (_draw(seed, 10 + k, [], 0, 2 * max_shift + 1, dtype=tf.int32) for k in range(2))
     return padded[dy:dy + h, dx:dx + w, :]
+
+
+def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
 
 
 def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 32, *,
                  shuffle: bool = False, repeat: bool = False, seed: int = 0,
                  drop_remainder: bool = False, with_meta: bool = False,
                  shuffle_buffer: int = 256, augment: float = 0.0, shift: int = 0,
-                 transform: Callable[[dict], dict] | None = None) -> tf.data.Dataset:
+                 transform: Callable[[dict], dict] | None = None, epochs: tuple[int, int] | None = None
+                 ) -> tf.data.Dataset:
     """Batches of `(xray, {"xray_recon": xray, "mri": mri})` from the cache's `split`.
 
     With `with_meta=True` the elements are the parsed feature dicts (id, side, box, ...).
@@ -67,46 +86,80 @@ def make_dataset(cache_dir: str | Path, split: str = "train", batch_size: int = 
     input and reconstruction target together by up to that many pixels (`shift_xray`).
     `transform` maps each parsed example dict (id, xray, mri, ...) before anything else, e.g.
     to adjust training targets.
+
+    `epochs=(start, stop)` gives the passes of epochs start..stop-1 one after the other
+    (fit it with `steps_per_epoch` = batches per pass): the order and augmentation of epoch
+    e are a function of (`seed`, e) alone, so that a run resumed at epoch e sees exactly the
+    batches an uninterrupted run would have seen.
     """
     info = read_info(cache_dir)
     size, slices = info["shapes"]["mri"][0], info["shapes"]["mri"][2]
     files = shard_files(cache_dir, split)
     if not files or int(info["counts"].get(split, 0)) == 0:
         raise InputError(cache_dir, f"split {split!r} is empty")
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), block_length=1,
-                           num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    else:  # evaluation order = cache order (split order of the manifest)
-        ds = ds.flat_map(tf.data.TFRecordDataset)
-    if repeat:
-        ds = ds.repeat()
-    # ordered maps: the same seed gives the same batches, and every worker of a multi-worker
-    # run sees the same stream before DATA sharding (else a sample could land in two replicas)
-    ds = ds.map(lambda s: parse_example(s, size, slices), num_parallel_calls=tf.data.AUTOTUNE)
-    if transform is not None:
-        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
-    if not with_meta:
-        if shift:
-            ds = ds.map(lambda ex: {**ex, "xray": shift_xray(ex["xray"], shift)}, num_parallel_calls=tf.data.AUTOTUNE)
-        if augment:
-            ds = ds.map(lambda ex: (augment_xray(ex["xray"], augment), {"xray_recon": ex["xray"], "mri": ex["mri"]}),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+    n = int(info["counts"].get(split, 0))
+
+    def one_pass(epoch: tf.Tensor | None) -> tf.data.Dataset:
+        if not shuffle:  # evaluation order = cache order (split order of the manifest)
+            ds = tf.data.Dataset.from_tensor_slices(files).flat_map(tf.data.TFRecordDataset)
+        elif epoch is None:
+            ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), block_length=1,
+                               num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         else:
-            ds = ds.map(lambda ex: (ex["xray"], {"xray_recon": ex["xray"], "mri": ex["mri"]}))
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if not repeat:
-        # a known length: otherwise Keras 3 runs one empty step per epoch, counted in
-        # optimizer.iterations (so in the schedule) and in the per-output loss means
-        n = int(info["counts"].get(split, 0))
-        ds = ds.apply(tf.data.experimental.assert_cardinality(n // batch_size if drop_remainder
-                                                             else -(-n // batch_size)))
+            # stateless shuffles keyed by (seed, epoch): shard order, then blocks of
+            # `shuffle_buffer` records (the interleave mixes the shards within a block)
+            key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+            order = tf.random.experimental.stateless_shuffle(tf.constant(files), seed=key)
+            ds = tf.data.Dataset.from_tensor_slices(order)
+            ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), block_length=1,
+                               num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.batch(shuffle_buffer).enumerate().map(
+                lambda i, block: tf.random.experimental.stateless_shuffle(
+                    block, seed=tf.random.experimental.stateless_fold_in(key, i))).unbatch()
+        if repeat and epoch is None:
+            ds = ds.repeat()
+        # ordered maps: the same seed gives the same batches, and every worker of a multi-worker
+        # run sees the same stream before DATA sharding (else a sample could land in two replicas)
+        ds = ds.map(lambda s: parse_example(s, size, slices), num_parallel_calls=tf.data.AUTOTUNE)
+        if transform is not None:
+            ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+        if not with_meta:
+            def to_pair(ex: dict, element_seed: Any = None) -> tuple:
+                xray = ex["xray"]
+                if shift:
+                    xray = shift_xray(xray, shift, element_seed)
+                x = augment_xray(xray, augment, element_seed) if augment else xray
+                return x, {"xray_recon": xray, "mri": ex["mri"]}
+
+            if epoch is None:
+                ds = ds.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
+            else:  # one stateless seed per element: (seed, epoch, position in the pass)
+                ds = ds.enumerate().map(lambda i, ex: to_pair(ex, tf.stack([_epoch_seed(seed, epoch), i])),
+                                        num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+    if epochs is not None:
+        start, stop = (int(e) for e in epochs)
+        ds = tf.data.Dataset.range(start, stop).flat_map(one_pass)
+    else:
+        ds = one_pass(None)
+        if not repeat:
+            # a known length: otherwise Keras 3 runs one empty step per epoch, counted in
+            # optimizer.iterations (so in the schedule) and in the per-output loss means
+            ds = ds.apply(tf.data.experimental.assert_cardinality(n // batch_size if drop_remainder
+                                                                 else -(-n // batch_size)))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_pass(cache_dir: str | Path, split: str, batch_size: int, drop_remainder: bool = False) -> int:
+    """Batches in one pass over `split`."""
+    n = split_size(cache_dir, split)
+    return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
 def load_arrays(cache_dir: str | Path, split: str, limit: int | None = None) -> dict[str, Any]:

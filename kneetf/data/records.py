@@ -57,7 +57,9 @@ def encode_example(pair: PreparedPair) -> bytes:
             feats[name] = tf.train.Feature(float_list=tf.train.FloatList(value=list(map(float, v))))
         else:
             feats[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+    # deterministic: the same pair gives the same bytes in every process (a map field is
+    # serialised in hash order otherwise), so a rebuilt shard equals the one it replaces
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
 def feature_spec() -> dict[str, Any]:

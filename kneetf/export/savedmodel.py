@@ -9,7 +9,9 @@
 - `predict_normalized`: `xray` (batch, 128, 128, 1) float32 already in [0, 1] -> KneeNet.
 
 The version folder is written under a temporary name beside it and renamed when complete
-(TF Serving ignores non-numeric folders), with warm-up requests in
+(TF Serving ignores non-numeric folders): it appears whole or not at all, and the same
+command after a killed export removes the temporary folder and writes the version. Warm-up
+requests are in
 `assets.extra/tf_serving_warmup_requests` and a `kneetf_export.json` describing the export.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kneetf.config import PreprocessConfig, to_dict
 from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.export.samples import structured_samples
 from kneetf.inference.loading import preprocess_config
-from kneetf.io.atomic import atomic_path
+from kneetf.io.atomic import atomic_path, remove_debris
 from kneetf.protocol import (DEFAULT_MODEL_NAME, EXPORT_INFO_FILE, EXPORT_ROI_DETECTOR, INPUT_KEY, OUTPUT_KEYS,
                              RUN_CONFIG_FILE, RUN_MODEL_FILE, SERVING_BATCH_SIZES, SIGNATURE_DEFAULT,
                              SIGNATURE_NORMALIZED, SIGNATURE_UINT16, TFLITE_DIR, WARMUP_FILE, predict_request,
@@ -59,6 +61,7 @@ class ExportResult:
     version: int
     info: dict[str, Any]
     tflite: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reused: bool = False  # the newest version already held this export; nothing was written
 
 
 # === Loading ===
@@ -271,6 +274,38 @@ def verify_export(version_dir: str | Path, model: Any, preprocess: PreprocessCon
     return diffs
 
 
+def export_fingerprint(source: ExportSource, **options: Any) -> str:
+    """A hash of what an export is made of: the model's config and weights, the
+    preprocessing and the export `options`."""
+    import hashlib
+
+    h = hashlib.sha256()
+    config = getattr(source.model, "model_config", None)
+    h.update(json.dumps({"model": to_dict(config) if config is not None else source.model.name,
+                         "preprocess": to_dict(source.preprocess),
+                         "options": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in options.items()}},
+                        sort_keys=True).encode())
+    for w in source.model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _exported_as(out: Path, fingerprint: str) -> ExportResult | None:
+    """The newest version under `out`, when it is an export with this fingerprint."""
+    versions = existing_versions(out)
+    if not versions:
+        return None
+    path = out / str(versions[-1])
+    try:
+        info = json.loads((path / EXPORT_INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if info.get("fingerprint") != fingerprint:
+        return None
+    tflite = {k: {**v, "path": path / v["path"]} for k, v in (info.get("tflite") or {}).items() if "path" in v}
+    return ExportResult(path=path, version=versions[-1], info=info, tflite=tflite, reused=True)
+
+
 def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None = None, overwrite: bool = False,
                       preprocess: PreprocessConfig | None = None, model_name: str | None = None,
                       warmup_batch_sizes: Sequence[int] = SERVING_BATCH_SIZES, verify: bool = True,
@@ -281,8 +316,10 @@ def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None
     Args:
         model_or_run: a Keras model, a `.keras` file or a run folder.
         out: the model's base folder (TF Serving's `base_path`), e.g. `saved_models/kneetf`.
-        version: the version number; by default the next free one. An existing version is
-            refused unless `overwrite`.
+        version: the version number; by default the next free one, unless the newest version
+            already holds this export (same model weights, preprocessing and options): then
+            that version is returned and nothing is written. An existing version is refused
+            unless `overwrite`.
         preprocess: overrides the run's preprocessing config.
         model_name: name written into the warm-up requests (default: the folder name).
         warmup_batch_sizes: batch sizes of the warm-up requests (empty: no warm-up file); by
@@ -299,7 +336,15 @@ def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None
 
     source = load_for_export(model_or_run, preprocess)
     out = Path(out)
-    if version is None:
+    name = model_name or out.name or DEFAULT_MODEL_NAME
+    fingerprint = export_fingerprint(source, name=name, warmup_batch_sizes=warmup_batch_sizes,
+                                     tflite_variants=tflite_variants, data=str(data) if data else None,
+                                     calibration_samples=calibration_samples if tflite_variants else None)
+    if version is None and representative is None:
+        done = _exported_as(out, fingerprint)
+        if done is not None:  # e.g. the same command again after the export was killed past its rename
+            log.info("%s is already exported as version %d (same model and options); nothing to do", name, done.version)
+            return done
         version = next_version(out)
     if int(version) < 1:
         raise ConfigError(f"version must be a positive integer. Received: version={version}")
@@ -307,10 +352,11 @@ def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None
     final = out / str(version)
     if final.exists() and not overwrite:
         raise ConfigError(f"{final} already exists; choose another --version, or --overwrite it")
-    name = model_name or out.name or DEFAULT_MODEL_NAME
     model_config = getattr(source.model, "model_config", None)
 
-    with atomic_path(final, directory=True) as tmp:
+    remove_debris(out, f"{version}-")  # a killed export of this version
+    remove_debris(out, f"old-{version}-")
+    with atomic_path(final, directory=True, fault="export.version") as tmp:
         signatures = write_savedmodel(source.model, source.preprocess, tmp)
         if warmup_batch_sizes:
             write_warmup(tmp, name, source.preprocess.image_size, warmup_batch_sizes)
@@ -340,6 +386,7 @@ def export_savedmodel(model_or_run: Any, out: str | Path, *, version: int | None
                        for k, v in tflite_report.items()},
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
+            "fingerprint": fingerprint,
         }
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     log.info("exported %s version %d to %s", name, version, final)

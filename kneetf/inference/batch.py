@@ -10,12 +10,11 @@ writers of `kneetf.inference.outputs`. A file that fails is reported and the res
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -26,8 +25,8 @@ from kneetf.inference.outdir import OutputFolder, written_by_kneetf
 from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, new_pseudonym,
                                       output_paths, parse_formats, write_prediction)
 from kneetf.inference.predictor import load_predictor
-from kneetf.io.atomic import write_text_atomic
-from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray, roi_source,
+from kneetf.io.atomic import CsvLog, remove_debris, write_csv_atomic
+from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray,
                                    to_output_volume)
 
 XRAY_SUFFIXES = {".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
@@ -46,6 +45,11 @@ class XrayInput:
     name: str = ""
 
 
+PREDICTIONS_CSV = "predictions.csv"
+PREDICTION_FIELDS = ("id", "source", "side", "mirrored", "x0", "y0", "x1", "y1", "roi_source", "roi_confidence",
+                     "roi_flagged")
+ERRORS_CSV = "errors.csv"
+ERROR_FIELDS = ("id", "file", "reason")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -234,15 +238,20 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     A file that fails (unreadable, no ROI, a kneetf output, ...) is reported in the returned
     report and in `out_dir/errors.csv`; the others are written. `out_dir/predictions.csv`
     lists what was written (id, source, side, mirrored, ROI box, its source, confidence and
-    review flag). `names` (`NAMES`): output
-    names are the ids, or pseudonyms ("auto": pseudonyms unless `keep_patient`); with
-    pseudonyms `source` is left empty, errors name pseudonyms, and `pseudonym_key` (default
-    `out_dir/PSEUDONYM_KEY`) maps each pseudonym to its source file. An `out_dir` that is or
-    holds an input is refused (ConfigError); an output name that exists and was not written
-    by kneetf is reported and not replaced. Only `out_dir` (and `pseudonym_key`) is written to,
-    unless a SavedModel or TFLite model loaded with `trust_model` does otherwise (`load_predictor`).
-    `roi` (see `kneetf.preprocess.xray.roi_source`) overrides the ROI source recorded with the
-    model (`kneetf.inference.loading.model_roi_source`).
+    review flag), one row appended as each
+    reconstruction's files are all in place (each file, and a DICOM series as a folder, is
+    renamed into place whole): a killed run leaves the finished ones listed and nothing
+    half-written, and the same call again writes them all. `names` (`NAMES`): output names
+    are the ids, or pseudonyms ("auto": pseudonyms unless `keep_patient`); with pseudonyms
+    `source` is left empty, errors name pseudonyms, and `pseudonym_key` (default
+    `out_dir/PSEUDONYM_KEY`, written before any output) maps each pseudonym to its source
+    file; a rerun after a killed run gives its unfinished sources the same pseudonyms. An
+    `out_dir` that is or holds an input is refused (ConfigError); an output name that exists
+    and was not written by kneetf is reported and not replaced. Only `out_dir` (and
+    `pseudonym_key`) is written to, unless a SavedModel or TFLite model loaded with
+    `trust_model` does otherwise (`load_predictor`). `roi` (see
+    `kneetf.preprocess.xray.roi_source`) overrides the ROI source recorded with the model
+    (`kneetf.inference.loading.model_roi_source`).
     """
     from tqdm.auto import tqdm
 
@@ -254,7 +263,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     folder = OutputFolder(out)
     folder.refuse_inputs(inputs)
     key_path = Path(pseudonym_key) if pseudonym_key else out / PSEUDONYM_KEY
-    run_files = [out / "predictions.csv", out / "errors.csv"]
+    run_files = [out / PREDICTIONS_CSV, out / ERRORS_CSV]
     if names == "pseudonym" and key_path.parent.resolve() == out.resolve():
         run_files.append(key_path)
     prior_key = _read_key(key_path) if names == "pseudonym" else []
@@ -271,14 +280,26 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
         predictor = load_predictor(model, preprocess, trust_model=trust_model)
         config = predictor.preprocess
     roi = model_roi_source(model if isinstance(model, (str, Path)) else None, roi)
+    # a killed run wrote its key (no result yet) before its outputs: the same sources keep their
+    # pseudonyms, in order, so that the rerun replaces those outputs instead of adding new ones
+    sources = {str(it.path) for it in items}
+    unfinished: dict[str, list[str]] = {}
+    for r in prior_key:
+        if not r["result"] and r["source"] in sources:
+            unfinished.setdefault(r["source"], []).append(r["pseudonym"])
     used = {r["pseudonym"] for r in prior_key}
     for it in items:
         if names == "pseudonym":
-            while not it.name or it.name in used:
+            again = unfinished.get(str(it.path))
+            it.name = again.pop(0) if again else ""
+            while not it.name:
                 it.name = new_pseudonym()
+                it.name = "" if it.name in used else it.name
         else:
             it.name = it.id
         used.add(it.name)
+    reused = {it.name for it in items}
+    prior_key = [r for r in prior_key if r["pseudonym"] not in reused]  # written again below
     usable = []
     for it in items:
         marker = written_by_kneetf(it.path)
@@ -289,21 +310,35 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             usable.append(it)
     items = usable
     folder.claim(run_files)
+    remove_debris(out)  # what a killed run left half-written
     if names == "pseudonym":  # the key first: outputs of an interrupted run stay traceable
-        _write_csv(key_path, KEY_FIELDS, prior_key + [{"pseudonym": it.name, "source": str(it.path), "result": ""}
-                                                      for it in items])
+        write_csv_atomic(key_path, KEY_FIELDS,
+                         prior_key + [{"pseudonym": it.name, "source": str(it.path), "result": ""} for it in items])
+        for e in errors:
+            _pseudonymise_error(e, used)
     report = PredictReport(out, errors=list(errors))
-    rows: list[dict[str, Any]] = []
+    # a row is appended once the files of its reconstruction are all in place: a killed run
+    # leaves a predictions.csv that lists exactly the finished ones
+    rows = CsvLog(out / PREDICTIONS_CSV, PREDICTION_FIELDS, fault="predict.row")
+    failures = CsvLog(out / ERRORS_CSV, ERROR_FIELDS, report.errors)
+
+    def fail(item: XrayInput, reason: str) -> None:
+        e: dict[str, Any] = {"id": item.id, "file": str(item.path), "item": item, "reason": reason}
+        if names == "pseudonym":
+            _pseudonymise_error(e, used)
+        report.errors.append(e)
+        failures.append(e)
+
     numbers = SeriesNumbers()
     bar = tqdm(total=len(items), desc="predict", unit="xray", disable=not progress)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        prepared: list[tuple[XrayInput, PreparedXray]] = []
+        prepared = []
         for item in chunk:
             try:
                 prepared.append((item, read_input(item, config, roi)))
             except Exception as e:  # report, keep going with the others
-                report.errors.append({"id": item.id, "file": str(item.path), "item": item, "reason": error_reason(e)})
+                fail(item, error_reason(e))
                 bar.update(1)
         if not prepared:
             continue
@@ -313,8 +348,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             mri = predictor(np.stack([p.xray for _, p in prepared]))
         except Exception as e:
             for item, _ in prepared:
-                report.errors.append({"id": item.id, "file": str(item.path), "item": item,
-                                      "reason": f"model: {error_reason(e)}"})
+                fail(item, f"model: {error_reason(e)}")
             bar.update(len(prepared))
             continue
         for (item, prep), vol in zip(prepared, mri):
@@ -324,6 +358,9 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                 paths = write_prediction(out, item.name, prep, to_output_volume(vol, prep.mirrored), formats,
                                          source=source, pseudonym=item.name if names == "pseudonym" else None,
                                          series_number=numbers.next(source))
+            except Exception as e:
+                fail(item, f"writing: {error_reason(e)}")
+            else:
                 report.written[item.name] = paths
                 found = prep.roi
                 rows.append({"id": item.name, "source": str(item.path) if names == "id" else "", "side": prep.side,
@@ -333,16 +370,10 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                              "roi_confidence": "" if found is None or np.isnan(found.confidence)
                              else round(found.confidence, 3),
                              "roi_flagged": int(found.flagged) if found else 0})
-            except Exception as e:
-                report.errors.append({"id": item.id, "file": str(item.path), "item": item,
-                                      "reason": f"writing: {error_reason(e)}"})
             bar.update(1)
     bar.close()
     if names == "pseudonym":
-        _pseudonymise(report, items, key_path, used, prior_key)
-    _write_csv(out / "predictions.csv", ["id", "source", "side", "mirrored", "x0", "y0", "x1", "y1", "roi_source",
-                                         "roi_confidence", "roi_flagged"], rows)
-    _write_csv(out / "errors.csv", ["id", "file", "reason"], report.errors)
+        _write_key(report, items, key_path, prior_key)
     for e in report.errors:
         e.pop("item", None)
     return report
@@ -362,34 +393,29 @@ def _read_key(path: Path) -> list[dict[str, str]]:
         raise ConfigError(f"{path}: cannot read the pseudonym key ({e})") from None
 
 
-def _pseudonymise(report: PredictReport, items: Sequence[XrayInput], key_path: Path, used: set[str],
-                  prior_key: list[dict[str, str]]) -> None:
-    """Write the private key and turn the report's errors into pseudonymous rows (a pseudonym
-    for each failed input too); `report.errors` keep the source in "source" for the caller."""
+def _pseudonymise_error(e: dict[str, Any], used: set[str]) -> None:
+    """Turn one error row into a pseudonymous one (the input's pseudonym, or a new one for an
+    input that never got one); the source stays in "source" for the caller and the key."""
+    item = e.get("item")
+    name = item.name if item is not None and item.name else ""
+    while not name:
+        name = new_pseudonym()
+        name = "" if name in used else name
+    used.add(name)
+    e["source"] = e["file"]
+    e["reason"] = _scrub(e["reason"], item, e["file"], name)
+    e["id"], e["file"] = name, ""
+
+
+def _write_key(report: PredictReport, items: Sequence[XrayInput], key_path: Path,
+               prior_key: list[dict[str, str]]) -> None:
+    """The private key with each pseudonym's result: written or failed."""
     key = [{"pseudonym": it.name, "source": str(it.path), "result": "written"}
            for it in items if it.name in report.written]
-    for e in report.errors:
-        item = e.get("item")
-        name = item.name if item is not None and item.name else ""
-        while not name:
-            name = new_pseudonym()
-            name = "" if name in used else name
-        used.add(name)
-        key.append({"pseudonym": name, "source": e["file"], "result": "failed"})
-        e["source"] = e["file"]
-        e["reason"] = _scrub(e["reason"], item, e["file"], name)
-        e["id"], e["file"] = name, ""
-    _write_csv(key_path, KEY_FIELDS, prior_key + key)
+    key += [{"pseudonym": e["id"], "source": e["source"], "result": "failed"} for e in report.errors]
+    write_csv_atomic(key_path, KEY_FIELDS, prior_key + key)
 
 
-def _write_csv(path: Path, fields: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    write_text_atomic(path, buf.getvalue())
-
-
-__all__ = ["known_preprocess", "XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "XrayInput", "safe_id", "file_id", "collect_inputs",
-           "read_input", "patient_module", "resolve_names", "PredictReport", "error_reason", "predict_files"]
+__all__ = ["known_preprocess", "XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "PREDICTIONS_CSV", "ERRORS_CSV", "XrayInput", "safe_id",
+           "file_id", "collect_inputs", "read_input", "patient_module", "resolve_names", "PredictReport",
+           "error_reason", "predict_files"]

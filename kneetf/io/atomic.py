@@ -1,16 +1,28 @@
 """Atomic file and folder writes: write to a temporary sibling, then rename into place.
 
 A reader (or a TF Serving process watching a folder) never sees a half-written result, and
-an interrupted run leaves only `.tmp-*` debris that the next run ignores.
+an interrupted run leaves only `.tmp-*` debris, which the next run removes
+(`remove_debris`) and readers ignore. Tables that grow one row per finished item
+(`predictions.csv`) are `CsvLog`s: each row is appended with a single write, so a killed
+process leaves whole rows only.
+
+Each publication is a fault-injection point (`kneetf.faults`): `<fault>.before` when the
+temporary file is complete, `<fault>.after` once it is renamed into place.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from kneetf import faults
+
+DEBRIS_PREFIX = ".tmp-"
 
 
 def _read_umask() -> int:
@@ -23,20 +35,33 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]:
+def atomic_path(final: str | Path, *, directory: bool = False, fault: str = "write") -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success rename it to `final`.
 
-    With `directory=True` the temporary path is an (empty, existing) folder. On error the
-    temporary file or folder is removed and `final` is left untouched. An existing `final`
-    is replaced (a folder is replaced only when it is empty or `directory` is True).
+    With `directory=True` the temporary path is an (empty, existing) folder. The temporary
+    name keeps every suffix of `final` (`.weights.h5`, `.nii.gz`), as some writers require.
+    On error the temporary file or folder is removed and `final` is left untouched. An
+    existing `final` is replaced (a folder is replaced only when it is empty or `directory`
+    is True): an old folder is first renamed aside and removed once the new one is in
+    place, so that `final` never shows a half-deleted folder. `fault` names the
+    fault-injection points of the rename (`kneetf.faults`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{DEBRIS_PREFIX}{final.name}-"
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".tmp-{final.name}-", suffix=final.suffix, dir=final.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix="".join(final.suffixes), dir=final.parent)
         os.close(fd)
         tmp = Path(name)
     try:
@@ -45,20 +70,84 @@ def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]
         # permissions a plain open() / mkdir() would (a serving container must read exports)
         if tmp.exists():
             os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_UMASK)
-        if directory and final.exists():
-            shutil.rmtree(final)
+        faults.point(f"{fault}.before", final)
+        aside = None
+        if directory and final.is_dir() and not final.is_symlink():
+            aside = Path(tempfile.mkdtemp(prefix=f"{DEBRIS_PREFIX}old-{final.name}-", dir=final.parent))
+            os.replace(final, aside)  # an empty folder is replaced by rename
         os.replace(tmp, final)
+        faults.point(f"{fault}.after", final)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        _remove(tmp)
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+def write_text_atomic(path: str | Path, text: str, *, fault: str = "write") -> Path:
     """Write `text` to `path` atomically; returns the path."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fault=fault) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def remove_debris(folder: str | Path, prefix: str = "") -> int:
+    """Remove the `.tmp-<prefix>*` files and folders an interrupted write left in `folder`
+    (not recursive); returns how many. Run before writing into a folder that only one
+    kneetf command writes at a time."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    found = [p for p in folder.iterdir() if p.name.startswith(DEBRIS_PREFIX + prefix)]
+    for p in found:
+        _remove(p)
+    return len(found)
+
+
+def csv_text(fields: Sequence[str], rows: Iterable[Mapping[str, Any]], header: bool = True) -> str:
+    """A CSV table as text (newline-terminated rows, keys not in `fields` ignored)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="ignore")
+    if header:
+        w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def write_csv_atomic(path: str | Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]], *,
+                     fault: str = "write") -> Path:
+    """Write a whole CSV table (header + rows) atomically."""
+    return write_text_atomic(path, csv_text(fields, rows, True), fault=fault)
+
+
+class CsvLog:
+    """A CSV table that grows one row at a time and only ever holds whole rows.
+
+    Opening it replaces `path` atomically with the header (and `rows`, if given); `append`
+    adds one row with a single `write` call on a file opened for appending, which a killed
+    process either did or did not make. The row is the commit of the item it lists: write
+    the item's files first, then append its row.
+    """
+
+    def __init__(self, path: str | Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]] = (), *,
+                 fault: str = "write") -> None:
+        self.path = Path(path)
+        self.fields = list(fields)
+        self.fault = fault
+        write_csv_atomic(self.path, self.fields, rows)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        data = csv_text(self.fields, [row], False).encode("utf-8")
+        faults.point(f"{self.fault}.before", self.path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            while data:  # one call for a row; a short write (a full disk) continues
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        faults.point(f"{self.fault}.after", self.path)
+
+
+__all__ = ["DEBRIS_PREFIX", "atomic_path", "write_text_atomic", "csv_text", "write_csv_atomic", "remove_debris",
+           "CsvLog"]

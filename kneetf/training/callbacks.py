@@ -1,5 +1,11 @@
-"""Keras callbacks of a training run: learning rates and image summaries in TensorBoard,
-a wall-clock budget, and why the run stopped."""
+"""Keras callbacks of a training run: learning rates, validation PSNR / SSIM, per-epoch
+scalars and image summaries in TensorBoard, a wall-clock budget, early stopping that a
+resumed run continues where it stopped, and why the run stopped.
+
+Callbacks whose decisions depend on earlier epochs keep that in a small JSON-safe state
+(`state_key`, `get_state()`, `set_state(state)`), which `kneetf.training.checkpoint`
+commits with every epoch and gives back to a resumed run.
+"""
 from __future__ import annotations
 
 import logging
@@ -9,6 +15,8 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+
+from kneetf import faults
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,14 @@ class StopReason(keras.callbacks.Callback):
         self.stoppers = dict(stoppers or {})
         self.reason = "epochs"
 
+    state_key = "stop_reason"
+
+    def get_state(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.reason = str(state.get("reason", "epochs"))
+
     def on_train_begin(self, logs: Any = None) -> None:
         self.reason = "epochs"
 
@@ -104,3 +120,94 @@ class TimeBudget(keras.callbacks.Callback):
             log.info("time budget of %.0f s reached after epoch %d; stopping", self.seconds, epoch + 1)
             self.model.stop_training = True
             self.stopped = True
+
+
+class ValidationImageMetrics(keras.callbacks.Callback):
+    """Adds `val_psnr` and `val_ssim` to the epoch logs: PSNR and SSIM-2D of the MRI over the
+    validation batches `dataset` (pairs `(xray, {"mri": ...})`), data range 1, mean over
+    volumes, as `kneetf.metrics` defines them. One forward pass over the validation split per
+    epoch, compiled once; training steps are not slowed."""
+
+    def __init__(self, dataset: Any):
+        super().__init__()
+        self.dataset = dataset
+        self._scores = None
+
+    def _compile(self) -> Any:
+        from kneetf.metrics import keras_psnr, keras_ssim_2d
+
+        model = self.model
+
+        @tf.function(reduce_retracing=True)
+        def scores(x: tf.Tensor, mri: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            pred = tf.cast(model(x, training=False)["mri"], tf.float32)
+            return keras_psnr(mri, pred), keras_ssim_2d(mri, pred)
+
+        return scores
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        self._scores = self._scores or self._compile()
+        psnr, ssim = [], []
+        for x, y in self.dataset:
+            p, s = self._scores(x, y["mri"])
+            psnr.append(p.numpy())
+            ssim.append(s.numpy())
+        if psnr:
+            logs["val_psnr"] = float(np.mean(np.concatenate(psnr)))
+            logs["val_ssim"] = float(np.mean(np.concatenate(ssim)))
+
+
+class EpochSummaries(keras.callbacks.Callback):
+    """The epoch logs as TensorBoard scalars, named as `keras.callbacks.TensorBoard` names
+    them (`epoch_<name>`; training values in `train/`, `val_*` values in `validation/`, step =
+    epoch), flushed at the end of every epoch. Keras' own callback flushes every two minutes:
+    a killed run would lose the summaries of epochs it has already committed."""
+
+    def __init__(self, log_dir: str):
+        super().__init__()
+        self.log_dir = log_dir
+        self.writers: dict[str, Any] = {}
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        import os
+
+        self.writers = {kind: tf.summary.create_file_writer(os.path.join(self.log_dir, kind))
+                        for kind in ("train", "validation")}
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        faults.point("train.tensorboard.before", epoch)
+        for name, value in (logs or {}).items():
+            kind, tag = ("validation", name[4:]) if name.startswith("val_") else ("train", name)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            with self.writers[kind].as_default():
+                tf.summary.scalar(f"epoch_{tag}", value, step=epoch)
+        for writer in self.writers.values():
+            writer.flush()
+        faults.point("train.tensorboard.after", epoch)
+
+    def on_train_end(self, logs: Any = None) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """`keras.callbacks.EarlyStopping` whose patience count survives a resumed run: its state
+    (best value and epoch, epochs waited) is committed with every epoch."""
+
+    state_key = "early_stopping"
+
+    def get_state(self) -> dict[str, Any]:
+        best = None if self.best is None else float(self.best)
+        return {"wait": int(self.wait), "best": best, "best_epoch": int(self.best_epoch),
+                "stopped_epoch": int(self.stopped_epoch)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.wait = int(state.get("wait", 0))
+        self.best = state.get("best")
+        self.best_epoch = int(state.get("best_epoch", 0))
+        self.stopped_epoch = int(state.get("stopped_epoch", 0))

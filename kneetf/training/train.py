@@ -9,6 +9,11 @@ Training stops at `epochs`, when the validation loss has not improved for
 `early_stopping_patience` epochs, or at a time budget: `time_budget_s` for any run, or
 `demo_time_budget_s` for runs on the built-in synthetic knees only (a user's data is never cut
 short by the demo's budget).
+
+After every epoch the run commits its
+state to `backup/` (`kneetf.training.checkpoint`): killed at any moment and started again,
+it resumes after its last committed epoch and ends with the files an uninterrupted run
+writes.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ METRICS_FILE = "metrics.json"
 PRIOR_FILE = "prior.json"
 #: why a run stopped (metrics.json "stop_reason")
 STOP_REASONS = ("epochs", "early_stopping", "time_budget", "nan")
+SAMPLES_FILE = "samples.png"
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -95,34 +101,56 @@ class RunOptions:
         "help": "Keras dtype policy while training (saved models are float32)", "choices": PRECISIONS})
     jit: bool = field(default=False, metadata={"help": "XLA-compile the training step (slower on CPU)"})
     fresh: bool = field(default=False, metadata={"help": "discard the backup in --out and start over"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in --out (an error if there is none), also one that early stopping or the "
+                "time budget ended; with a larger --epochs, train a finished run further"})
     steps_per_execution: int = 1
 
 
+#: TrainConfig fields a resumed run may change: they decide how long it trains, not what it learns
+RESUMABLE_CHANGES = ("epochs", "time_budget_s", "demo_time_budget_s", "early_stopping_patience")
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(f"{prefix}.{key}" if prefix else key, sub).items()}
+    return {prefix: value}
+
+
+def setting_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings of run config `new` that differ from `old` in what defines the model, its
+    loss or its data ("lr_encdec 0.001 -> 0.5"); the `RESUMABLE_CHANGES` are allowed."""
+    from kneetf.config import TrainConfig
+
+    changes = []
+    for key in ("model", "preprocess", "data"):
+        a, b = _flat("", old.get(key)), _flat("", new.get(key))
+        changes += [f"{key} {name or ''} {a.get(name)!r} -> {b.get(name)!r}".replace("  ", " ")
+                    for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]
+    defaults = to_dict(TrainConfig())
+    before = {**defaults, **(old.get("train") or {})}
+    for name, value in (new.get("train") or {}).items():
+        if name not in RESUMABLE_CHANGES and before.get(name) != value:
+            changes.append(f"{name} {before.get(name)!r} -> {value!r}")
+    return changes
+
+
 def _check_same_run(out: Path, blob: dict[str, Any], fresh: bool) -> None:
-    """A backup may only be resumed by the same model, preprocessing and data."""
+    """A backup may only be resumed with the model, loss, preprocessing and data it was
+    trained with; a longer run or another budget are fine."""
     previous = out / RUN_CONFIG_FILE
     if fresh or not previous.exists() or not (out / RUN_BACKUP_DIR).exists():
         return
-    old = json.loads(previous.read_text())
-    for key in ("model", "preprocess", "data"):
-        if old.get(key) != blob.get(key):
-            raise ConfigError(f"{out} holds an interrupted run with another {key} config; "
-                              "use another --out or --fresh to start over")
-
-
-def _val_losses(history: Path, monitor: str = "val_loss") -> list[tuple[int, float]]:
-    """(epoch, monitored value) rows of a history.csv (epochs 0-based, as Keras writes them)."""
-    import csv
-
-    if not history.exists():
-        return []
-    with history.open() as f:
-        return [(int(r["epoch"]), float(r[monitor])) for r in csv.DictReader(f) if r.get(monitor)]
-
-
-def _best_val_loss(history: Path, monitor: str = "val_loss") -> float | None:
-    values = [v for _, v in _val_losses(history, monitor)]
-    return min(values) if values else None
+    try:
+        old = json.loads(previous.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(previous, f"the run's config cannot be read ({e}); use --fresh to start the run over, "
+                                   "or another --out") from None
+    changes = setting_changes(old, blob)
+    if changes:
+        raise ConfigError(f"{out} holds a run trained with other settings: {'; '.join(changes)}. They define the "
+                          "model, its loss or its data, so the run cannot continue with them; use --fresh to start "
+                          "it over with the new settings, or another --out")
 
 
 def time_budget(train_config: TrainConfig, data: DataSpec) -> float:
@@ -138,18 +166,23 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
           options: RunOptions | None = None, recipe: str = "", verbose: int | str = "auto") -> dict[str, Any]:
     """Train KneeNet and write the run folder; returns the validation metrics dict.
 
-    Started again on the same `out_dir`, it resumes from the last completed epoch (optimizer
-    state and learning rates included); with more `epochs` it trains a finished run further.
+    Started again on the same `out_dir`, it resumes after the last completed epoch (optimizer
+    state, learning rates, best epoch, early-stopping count and data order included) and
+    ends with the files an uninterrupted run writes; with more `epochs` it trains a finished
+    run further. A resume whose model, loss, preprocessing or data settings differ from the
+    run's is refused (`setting_changes`).
     """
     import shutil
 
     import keras
 
     from kneetf.data.cache import read_info
-    from kneetf.data.pipeline import load_arrays, make_dataset, split_size
+    from kneetf.data.pipeline import load_arrays, make_dataset, split_size, steps_per_pass
     from kneetf.data.sources import copy_roi_detector
     from kneetf.models.kneenet import KneeNet
-    from kneetf.training.callbacks import ImageSummary, LearningRateLogger, StopReason, TimeBudget
+    from kneetf.training import checkpoint
+    from kneetf.training.callbacks import (EpochSummaries, ImageSummary, LearningRateLogger, ResumableEarlyStopping,
+                                           StopReason, TimeBudget, ValidationImageMetrics)
     from kneetf.training.distribute import is_chief, make_strategy, worker_index
 
     data = data or DataSpec()
@@ -166,7 +199,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     t0 = time.monotonic()
     strategy = make_strategy(options.strategy)
 
-    cache = resolve_cache(data, work, prep, progress=verbose != 0)
+    cache = resolve_cache(data, work, prep, progress=verbose in ("auto", 1))
     info = read_info(cache)
     shape = info["shapes"]["mri"]
     if (shape[0], shape[2]) != (model_config.image_size, model_config.num_slices):
@@ -197,7 +230,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     _check_same_run(out, blob, options.fresh)
     if options.fresh and (work / RUN_BACKUP_DIR).exists():
         shutil.rmtree(work / RUN_BACKUP_DIR)
-    write_text_atomic(work / RUN_CONFIG_FILE, json.dumps(blob, indent=2))
+    write_text_atomic(work / RUN_CONFIG_FILE, json.dumps(blob, indent=2), fault="train.config")
     copy_roi_detector(cache, work)  # the ROI detector, if any, travels with the model
 
     keras.mixed_precision.set_global_policy(options.precision)
@@ -210,93 +243,103 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
                 model.set_template(_mean_volume(cache, "train", train_config.batch_size))
             model.compile_for_training(train_config, learning_rate=_learning_rate(train_config, n_train),
                                        jit_compile=options.jit, steps_per_execution=options.steps_per_execution)
+            state = checkpoint.restore(model, work / RUN_BACKUP_DIR, work / RUN_HISTORY_FILE)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    checkpoint.recover(work, state, model, history=work / RUN_HISTORY_FILE, model_file=work / RUN_MODEL_FILE,
+                       tensorboard=out / "tensorboard" if chief else None,
+                       outputs=[work / METRICS_FILE, work / SAMPLES_FILE])
+    resumed = state is not None
+    start = state.epoch if state else 0
+    # a run that early stopping or the budget ended is finished; --resume trains it further
+    stop = start if state and state.stopped and not options.resume else max(start, train_config.epochs)
 
     replicas = strategy.num_replicas_in_sync
-    steps = max(1, n_train // train_config.batch_size) if replicas > 1 else None
+    steps = steps_per_pass(cache, "train", train_config.batch_size, drop_remainder=replicas > 1)
+    if not steps:
+        raise ConfigError(f"the train split of {cache} ({n_train} pairs) is smaller than one global batch "
+                          f"({train_config.batch_size}) over {replicas} replicas; use a smaller --batch-size")
     transform = None
     if prior is not None and train_config.prior_loo_targets:
         from kneetf.training.prior import offset_transform
 
         transform = offset_transform(prior, model_config.image_size)
+    # one pass per epoch, each ordered and augmented by (seed, epoch): a resumed run sees the
+    # batches an uninterrupted one would
     train_ds = make_dataset(cache, "train", train_config.batch_size, shuffle=True, seed=train_config.seed,
-                            repeat=replicas > 1, drop_remainder=replicas > 1, augment=train_config.augment,
-                            shift=train_config.shift_augment, transform=transform)
+                            drop_remainder=replicas > 1, augment=train_config.augment,
+                            shift=train_config.shift_augment, epochs=(start, stop), transform=transform)
     val_ds = make_dataset(cache, val_split, train_config.batch_size, drop_remainder=replicas > 1 and
                           split_size(cache, val_split) >= train_config.batch_size)
     sample = load_arrays(cache, val_split, limit=8)
-    resumed = (work / RUN_BACKUP_DIR).exists()
     monitor = train_config.monitor
-    threshold = _best_val_loss(work / RUN_HISTORY_FILE, monitor) if resumed else None
-    initial = None
-    if not resumed and model_config.residual_template:
+    if state is None and model_config.residual_template:
         # the untrained model predicts its template (the mean volume or the kernel ridge
         # prior): it is the model to beat on validation, kept unless an epoch does better
         logs = model.evaluate(val_ds, verbose=0, return_dict=True)
-        initial = threshold = float(logs[monitor.removeprefix("val_")])
-        model.save(work / RUN_MODEL_FILE)
-        log.info("untrained model (its template alone): %s %.5g", monitor, initial)
-    callbacks: list[keras.callbacks.Callback] = [
-        LearningRateLogger(),
-    ]
+        untrained = float(logs[monitor.removeprefix("val_")])
+        state = checkpoint.RunState(best={"epoch": -1, "value": untrained}, untrained=untrained)
+        if chief:
+            checkpoint.save_model(model, work / RUN_MODEL_FILE)
+        log.info("untrained model (its template alone): %s %.5g", monitor, untrained)
+    callbacks: list[keras.callbacks.Callback] = [LearningRateLogger(), ValidationImageMetrics(val_ds),
+                                                 keras.callbacks.TerminateOnNaN()]
     if train_config.ema_momentum:
         # first: validation, checkpoints and backups see the averaged weights, and a resumed
         # run swaps them back at the start of its next epoch
         callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    callbacks += [
-        # history first: a kill between the two writes then repeats an epoch, never loses a row
-        keras.callbacks.CSVLogger(str(work / RUN_HISTORY_FILE), append=resumed),
-        keras.callbacks.ModelCheckpoint(str(work / RUN_MODEL_FILE), monitor=monitor, mode="min",
-                                        save_best_only=True, initial_value_threshold=threshold),
-        keras.callbacks.BackupAndRestore(str(work / RUN_BACKUP_DIR), double_checkpoint=True, delete_checkpoint=False),
-        keras.callbacks.TerminateOnNaN(),
-    ]
     if chief:
         callbacks += [
-            keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
             ImageSummary(str(out / "tensorboard" / "images"), sample["xray"], sample["mri"],
                          every=max(1, train_config.epochs // 10)),
+            EpochSummaries(str(out / "tensorboard")),
         ]
     stoppers: dict[str, keras.callbacks.Callback] = {}
     if train_config.early_stopping_patience:
-        stoppers["early_stopping"] = keras.callbacks.EarlyStopping(monitor=monitor, mode="min",
-                                                                   patience=train_config.early_stopping_patience)
+        stoppers["early_stopping"] = ResumableEarlyStopping(monitor=monitor, mode="min",
+                                                            patience=train_config.early_stopping_patience)
     budget = time_budget(train_config, data)
     if budget:  # counted from the start of the run, data preparation included
         stoppers["time_budget"] = TimeBudget(budget, start=t0)
     reason = StopReason(stoppers)
+    stateful = [cb for cb in stoppers.values() if hasattr(cb, "state_key")] + [reason]
     callbacks += list(stoppers.values()) + [reason]
+    # last: commits the epoch once every other callback has logged it or stopped the run
+    run_checkpoint = checkpoint.RunCheckpoint(work, state, backup=RUN_BACKUP_DIR, history=RUN_HISTORY_FILE,
+                                              model_file=RUN_MODEL_FILE, stateful=stateful, monitor=monitor)
+    callbacks.append(run_checkpoint)
     t1 = time.monotonic()
-    model.fit(train_ds, validation_data=val_ds, epochs=train_config.epochs, steps_per_epoch=steps,
-              callbacks=callbacks, verbose=verbose)
+    if stop > start:
+        model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=stop, steps_per_epoch=steps,
+                  callbacks=callbacks, verbose=verbose)
     train_s = time.monotonic() - t1
     if not chief:
         return {"chief": False}
 
     best_path = out / RUN_MODEL_FILE
-    if not best_path.exists():  # no epoch improved on a resumed run's best: keep the last weights
-        model.save(best_path)
-    best = keras.saving.load_model(best_path, safe_mode=True)
+    if not best_path.exists():  # no epoch had a finite validation loss: keep the last weights
+        checkpoint.save_model(model, best_path)
+    try:
+        best = keras.saving.load_model(best_path, safe_mode=True)
+    except (OSError, ValueError) as e:
+        raise InputError(best_path, f"cannot be loaded ({e}); use --fresh to start the run over") from None
     if options.precision != "float32":  # serve and export in float32
         best = _as_float32(best)
-        best.save(best_path)
+        checkpoint.save_model(best, best_path)
     metrics = _validation_metrics(best, cache, val_split)
-    losses = _val_losses(out / RUN_HISTORY_FILE, monitor)
-    best_epoch = min(losses, key=lambda r: r[1])[0] + 1 if losses else None
-    if best_epoch is not None and initial is not None and min(v for _, v in losses) >= initial:
-        best_epoch = 0  # no epoch beat the untrained model
+    final = run_checkpoint.state  # the last commit (of this process or of the run it resumed)
+    best_epoch = final.best["epoch"] + 1 if final.best else None  # 0: no epoch beat the untrained model
     metrics.update(train_pairs=n_train, val_pairs=n_val, val_split=val_split, data_s=round(data_s, 1),
                    train_s=round(train_s, 1), total_s=round(time.monotonic() - t0, 1),
-                   epochs_run=len(model.history.epoch) if model.history else 0, resumed=resumed,
-                   epochs_done=losses[-1][0] + 1 if losses else 0, epochs=train_config.epochs,
+                   epochs_run=len(model.history.epoch) if stop > start and model.history else 0,
+                   resumed=resumed, epochs_done=final.epoch, epochs=train_config.epochs,
                    best_epoch=best_epoch, stop_reason=reason.reason, time_budget_s=budget, monitor=monitor,
-                   untrained_val=initial)
+                   untrained_val=final.untrained)
     if prior is not None:
         metrics.update(prior_s=round(prior_s, 1), prior=prior.info)
     log.info("%s", stop_summary(metrics))
-    write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2))
-    _write_samples(best, load_arrays(cache, val_split, limit=4), out / "samples.png")
+    write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2), fault="train.metrics")
+    _write_samples(best, load_arrays(cache, val_split, limit=4), out / SAMPLES_FILE)
     return metrics
 
 
@@ -361,4 +404,4 @@ def _write_samples(model: Any, arrays: dict[str, Any], path: Path) -> None:
     from kneetf import viz
 
     pred = model.predict(arrays["xray"], verbose=0)["mri"]
-    viz.save_montage(path, arrays["xray"], arrays["mri"], pred, ids=arrays["id"])
+    viz.save_montage(path, arrays["xray"], arrays["mri"], pred, ids=arrays["id"], fault="train.samples")
