@@ -184,3 +184,16 @@ def test_xray_description() -> None:
     assert xray_description("Lateral Left Knee") == ("other", "a lateral view")
     assert xray_description("AP Pelvis") == ("other", "a pelvis and an AP view")
     assert xray_description("")[0] == xray_description("Knee")[0] == xray_description("Image 2")[0] == "unknown"
+
+
+def test_only_problems_with_the_files_count_as_failures() -> None:
+    """import-oai exits 4 for a missing folder or a contradictory file, not for the hand,
+    lateral or unpaired series every OAI release holds."""
+    from kneetf.io.oai import OaiImport, Skipped
+
+    by_design = [Skipped("9000001", "00m", "XRAY", "not a bilateral PA knee X-ray: listed as 'PA Hand'", "f"),
+                 Skipped("9000001", "00m", "MRI", "unpaired MRI: no bilateral PA fixed flexion knee X-ray", "f"),
+                 Skipped("9000001", "00m", "MRI", "extra MRI series: using SAG_3D_DESS_RIGHT", "f")]
+    assert OaiImport([], skipped=by_design).failures() == []
+    missing = Skipped("9000002", "00m", "MRI", "folder not found: 00m/1.C.2/9000002", "f")
+    assert OaiImport([], skipped=by_design + [missing]).failures() == [missing]

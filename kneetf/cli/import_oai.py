@@ -49,4 +49,8 @@ def run(args: argparse.Namespace) -> int:
               "allow_outside (an explicit opt-in)", file=sys.stderr)
     from kneetf.cli.exits import EXIT_OK, EXIT_PARTIAL
 
-    return EXIT_PARTIAL if result.skipped else EXIT_OK
+    failures = result.failures()  # other views, extra or unpaired series are how OAI is, not failures
+    if failures:
+        print(f"{len(failures)} of the skipped series point at a problem with the files (exit status "
+              f"{EXIT_PARTIAL})", file=sys.stderr)
+    return EXIT_PARTIAL if failures else EXIT_OK

@@ -66,6 +66,9 @@ XRAY_DESCRIPTION = "bilateral pa fixed flexion knee"
 HALF_OF_SIDE = {"right": "left", "left": "right"}
 #: columns of the skipped-series report
 SKIPPED_COLUMNS = ("participant", "visit", "what", "reason", "folder")
+#: skip reasons that describe the release, not a problem with it (`OaiImport.failures`)
+BY_DESIGN = ("not a bilateral PA knee X-ray", "extra X-ray", "extra MRI series", "unpaired MRI", "unpaired X-ray",
+             "not used")
 
 # Words of a description that name another body part or view than a PA knee radiograph.
 _OTHER_WORDS = {
@@ -135,6 +138,12 @@ class OaiImport:
     rows_read: int = 0
     participants: int = 0
     ignored: list[Skipped] = field(default_factory=list)
+
+    def failures(self) -> list[Skipped]:
+        """The skipped candidates that point at a problem with the release (a missing folder,
+        an unreadable or contradictory file, an ambiguous choice), not at how OAI is organised
+        (`BY_DESIGN`: other views, extra series, a knee imaged by one modality only)."""
+        return [s for s in self.skipped if not s.reason.startswith(BY_DESIGN)]
 
     def skipped_by_reason(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
