@@ -303,7 +303,7 @@ def test_cli_client_writes_nifti(served, server, tmp_path, capsys):
 
     folder = tmp_path / "preds"
     assert main(["client", "--rest", server.rest_url, str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
-                 "--out", str(folder), "--cropped"]) == 0
+                 "--out", str(folder), "--cropped", "--names", "id"]) == 0
     data = np.asarray(nib.load(folder / "b.nii.gz").dataobj)
     np.testing.assert_allclose(data, ref[1].transpose(2, 0, 1), atol=1e-5)
     assert "20 slices of 128x128" in capsys.readouterr().out
@@ -319,10 +319,33 @@ def test_cli_client_writes_nifti(served, server, tmp_path, capsys):
     # exit status 4: some X-rays failed, the others were written; 1: none was
     (tmp_path / "bad.npy").write_bytes(b"not an array")
     assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), str(tmp_path / "bad.npy"),
-                 "--out", str(tmp_path / "some")]) == 4
+                 "--out", str(tmp_path / "some"), "--names", "id"]) == 4
     assert (tmp_path / "some" / "a.nii.gz").exists() and "1 of 2 X-ray(s) failed" in capsys.readouterr().err
     assert main(["client", "--server", server.grpc_target, str(tmp_path / "bad.npy"),
                  "--out", str(tmp_path / "none")]) == 1
+
+
+def test_client_names_outputs_by_pseudonym_with_a_private_key(served, server, tmp_path):
+    """As kneetf predict: in a folder --out the outputs are random pseudonyms by default (input
+    file names may hold patient data), and the key maps each to its source and result."""
+    import csv
+
+    raw = np.random.default_rng(3).uniform(0, 1, (128, 128)).astype(np.float32)
+    np.save(tmp_path / "Doe_Jane_MRN123.npy", raw)
+    (tmp_path / "bad.npy").write_bytes(b"not an array")
+    out, key = tmp_path / "out", tmp_path / "private" / "key.csv"
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "Doe_Jane_MRN123.npy"),
+                 str(tmp_path / "bad.npy"), "--out", str(out), "--cropped", "--pseudonym-key", str(key)]) == 4
+    written = [p.name for p in out.iterdir()]
+    assert len(written) == 1 and "Doe" not in written[0] and written[0].startswith("knee-")
+    rows = {r["source"]: r for r in csv.DictReader(key.open())}
+    assert rows[str(tmp_path / "Doe_Jane_MRN123.npy")]["result"] == "written"
+    assert rows[str(tmp_path / "Doe_Jane_MRN123.npy")]["pseudonym"] + ".nii.gz" == written[0]
+    assert rows[str(tmp_path / "bad.npy")]["result"] == "failed"
+    # a single output file is named by the user: no key
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "Doe_Jane_MRN123.npy"), "--out",
+                 str(tmp_path / "one.nii.gz"), "--cropped"]) == 0
+    assert not (tmp_path / "kneetf_pseudonym_key.csv").exists()
 
 
 # === The client gives the predict answer ===
@@ -359,7 +382,7 @@ def test_cli_client_gives_the_predict_answer(served, server, full_xrays, tmp_pat
                  "--no-progress", "--names", "id"]) == 0
     address = server.grpc_target if transport == "--server" else server.rest_url
     assert main(["client", transport, address, "--model", "mirrored", "--model-info", str(version), str(folder),
-                 "--out", str(tmp_path / "client")]) == 0
+                 "--out", str(tmp_path / "client"), "--names", "id"]) == 0
     names = sorted(p.name for p in (tmp_path / "predict").glob("*.nii.gz"))
     assert names == ["a.nii.gz", "b.nii.gz", "c_left.nii.gz", "d_right.nii.gz"]
     for name in names:
@@ -580,7 +603,7 @@ def test_cli_client_reports_bad_answers_per_file(served, server, full_xrays, tmp
     out = tmp_path / "out"
     rc = main(["client", "--server", server.grpc_target, str(folder / "a.png"), str(folder / "b.npy"),
                str(tmp_path / "broken.png"), str(folder / "c_left.dcm"), str(folder / "d_right.dcm"), "--out",
-               str(out)])
+               str(out), "--names", "id"])
     err = capsys.readouterr().err
     assert rc == 4
     assert sorted(p.name for p in out.iterdir()) == ["c_left.nii.gz", "d_right.nii.gz"]

@@ -13,6 +13,7 @@ from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from kneetf.inference.outputs import NAMES, PSEUDONYM_KEY
     from kneetf.protocol import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_DTYPES
 
     p.add_argument("xrays", nargs="*", metavar="XRAY",
@@ -22,6 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--server", metavar="HOST:PORT", help="gRPC address of TF Serving (e.g. localhost:8500)")
     where.add_argument("--rest", metavar="URL", help="REST address of TF Serving (e.g. http://localhost:8501)")
     p.add_argument("--out", help="output .nii/.nii.gz file (one X-ray) or folder (<id>.nii.gz per X-ray)")
+    p.add_argument("--names", choices=NAMES, default="auto",
+                   help="output names in a folder --out: 'pseudonym' (random, e.g. knee-3f9a2c1b7d12; with a private "
+                        "key file pseudonym -> source), 'id' (the file stem or manifest id), 'auto' (pseudonym; "
+                        "default), as kneetf predict names them")
+    p.add_argument("--pseudonym-key", metavar="CSV",
+                   help=f"where the private pseudonym key goes (default: OUT/{PSEUDONYM_KEY}; keep it apart from "
+                        "outputs you share)")
     p.add_argument("--model-info", "--roi-from", metavar="JSON_OR_DIR",
                    help="the export's kneetf_export.json (or its version folder): the model's preprocessing "
                         "(left-knee mirroring, sizes) and ROI source (default: the documented defaults and the "
@@ -62,17 +70,43 @@ def _tls(args: argparse.Namespace) -> Any:
     return bool(args.tls)
 
 
+def _is_file_target(out: str) -> bool:
+    return out.endswith(".nii") or out.endswith(".nii.gz")
+
+
 def _targets(items: list[Any], out: str) -> list[Path]:
     """One output file per X-ray: `out` itself for one X-ray named .nii/.nii.gz, else
-    out/<id>.nii.gz (the names `kneetf predict` writes)."""
+    out/<name>.nii.gz (the names `kneetf predict` writes: `item.name`, else the id)."""
     from kneetf.errors import ConfigError
 
     target = Path(out)
-    if target.name.endswith(".nii") or target.name.endswith(".nii.gz"):
+    if _is_file_target(target.name):
         if len(items) != 1:
             raise ConfigError(f"--out {out} is a file but {len(items)} X-rays were given; use a folder")
         return [target]
-    return [target / f"{item.id}.nii.gz" for item in items]
+    return [target / f"{item.name or item.id}.nii.gz" for item in items]
+
+
+def _pseudonyms(items: list[Any], key_path: Path) -> list[dict[str, str]]:
+    """Give every item a new random pseudonym (`item.name`) and write the private key
+    first, so that outputs of an interrupted run stay traceable; returns the key's rows."""
+    from kneetf.inference.batch import KEY_FIELDS, read_pseudonym_key
+    from kneetf.inference.outputs import new_pseudonym
+    from kneetf.io.atomic import write_csv_atomic
+
+    prior = read_pseudonym_key(key_path)
+    used = {r["pseudonym"] for r in prior}
+    rows = []
+    for item in items:
+        name = new_pseudonym()
+        while name in used:
+            name = new_pseudonym()
+        used.add(name)
+        item.name = name
+        rows.append({"pseudonym": name, "source": str(item.path), "result": ""})
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(key_path, KEY_FIELDS, prior + rows)
+    return prior + rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{args.model} version {s['version']}: {s['state']}{err}")
             return 0
         from kneetf.client.xray import WholeImage, reconstruct
-        from kneetf.inference.batch import collect_inputs, error_reason
-        from kneetf.inference.outputs import write_volume
+        from kneetf.inference.batch import collect_inputs, error_reason, resolve_names
+        from kneetf.inference.outputs import PSEUDONYM_KEY, write_volume
         from kneetf.inference.loading import model_roi_source
 
         if args.cropped:
@@ -117,7 +151,13 @@ def run(args: argparse.Namespace) -> int:
             roi = model_roi_source(args.model_info, boxes=args.rois, detector=args.roi_detector)
         items, failures = collect_inputs(args.xrays)
         total = len(items) + len(failures)
+        names = resolve_names(args.names, keep_patient=False)
+        key_path, key = None, []
+        if names == "pseudonym" and items and not _is_file_target(args.out):
+            key_path = Path(args.pseudonym_key) if args.pseudonym_key else Path(args.out) / PSEUDONYM_KEY
+            key = _pseudonyms(items, key_path)
         targets = _targets(items, args.out) if items else []
+        written: set[str] = set()
         for i, (item, target) in enumerate(zip(items, targets)):
             try:
                 _, volume = reconstruct(client, item, info.preprocess, roi)
@@ -130,7 +170,16 @@ def run(args: argparse.Namespace) -> int:
             except Exception as e:  # this X-ray or this answer: report it, go on with the others
                 failures.append({"id": item.id, "file": str(item.path), "reason": error_reason(e)})
                 continue
+            written.add(str(item.path))
             print(f"{item.path} -> {target} ({volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]})")
+    if key_path is not None:  # each pseudonym's result
+        from kneetf.inference.batch import KEY_FIELDS
+        from kneetf.io.atomic import write_csv_atomic
+
+        mine = {it.name for it in items}
+        write_csv_atomic(key_path, KEY_FIELDS, [
+            {**r, "result": ("written" if r["source"] in written else "failed")} if r["pseudonym"] in mine else r
+            for r in key])
     if failures:
         print(f"kneetf client: {len(failures)} of {total} X-ray(s) failed:", file=sys.stderr)
         for f in failures:

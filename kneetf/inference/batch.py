@@ -266,7 +266,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     run_files = [out / PREDICTIONS_CSV, out / ERRORS_CSV]
     if names == "pseudonym" and key_path.parent.resolve() == out.resolve():
         run_files.append(key_path)
-    prior_key = _read_key(key_path) if names == "pseudonym" else []
+    prior_key = read_pseudonym_key(key_path) if names == "pseudonym" else []
     for p in run_files:
         if not folder.owns(p):
             raise ConfigError(f"{p} exists and was not written by kneetf; it is left as it is (move it, or "
@@ -379,7 +379,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     return report
 
 
-def _read_key(path: Path) -> list[dict[str, str]]:
+def read_pseudonym_key(path: Path) -> list[dict[str, str]]:
     """The rows of an existing pseudonym key (kept when a run adds to it); [] when none."""
     if not path.exists():
         return []
@@ -416,6 +416,6 @@ def _write_key(report: PredictReport, items: Sequence[XrayInput], key_path: Path
     write_csv_atomic(key_path, KEY_FIELDS, prior_key + key)
 
 
-__all__ = ["known_preprocess", "XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "PREDICTIONS_CSV", "ERRORS_CSV", "XrayInput", "safe_id",
+__all__ = ["known_preprocess", "KEY_FIELDS", "read_pseudonym_key", "XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "PREDICTIONS_CSV", "ERRORS_CSV", "XrayInput", "safe_id",
            "file_id", "collect_inputs", "read_input", "patient_module", "resolve_names", "PredictReport",
            "error_reason", "predict_files"]
