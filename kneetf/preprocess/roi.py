@@ -606,10 +606,11 @@ class _Candidate:
 
 
 def _on_line(c: _Candidate, x: float, y: float, ux: float, uy: float, width: float) -> bool:
-    """Whether candidate `c` lies on the line through (x, y) along (ux, uy) (working pixels),
-    within 1.5 `width` of (x, y) along it and 0.1 `width` across."""
+    """Whether candidate `c`, a knee no wider than `width`, lies on the line through (x, y) along
+    (ux, uy) (working pixels), within 1.5 `width` of (x, y) along it and 0.1 `width` across: an
+    edge that runs on past a knee runs on past a narrower one too."""
     dx, dy = c.x - x, c.y - y
-    return abs(dx * ux + dy * uy) <= 1.5 * width and abs(-dx * uy + dy * ux) <= max(1.5, 0.1 * width)
+    return c.width * c.scale <= 1.01 * width and abs(dx * ux + dy * uy) <= 1.5 * width and abs(-dx * uy + dy * ux) <= max(1.5, 0.1 * width)
 
 
 def _peaks(score: np.ndarray, radius: int, k: int = 3) -> list[tuple[float, int, int]]:
@@ -634,8 +635,8 @@ def _joint_extent(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
     left and right ends (columns where it is darker than the bone above and below by at
     least a quarter of the compartments' typical depth; short breaks are bridged) and its
     row midway. An end hidden by the image border or a masked marker is None; None when the
-    compartments show no joint space, `RUNS_ON` when the dark band runs on far past the knee
-    (an edge, not a joint space)."""
+    compartments show no joint space, `RUNS_ON` when neither end is found and on a side the
+    dark band runs on far past the knee (an edge, not a joint space)."""
     h, w = rv.shape
     g = max(2, int(round(cfg.gap_height * width)))
     hb = max(3, int(round(cfg.bone_height * width)))
@@ -705,6 +706,7 @@ def _joint_extent(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
     if ref <= 0:
         return None
     ends: list[float | None] = []
+    ran_on = False
     for direction in (-1, 1):
         first, seen = tracks[direction]
         start = centre + direction * int(round(0.5 * (ci + co)))
@@ -722,9 +724,10 @@ def _joint_extent(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
                 if miss > bridge:
                     end = last
                     break
-        if end is None and not hidden:
-            return RUNS_ON
+        ran_on |= end is None and not hidden
         ends.append(None if end is None else end + c0 + (1.0 if direction > 0 else 0.0))
+    if ran_on and ends[0] is None and ends[1] is None:
+        return RUNS_ON  # no end at all, and on a side the band runs on far past the knee
     row = top + g / 2.0 + 0.5 * (offsets[tracks[-1][0]] + offsets[tracks[1][0]])
     return ends[0], ends[1], float(row)
 
