@@ -43,9 +43,6 @@ from kneetf.io.atomic import atomic_path
 from kneetf.preprocess.image import image_2d
 
 log = logging.getLogger(__name__)
-import os
-_DEBUG = bool(os.environ.get("ROIDBG"))
-_DEBUG_HOOK = None
 
 BOX_COLUMNS = ("id", "x0", "y0", "x1", "y1")
 PAD_MODES = ("constant", "edge")
@@ -835,11 +832,6 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
         if any(_on_line(c, *e) for e in edges):
             continue  # on a straight edge already refused, seen at another width or tilt
         knee = _verify(c, maps[c.map_index], geometry, config)
-        if _DEBUG_HOOK is not None:
-            _DEBUG_HOOK(c.x / fx, c.y / fy, c.width * c.scale / f, knee)
-        if _DEBUG:
-            print(f"  cand ({c.x / fx:.0f},{c.y / fy:.0f}) W={c.width * c.scale / f:.0f} a={c.angle} score={c.score:.3f} "
-                  f"depth={c.depth:.3f} -> {knee if isinstance(knee, str) else 'OK ' + str(knee.box)}")
         if isinstance(knee, str):
             if knee.startswith(ON_EDGE):
                 inv = maps[c.map_index][2]
