@@ -43,9 +43,6 @@ from kneetf.io.atomic import atomic_path
 from kneetf.preprocess.image import image_2d
 
 log = logging.getLogger(__name__)
-import os
-_DEBUG = bool(os.environ.get("ROIDBG"))
-_DEBUG_HOOK = None
 
 BOX_COLUMNS = ("id", "x0", "y0", "x1", "y1")
 PAD_MODES = ("constant", "edge")
@@ -62,7 +59,7 @@ CLASSICAL_BOX_MM = 100.0
 CLASSICAL_FLAG_BELOW = 0.4
 #: Version of the classical algorithm: part of a cached pair's key, so that a cache built by
 #: an older fallback is rebuilt rather than mixed with new boxes.
-CLASSICAL_VERSION = 2
+CLASSICAL_VERSION = 3
 
 
 # === Boxes ===
@@ -382,7 +379,9 @@ def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: 
     `smooth` (`v` after a 3x3 median) above `contrast` and well above the local noise of `v`
     (`sigma`, per block of `_block_mad`); specks of a few pixels are left."""
     noise = cv2.resize(sigma, (v.shape[1], v.shape[0]), interpolation=cv2.INTER_LINEAR)
-    threshold = np.maximum(np.float32(contrast), 4.0 * 0.42 * noise)  # a 3x3 median leaves 0.42 of the noise
+    # a 3x3 median leaves 0.42 of the noise, and a top-hat of it over a stroke-sized element
+    # reaches several of those sigmas on noise alone (noisy, sharpened images)
+    threshold = np.maximum(np.float32(contrast), 8.0 * 0.42 * noise)
     element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (stroke, stroke))
     strokes = ((cv2.morphologyEx(smooth, cv2.MORPH_TOPHAT, element) > threshold)
                | (cv2.morphologyEx(smooth, cv2.MORPH_BLACKHAT, element) > threshold)).astype(np.uint8)
@@ -580,6 +579,12 @@ def _on_long_edge(segments: np.ndarray, x: float, y: float, along: tuple[float, 
     return bool((hi.max() > 1.5 * half or lo.min() < -1.5 * half) and beyond >= 0.3 * knee_width)
 
 
+RUNS_ON = "runs on"
+#: how `_verify` starts its reason for a candidate on a long edge: other candidates on the same
+#: line are left out
+ON_EDGE = "lies on a straight edge that runs on past the knee"
+
+
 @dataclass(frozen=True)
 class _Candidate:
     """A place scored by the joint search: (x, y) in working pixels, the search map it came
@@ -595,6 +600,14 @@ class _Candidate:
     rx: int
     ry: int
     scale: float  # working pixels per pixel of its search map
+
+
+def _on_line(c: _Candidate, x: float, y: float, ux: float, uy: float, width: float) -> bool:
+    """Whether candidate `c`, a knee no wider than `width`, lies on the line through (x, y) along
+    (ux, uy) (working pixels), within 1.5 `width` of (x, y) along it and 0.1 `width` across: an
+    edge that runs on past a knee runs on past a narrower one too."""
+    dx, dy = c.x - x, c.y - y
+    return c.width * c.scale <= 1.01 * width and abs(dx * ux + dy * uy) <= 1.5 * width and abs(-dx * uy + dy * ux) <= max(1.5, 0.1 * width)
 
 
 def _peaks(score: np.ndarray, radius: int, k: int = 3) -> list[tuple[float, int, int]]:
@@ -613,13 +626,14 @@ def _peaks(score: np.ndarray, radius: int, k: int = 3) -> list[tuple[float, int,
 
 
 def _joint_extent(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
-                  cfg: ClassicalConfig) -> tuple[float | None, float | None, float] | None:
+                  cfg: ClassicalConfig) -> tuple[float | None, float | None, float] | str | None:
     """The joint space through (x, y) of the (rotated) working image, followed outwards from
     the middle of each compartment column by column (it may curve or tilt a little): its
     left and right ends (columns where it is darker than the bone above and below by at
     least a quarter of the compartments' typical depth; short breaks are bridged) and its
     row midway. An end hidden by the image border or a masked marker is None; None when the
-    compartments show no joint space."""
+    compartments show no joint space, `RUNS_ON` when neither end is found and on a side the
+    dark band runs on far past the knee (an edge, not a joint space)."""
     h, w = rv.shape
     g = max(2, int(round(cfg.gap_height * width)))
     hb = max(3, int(round(cfg.bone_height * width)))
@@ -689,15 +703,17 @@ def _joint_extent(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
     if ref <= 0:
         return None
     ends: list[float | None] = []
+    ran_on = False
     for direction in (-1, 1):
         first, seen = tracks[direction]
         start = centre + direction * int(round(0.5 * (ci + co)))
-        last, miss, end = None, 0, None
+        last, miss, end, hidden = None, 0, None, False
         for d in range(0, reach):
             i = start + direction * d
             value = seen.get(i)
             if value is None or not np.isfinite(value):
-                break  # the edge is hidden (image border, a marker): not measured
+                hidden = True  # the edge is hidden (image border, a marker): not measured
+                break
             if value > 0.25 * ref:
                 last, miss = i, 0
             else:
@@ -705,7 +721,10 @@ def _joint_extent(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
                 if miss > bridge:
                     end = last
                     break
+        ran_on |= end is None and not hidden
         ends.append(None if end is None else end + c0 + (1.0 if direction > 0 else 0.0))
+    if ran_on and ends[0] is None and ends[1] is None:
+        return RUNS_ON  # no end at all, and on a side the band runs on far past the knee
     row = top + g / 2.0 + 0.5 * (offsets[tracks[-1][0]] + offsets[tracks[1][0]])
     return ends[0], ends[1], float(row)
 
@@ -805,17 +824,20 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     geometry = _Geometry(h=h, w=w, f=f, fx=fx, fy=fy, spacing=spacing, box_mm=box_mm, side_scale=side_scale,
                          sigma=sigma, p2=p2, span=max(p98 - p2, 1e-6), segments=_straight_edges(v), valid=valid)
     knees: list[_Knee] = []
+    edges: list[tuple[float, float, float, float, float]] = []  # x, y, along, width of candidates on edges
     first_reason = None
     for c in candidates[:config.max_candidates]:
         if knees and not knees[0].apart(c):
             continue
+        if any(_on_line(c, *e) for e in edges):
+            continue  # on a straight edge already refused, seen at another width or tilt
         knee = _verify(c, maps[c.map_index], geometry, config)
-        if _DEBUG_HOOK is not None:
-            _DEBUG_HOOK(c.x / fx, c.y / fy, c.width * c.scale / f, knee)
-        if _DEBUG:
-            print(f"  cand ({c.x / fx:.0f},{c.y / fy:.0f}) W={c.width * c.scale / f:.0f} a={c.angle} score={c.score:.3f} "
-                  f"depth={c.depth:.3f} -> {knee if isinstance(knee, str) else 'OK ' + str(knee.box)}")
         if isinstance(knee, str):
+            if knee.startswith(ON_EDGE):
+                inv = maps[c.map_index][2]
+                ux, uy = inv[0, 0], inv[1, 0]
+                norm = math.hypot(ux, uy)
+                edges.append((c.x, c.y, ux / norm, uy / norm, c.width * c.scale))
             if first_reason is None:
                 first_reason = f"the best candidate, at ({c.x / fx:.0f}, {c.y / fy:.0f}) px, {knee}"
             continue
@@ -914,6 +936,8 @@ def _verify(c: _Candidate, search_map: tuple[np.ndarray, np.ndarray, np.ndarray,
     extent = _joint_extent(rv, rm, rx, ry, width, config)
     if extent is None:
         return "shows no joint space across the condyles"
+    if extent == RUNS_ON:
+        return ON_EDGE + " (a dark band that runs on past the knee)"
     left, right, row = extent
     if left is not None and right is not None:
         knee_w, mid = right - left, (left + right) / 2.0
@@ -936,7 +960,7 @@ def _verify(c: _Candidate, search_map: tuple[np.ndarray, np.ndarray, np.ndarray,
     knee_w *= scale  # working pixels from here on
     reach = (config.gap_height / 2 + config.bone_height) * width * scale
     if _on_long_edge(geo.segments, float(ox), float(oy), along, knee_w, reach):
-        return "lies on a straight edge that runs on past the knee (collimation or a plate)"
+        return ON_EDGE + " (collimation or a plate)"
     cx, cy = ox / geo.fx, oy / geo.fy
     knee_w_full = knee_w / geo.f
     if geo.spacing is not None:
