@@ -232,6 +232,7 @@ def test_prepare_skips_an_xray_whose_knee_is_not_found(synth: Path, tmp_path: Pa
                "--roi-preview"])
     assert rc == 4  # some X-rays failed, the others were prepared
     out = capsys.readouterr().out
+    assert "--roi-detector builtin" in out  # the classical ROI was unsure: the detector is suggested
     failed = rows[3]["id"]
     errors = _rows(cache / "errors.csv")
     assert [e["id"] for e in errors] == [failed] and "no knee joint found" in errors[0]["reason"]

@@ -54,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     print(f"prepared {result.total} pair(s) into {result.out_dir} ({counts}); "
           f"{result.skipped_shards} shard(s) were already complete")
-    print(roi_summary_line(result.roi_summary()) + f" (boxes in {result.out_dir / 'rois.csv'})")
+    summary = result.roi_summary()
+    print(roi_summary_line(summary) + f" (boxes in {result.out_dir / 'rois.csv'})")
+    if not (args.rois or args.roi_detector) and (summary["failed"] or summary["flagged"]):
+        print("the classical ROI was unsure of some X-rays; the built-in detector finds more knees on processed or "
+              "collimated radiographs: --roi-detector builtin (docs/roi_detector.md)")
     if args.roi_preview:
         sheets = sorted((result.out_dir / "roi_preview").glob("sheet-*.png"))
         print(f"ROI contact sheet(s) for review: {', '.join(str(p) for p in sheets)}")
