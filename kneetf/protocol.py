@@ -258,6 +258,14 @@ def predict_request(batch: np.ndarray, model: str, version: int | None = None,
     return request
 
 
+def _check_output_keys(outputs: Any) -> None:
+    """A ServingError unless the answer holds every output of `OUTPUT_KEYS`."""
+    missing = [k for k in OUTPUT_KEYS if k not in outputs]
+    if missing:
+        raise ServingError(f"the response lacks output(s) {', '.join(missing)}; it has "
+                           f"{', '.join(list(outputs)[:10]) or 'none'} (was the model exported by `kneetf export`?)")
+
+
 def parse_predict_response(response: Any, batch_size: int | None = None,
                            expected: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     """`{"xray_recon": (B, H, W, 1), "mri": (B, H, W, slices)}` float32 from a `PredictResponse`.
@@ -266,10 +274,7 @@ def parse_predict_response(response: Any, batch_size: int | None = None,
     `(batch_size, *expected[key])` (`output_shapes`) when given, else for rank 4 and at most
     `MAX_OUTPUT_VALUES` per X-ray; NaN or infinite values are a ServingError too."""
     outputs = response.outputs
-    missing = [k for k in OUTPUT_KEYS if k not in outputs]
-    if missing:
-        raise ServingError(f"the response lacks output(s) {', '.join(missing)}; it has "
-                           f"{', '.join(outputs) or 'none'} (was the model exported by `kneetf export`?)")
+    _check_output_keys(outputs)
     result = {}
     for key in OUTPUT_KEYS:
         _check_shape(key, tensor_shape(outputs[key]), batch_size, expected)
@@ -362,10 +367,7 @@ def parse_rest_response(body: Mapping[str, Any], batch_size: int | None = None,
         outputs = {k: [r.get(k) for r in rows] for k in OUTPUT_KEYS if k in rows[0]}
     else:
         raise ServingError(f"unexpected REST answer with keys {sorted(body)[:10]}")
-    missing = [k for k in OUTPUT_KEYS if k not in outputs]
-    if missing:
-        raise ServingError(f"the response lacks output(s) {', '.join(missing)}; it has "
-                           f"{', '.join(list(outputs)[:10]) or 'none'} (was the model exported by `kneetf export`?)")
+    _check_output_keys(outputs)
     result = {}
     for key in OUTPUT_KEYS:
         try:

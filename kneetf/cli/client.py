@@ -13,7 +13,7 @@ from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from kneetf.inference.outputs import NAMES, PSEUDONYM_KEY
+    from kneetf.cli.options import add_naming_flags
     from kneetf.protocol import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_DTYPES
 
     p.add_argument("xrays", nargs="*", metavar="XRAY",
@@ -23,13 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--server", metavar="HOST:PORT", help="gRPC address of TF Serving (e.g. localhost:8500)")
     where.add_argument("--rest", metavar="URL", help="REST address of TF Serving (e.g. http://localhost:8501)")
     p.add_argument("--out", help="output .nii/.nii.gz file (one X-ray) or folder (<id>.nii.gz per X-ray)")
-    p.add_argument("--names", choices=NAMES, default="auto",
-                   help="output names in a folder --out: 'pseudonym' (random, e.g. knee-3f9a2c1b7d12; with a private "
-                        "key file pseudonym -> source), 'id' (the file stem or manifest id), 'auto' (pseudonym; "
-                        "default), as kneetf predict names them")
-    p.add_argument("--pseudonym-key", metavar="CSV",
-                   help=f"where the private pseudonym key goes (default: OUT/{PSEUDONYM_KEY}; keep it apart from "
-                        "outputs you share)")
+    add_naming_flags(p, "output names in a folder --out, as kneetf predict names them (no --keep-patient here)")
     p.add_argument("--model-info", "--roi-from", metavar="JSON_OR_DIR",
                    help="the export's kneetf_export.json (or its version folder): the model's preprocessing "
                         "(left-knee mirroring, sizes) and ROI source (default: the documented defaults and the "

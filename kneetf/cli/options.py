@@ -152,4 +152,17 @@ def config_values(args: argparse.Namespace, flags: Sequence[ConfigFlag], config:
     return out
 
 
-__all__ = ["ConfigFlag", "add_config_flags", "config_values", "field_default", "format_value"]
+def add_naming_flags(p: argparse.ArgumentParser, what: str = "output names") -> None:
+    """`--names` and `--pseudonym-key`, as `kneetf predict` and `kneetf client` take them."""
+    from kneetf.inference.outputs import NAMES, PSEUDONYM_KEY
+
+    p.add_argument("--names", choices=NAMES, default="auto",
+                   help=f"{what}: 'pseudonym' (random, e.g. knee-3f9a2c1b7d12; with a private key file pseudonym -> "
+                        "source), 'id' (the file stem or manifest id), 'auto' (pseudonym unless --keep-patient; "
+                        "default)")
+    p.add_argument("--pseudonym-key", metavar="CSV",
+                   help=f"where the private pseudonym key goes (default: OUT/{PSEUDONYM_KEY}; keep it apart from "
+                        "outputs you share)")
+
+
+__all__ = ["add_naming_flags", "ConfigFlag", "add_config_flags", "config_values", "field_default", "format_value"]

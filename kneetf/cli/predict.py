@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kneetf.cli.options import ConfigFlag, add_config_flags, config_values
+from kneetf.cli.options import ConfigFlag, add_config_flags, add_naming_flags, config_values
 
 
 def _flags() -> list[ConfigFlag]:
@@ -16,7 +16,7 @@ def _flags() -> list[ConfigFlag]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kneetf.inference.outputs import FORMATS, NAMES, PSEUDONYM_KEY
+    from kneetf.inference.outputs import FORMATS
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="X-ray files (DICOM, PNG/TIFF/JPEG, .npy), folders of them, or a manifest .csv")
@@ -35,13 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-patient", action="store_true",
                         help="DICOM output joins the DICOM X-ray's study and keeps its patient name, ID, birth "
                              "date and sex (default: a random pseudonymous patient per output)")
-    parser.add_argument("--names", choices=NAMES, default="auto",
-                        help="output names: 'pseudonym' (random, e.g. knee-3f9a2c1b7d12; with a private key file "
-                             "pseudonym -> source), 'id' (the file stem or manifest id), 'auto' (pseudonym unless "
-                             "--keep-patient; default)")
-    parser.add_argument("--pseudonym-key", metavar="CSV",
-                        help=f"where the private pseudonym key goes (default: OUT/{PSEUDONYM_KEY}; keep it apart "
-                             "from outputs you share)")
+    add_naming_flags(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="X-rays per model call (default: %(default)s)")
     parser.add_argument("--preprocess", metavar="JSON",
                         help="take the preprocessing config from this run config.json / dataset.json "
