@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _archs() -> list[str]:
-    from kneetf.preprocess.roi_detector import DETECTOR_ARCHS
+    from kneetf.preprocess.roi_detector_config import DETECTOR_ARCHS
 
     return list(DETECTOR_ARCHS)
 
@@ -68,7 +68,7 @@ def _row(name: str, n: int, r: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from kneetf.preprocess.roi import draw_box_png
-    from kneetf.preprocess.roi_detector import DETECTOR_ARCHS
+    from kneetf.preprocess.roi_detector_config import DETECTOR_ARCHS
     from kneetf.training.roi import RoiDataConfig, RoiTrainConfig, train_roi_detector
 
     flags = _flags()

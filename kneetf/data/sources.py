@@ -179,7 +179,7 @@ def file_sha256(path: str | Path) -> str:
 def detector_file(detector: str | Path) -> Path:
     """The file of an ROI detector given as a path or as "builtin" (the one shipped with kneetf)."""
     if str(detector) == "builtin":
-        from kneetf.preprocess.roi_detector import BUILTIN_DETECTOR
+        from kneetf.preprocess.roi_detector_config import BUILTIN_DETECTOR
 
         return BUILTIN_DETECTOR
     return Path(detector)
