@@ -38,6 +38,7 @@ PAIRS: dict[str, str] = {
     "train.backup": "the commit of an epoch: backup/training_metadata.json names the new weights",
     "train.history": "history.csv, rewritten from the committed epochs",
     "train.best": "model.keras, the best epoch so far",
+    "train.template": "model.keras, the untrained model (its template) before the first epoch",
     "train.metrics": "metrics.json at the end of the run",
     "train.samples": "samples.png at the end of the run",
     "train.recover": "a resumed run's repairs: history.csv, TensorBoard events and model.keras made to "

@@ -30,3 +30,14 @@ def test_default_recipe_differs_from_paper_by_named_options_only() -> None:
 def test_unknown_recipe_is_named() -> None:
     with pytest.raises(ConfigError, match="Did you mean 'paper'"):
         get_recipe("papr")
+
+
+def test_prior_recipe_is_the_default_with_the_kernel_ridge_template() -> None:
+    default_model, default_train = get_recipe("default").apply(get_preset("compact"), TrainConfig())
+    model, train = get_recipe("prior").apply(get_preset("compact"), TrainConfig())
+    assert model.residual_prior == "kernel_ridge" and default_model.residual_prior == "mean"
+    assert train.monitor == "val_mri_mse" and default_train.monitor == "val_loss"
+    from kneetf.config import replace
+
+    assert replace(model, residual_prior="mean") == default_model
+    assert replace(train, monitor="val_loss") == default_train

@@ -40,6 +40,16 @@ RECIPES: dict[str, Recipe] = {
         train={"lr_encdec": 1e-3, "lr_generator": 1e-3, "batch_size": 16, "augment": 1.0,
                "lr_schedule": "cosine", "epochs": 40, "demo_time_budget_s": 500.0, "ssim_weight": 0.05},
     ),
+    "prior": Recipe(
+        "prior", "the default recipe with the kernel ridge prediction from the X-ray as the residual template "
+                 "(the untrained network is kernel ridge regression; it learns what that misses) and the kept "
+                 "epoch chosen on the validation MRI MSE (kept untrained unless an epoch beats it)",
+        model={"residual_template": True, "mri_output": "sigmoid", "xray_output": "sigmoid", "bn_momentum": 0.9,
+               "residual_prior": "kernel_ridge"},
+        train={"lr_encdec": 1e-3, "lr_generator": 1e-3, "batch_size": 16, "augment": 1.0,
+               "lr_schedule": "cosine", "epochs": 40, "demo_time_budget_s": 500.0, "ssim_weight": 0.05,
+               "monitor": "val_mri_mse"},
+    ),
 }
 
 

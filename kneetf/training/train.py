@@ -280,7 +280,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
         untrained = float(logs[monitor.removeprefix("val_")])
         state = checkpoint.RunState(best={"epoch": -1, "value": untrained}, untrained=untrained)
         if chief:
-            checkpoint.save_model(model, work / RUN_MODEL_FILE)
+            checkpoint.save_model(model, work / RUN_MODEL_FILE, fault="train.template")
         log.info("untrained model (its template alone): %s %.5g", monitor, untrained)
     callbacks: list[keras.callbacks.Callback] = [LearningRateLogger(), ValidationImageMetrics(val_ds),
                                                  keras.callbacks.TerminateOnNaN()]
