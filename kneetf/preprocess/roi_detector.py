@@ -109,6 +109,16 @@ def detector_input(image: np.ndarray, image_size: int = 128) -> np.ndarray:
     return preprocess_xray(tf.constant(sq[None, :, :, None]), image_size).numpy()[0]
 
 
+def equalized(image: np.ndarray) -> np.ndarray:
+    """The X-ray's 0.5th-99.5th percentile window, histogram-equalised (8 bits, float32): the
+    detector's second look at an image it was unsure of. It undoes much of what strong
+    dynamic-range compression and edge enhancement do to the contrast of bone."""
+    a = image_2d(image, "the ROI detector's X-ray").astype(np.float64)
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    u = np.clip((a - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    return cv2.equalizeHist(np.round(u * 255).astype(np.uint8)).astype(np.float32)
+
+
 def heatmap_targets(targets: Any, grid: int) -> Any:
     """(batch, 3) boxes (cx, cy, side as fractions of the input) -> (batch, grid, grid, 4)
     training targets of the heatmap head: a Gaussian of the centre (sd 5 % of the side, at
@@ -354,7 +364,7 @@ class RoiDetector(keras.Model):
         return self.decode(maps)
 
     def detect(self, images: Sequence[np.ndarray], *, pixel_spacings: Sequence[Any] | None = None,
-               flip: bool = True, batch_size: int = 32) -> list[Detection]:
+               flip: bool = True, batch_size: int = 32, second_look: bool = True) -> list[Detection]:
         """`Detection`s of whole X-rays (each (H, W), display-ready).
 
         With `flip`, the mirror image is read too and the two readings are averaged (heatmap:
@@ -362,7 +372,22 @@ class RoiDetector(keras.Model):
         agreement is the confidence). Without `flip` a regression detection has no confidence
         (NaN) and is never flagged. `pixel_spacings` (mm per pixel, a number or (row, col) per
         image, None where unknown): the box side becomes the config's `box_mm` when it is set.
+        With `second_look`, an image whose detection is flagged unsure is read again
+        histogram-equalised (`equalized`), and that detection is kept when it is more confident.
         """
+        found = self._detect(images, pixel_spacings, flip, batch_size)
+        unsure = [i for i, d in enumerate(found) if d.flagged] if second_look else []
+        if unsure:
+            spacings = list(pixel_spacings) if pixel_spacings is not None else [None] * len(images)
+            again = self._detect([equalized(images[i]) for i in unsure], [spacings[i] for i in unsure], flip,
+                                 batch_size)
+            for i, d in zip(unsure, again):
+                if d.confidence > found[i].confidence:
+                    found[i] = d
+        return found
+
+    def _detect(self, images: Sequence[np.ndarray], pixel_spacings: Sequence[Any] | None, flip: bool,
+                batch_size: int) -> list[Detection]:
         cfg = self.detector_config
         spacings = list(pixel_spacings) if pixel_spacings is not None else [None] * len(images)
         if len(spacings) != len(images):
@@ -493,6 +518,6 @@ class DetectorRoi:
         return f"DetectorRoi({self.path or self.model.name})"
 
 
-__all__ = ["RoiDetectorConfig", "TINY_DETECTOR", "DETECTOR_ARCHS", "HEADS", "Detection", "RoiDetector", "BoxLoss",
+__all__ = ["equalized", "RoiDetectorConfig", "TINY_DETECTOR", "DETECTOR_ARCHS", "HEADS", "Detection", "RoiDetector", "BoxLoss",
            "BoxIoU", "HeatmapLoss", "DetectorRoi", "letterbox", "shrunk_square", "encode_box", "decode_box",
            "detector_input", "heatmap_targets", "load_detector", "save_detector", "with_settings", "BUILTIN_DETECTOR", "BUILTIN_NAME"]
