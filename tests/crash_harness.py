@@ -31,10 +31,13 @@ KILLED = -signal.SIGKILL
 
 
 def env(**extra: str) -> dict[str, str]:
-    """The environment of a command: TensorFlow's deterministic kernels, so that a resumed
-    run can be compared with an uninterrupted one weight by weight."""
+    """The environment of a command: TensorFlow's deterministic kernels, without oneDNN's
+    and with one thread per op, so that a resumed run can be compared with an uninterrupted
+    one weight by weight (oneDNN's and multi-threaded reductions may add in another order
+    when the machine is busy: the last bits of a loss differ)."""
     base = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, TRACE_ENV)}
-    return {**base, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "TF_DETERMINISTIC_OPS": "1", **extra}
+    return {**base, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "TF_DETERMINISTIC_OPS": "1",
+            "TF_ENABLE_ONEDNN_OPTS": "0", "TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
 def kneetf(args: Sequence[str], *, cwd: Path, log: Path, fault: str | None = None,
