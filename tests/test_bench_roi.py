@@ -52,21 +52,21 @@ def test_score_counts_failures_flags_and_silent_misses():
 def test_bench_scores_sources_on_a_tiny_held_out_set(bench, tmp_path, capsys):
     from kneetf.data.radiograph import simulate
 
-    truth = {f"issue-{i:05d}": simulate(9101, i, "issue").box for i in range(3)}
+    truth = {f"clinic-{i:05d}": simulate(9101, i, "clinic").box for i in range(3)}
     shifted = {k: b.shift(0.5 * b.width, 0) for k, b in truth.items()}
     write_boxes(tmp_path / "truth.csv", truth)
     write_boxes(tmp_path / "shifted.csv", shifted)
-    assert bench.main(["--sets", "issue", "--n", "3", "--workers", "1", "--source", "classical",
+    assert bench.main(["--sets", "clinic", "--n", "3", "--workers", "1", "--source", "classical",
                        "--source", str(tmp_path / "truth.csv"), "--source", str(tmp_path / "shifted.csv"),
                        "--save-boxes", str(tmp_path / "boxes")]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1].removeprefix("RESULT "))
-    scores = result["sets"]["issue"]
+    scores = result["sets"]["clinic"]
     assert scores["truth.csv"]["found_rate"] == 1.0 and scores["truth.csv"]["median_iou"] == 1.0
     assert scores["shifted.csv"]["found_rate"] == 0.0 and scores["shifted.csv"]["silent_miss_rate"] == 1.0
     assert 0.0 <= scores["classical"]["found_rate"] <= 1.0 and scores["classical"]["ms_per_image"] > 0
     assert result["summary"]["truth.csv"]["min_found_rate"] == 1.0
-    assert (tmp_path / "boxes" / "issue_truth.csv.csv").read_text().count("\n") == 4
+    assert (tmp_path / "boxes" / "clinic_truth.csv.csv").read_text().count("\n") == 4
 
 
 def test_bench_scores_a_folder_of_dicom_files(bench, tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_bench_scores_a_folder_of_dicom_files(bench, tmp_path, capsys):
     from kneetf.data.synthetic import write_synthetic_dataset
 
     out = write_synthetic_dataset(tmp_path / "set", n=2, seed=3, formats=("dicom",), workers=1, progress=False,
-                                  radiograph=get_style("issue")).parent
+                                  radiograph=get_style("clinic")).parent
     assert bench.main(["--data", str(out), "--source", str(out / "rois.csv"), "--source", "classical"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("RESULT "))
     assert result["sets"]["set"]["rois.csv"]["found_rate"] == 1.0 and result["sets"]["set"]["rois.csv"]["n"] == 2

@@ -186,7 +186,7 @@ def test_train_killed_at_every_write_point_ends_as_an_uninterrupted_run(train_ca
 @pytest.mark.parametrize("target", ["train.backup.after:2", "train.step:5"])
 def test_train_killed_once_redoes_at_most_the_interrupted_epoch(train_cache: Path, train_reference: Reference,
                                                                tmp_path: Path, target: str) -> None:
-    """The issue's case: killed after an epoch is committed (the next run trains none of it
+    """The common cases: killed after an epoch is committed (the next run trains none of it
     again) and mid-epoch (the next run trains that epoch again, once)."""
     from crash_harness import kneetf
 

@@ -74,21 +74,21 @@ def test_truth_box_stays_on_the_rendered_joint_after_rotation_scale_and_placemen
 
 
 def test_deterministic_per_seed_and_index():
-    a, b = rg.simulate(3, 5, "issue"), rg.simulate(3, 5, "issue")
+    a, b = rg.simulate(3, 5, "clinic"), rg.simulate(3, 5, "clinic")
     np.testing.assert_array_equal(a.image, b.image)
     assert a.box == b.box and a.acquisition == b.acquisition
-    c = rg.simulate(3, 6, "issue")
+    c = rg.simulate(3, 6, "clinic")
     assert c.box != a.box
     # the acquisition alone gives the box (no rendering) and pickles (worker processes)
     knee = rg.knee_params(3, 5, SynthConfig(placement_mm=(0.0, 0.0)))
-    acq = rg.sample_acquisition(rg.acquisition_rng(3, 5), "issue", knee, SynthConfig(placement_mm=(0.0, 0.0)))
+    acq = rg.sample_acquisition(rg.acquisition_rng(3, 5), "clinic", knee, SynthConfig(placement_mm=(0.0, 0.0)))
     assert acq == a.acquisition and pickle.loads(pickle.dumps(acq)) == acq
     assert pickle.loads(pickle.dumps(rg.STYLES["oai"])) == rg.STYLES["oai"]
 
 
-def test_issue_style_matches_the_report():
+def test_clinic_style_matches_its_specification():
     for i in range(3):
-        r = rg.simulate(0, i, "issue")
+        r = rg.simulate(0, i, "clinic")
         assert r.image.shape == (500, 600) and r.pixel_spacing == (0.3, 0.3)
         assert r.box.width == pytest.approx(320.0) and r.box.height == pytest.approx(320.0)
         assert 0 <= r.box.cx <= 600 and 0 <= r.box.cy <= 500
@@ -103,7 +103,7 @@ def test_storage_round_trips_through_the_reader(tmp_path, photometric, bits):
     from kneetf.io.readers import read_xray
     from kneetf.io.writers import write_dicom_xray
 
-    style = dataclasses.replace(rg.STYLES["issue"], bits=(bits,),
+    style = dataclasses.replace(rg.STYLES["clinic"], bits=(bits,),
                                 p_monochrome1=1.0 if photometric == "MONOCHROME1" else 0.0)
     r = rg.simulate(1, 2, style)
     assert r.photometric == photometric and r.image.dtype == (np.uint8 if bits == 8 else np.uint16)
@@ -161,8 +161,8 @@ def test_style_validation_and_lookup():
         rg.RadiographStyle(marker_fonts=("comic",))
     with pytest.raises(ConfigError, match="pixel_mm"):
         rg.RadiographStyle(pixel_mm=(0.5, 0.1))
-    with pytest.raises(ConfigError, match="Did you mean 'issue'"):
-        rg.get_style("isue")
+    with pytest.raises(ConfigError, match="Did you mean 'clinic'"):
+        rg.get_style("clinc")
     assert rg.RadiographStyle.from_dict(rg.STYLES["wide"].to_dict()) == rg.STYLES["wide"]
 
 
@@ -180,14 +180,14 @@ def test_synth_writes_radiographs_with_their_boxes(tmp_path):
 
     out = tmp_path / "radiographs"
     assert main(["synth", "--out", str(out), "--n", "3", "--seed", "4", "--formats", "dicom", "--workers", "1",
-                 "--radiograph", "issue", "--no-progress"]) == 0
+                 "--radiograph", "clinic", "--no-progress"]) == 0
     boxes = load_boxes(out / "rois.csv")
     synth = SynthConfig()
     for i in range(3):
         knee_id = f"knee{i:05d}"
         image, meta = read_xray(out / "xray" / f"{knee_id}.dcm")
         knee = rg.knee_params(4, i, synth)
-        acq = rg.sample_acquisition(rg.acquisition_rng(4, i), "issue", knee, synth)
+        acq = rg.sample_acquisition(rg.acquisition_rng(4, i), "clinic", knee, synth)
         rad = rg.render_radiograph(knee, acq, synth)
         np.testing.assert_array_equal(image, rad.presentation())
         assert boxes[knee_id].as_tuple() == pytest.approx(rad.box.as_tuple())
@@ -195,7 +195,7 @@ def test_synth_writes_radiographs_with_their_boxes(tmp_path):
         assert pydicom.dcmread(out / "xray" / f"{knee_id}.dcm").BitsStored == rad.bits
     # the MRI is the plain dataset's; running again reuses every file
     assert main(["synth", "--out", str(out), "--n", "3", "--seed", "4", "--formats", "dicom", "--workers", "1",
-                 "--radiograph", "issue", "--no-progress"]) == 0
+                 "--radiograph", "clinic", "--no-progress"]) == 0
     assert load_boxes(out / "rois.csv") == boxes
     assert main(["synth", "--out", str(out), "--n", "3", "--seed", "4", "--formats", "dicom", "--workers", "1",
                  "--radiograph", "oai", "--no-progress"]) == 1

@@ -136,7 +136,7 @@ def test_builtin_detector_is_packaged_and_loads():
     assert rd.BUILTIN_DETECTOR.stat().st_size <= 1.5 * 2 ** 20
     from kneetf.data.radiograph import simulate
 
-    r = simulate(0, 0, "issue")
+    r = simulate(0, 0, "clinic")
     d = model.detect([r.presentation()])[0]
     assert d.box.iou(r.box) > 0.5 and not d.flagged
 
@@ -182,7 +182,7 @@ def test_train_roi_cli_on_simulated_radiographs(tmp_path):
         assert 0 <= scores["classical"]["found_rate"] <= 1
     assert report["heldout_min_found_rate"] == min(s["detector"]["found_rate"] for s in report["heldout"].values())
     assert rd.load_detector(out).detector_config == dataclasses.replace(rd.TINY_DETECTOR, box_mm=100.0)
-    assert sorted(p.name for p in (tmp_path / "preview").iterdir()) == ["issue-00000.png", "issue-00001.png"]
+    assert sorted(p.name for p in (tmp_path / "preview").iterdir()) == ["clinic-00000.png", "clinic-00001.png"]
 
 
 def _write_manifest(folder: Path, images, boxes, test_from: int) -> None:
@@ -274,5 +274,5 @@ def test_train_roi_cli_errors(tmp_path, capsys):
     assert "folder has no manifest.csv" in capsys.readouterr().err
     assert main(["train-roi", "--n", "0", "--out", "m.keras"]) == 1
     assert "nothing to train on" in capsys.readouterr().err
-    assert main(["train-roi", "--style", "isue", "--out", "m.keras"]) == 1
-    assert "Did you mean 'issue'" in capsys.readouterr().err
+    assert main(["train-roi", "--style", "clinc", "--out", "m.keras"]) == 1
+    assert "Did you mean 'clinic'" in capsys.readouterr().err

@@ -11,7 +11,7 @@ decoding and preprocessing, not file generation.
     python tools/bench_prepare.py --roi classical,builtin --pairs 0    # ROI time per image only
 
 `--roi` also times each ROI source on one X-ray at a time (as a prepare worker calls it):
-the OAI-sized X-ray and a 500 x 600 radiograph of the `issue` style (`kneetf.data.radiograph`).
+the OAI-sized X-ray and a 500 x 600 radiograph of the `clinic` style (`kneetf.data.radiograph`).
 `tools/bench_roi.py` times them on every held-out radiograph set, with their found-rates.
 
 Prints a table and one final line `RESULT {json}`.
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         from kneetf.io.readers import read_xray
 
         images = {"2000x2500 (OAI-sized)": read_xray(root / pairs[0][0])[0],
-                  "500x600 issue-style": simulate(9101, 0, "issue").presentation()}
+                  "500x600 clinic-style": simulate(9101, 0, "clinic").presentation()}
         roi_rows = roi_times(args.roi.split(","), images)
         print(f"\nROI time per image, one image per call ({os.cpu_count()} CPUs)")
         print(f"{'source':<24}{'image':<24}{'ms/image':>9}")

@@ -10,10 +10,10 @@ time per image (one image per call, as `kneetf prepare` calls it, on this machin
 
 Sources (`--source`, repeatable): `classical` (the fallback), `builtin` (the packaged
 detector), a detector `.keras` file, or a boxes CSV `id,x0,y0,x1,y1` (simulated images have
-ids `<set>-<index>`, e.g. `issue-00007`).
+ids `<set>-<index>`, e.g. `clinic-00007`).
 
     python tools/bench_roi.py                                       # classical, all held-out sets
-    python tools/bench_roi.py --source classical --source roi.keras --sets issue,oai --n 50
+    python tools/bench_roi.py --source classical --source roi.keras --sets clinic,oai --n 50
     python tools/bench_roi.py --source roi.keras --data my_xrays/ --truth my_xrays/rois.csv
 
 Prints a table per set and one final line `RESULT {json}`.

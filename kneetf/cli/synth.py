@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any SynthConfig field, e.g. --set mri_noise=0.05 --set bias_field=0.25 (repeatable)")
     p.add_argument("--radiograph", metavar="STYLE",
-                   help="write the X-rays as simulated hospital radiographs of this style (train, issue, oai, "
+                   help="write the X-rays as simulated hospital radiographs of this style (train, clinic, oai, "
                         "wide, rotated, processed, collimated: kneetf.data.radiograph.STYLES): pixel spacing, "
                         "image size, rotation, collimation, lead markers, burned-in text, processing, 8-16 bits, "
                         "MONOCHROME1/2; rois.csv holds their true joint boxes")

@@ -27,7 +27,7 @@ processing, stronger rotation), and `HELDOUT_SETS` fixes their sizes and seeds. 
 split in two: `sample_acquisition` makes every random choice (cheap; it gives the box),
 `render_radiograph` renders it (deterministic). numpy/OpenCV only: no TensorFlow.
 
-    >>> r = simulate(0, 3, "issue")            # image 500 x 600, 0.3 mm, a 96 mm truth box
+    >>> r = simulate(0, 3, "clinic")            # image 500 x 600, 0.3 mm, a 96 mm truth box
     >>> r.image.dtype, r.photometric, r.box
 """
 from __future__ import annotations
@@ -201,8 +201,8 @@ STYLES: dict[str, RadiographStyle] = {
     # the user's report: 600 x 500 px (width x height) at 0.3 mm, a lead letter in a
     # corner, collimation edges and unexposed borders, both photometric interpretations, the
     # knee off-centre; the truth a 96 mm square. Fonts, marker kinds, labels held out.
-    "issue": dataclasses.replace(
-        TRAIN, name="issue", pixel_mm=(0.3, 0.3), size=(500, 600), roi_mm=96.0, edge_margin=0.35,
+    "clinic": dataclasses.replace(
+        TRAIN, name="clinic", pixel_mm=(0.3, 0.3), size=(500, 600), roi_mm=96.0, edge_margin=0.35,
         marker_count=(1, 1), marker_fonts=("complex", "triplex"), marker_italic=0.3, marker_kinds=("framed",
                                                                                                    "hollow"),
         marker_mm=(8.0, 14.0), marker_corner=0.2, p_ruler=0.0, p_collimation=0.9, collimation_half_mm=(55.0, 110.0),
@@ -253,7 +253,7 @@ class HeldoutSet:
 
 #: The held-out sets the detector and the fallback are scored on (`tools/bench_roi.py`).
 HELDOUT_SETS: tuple[HeldoutSet, ...] = (
-    HeldoutSet("issue", 320, 9101), HeldoutSet("oai", 200, 9102), HeldoutSet("wide", 200, 9103),
+    HeldoutSet("clinic", 320, 9101), HeldoutSet("oai", 200, 9102), HeldoutSet("wide", 200, 9103),
     HeldoutSet("rotated", 200, 9104), HeldoutSet("processed", 200, 9105), HeldoutSet("collimated", 200, 9106),
 )
 
