@@ -81,28 +81,6 @@ def _targets(items: list[Any], out: str) -> list[Path]:
     return [target / f"{item.name or item.id}.nii.gz" for item in items]
 
 
-def _pseudonyms(items: list[Any], key_path: Path) -> list[dict[str, str]]:
-    """Give every item a new random pseudonym (`item.name`) and write the private key
-    first, so that outputs of an interrupted run stay traceable; returns the key's rows."""
-    from kneetf.inference.batch import KEY_FIELDS, read_pseudonym_key
-    from kneetf.inference.outputs import new_pseudonym
-    from kneetf.io.atomic import write_csv_atomic
-
-    prior = read_pseudonym_key(key_path)
-    used = {r["pseudonym"] for r in prior}
-    rows = []
-    for item in items:
-        name = new_pseudonym()
-        while name in used:
-            name = new_pseudonym()
-        used.add(name)
-        item.name = name
-        rows.append({"pseudonym": name, "source": str(item.path), "result": ""})
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(key_path, KEY_FIELDS, prior + rows)
-    return prior + rows
-
-
 def run(args: argparse.Namespace) -> int:
     from kneetf.errors import ConfigError, ModelNotFoundError, ServerUnavailableError
 
@@ -146,10 +124,13 @@ def run(args: argparse.Namespace) -> int:
         items, failures = collect_inputs(args.xrays)
         total = len(items) + len(failures)
         names = resolve_names(args.names, keep_patient=False)
-        key_path, key = None, []
+        key = None
         if names == "pseudonym" and items and not _is_file_target(args.out):
-            key_path = Path(args.pseudonym_key) if args.pseudonym_key else Path(args.out) / PSEUDONYM_KEY
-            key = _pseudonyms(items, key_path)
+            from kneetf.inference.pseudonyms import PseudonymKey
+
+            key = PseudonymKey(args.pseudonym_key or Path(args.out) / PSEUDONYM_KEY)
+            key.assign(items)  # the key first: outputs of an interrupted run stay traceable
+            key.write((it.name, str(it.path), "") for it in items)
         targets = _targets(items, args.out) if items else []
         written: set[str] = set()
         for i, (item, target) in enumerate(zip(items, targets)):
@@ -166,14 +147,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             written.add(str(item.path))
             print(f"{item.path} -> {target} ({volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]})")
-    if key_path is not None:  # each pseudonym's result
-        from kneetf.inference.batch import KEY_FIELDS
-        from kneetf.io.atomic import write_csv_atomic
-
-        mine = {it.name for it in items}
-        write_csv_atomic(key_path, KEY_FIELDS, [
-            {**r, "result": ("written" if r["source"] in written else "failed")} if r["pseudonym"] in mine else r
-            for r in key])
+    if key is not None:  # each pseudonym's result
+        key.write((it.name, str(it.path), "written" if str(it.path) in written else "failed") for it in items)
     if failures:
         print(f"kneetf client: {len(failures)} of {total} X-ray(s) failed:", file=sys.stderr)
         for f in failures:

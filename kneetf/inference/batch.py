@@ -9,7 +9,6 @@ writers of `kneetf.inference.outputs`. A file that fails is reported and the res
 """
 from __future__ import annotations
 
-import csv
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,15 +21,15 @@ from kneetf.config import PreprocessConfig
 from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.inference.loading import model_roi_source, read_preprocess_config, resolve_model_path
 from kneetf.inference.outdir import OutputFolder, written_by_kneetf
-from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, new_pseudonym,
-                                      output_paths, parse_formats, write_prediction)
+from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, output_paths, parse_formats,
+                                      write_prediction)
 from kneetf.inference.predictor import load_predictor
+from kneetf.inference.pseudonyms import KEY_FIELDS, PseudonymKey, read_pseudonym_key
 from kneetf.io.atomic import CsvLog, remove_debris, write_csv_atomic
 from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray,
                                    to_output_volume)
 
 XRAY_SUFFIXES = {".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
-KEY_FIELDS = ["pseudonym", "source", "result"]
 
 
 @dataclass
@@ -266,7 +265,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     run_files = [out / PREDICTIONS_CSV, out / ERRORS_CSV]
     if names == "pseudonym" and key_path.parent.resolve() == out.resolve():
         run_files.append(key_path)
-    prior_key = read_pseudonym_key(key_path) if names == "pseudonym" else []
+    key = PseudonymKey(key_path) if names == "pseudonym" else None
     for p in run_files:
         if not folder.owns(p):
             raise ConfigError(f"{p} exists and was not written by kneetf; it is left as it is (move it, or "
@@ -280,26 +279,11 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
         predictor = load_predictor(model, preprocess, trust_model=trust_model)
         config = predictor.preprocess
     roi = model_roi_source(model if isinstance(model, (str, Path)) else None, roi)
-    # a killed run wrote its key (no result yet) before its outputs: the same sources keep their
-    # pseudonyms, in order, so that the rerun replaces those outputs instead of adding new ones
-    sources = {str(it.path) for it in items}
-    unfinished: dict[str, list[str]] = {}
-    for r in prior_key:
-        if not r["result"] and r["source"] in sources:
-            unfinished.setdefault(r["source"], []).append(r["pseudonym"])
-    used = {r["pseudonym"] for r in prior_key}
-    for it in items:
-        if names == "pseudonym":
-            again = unfinished.get(str(it.path))
-            it.name = again.pop(0) if again else ""
-            while not it.name:
-                it.name = new_pseudonym()
-                it.name = "" if it.name in used else it.name
-        else:
+    if key is not None:
+        key.assign(items)
+    else:
+        for it in items:
             it.name = it.id
-        used.add(it.name)
-    reused = {it.name for it in items}
-    prior_key = [r for r in prior_key if r["pseudonym"] not in reused]  # written again below
     usable = []
     for it in items:
         marker = written_by_kneetf(it.path)
@@ -311,11 +295,10 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     items = usable
     folder.claim(run_files)
     remove_debris(out)  # what a killed run left half-written
-    if names == "pseudonym":  # the key first: outputs of an interrupted run stay traceable
-        write_csv_atomic(key_path, KEY_FIELDS,
-                         prior_key + [{"pseudonym": it.name, "source": str(it.path), "result": ""} for it in items])
+    if key is not None:  # the key first: outputs of an interrupted run stay traceable
+        key.write((it.name, str(it.path), "") for it in items)
         for e in errors:
-            _pseudonymise_error(e, used)
+            _pseudonymise_error(e, key)
     report = PredictReport(out, errors=list(errors))
     # a row is appended once the files of its reconstruction are all in place: a killed run
     # leaves a predictions.csv that lists exactly the finished ones
@@ -324,8 +307,8 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
 
     def fail(item: XrayInput, reason: str) -> None:
         e: dict[str, Any] = {"id": item.id, "file": str(item.path), "item": item, "reason": reason}
-        if names == "pseudonym":
-            _pseudonymise_error(e, used)
+        if key is not None:
+            _pseudonymise_error(e, key)
         report.errors.append(e)
         failures.append(e)
 
@@ -372,48 +355,22 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                              "roi_flagged": int(found.flagged) if found else 0})
             bar.update(1)
     bar.close()
-    if names == "pseudonym":
-        _write_key(report, items, key_path, prior_key)
+    if key is not None:  # each pseudonym's result
+        key.write([(it.name, str(it.path), "written") for it in items if it.name in report.written]
+                  + [(e["id"], e["source"], "failed") for e in report.errors])
     for e in report.errors:
         e.pop("item", None)
     return report
 
 
-def read_pseudonym_key(path: Path) -> list[dict[str, str]]:
-    """The rows of an existing pseudonym key (kept when a run adds to it); [] when none."""
-    if not path.exists():
-        return []
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if list(reader.fieldnames or []) != KEY_FIELDS:
-                raise ConfigError(f"{path} exists and is not a kneetf pseudonym key (columns {KEY_FIELDS})")
-            return [dict(r) for r in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ConfigError(f"{path}: cannot read the pseudonym key ({e})") from None
-
-
-def _pseudonymise_error(e: dict[str, Any], used: set[str]) -> None:
+def _pseudonymise_error(e: dict[str, Any], key: PseudonymKey) -> None:
     """Turn one error row into a pseudonymous one (the input's pseudonym, or a new one for an
     input that never got one); the source stays in "source" for the caller and the key."""
     item = e.get("item")
-    name = item.name if item is not None and item.name else ""
-    while not name:
-        name = new_pseudonym()
-        name = "" if name in used else name
-    used.add(name)
+    name = item.name if item is not None and item.name else key.new()
     e["source"] = e["file"]
     e["reason"] = _scrub(e["reason"], item, e["file"], name)
     e["id"], e["file"] = name, ""
-
-
-def _write_key(report: PredictReport, items: Sequence[XrayInput], key_path: Path,
-               prior_key: list[dict[str, str]]) -> None:
-    """The private key with each pseudonym's result: written or failed."""
-    key = [{"pseudonym": it.name, "source": str(it.path), "result": "written"}
-           for it in items if it.name in report.written]
-    key += [{"pseudonym": e["id"], "source": e["source"], "result": "failed"} for e in report.errors]
-    write_csv_atomic(key_path, KEY_FIELDS, prior_key + key)
 
 
 __all__ = ["known_preprocess", "KEY_FIELDS", "read_pseudonym_key", "XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "PREDICTIONS_CSV", "ERRORS_CSV", "XrayInput", "safe_id",

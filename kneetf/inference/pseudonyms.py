@@ -1,0 +1,78 @@
+"""The private pseudonym key of an output folder: which source file each pseudonym stands for.
+
+Outputs are named by random pseudonyms (`kneetf.inference.outputs.new_pseudonym`) unless the
+user asks for ids. The key is written before any output, so that the outputs of an
+interrupted run stay traceable, and rewritten at the end with each pseudonym's result
+(written / failed). A rerun gives the sources an interrupted run left unfinished their old
+pseudonyms, so that it replaces those outputs instead of adding new ones. `kneetf predict` and
+`kneetf client` share this one implementation.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from kneetf.errors import ConfigError
+from kneetf.inference.outputs import new_pseudonym
+from kneetf.io.atomic import write_csv_atomic
+
+KEY_FIELDS = ["pseudonym", "source", "result"]
+
+
+def read_pseudonym_key(path: Path) -> list[dict[str, str]]:
+    """The rows of an existing pseudonym key (kept when a run adds to it); [] when none."""
+    if not path.exists():
+        return []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if list(reader.fieldnames or []) != KEY_FIELDS:
+                raise ConfigError(f"{path} exists and is not a kneetf pseudonym key (columns {KEY_FIELDS})")
+            return [dict(r) for r in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{path}: cannot read the pseudonym key ({e})") from None
+
+
+class PseudonymKey:
+    """The key file at `path`: the rows of earlier runs, and the pseudonyms of this one.
+
+    `assign` names this run's inputs, `new` gives a fresh pseudonym (e.g. for an input that
+    failed before it got one), `write` stores earlier rows + this run's (pseudonym, source,
+    result) entries atomically."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows = read_pseudonym_key(self.path)
+        self.used = {r["pseudonym"] for r in self.rows}
+
+    def new(self) -> str:
+        """A pseudonym no row of the key and no input of this run has."""
+        name = ""
+        while not name or name in self.used:
+            name = new_pseudonym()
+        self.used.add(name)
+        return name
+
+    def assign(self, items: Sequence[Any]) -> None:
+        """Set `item.name` of each input (anything with `.path` and `.name`): the pseudonym an
+        interrupted run gave its source (its result still empty), else a new one. The rows of
+        reused pseudonyms leave `rows`; this run writes them again."""
+        sources = {str(it.path) for it in items}
+        unfinished: dict[str, list[str]] = {}
+        for r in self.rows:
+            if not r["result"] and r["source"] in sources:
+                unfinished.setdefault(r["source"], []).append(r["pseudonym"])
+        for it in items:
+            again = unfinished.get(str(it.path))
+            it.name = again.pop(0) if again else self.new()
+        reused = {it.name for it in items}
+        self.rows = [r for r in self.rows if r["pseudonym"] not in reused]
+
+    def write(self, entries: Iterable[tuple[str, str, str]]) -> None:
+        """The key file: earlier runs' rows, then this run's (pseudonym, source, result)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_csv_atomic(self.path, KEY_FIELDS, self.rows + [dict(zip(KEY_FIELDS, e)) for e in entries])
+
+
+__all__ = ["KEY_FIELDS", "read_pseudonym_key", "PseudonymKey"]

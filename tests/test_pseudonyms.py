@@ -1,0 +1,51 @@
+"""The pseudonym key shared by `kneetf predict` and `kneetf client`."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from kneetf.errors import ConfigError
+from kneetf.inference.pseudonyms import PseudonymKey
+
+
+def _items(*paths: str) -> list[SimpleNamespace]:
+    return [SimpleNamespace(path=Path(p), name="") for p in paths]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_unfinished_sources_keep_their_pseudonyms_and_finished_rows_stay(tmp_path):
+    path = tmp_path / "key.csv"
+    first = PseudonymKey(path)
+    items = _items("a.dcm", "b.dcm", "c.dcm")
+    first.assign(items)
+    assert len({it.name for it in items}) == 3 and all(it.name for it in items)
+    first.write((it.name, str(it.path), "") for it in items)  # then killed before the results
+    old = {str(it.path): it.name for it in items}
+
+    done = PseudonymKey(path)
+    assert done.rows == [{"pseudonym": old[s], "source": s, "result": ""} for s in ("a.dcm", "b.dcm", "c.dcm")]
+    again = _items("b.dcm", "d.dcm")
+    done.assign(again)
+    assert again[0].name == old["b.dcm"]  # replaces its output instead of adding one
+    assert again[1].name not in old.values()
+    done.write((it.name, str(it.path), "written") for it in again)
+    rows = _rows(path)
+    assert [r["source"] for r in rows] == ["a.dcm", "c.dcm", "b.dcm", "d.dcm"]
+    assert [r["result"] for r in rows] == ["", "", "written", "written"]
+
+    fresh = PseudonymKey(path)
+    assert fresh.new() not in {r["pseudonym"] for r in rows}
+
+
+def test_a_file_that_is_not_a_key_is_refused_with_its_name(tmp_path):
+    path = tmp_path / "key.csv"
+    path.write_text("id,file\n1,x\n")
+    with pytest.raises(ConfigError, match="key.csv.*not a kneetf pseudonym key"):
+        PseudonymKey(path)
