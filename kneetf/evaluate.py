@@ -85,14 +85,15 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
              baseline_split: str = "train", k: int = B.DEFAULT_K, downsample: int = B.DEFAULT_DOWNSAMPLE,
              batch_size: int = 16, limit: int | None = None, progress: bool = True,
              log_verdict: bool = True, strong: bool = True, folds: int = B.DEFAULT_FOLDS,
-             save_volumes: bool = False) -> dict[str, Any]:
+             save_volumes: bool = False, trust_model: bool = False) -> dict[str, Any]:
     """Score `model` (path of a .keras / run folder / SavedModel / .tflite, or a keras.Model)
     on `split` of the cache against the baselines; write the report to `out_dir` if given.
     `strong` adds the cross-validated baselines (`folds`-fold CV on `baseline_split`).
 
     Returns the summary dict (what summary.json holds) plus "per_subject" (list of rows).
     `log_verdict` logs `verdict_lines` (the CLI prints them itself). `save_volumes` writes
-    the model's reconstructions to `out_dir/volumes/<id>.nii.gz`.
+    the model's reconstructions to `out_dir/volumes/<id>.nii.gz`. A SavedModel / TFLite model
+    with operations outside kneetf's allow list is refused unless `trust_model`.
     """
     from tqdm.auto import tqdm
 
@@ -115,7 +116,7 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
     if recorded is not None and config_hash(recorded) != info.get("preprocess_hash"):
         log.warning("the model was trained with another preprocessing config than the cache's (%s): "
                     "scores may be off", cache_dir)
-    predictor = load_predictor(model, recorded or cache_prep)
+    predictor = load_predictor(model, recorded or cache_prep, trust_model=trust_model)
     shape = tuple(info["shapes"]["mri"])
     if (predictor.image_size, predictor.num_slices) != (shape[0], shape[2]):
         raise InputError(cache_dir, f"cache holds {shape} volumes; the model works on "

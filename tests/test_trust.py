@@ -61,6 +61,30 @@ def test_malicious_savedmodel_is_refused_by_predict(tmp_path, capsys):
     assert (tmp_path / "out" / "knee.nii.gz").is_file()
 
 
+def test_malicious_savedmodel_is_refused_by_evaluate(tmp_path, capsys):
+    """evaluate loads models through the same check: refused, then run with --trust-model."""
+    from test_evaluate import load_pair
+
+    from kneetf.data.cache import CacheTask, build_cache
+
+    cache = tmp_path / "cache"
+    tasks = [CacheTask(f"k{i:03d}", "train", i) for i in range(6)] + [CacheTask("k100", "test", 100)]
+    build_cache(tasks, load_pair, cache, workers=0, progress=False)
+    target = tmp_path / "outside" / "pwned.txt"
+    target.parent.mkdir()
+    model = _save(_writer(str(target)), tmp_path / "evil")
+    command = ["evaluate", "--model", model, "--data", str(cache), "--out", str(tmp_path / "report"),
+               "--no-strong", "--knn", "2", "--no-progress"]
+
+    rc = main(command)
+    err = capsys.readouterr().err
+    assert rc == 1 and "WriteFile" in err and "--trust-model" in err and "evil" in err
+    assert not target.exists()
+    assert main(command + ["--trust-model"]) == 0
+    assert target.read_text() == "written by the model"
+    assert (tmp_path / "report" / "summary.json").is_file()
+
+
 def _nested(root):
     @tf.function
     def inner(x):

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N subjects only")
     parser.add_argument("--save-volumes", action="store_true",
                         help="also write each subject's reconstruction as volumes/<id>.nii.gz (as kneetf predict)")
+    from kneetf.cli.options import add_trust_flag
+
+    add_trust_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(args.model, args.data, args.split, args.out, baseline_split=args.baseline_split,
                       k=args.knn, batch_size=args.batch_size, limit=args.limit, progress=args.progress,
                       log_verdict=False, strong=not args.no_strong, folds=args.folds,
-                      save_volumes=args.save_volumes)
+                      save_volumes=args.save_volumes, trust_model=args.trust_model)
     print(format_table(result))
     print()
     for line in verdict_lines(result):

@@ -166,3 +166,10 @@ def add_naming_flags(p: argparse.ArgumentParser, what: str = "output names") -> 
 
 
 __all__ = ["add_naming_flags", "ConfigFlag", "add_config_flags", "config_values", "field_default", "format_value"]
+
+
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    """--trust-model: run a SavedModel / TFLite model whose operations are outside the allow list."""
+    p.add_argument("--trust-model", action="store_true",
+                   help="run a SavedModel / TFLite model even if it holds operations kneetf models never use "
+                        "(file or other I/O, custom ops): a model file is code, trust its source")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kneetf.cli.options import ConfigFlag, add_config_flags, add_naming_flags, config_values
+from kneetf.cli.options import ConfigFlag, add_config_flags, add_naming_flags, add_trust_flag, config_values
 
 
 def _flags() -> list[ConfigFlag]:
@@ -43,9 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-outside", action="store_true",
                         help="let a manifest name files outside its folder tree")
     add_config_flags(parser, _flags())
-    parser.add_argument("--trust-model", action="store_true",
-                        help="run a SavedModel / TFLite model even if it holds operations kneetf models never use "
-                             "(file or other I/O, custom ops): a model file is code, trust its source")
+    add_trust_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
