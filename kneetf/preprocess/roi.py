@@ -306,6 +306,9 @@ class ClassicalConfig:
     min_gap_level: float = 0.3
     #: a joint space's depth, as a fraction of its bones' level over the 2nd percentile, at least
     min_depth: float = 0.03
+    #: the condyles and the tibial plateau brighter than the soft tissue just beyond the joint
+    #: space's ends (on the side where more shows) by this fraction of the bones' level, at least
+    min_flank: float = 0.1
     #: the brightest of the four bone windows over the darkest, at most
     max_bone_ratio: float = 2.0
     #: best-scoring places checked
@@ -579,6 +582,7 @@ def _on_long_edge(segments: np.ndarray, x: float, y: float, along: tuple[float, 
     return bool((hi.max() > 1.5 * half or lo.min() < -1.5 * half) and beyond >= 0.3 * knee_width)
 
 
+_DEBUG: list | None = None
 RUNS_ON = "runs on"
 #: how `_verify` starts its reason for a candidate on a long edge: other candidates on the same
 #: line are left out
@@ -727,6 +731,42 @@ def _joint_extent(rv: np.ndarray, rm: np.ndarray, x: int, y: int, width: float,
         return RUNS_ON  # no end at all, and on a side the band runs on far past the knee
     row = top + g / 2.0 + 0.5 * (offsets[tracks[-1][0]] + offsets[tracks[1][0]])
     return ends[0], ends[1], float(row)
+
+
+def _window_mean(rv: np.ndarray, rm: np.ndarray, r0: float, r1: float, c0: float, c1: float,
+                 min_coverage: float = 0.5) -> float:
+    """Mean of `rv` over its usable (`rm`) pixels in rows [r0, r1) x columns [c0, c1); NaN
+    when the window (clipped to the map) has less than `min_coverage` of its area usable."""
+    r0_, r1_ = int(round(r0)), int(round(r1))
+    c0_, c1_ = int(round(c0)), int(round(c1))
+    area = max(1, (r1_ - r0_) * (c1_ - c0_))
+    r0_, r1_ = max(0, r0_), min(rv.shape[0], r1_)
+    c0_, c1_ = max(0, c0_), min(rv.shape[1], c1_)
+    if r1_ <= r0_ or c1_ <= c0_:
+        return math.nan
+    m = rm[r0_:r1_, c0_:c1_]
+    wsum = float(m.sum())
+    if wsum < min_coverage * area:
+        return math.nan
+    return float((rv[r0_:r1_, c0_:c1_] * m).sum() / wsum)
+
+
+def _bone_flanks(rv: np.ndarray, rm: np.ndarray, mid: float, row: float, knee_w: float, g: int, hb: int
+                 ) -> np.ndarray:
+    """How much brighter the bones next to a joint space are than what flanks them: a (2, 2)
+    array (condyles, plateau) x (left, right) of the bone window's level (the middle 70 % of
+    the knee) minus the level just beyond the knee's edge on that side (NaN where that is
+    not usable). A knee's bones stand out of the soft tissue beside them; the bright side of
+    a collimation edge or a plate does not."""
+    out = np.full((2, 2), np.nan)
+    half = knee_w / 2.0
+    for i, (r0, r1) in enumerate(((row - g / 2.0 - hb, row - g / 2.0), (row + g / 2.0, row + g / 2.0 + hb))):
+        inner = _window_mean(rv, rm, r0, r1, mid - 0.35 * knee_w, mid + 0.35 * knee_w)
+        for j, sign in enumerate((-1.0, 1.0)):
+            a, b = mid + sign * (half + 0.08 * knee_w), mid + sign * (half + 0.35 * knee_w)
+            flank = _window_mean(rv, rm, r0, r1, min(a, b), max(a, b))
+            out[i, j] = inner - flank
+    return out
 
 
 def _as_spacing(pixel_spacing: float | Sequence[float] | None) -> float | None:
@@ -955,7 +995,16 @@ def _verify(c: _Candidate, search_map: tuple[np.ndarray, np.ndarray, np.ndarray,
     if not 0.5 * width <= knee_w <= 2.0 * width:
         return (f"has a joint space ({knee_w * scale / geo.f:.0f} px) that does not match its knee "
                 f"({width * scale / geo.f:.0f} px)")
+    flanks = _bone_flanks(rv, rm, mid, row, knee_w, g, hb) / bone_level
     ox, oy = inv @ np.array([mid, row, 1.0])
+    if _DEBUG is not None:
+        _DEBUG.append((ox / geo.fx, oy / geo.fy, flanks, c.depth / bone_level, snr))
+    # each bone brighter than the soft tissue beside it on at least one side that shows
+    flank = np.array([np.nanmax(b) if np.isfinite(b).any() else np.inf for b in flanks])
+    if (flank < config.min_flank).any():
+        return (f"has no bone beside its joint space ({'condyles' if flank[0] < flank[1] else 'plateau'} "
+                f"{float(flank.min()):.0%} of the bones' level brighter than beside them, at least "
+                f"{config.min_flank:.0%}): a collimation or plate edge")
     along = (float(inv[0, 0]) / scale, float(inv[1, 0]) / scale)
     knee_w *= scale  # working pixels from here on
     reach = (config.gap_height / 2 + config.bone_height) * width * scale
