@@ -8,9 +8,11 @@ The paper crops the joint with YOLOv2. Here a box comes from one of these `RoiSo
   `kneetf train-roi` trains;
 - `ClassicalRoi`: no learning, numpy/OpenCV only (`find_joint`): inside the exposed field,
   with lead markers, text and collimation masked, the joint space is a thin dark band
-  between the femoral condyles and the tibial plateau across both compartments; the box
-  side is `CLASSICAL_BOX_MM` when the pixel spacing is known, else proportional to the
-  joint's width. Where it is unsure it raises `RoiNotFoundError` instead of guessing;
+  between the femoral condyles and the tibial plateau across both compartments, with bone
+  brighter than the soft tissue beside them; a knee small in the image is looked at again,
+  finer, around the first box. The box side is `CLASSICAL_BOX_MM` when the pixel spacing is
+  known, else proportional to the joint's width. Where it is unsure it raises
+  `RoiNotFoundError` instead of guessing;
 - `FixedRoi`: one box for every X-ray.
 
 `find_roi` asks any of them for an `RoiFinding`: the box, its source and, where the source
@@ -56,7 +58,9 @@ CLASSICAL_SIDE_SCALE = 1.45
 #: synthetic knees are cropped to 100 mm boxes (96-100 mm is the usual joint box).
 CLASSICAL_BOX_MM = 100.0
 #: The classical fallback flags (keeps, but marks for review) boxes found with a confidence
-#: below this: 1.7 % of its right boxes and 28 % of its wrong ones on the tuning sets.
+#: below this: 1.7 % of its right boxes and 28 % of its wrong ones on the tuning sets
+#: of version 3; version 4 flags 20 % of its (fewer) wrong boxes on other seeds of the
+#: held-out styles.
 CLASSICAL_FLAG_BELOW = 0.4
 #: Version of the classical algorithm: part of a cached pair's key, so that a cache built by
 #: an older fallback is rebuilt rather than mixed with new boxes. 4: bone beside the joint
