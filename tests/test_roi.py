@@ -242,6 +242,60 @@ def test_classical_roi_on_processed_radiographs_finds_or_reports(index, found):
     assert is_found(box, r.box), (index, box, r.box)
 
 
+@pytest.mark.parametrize("index, found", [(22, False), (137, False), (190, False), (30, True), (129, True)])
+def test_classical_roi_wants_bone_beside_the_joint_space(index, found):
+    """Processed radiographs (seed 1001: not a held-out seed) whose collimation edge, with
+    the sharpening's dark halo along it, passed for a joint space: a box up to two sides off
+    the knee, unreported, before the joint space needed bone beside it (22, 137, 190: reported
+    now; 30, 129: the knee is found once the edge is refused)."""
+    from kneetf.data.radiograph import simulate
+    from kneetf.preprocess.roi_score import is_found
+
+    r = simulate(1001, index, "processed")
+    try:
+        box = classical_roi(r.presentation(), pixel_spacing=r.pixel_spacing[0])
+    except RoiNotFoundError:
+        assert not found, f"image {index} should be found"
+        return
+    assert found, f"image {index} should be reported"
+    assert is_found(box, r.box), (index, box, r.box)
+
+
+def test_bone_flanks_tell_a_knee_from_an_edge():
+    from kneetf.preprocess.roi import _bone_flanks
+
+    v = np.full((60, 120), 0.4, np.float32)  # soft tissue
+    v[:, 40:80] = 1.0  # bone, 40 px wide
+    v[28:32, 40:80] = 0.6  # the joint space
+    usable = np.ones_like(v)
+    knee = _bone_flanks(v, usable, 60.0, 30.0, 40.0, 4, 8)
+    np.testing.assert_allclose(knee, 0.6, atol=1e-5)  # both bones, both sides
+    v[:28] = 1.0  # above: one bright level across (the outside of a collimated field)
+    edge = _bone_flanks(v, usable, 60.0, 30.0, 40.0, 4, 8)
+    np.testing.assert_allclose(edge[0], 0.0, atol=1e-5)
+    usable[:, :40] = 0.0  # a side that does not show is not judged
+    assert np.isnan(_bone_flanks(v, usable, 60.0, 30.0, 40.0, 4, 8)[:, 0]).all()
+
+
+def test_classical_second_look_at_a_small_knee():
+    """Wide fields at 0.6-0.9 mm (seed 1001: not held out): the whole image at 192 px gave a
+    box 16-18 % of its side off the joint; the second look, on a crop at about twice the
+    resolution, finds it. A place off the joint is not found again there: unsure."""
+    from kneetf.data.radiograph import simulate
+    from kneetf.preprocess.roi import DEFAULT_CLASSICAL, JointFinding, _second_look
+    from kneetf.preprocess.roi_score import is_found
+
+    for index in (48, 114):
+        r = simulate(1001, index, "wide")
+        image, spacing = r.presentation(), r.pixel_spacing[0]
+        found = find_joint(image, pixel_spacing=spacing)
+        assert is_found(found.box, r.box), (index, found.box, r.box)
+    off = JointFinding(found.box.shift(0.45 * found.box.width, 0.0), found.confidence, found.knee_width,
+                       found.angle, found.contrast)
+    with pytest.raises(RoiNotFoundError, match="unsure: the joint found at"):
+        _second_look(image, off, spacing, CLASSICAL_BOX_MM, 1.45, DEFAULT_CLASSICAL, None)
+
+
 def test_classical_roi_refuses_an_image_without_a_knee():
     with pytest.raises(RoiNotFoundError, match=r"knee.dcm: no knee found: the image is constant"):
         classical_roi(np.full((100, 60), 7, np.uint16), source="knee.dcm")

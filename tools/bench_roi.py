@@ -120,16 +120,18 @@ def make_source(spec: str, use_spacing: bool) -> Source:
     from kneetf.errors import KneetfError
 
     if spec == "classical":
-        from kneetf.preprocess.roi import classical_roi
+        from kneetf.preprocess.roi import ClassicalRoi
 
-        takes_spacing = "pixel_spacing" in inspect.signature(classical_roi).parameters
+        classical = ClassicalRoi()
 
         def run(case: Case) -> tuple[Any, bool]:
-            kw = {"pixel_spacing": case.spacing} if takes_spacing and use_spacing and case.spacing else {}
+            # as `kneetf prepare` uses it: failed, or a box flagged for review when unsure
+            spacing = case.spacing if use_spacing else None
             try:
-                return classical_roi(case.image, **kw), False
+                finding = classical.finding_for(case.id, case.image, spacing)
             except KneetfError:
                 return None, True
+            return finding.box, finding.flagged
 
         return Source("classical", run)
     if spec.endswith(".csv"):
