@@ -30,11 +30,19 @@ from pathlib import Path
 import numpy as np
 
 
+#: the X-rays: the `oai` radiograph style (`kneetf.data.radiograph`) at a fixed OAI size and spacing
+XRAY_SIZE, XRAY_MM, XRAY_SEED = (2000, 2500), 0.14, 7
+
+
 def make_inputs(root: Path, distinct: int, seed: int = 0) -> list[tuple[str, str]]:
     """Write `distinct` OAI-sized pairs under root; returns (xray, mri) relative paths."""
+    import dataclasses
+
+    from kneetf.data.radiograph import STYLES, simulate
     from kneetf.io.writers import write_dicom_series, write_dicom_xray
 
     rng = np.random.default_rng(seed)
+    style = dataclasses.replace(STYLES["oai"], name="bench", size=XRAY_SIZE, pixel_mm=(XRAY_MM, XRAY_MM))
     pairs = []
     for i in range(distinct):
         zz, yy, xx = np.mgrid[0:160, 0:384, 0:384].astype("float32")
@@ -42,11 +50,9 @@ def make_inputs(root: Path, distinct: int, seed: int = 0) -> list[tuple[str, str
         volume += rng.normal(0, 20, volume.shape).astype("float32")
         write_dicom_series(root / f"mri{i}", np.clip(volume, 0, None), (0.7, 0.365, 0.365), shuffle_names=True,
                            rng=rng, series_description="SAG_3D_DESS_RIGHT")
-        yy, xx = np.mgrid[0:2000, 0:2500].astype("float32")
-        image = 1500 + 800 * np.exp(-((yy - 900 - 40 * i) ** 2) / 8e4) * (np.abs(xx - 1250) < 500)
-        image[960 + 40 * i:1000 + 40 * i, 800:1700] -= 600  # a joint space
-        image += rng.normal(0, 15, image.shape)
-        write_dicom_xray(root / f"xray{i}.dcm", np.clip(image, 0, 4095).astype("uint16"), pixel_spacing=0.14)
+        radiograph = simulate(XRAY_SEED, i, style)  # a knee the classical ROI finds
+        write_dicom_xray(root / f"xray{i}.dcm", radiograph.presentation().astype("uint16"),
+                         pixel_spacing=XRAY_MM)
         pairs.append((f"xray{i}.dcm", f"mri{i}"))
     return pairs
 
