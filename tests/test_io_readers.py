@@ -365,3 +365,29 @@ def test_series_without_preamble_or_suffix(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "000").read_bytes()[128:132] != b"DICM"
     (tmp_path / "s" / "junk").write_bytes(np.random.default_rng(0).bytes(5000))
     np.testing.assert_array_equal(read_mri(tmp_path / "s")[0], vol)
+
+
+@pytest.mark.parametrize("rescale", [None, (1.0, 0.0), (2.0, -100.0), (1.0, 0.5)])
+def test_xray_rescale_as_pydicom_applies_it(tmp_path: Path, rescale: tuple[float, float] | None) -> None:
+    """An identity rescale (or none) skips pydicom's float64 round trip: the same values to the
+    bit as `apply_modality_lut`, which a real rescale still goes through."""
+    from pydicom.pixels import apply_modality_lut
+
+    stored = np.random.default_rng(3).integers(0, 4096, (40, 50)).astype(np.uint16)
+    path = write_dicom_xray(tmp_path / "x.dcm", stored)
+
+    def edit(ds: pydicom.Dataset, _: int) -> None:
+        for keyword in ("RescaleSlope", "RescaleIntercept"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        if rescale is not None:
+            ds.RescaleSlope, ds.RescaleIntercept = rescale
+
+    rewrite([path], edit)
+    ds = pydicom.dcmread(path)
+    expected = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+    image, _ = read_xray(path)
+    assert image.dtype == np.float32
+    np.testing.assert_array_equal(image, expected)
+    if rescale == (2.0, -100.0):
+        np.testing.assert_array_equal(image, stored.astype(np.float32) * 2 - 100)

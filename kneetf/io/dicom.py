@@ -387,6 +387,19 @@ def require_finite(arr: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 # === Single images (X-rays) ===
+def _identity_modality_lut(ds: Any) -> bool:
+    """Whether `apply_modality_lut` would give the stored values unchanged: no modality LUT,
+    and no rescale or slope 1 and intercept 0 (it would only round-trip them through float64)."""
+    if ds.get("ModalityLUTSequence", None):
+        return False
+    if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
+        return True
+    try:
+        return float(ds.RescaleSlope) == 1.0 and float(ds.RescaleIntercept) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
 def read_dicom_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One DICOM image -> (2-D float32, meta fields): modality LUT / rescale applied,
     MONOCHROME1 inverted (bright = dense), colour converted to grey. Files declaring more
@@ -406,9 +419,9 @@ def read_dicom_image(path: str | Path, *, max_pixels: int | None = None) -> tupl
         raw = to_grey(raw)
     if raw.ndim != 2:
         raise InputError(path, f"decoded to shape {raw.shape}; expected a 2-D image")
-    if "PixelData" in ds:
+    if "PixelData" in ds and not _identity_modality_lut(ds):
         arr = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
-    else:  # float pixel data carries real values already
+    else:  # float pixel data carries real values already; an identity rescale changes nothing
         arr = raw.astype(np.float32, copy=False)
     inverted = False
     if photometric == "MONOCHROME1":
