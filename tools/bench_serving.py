@@ -2,7 +2,7 @@
 8, the client's own overhead and the model's compute in the server; Keras and TFLite in
 process for comparison.
 
-    python tools/bench_serving.py                      # compact preset, about 3 min on 2 cores
+    python tools/bench_serving.py                      # compact preset, 1-3 min on 2 cores
     python tools/bench_serving.py --model runs/x/model.keras --requests 200 --no-tflite
 
 The server is `tests/serving_server.py` in a process of its own, as TF Serving runs: the real
@@ -94,11 +94,16 @@ def client_parts(grpc_client, rest_client, raw: np.ndarray, repeats: int) -> dic
         b = as_batch(raw, grpc_client.signature, image_size=grpc_client.image_size, resize=True)
         return predict_request(b, grpc_client.model, grpc_client.version, grpc_client.signature).SerializeToString()
 
-    answer = grpc_client._predict(predict_request(batch, grpc_client.model), timeout=60).SerializeToString()
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    with grpc.insecure_channel(grpc_client.target, options=[("grpc.max_receive_message_length", 1 << 28)]) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        answer = stub.Predict(predict_request(batch, grpc_client.model), timeout=60).SerializeToString()
 
     def grpc_parse() -> dict:
         response = predict_pb2.PredictResponse.FromString(answer)
-        return parse_predict_response(response, len(batch), grpc_client._expected)
+        return parse_predict_response(response, len(batch), grpc_client.output_shapes())
 
     def rest_build() -> bytes:
         b = as_batch(raw, rest_client.signature, image_size=rest_client.image_size, resize=True)
@@ -110,7 +115,7 @@ def client_parts(grpc_client, rest_client, raw: np.ndarray, repeats: int) -> dic
         body = response.read()
 
     def rest_parse() -> dict:
-        return parse_rest_response(json.loads(body.decode("utf-8")), len(batch), rest_client._expected)
+        return parse_rest_response(json.loads(body.decode("utf-8")), len(batch), rest_client.output_shapes())
 
     rest_repeats = max(3, repeats // 10)
     return {"grpc client build": timed(grpc_build, repeats), "grpc client parse": timed(grpc_parse, repeats),
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             for b in batch_sizes:
                 n = max(4, args.requests // (1 if b == 1 else 2))
                 for c in concurrency:
-                    add("grpc", b, c, lambda b=b: grpc_client.predict(raw[b]), n)
+                    add("grpc", b, c, lambda b=b: grpc_client.predict(raw[b]), max(c, n))
                 if not args.no_rest:
                     for c in concurrency:
                         add("rest", b, c, lambda b=b: rest_client.predict(raw[b]), max(c, args.rest_requests))
