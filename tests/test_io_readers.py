@@ -365,3 +365,83 @@ def test_series_without_preamble_or_suffix(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "000").read_bytes()[128:132] != b"DICM"
     (tmp_path / "s" / "junk").write_bytes(np.random.default_rng(0).bytes(5000))
     np.testing.assert_array_equal(read_mri(tmp_path / "s")[0], vol)
+
+
+@pytest.mark.parametrize("rescale", [None, (1.0, 0.0), (2.0, -100.0), (1.0, 0.5)])
+def test_xray_rescale_as_pydicom_applies_it(tmp_path: Path, rescale: tuple[float, float] | None) -> None:
+    """An identity rescale (or none) skips pydicom's float64 round trip: the same values to the
+    bit as `apply_modality_lut`, which a real rescale still goes through."""
+    from pydicom.pixels import apply_modality_lut
+
+    stored = np.random.default_rng(3).integers(0, 4096, (40, 50)).astype(np.uint16)
+    path = write_dicom_xray(tmp_path / "x.dcm", stored)
+
+    def edit(ds: pydicom.Dataset, _: int) -> None:
+        for keyword in ("RescaleSlope", "RescaleIntercept"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        if rescale is not None:
+            ds.RescaleSlope, ds.RescaleIntercept = rescale
+
+    rewrite([path], edit)
+    ds = pydicom.dcmread(path)
+    expected = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+    image, _ = read_xray(path)
+    assert image.dtype == np.float32
+    np.testing.assert_array_equal(image, expected)
+    if rescale == (2.0, -100.0):
+        np.testing.assert_array_equal(image, stored.astype(np.float32) * 2 - 100)
+
+
+def _pydicom_refs(monkeypatch: pytest.MonkeyPatch, path: Path) -> list:
+    """`scan_dicom` with every header value converted by pydicom (no raw reading)."""
+    with monkeypatch.context() as m:
+        m.setattr(kdicom, "_raw_numbers", lambda ds, keyword: None)
+        return kdicom.scan_dicom(path)[0]
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "CT_small.dcm",
+                                  "MR_small_RLE.dcm"])
+def test_header_values_read_raw_as_pydicom_converts_them(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DS and US values read from their bytes are pydicom's own, on files of every
+    encoding (explicit and implicit VR, big endian, multi-frame)."""
+    path = Path(get_testdata_file(name))
+    ds = pydicom.dcmread(path)
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                    "RescaleSlope", "RescaleIntercept", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel"):
+        raw = kdicom._raw_numbers(pydicom.dcmread(path), keyword)
+        if raw is None:
+            continue
+        value = ds.get(keyword)
+        expected = [value] if not isinstance(value, pydicom.multival.MultiValue) else list(value)
+        assert list(raw) == expected
+        assert [type(v) for v in raw] == [float if isinstance(e, float) else int for e in expected]
+    fast, slow = kdicom.scan_dicom(path)[0], _pydicom_refs(monkeypatch, path)
+    for a, b in zip(fast, slow):
+        assert (a.rows, a.cols, a.slope, a.intercept, a.pixel_spacing, a.thickness) == \
+               (b.rows, b.cols, b.slope, b.intercept, b.pixel_spacing, b.thickness)
+        np.testing.assert_array_equal(a.position, b.position)
+        np.testing.assert_array_equal(a.orientation, b.orientation)
+
+
+def test_header_values_read_raw_on_odd_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padding, empty and wrongly numbered values fall back to pydicom: the same slices."""
+    write_dicom_series(tmp_path / "s", volume((4, 16, 20)), (2.0, 0.5, 0.5))
+    files = sorted((tmp_path / "s").glob("*.dcm"))
+
+    def edit(ds: pydicom.Dataset, i: int) -> None:
+        if i == 0:
+            ds.RescaleSlope, ds.RescaleIntercept = "2.5", " -10 "
+        if i == 1:
+            ds.SliceThickness = ""
+        if i == 2:
+            ds.ImageOrientationPatient = [0, 1, 0, 0, 0]  # five values where six belong: refused
+
+    rewrite(files, edit)
+    with pytest.raises(InputError, match="no valid ImagePositionPatient/ImageOrientationPatient"):
+        kdicom.scan_dicom(tmp_path / "s")
+    rewrite(files[2:3], lambda ds, _: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]))
+    fast, slow = kdicom.scan_dicom(tmp_path / "s")[0], _pydicom_refs(monkeypatch, tmp_path / "s")
+    assert [(r.slope, r.intercept, r.thickness, r.pixel_spacing) for r in fast] == \
+           [(r.slope, r.intercept, r.thickness, r.pixel_spacing) for r in slow]
+    assert fast[0].slope == 2.5 and fast[0].intercept == -10.0

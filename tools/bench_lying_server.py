@@ -12,7 +12,6 @@ its peak RSS (VmHWM), next to an honest answer. Prints a table and a final line
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,8 +19,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
+from testserver import load_test_server  # tools/testserver.py
 
 CLIENT = """
 import json, re, sys
@@ -41,15 +39,6 @@ except Exception as e:
 peak = int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read())[1]) / 1024
 print(json.dumps({"outcome": outcome, "peak_rss_mb": peak}))
 """
-
-
-def load_test_server():
-    """tests/serving_server.py, imported by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("kneetf_test_serving_server", ROOT / "tests" / "serving_server.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def compact_lie(mri_shape: tuple[int, ...], fill: float = 0.5):

@@ -10,16 +10,26 @@ import tensorflow as tf
 
 
 def percentile(x: tf.Tensor, q: float | tf.Tensor) -> tf.Tensor:
-    """Per-sample q-th percentile of (batch, ...) `x`, linear interpolation (numpy's default)."""
+    """Per-sample q-th percentile of (batch, ...) `x`, linear interpolation (numpy's default).
+
+    For a number `q` only the values up to the percentile's position from the nearer end are
+    ordered (`top_k`), not all of them: the same order statistics as a full sort, at a
+    fraction of its cost (0.5 % of the values for the 0.5th percentile)."""
     flat = tf.reshape(tf.cast(x, tf.float32), (tf.shape(x)[0], -1))
     n = tf.shape(flat)[1]
-    sorted_ = tf.sort(flat, axis=1)
     pos = tf.cast(q, tf.float32) / 100.0 * tf.cast(n - 1, tf.float32)
     lo = tf.cast(tf.floor(pos), tf.int32)
     hi = tf.minimum(lo + 1, n - 1)
     frac = pos - tf.cast(lo, tf.float32)
-    v_lo = tf.gather(sorted_, lo, axis=1)
-    v_hi = tf.gather(sorted_, hi, axis=1)
+    if isinstance(q, (int, float)) and q < 50:  # the hi + 1 smallest values, ascending
+        smallest = -tf.math.top_k(-flat, k=hi + 1, sorted=True).values
+        v_lo, v_hi = tf.gather(smallest, lo, axis=1), tf.gather(smallest, hi, axis=1)
+    elif isinstance(q, (int, float)):  # the n - lo largest values, descending
+        largest = tf.math.top_k(flat, k=n - lo, sorted=True).values
+        v_lo, v_hi = tf.gather(largest, n - 1 - lo, axis=1), tf.gather(largest, n - 1 - hi, axis=1)
+    else:
+        sorted_ = tf.sort(flat, axis=1)
+        v_lo, v_hi = tf.gather(sorted_, lo, axis=1), tf.gather(sorted_, hi, axis=1)
     return v_lo + (v_hi - v_lo) * frac
 
 

@@ -1,0 +1,49 @@
+"""tools/bench_serving.py and tools/bench_prepare.py run end to end on tiny settings and print
+their RESULT line (the measurements themselves are benchmarks, not tests)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _result(args: list[str], cwd: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, done.stdout[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_bench_serving_times_every_part(tmp_path: Path) -> None:
+    """The test server in its own process answers gRPC and REST; the client's parts and the
+    model's compute are timed apart."""
+    result = _result([str(ROOT / "tools" / "bench_serving.py"), "--preset", "tiny", "--requests", "4",
+                      "--rest-requests", "2", "--repeats", "4", "--concurrency", "1,2", "--no-tflite"], tmp_path)
+    rows = {(r["path"], r["concurrency"]): r for r in result["rows"]}
+    for key in [("grpc", 1), ("grpc", 2), ("rest", 1), ("rest", 2), ("grpc client build", 1),
+                ("grpc client parse", 1), ("rest client build", 1), ("rest client parse", 1),
+                ("model in server", 1)]:
+        assert 0 < rows[key]["p50_ms"] <= rows[key]["p99_ms"], key
+    sizes = result["sizes"]["1"]
+    assert sizes["grpc_answer_bytes"] > 128 * 128 * 21 * 4 and sizes["rest_answer_bytes"] > sizes["grpc_answer_bytes"]
+
+
+@pytest.mark.slow
+def test_bench_prepare_rows_per_roi_source(tmp_path: Path) -> None:
+    """One OAI-sized pair prepared with a boxes CSV and with the classical ROI, in-process,
+    with its CPU time and peak RSS."""
+    result = _result([str(ROOT / "tools" / "bench_prepare.py"), "--distinct", "1", "--pairs", "2", "--rounds", "1",
+                      "--workers", "0", "--keep", str(tmp_path / "inputs")], tmp_path)
+    rows = {r["roi"]: r for r in result["rows"]}
+    assert set(rows) == {"classical", "csv"}
+    for r in rows.values():
+        assert r["pairs"] == 2 and r["errors"] == 0 and r["cpu_s_per_pair"] > 0 and r["rss_main_mb"] > 0
