@@ -50,6 +50,18 @@ def test_series_sort_follows_normal_not_z(tmp_path: Path) -> None:
         np.testing.assert_array_equal(read_mri(tmp_path / "s")[0], vol)
 
 
+def test_series_with_one_pixel_spacing_value(series) -> None:
+    """A PixelSpacing with one value (VM 1, written by some tools) means the same spacing both
+    ways; a negative one counts as missing; neither crashes."""
+    folder, files, vol = series
+    rewrite(files, lambda ds, k: setattr(ds, "PixelSpacing", "0.4"))
+    got, meta = read_mri(folder)
+    np.testing.assert_array_equal(got, vol)
+    assert meta.spacing == (0.7, 0.4, 0.4)
+    rewrite(files, lambda ds, k: setattr(ds, "PixelSpacing", ["-0.4", "0.5"]))
+    assert read_mri(folder)[1].spacing is None  # as when PixelSpacing is absent
+
+
 def test_series_per_slice_rescale(series) -> None:
     folder, files, vol = series
     slopes = [1.0 + 0.25 * k for k in range(12)]

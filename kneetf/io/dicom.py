@@ -476,7 +476,7 @@ def read_dicom_image(path: str | Path, *, max_pixels: int | None = None) -> tupl
     spacing = ds.get("PixelSpacing", None) or ds.get("ImagerPixelSpacing", None)
     orient = ds.get("PatientOrientation", None)
     meta = {
-        "pixel_spacing": tuple(float(s) for s in spacing) if spacing else None,
+        "pixel_spacing": _spacing(spacing),
         "photometric": photometric,
         "laterality": _laterality(ds),
         "orientation": tuple(str(o) for o in orient) if orient else None,
@@ -517,6 +517,22 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
     except (TypeError, ValueError):
         return None
     return out if out.shape == (n,) and np.isfinite(out).all() else None
+
+
+def _spacing(value: Any) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from a PixelSpacing-like value: one value means the same both
+    ways (some writers store one); anything else that is not two finite positive numbers is
+    treated as missing."""
+    if value is None:
+        return None
+    try:
+        values = [float(v) for v in value] if not isinstance(value, (int, float)) else [float(value)]
+    except (TypeError, ValueError):
+        return None
+    values = values * 2 if len(values) == 1 else values
+    if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
+        return None
+    return values[0], values[1]
 
 
 def _group_item(ds: Any, frame: int, sequence: str) -> Any | None:
@@ -564,7 +580,7 @@ def _slice_refs(path: Path, ds: Any) -> list[SliceRef]:
         refs.append(SliceRef(
             path=path, ds=ds, frame=None if frames == 1 else f, position=position, orientation=orientation,
             slope=slope, intercept=intercept, series_uid=uid, rows=rows, cols=cols,
-            pixel_spacing=tuple(float(s) for s in spacing) if spacing else None,
+            pixel_spacing=_spacing(spacing),
             thickness=float(thickness) if thickness not in (None, "") else None))
     return refs
 
