@@ -42,6 +42,7 @@ def test_default_recipe_is_the_mean_recipe_with_the_kernel_ridge_template() -> N
 
     prior_fields = {k: getattr(mean_model, k) for k in RECIPES["default"].model if k.startswith(("prior_", "residual_"))}
     assert replace(model, **prior_fields) == mean_model
-    assert replace(train, monitor="val_loss") == mean_train
+    assert train.augment == 0.0 and mean_train.augment == 1.0  # the prior sees the model's input X-ray
+    assert replace(train, monitor="val_loss", augment=1.0) == mean_train
     # `prior` is another name of the default recipe
     assert get_recipe("prior").apply(get_preset("compact"), TrainConfig()) == (model, train)
