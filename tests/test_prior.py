@@ -170,3 +170,14 @@ def test_prior_model_exports_to_savedmodel_and_tflite(tmp_path, features):
     report = tfl.export_tflite(model, tmp_path / "tflite", variants=("fp32",), check=x)
     assert report["fp32"]["outputs"]["mri"]["psnr"] > 80
     check_tflite(report["fp32"]["path"])
+
+
+def test_prior_fits_on_a_few_pairs_and_names_too_few(data):
+    from kneetf.errors import ConfigError
+
+    train, evald = data
+    few = {k: v[:4] for k, v in train.items()}
+    fit = fit_prior(lambda: [few], rank=64, basis_size=8, downsample=2, folds=5)
+    assert fit.rank == 3 and fit.info["cv"]["grid"]["alpha"]  # folds lowered to the 4 pairs
+    with pytest.raises(ConfigError, match="at least 3 training pairs.*--recipe mean"):
+        fit_prior(lambda: [{k: v[:2] for k, v in train.items()}], basis_size=8, downsample=2)

@@ -27,6 +27,7 @@ import numpy as np
 
 from kneetf import baselines as B
 from kneetf.config import ModelConfig, TrainConfig
+from kneetf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,9 @@ def fit_prior(train_batches: Callable[[], Any], *, kernel: str = "rbf", max_land
     t0 = time.monotonic()
     summary = B.summarize_training(train_batches(), downsample, exact_limit=exact_limit, seed=seed, features=features)
     n = summary.count
-    if n < max(3, folds):
-        raise ValueError(f"the kernel ridge prior needs at least {max(3, folds)} training pairs; "
-                         f"the training split has {n}")
+    if n < 3:
+        raise ConfigError(f"the kernel ridge prior needs at least 3 training pairs; the training split has {n} "
+                          "(train with --recipe mean, whose template is the mean training volume)")
     sub = summary.subset
     scaler = B.Standardizer.fit(summary.features)
     if features == "pixels+gradient":
