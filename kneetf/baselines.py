@@ -628,7 +628,8 @@ def baseline_predictions(train_arrays: Mapping[str, Any], eval_arrays: Mapping[s
 
 
 __all__ = ["DEFAULT_K", "DEFAULT_DOWNSAMPLE", "DEFAULT_FOLDS", "EXACT_LIMIT", "K_GRID", "ALPHA_GRID", "GAMMA_GRID",
-           "KERNELS", "FEATURES", "STRONG", "label", "baseline_names", "gradient_magnitude", "xray_features", "Standardizer", "nearest_neighbours",
+           "KERNELS", "FEATURES", "STRONG", "label", "baseline_names", "gradient_magnitude",
+           "xray_features", "Standardizer", "nearest_neighbours",
            "kernel_matrix", "median_sq_distance", "span_coordinates", "fold_indices", "CVResult", "cv_knn",
            "cv_kernel_ridge", "KernelRidge", "fit_kernel_ridge", "leave_one_out_weights", "TrainingSummary",
            "summarize_training", "BaselineFit", "fit_baselines", "streamed_baseline_predictions",

@@ -228,7 +228,8 @@ class TrainConfig:
         if self.prior_cv_repeats < 1:
             raise ConfigError(f"prior_cv_repeats must be >= 1. Received: prior_cv_repeats={self.prior_cv_repeats}")
         if self.prior_gradient_weight <= 0:
-            raise ConfigError(f"prior_gradient_weight must be > 0. Received: prior_gradient_weight={self.prior_gradient_weight}")
+            raise ConfigError("prior_gradient_weight must be > 0. "
+                              f"Received: prior_gradient_weight={self.prior_gradient_weight}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"ema_momentum must lie in [0, 1). Received: ema_momentum={self.ema_momentum}")
         for name in ("epochs", "batch_size"):

@@ -40,7 +40,8 @@ def test_default_recipe_is_the_mean_recipe_with_the_kernel_ridge_template() -> N
     assert train.monitor == "val_mri_mse" and mean_train.monitor == "val_loss"
     from kneetf.config import replace
 
-    prior_fields = {k: getattr(mean_model, k) for k in RECIPES["default"].model if k.startswith(("prior_", "residual_"))}
+    prior_fields = {k: getattr(mean_model, k) for k in RECIPES["default"].model
+                    if k.startswith(("prior_", "residual_"))}
     assert replace(model, **prior_fields) == mean_model
     assert train.augment == 0.0 and mean_train.augment == 1.0  # the prior sees the model's input X-ray
     assert replace(train, monitor="val_loss", augment=1.0) == mean_train
