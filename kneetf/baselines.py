@@ -60,6 +60,8 @@ ALPHA_GRID = tuple(float(a) for a in 10.0 ** np.arange(-3.0, 2.01, 0.25))
 #: RBF widths tried, as multiples of 1 / (median squared distance between training X-rays)
 GAMMA_GRID = (0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 KERNELS = ("linear", "rbf")
+#: X-ray feature sets: the downsampled pixels, or those followed by the downsampled gradient magnitude
+FEATURES = ("pixels", "pixels+gradient")
 #: baselines fitted by cross-validation ("strong" ones)
 STRONG = ("knn_cv", "krr_linear", "krr_rbf")
 
@@ -84,8 +86,20 @@ def baseline_names(k: int = DEFAULT_K, strong: bool = False) -> list[str]:
 
 # === X-ray features ===
 
-def xray_features(xray: Any, downsample: int = DEFAULT_DOWNSAMPLE) -> np.ndarray:
-    """Flattened X-rays (N, H, W[, 1]) after area downsampling by `downsample`: (N, D) float32."""
+def gradient_magnitude(x: np.ndarray) -> np.ndarray:
+    """|dx| + |dy| of images (N, H, W) by forward differences (0 on the last row / column)."""
+    x = np.asarray(x, dtype=np.float32)
+    gy = np.abs(np.diff(x, axis=1, append=x[:, -1:]))
+    gx = np.abs(np.diff(x, axis=2, append=x[:, :, -1:]))
+    return gx + gy
+
+
+def xray_features(xray: Any, downsample: int = DEFAULT_DOWNSAMPLE, features: str = "pixels") -> np.ndarray:
+    """Flattened X-rays (N, H, W[, 1]) after area downsampling by `downsample`: (N, D) float32;
+    with `features="pixels+gradient"` followed by the area-downsampled gradient magnitude
+    (`gradient_magnitude` of the full-resolution X-ray): (N, 2 D)."""
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}. Received: features={features!r}")
     x = np.asarray(xray, dtype=np.float32)
     if x.ndim == 4:
         if x.shape[-1] != 1:
@@ -96,11 +110,17 @@ def xray_features(xray: Any, downsample: int = DEFAULT_DOWNSAMPLE) -> np.ndarray
     if downsample < 1:
         raise ValueError(f"downsample must be >= 1. Received: downsample={downsample}")
     n, h, w = x.shape
-    if downsample > 1:
-        if h % downsample or w % downsample:
-            raise ValueError(f"downsample={downsample} must divide the X-ray size {h}x{w}")
-        x = x.reshape(n, h // downsample, downsample, w // downsample, downsample).mean(axis=(2, 4))
-    return x.reshape(n, -1)
+    if downsample > 1 and (h % downsample or w % downsample):
+        raise ValueError(f"downsample={downsample} must divide the X-ray size {h}x{w}")
+
+    def pooled(a: np.ndarray) -> np.ndarray:
+        if downsample > 1:
+            a = a.reshape(n, h // downsample, downsample, w // downsample, downsample).mean(axis=(2, 4))
+        return a.reshape(n, -1)
+
+    if features == "pixels":
+        return pooled(x)
+    return np.concatenate([pooled(x), pooled(gradient_magnitude(x))], axis=1)
 
 
 @dataclass(frozen=True)
@@ -120,6 +140,10 @@ class Standardizer:
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         return (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
+
+    def weighted(self, weights: np.ndarray) -> "Standardizer":
+        """The same standardisation with feature j multiplied by `weights[j]` afterwards."""
+        return Standardizer(self.mean, self.scale / np.asarray(weights, dtype=np.float64))
 
 
 def nearest_neighbours(train_features: np.ndarray, query_features: np.ndarray, k: int = 1, *,
@@ -254,10 +278,12 @@ def cv_knn(features: np.ndarray, coords: np.ndarray, k_grid: Sequence[int] = K_G
 
 def cv_kernel_ridge(features: np.ndarray, coords: np.ndarray, kernel: str, *, gammas: Sequence[float] = (1.0,),
                     alphas: Sequence[float] = ALPHA_GRID, folds: int = DEFAULT_FOLDS, seed: int = 0,
-                    n_values: int = 1) -> CVResult:
+                    n_values: int = 1, repeats: int = 1) -> CVResult:
     """k-fold cross-validated error of kernel ridge regression (centred targets) for every
     (gamma, alpha) pair; `features` standardised, `coords` from `span_coordinates`, `gammas`
-    absolute (ignored by the linear kernel).
+    absolute (ignored by the linear kernel). With `repeats` > 1 the error is averaged over
+    that many fold splits (seeds `seed`, `seed + 1`, ...), so that the choice depends less on
+    one split.
 
     Per fold and gamma, the fold's kernel is eigendecomposed once, K_ff = Q diag(lam) Q^T; the
     held-out error |A - M D R|^2 with A = Z_h - mean(Z_f), M = K_hf Q, R = Q^T (Z_f - mean(Z_f))
@@ -269,8 +295,11 @@ def cv_kernel_ridge(features: np.ndarray, coords: np.ndarray, kernel: str, *, ga
     z = np.asarray(coords, dtype=np.float64)
     gammas = [float(g) for g in gammas] if kernel == "rbf" else [0.0]
     alphas = [float(a) for a in alphas]
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1. Received: repeats={repeats}")
     sse = np.zeros((len(gammas), len(alphas)))
-    for held in fold_indices(len(f), folds, seed):
+    splits = [held for r in range(repeats) for held in fold_indices(len(f), folds, seed + r)]
+    for held in splits:
         train = np.setdiff1d(np.arange(len(f)), held)
         zbar = z[train].mean(axis=0)
         a = z[held] - zbar
@@ -286,7 +315,7 @@ def cv_kernel_ridge(features: np.ndarray, coords: np.ndarray, kernel: str, *, ga
             for ai, alpha in enumerate(alphas):
                 d = 1.0 / (lam + alpha)
                 sse[gi, ai] += a2 - 2.0 * d @ u + d @ c @ d
-    mse = sse / (len(f) * n_values)
+    mse = sse / (len(f) * n_values * repeats)
     gi, ai = np.unravel_index(int(np.argmin(mse)), mse.shape)
     best = {"alpha": alphas[ai]}
     grid: dict[str, list[float]] = {"alpha": alphas}
@@ -402,8 +431,9 @@ class TrainingSummary:
 
 
 def summarize_training(train_batches: Iterable[Mapping[str, Any]], downsample: int = DEFAULT_DOWNSAMPLE, *,
-                       gram: bool = True, exact_limit: int = EXACT_LIMIT, seed: int = 0) -> TrainingSummary:
-    """One pass over the training batches: ids, features, mean and (with `gram`) the Gram
+                       gram: bool = True, exact_limit: int = EXACT_LIMIT, seed: int = 0,
+                       features: str = "pixels") -> TrainingSummary:
+    """One pass over the training batches: ids, features (`xray_features`), mean and (with `gram`) the Gram
     matrix of the MRIs of all rows, or of a random subset of `exact_limit` rows (reservoir
     sampling) above that. The MRIs are held as 16-bit values meanwhile."""
     rng = np.random.default_rng(seed)
@@ -413,7 +443,7 @@ def summarize_training(train_batches: Iterable[Mapping[str, Any]], downsample: i
     rows: list[int] = []
     clipped = False
     for batch in train_batches:
-        feats.append(xray_features(batch["xray"], downsample))
+        feats.append(xray_features(batch["xray"], downsample, features))
         ids += [str(i) for i in batch["id"]]
         mri = np.asarray(batch["mri"], dtype=np.float32)
         s = mri.sum(axis=0, dtype=np.float64)
@@ -598,7 +628,8 @@ def baseline_predictions(train_arrays: Mapping[str, Any], eval_arrays: Mapping[s
 
 
 __all__ = ["DEFAULT_K", "DEFAULT_DOWNSAMPLE", "DEFAULT_FOLDS", "EXACT_LIMIT", "K_GRID", "ALPHA_GRID", "GAMMA_GRID",
-           "KERNELS", "STRONG", "label", "baseline_names", "xray_features", "Standardizer", "nearest_neighbours",
+           "KERNELS", "FEATURES", "STRONG", "label", "baseline_names", "gradient_magnitude",
+           "xray_features", "Standardizer", "nearest_neighbours",
            "kernel_matrix", "median_sq_distance", "span_coordinates", "fold_indices", "CVResult", "cv_knn",
            "cv_kernel_ridge", "KernelRidge", "fit_kernel_ridge", "leave_one_out_weights", "TrainingSummary",
            "summarize_training", "BaselineFit", "fit_baselines", "streamed_baseline_predictions",

@@ -23,6 +23,7 @@ LR_SCHEDULES = ("constant", "cosine")
 RESIDUAL_PRIORS = ("mean", "kernel_ridge")
 MONITORS = ("val_loss", "val_mri_loss", "val_mri_mse")
 PRIOR_KERNELS = ("rbf", "linear")
+PRIOR_FEATURES = ("pixels", "pixels+gradient")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class ModelConfig:
         "metavar": "PIXELS"})
     prior_downsample: int = field(default=4, metadata={
         "help": "area-downsampling factor of the X-ray features of the kernel ridge prior", "metavar": "F"})
+    prior_features: str = field(default="pixels", metadata={
+        "help": "X-ray features of the kernel ridge prior: pixels (the downsampled X-ray) or pixels+gradient "
+                "(followed by its downsampled gradient magnitude)", "choices": PRIOR_FEATURES})
 
     def __post_init__(self) -> None:
         if self.residual_prior not in RESIDUAL_PRIORS:
@@ -85,6 +89,9 @@ class ModelConfig:
                               f"Received: residual_prior={self.residual_prior!r}")
         if self.prior_kernel not in PRIOR_KERNELS:
             raise ConfigError(f"prior_kernel must be one of {PRIOR_KERNELS}. Received: prior_kernel={self.prior_kernel!r}")
+        if self.prior_features not in PRIOR_FEATURES:
+            raise ConfigError(f"prior_features must be one of {PRIOR_FEATURES}. "
+                              f"Received: prior_features={self.prior_features!r}")
         for name in ("prior_landmarks", "prior_rank", "prior_basis_size", "prior_downsample"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1. Received: {name}={getattr(self, name)}")
@@ -206,12 +213,23 @@ class TrainConfig:
     prior_folds: int = field(default=5, metadata={
         "help": "cross-validation folds that choose the kernel ridge prior's ridge strength and width",
         "metavar": "K"})
+    prior_cv_repeats: int = field(default=5, metadata={
+        "help": "fold splits the kernel ridge prior's cross-validation error is averaged over (1 = one split)",
+        "metavar": "R"})
+    prior_gradient_weight: float = field(default=0.5, metadata={
+        "help": "weight of the standardised gradient features against the pixel features of a kernel ridge prior "
+                "with prior_features=pixels+gradient", "metavar": "W"})
 
     def __post_init__(self) -> None:
         if self.monitor not in MONITORS:
             raise ConfigError(f"monitor must be one of {MONITORS}. Received: monitor={self.monitor!r}")
         if self.prior_folds < 2:
             raise ConfigError(f"prior_folds must be >= 2. Received: prior_folds={self.prior_folds}")
+        if self.prior_cv_repeats < 1:
+            raise ConfigError(f"prior_cv_repeats must be >= 1. Received: prior_cv_repeats={self.prior_cv_repeats}")
+        if self.prior_gradient_weight <= 0:
+            raise ConfigError("prior_gradient_weight must be > 0. "
+                              f"Received: prior_gradient_weight={self.prior_gradient_weight}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"ema_momentum must lie in [0, 1). Received: ema_momentum={self.ema_momentum}")
         for name in ("epochs", "batch_size"):

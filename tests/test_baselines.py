@@ -161,3 +161,25 @@ def test_cross_validation_on_a_subset_above_the_exact_limit():
     y = train["mri"].reshape(40, -1)[summary.subset].astype(np.float64)
     d = y - y[0]
     np.testing.assert_allclose(summary.gram, d @ d.T, atol=1e-3)
+
+
+def test_repeated_cross_validation_averages_the_splits() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((24, 6))
+    z = B.span_coordinates((y := np.tanh(x @ rng.standard_normal((6, 10)))) @ y.T)
+    gammas = (0.05, 0.2)
+    one = [B.cv_kernel_ridge(x, z, "rbf", gammas=gammas, folds=4, seed=s).mse for s in (3, 4, 5)]
+    rep = B.cv_kernel_ridge(x, z, "rbf", gammas=gammas, folds=4, seed=3, repeats=3)
+    np.testing.assert_allclose(rep.mse, np.mean(one, axis=0), rtol=1e-10)
+    gi, ai = np.unravel_index(int(np.argmin(rep.mse)), rep.mse.shape)
+    assert (rep.best["gamma"], rep.best["alpha"]) == (gammas[gi], B.ALPHA_GRID[ai])
+
+
+def test_gradient_features_follow_the_pixels() -> None:
+    x = np.zeros((1, 4, 4, 1), np.float32)
+    x[0, :, 2:, 0] = 1.0  # a vertical edge between columns 1 and 2
+    f = B.xray_features(x, 2, "pixels+gradient")
+    np.testing.assert_array_equal(f[0, :4], [0, 1, 0, 1])  # pooled pixels
+    np.testing.assert_array_equal(f[0, 4:], [0.5, 0, 0.5, 0])  # |dx| is 1 on column 1 only
+    with pytest.raises(ValueError, match="features must be one of"):
+        B.xray_features(x, 2, "edges")

@@ -72,7 +72,7 @@ def test_train_without_flags_is_the_recipe(monkeypatch, tmp_path) -> None:
     from kneetf.training.recipes import get_recipe
     from kneetf.training.train import DataSpec, RunOptions
 
-    for recipe in ("default", "paper"):
+    for recipe in ("default", "mean", "paper"):
         seen = _train_configs(monkeypatch, tmp_path, ["--recipe", recipe])
         model, train = get_recipe(recipe).apply(get_preset("compact"), TrainConfig())
         assert (seen["model"], seen["train"]) == (model, train)
@@ -85,12 +85,15 @@ def test_every_train_flag_name_sets_its_field(monkeypatch, tmp_path) -> None:
         "--lr-encdec", "1e-4", "--lr-generator", "2e-4", "--loss-weights", "2,1", "--augment", "0.5",
         "--shift-augment", "2", "--ssim-weight", "0.1", "--gradient-weight", "0.2", "--latent-dropout", "0.1",
         "--early-stopping", "3", "--lr-schedule", "constant", "--budget", "100", "--seed", "5", "--workers", "1",
-        "--strategy", "one-device", "--precision", "mixed_bfloat16", "--jit", "--fresh"])
+        "--strategy", "one-device", "--precision", "mixed_bfloat16", "--jit", "--fresh",
+        "--prior-features", "pixels", "--prior-downsample", "4", "--prior-gradient-weight", "0.25",
+        "--prior-cv-repeats", "2"])
     t, m, data, options = seen["train"], seen["model"], seen["data"], seen["options"]
     assert (t.epochs, t.batch_size, t.lr_encdec, t.lr_generator, t.loss_weights) == (3, 4, 1e-4, 2e-4, (2.0, 1.0))
     assert (t.augment, t.shift_augment, t.ssim_weight, t.gradient_weight) == (0.5, 2, 0.1, 0.2)
     assert (t.early_stopping_patience, t.lr_schedule, t.time_budget_s, t.seed) == (3, "constant", 100.0, 5)
     assert m.latent_dropout == 0.1 and m.encoder_filters == (2, 2, 4, 4, 8, 8)
+    assert (m.prior_features, m.prior_downsample, t.prior_gradient_weight, t.prior_cv_repeats) == ("pixels", 4, 0.25, 2)
     assert (data.path, data.synthetic_n, data.synthetic_seed, data.workers) == ("cache", 64, 5, 1)
     assert (options.strategy, options.precision, options.jit, options.fresh) == ("one-device", "mixed_bfloat16",
                                                                                 True, True)
@@ -115,7 +118,7 @@ def test_train_help_lists_registries_and_recipe_defaults() -> None:
     text = " ".join(_command_parser("train")[0].format_help().split())
     for name in [*preset_names(), *RECIPES]:
         assert f"{name} (" in text, name
-    assert "the recipe's: 32 for paper, 16 for default" in text  # --batch-size
+    assert "the recipe's: 32 for paper, 16 for mean, 16 for default" in text  # --batch-size
     assert "(default: 1,1)" in text  # --loss-weights: the same in every recipe
     for flag in ("--budget", "--early-stopping", "--lr-encdec", "--loss-weights", "--synthetic-n", "--fresh"):
         assert flag in text

@@ -55,6 +55,29 @@ def test_low_rank_low_resolution_prior_and_its_size(data):
     assert err(prior) < err(np.broadcast_to(mean, prior.shape))  # still better than the mean volume
 
 
+def test_gradient_features_prior_is_kernel_ridge_on_the_baselines_features(data):
+    train, evald = data
+    fit = fit_prior(lambda: [train], rank=100, basis_size=8, downsample=2, folds=4, features="pixels+gradient",
+                    gradient_weight=0.5, cv_repeats=2)
+    assert fit.info["features"] == "pixels+gradient" and fit.info["cv_repeats"] == 2
+    layer = KernelRidgePrior(image_size=8, num_slices=3, downsample=2, num_landmarks=fit.num_landmarks,
+                             rank=fit.rank, basis_size=8, features="pixels+gradient")
+    layer.build((None, 8, 8, 1))
+    layer.set_prior(fit.values)
+    # the same prediction from the numpy features: pixels, then gradient magnitude at half weight
+    raw = B.xray_features(train["xray"], 2, "pixels+gradient")
+    assert raw.shape == (30, 32)
+    std = B.Standardizer.fit(raw)
+    np.testing.assert_allclose(fit.values["feature_scale"][16:], std.scale[16:] / 0.5, rtol=1e-6)
+    scaler = B.Standardizer(fit.values["feature_mean"], fit.values["feature_scale"])
+    f, q = scaler(raw), scaler(B.xray_features(evald["xray"], 2, "pixels+gradient"))
+    y = train["mri"].reshape(30, -1)
+    k = B.kernel_matrix(f, f, "rbf", fit.info["gamma"])
+    pred = y.mean(0) + B.kernel_matrix(q, f, "rbf", fit.info["gamma"]) @ np.linalg.solve(
+        k + fit.info["alpha"] * np.eye(30), y - y.mean(0))
+    np.testing.assert_allclose(layer(evald["xray"]).numpy().reshape(6, -1), pred, atol=5e-5)
+
+
 def test_training_offsets_are_the_leave_one_out_gap(data):
     train, _ = data
     fit = fit_prior(lambda: [train], rank=5, basis_size=8, downsample=2, folds=4)
@@ -91,11 +114,11 @@ def test_offset_transform_adds_the_expanded_offset(data):
     np.testing.assert_array_equal(transform(other)["mri"].numpy(), train["mri"][4])
 
 
-def _prior_model(seed: int = 0):
+def _prior_model(seed: int = 0, features: str = "pixels"):
     from kneetf.models.kneenet import KneeNet
 
     model = KneeNet.from_preset("tiny", residual_template=True, residual_prior="kernel_ridge", prior_landmarks=6,
-                                prior_rank=3, prior_basis_size=16)
+                                prior_rank=3, prior_basis_size=16, prior_features=features)
     rng = np.random.default_rng(seed)
     shapes = model.prior.weight_shapes()
     values = {name: rng.standard_normal(shape).astype("float32") * 0.1 for name, shape in shapes.items()}
@@ -105,10 +128,12 @@ def _prior_model(seed: int = 0):
     return model, values
 
 
-def test_untrained_model_predicts_its_prior_and_saves_it(tmp_path):
+@pytest.mark.parametrize("features", ["pixels", "pixels+gradient"])
+def test_untrained_model_predicts_its_prior_and_saves_it(tmp_path, features):
     import keras
 
-    model, values = _prior_model()
+    model, values = _prior_model(features=features)
+    assert model.prior.landmarks.shape[1] == (128 // 4) ** 2 * (2 if features == "pixels+gradient" else 1)
     x = np.random.default_rng(1).random((2, 128, 128, 1)).astype("float32")
     prior = model.prior(x).numpy()
     out = model.predict(x, verbose=0)["mri"]
@@ -123,14 +148,15 @@ def test_untrained_model_predicts_its_prior_and_saves_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_prior_model_exports_to_savedmodel_and_tflite(tmp_path):
+@pytest.mark.parametrize("features", ["pixels", "pixels+gradient"])
+def test_prior_model_exports_to_savedmodel_and_tflite(tmp_path, features):
     import tensorflow as tf
 
     from kneetf.export.savedmodel import export_savedmodel
     from kneetf.export import tflite as tfl
     from kneetf.inference.trust import check_savedmodel, check_tflite
 
-    model, _ = _prior_model(2)
+    model, _ = _prior_model(2, features)
     run = tmp_path / "run"
     run.mkdir()
     model.save(run / "model.keras")
@@ -144,3 +170,14 @@ def test_prior_model_exports_to_savedmodel_and_tflite(tmp_path):
     report = tfl.export_tflite(model, tmp_path / "tflite", variants=("fp32",), check=x)
     assert report["fp32"]["outputs"]["mri"]["psnr"] > 80
     check_tflite(report["fp32"]["path"])
+
+
+def test_prior_fits_on_a_few_pairs_and_names_too_few(data):
+    from kneetf.errors import ConfigError
+
+    train, evald = data
+    few = {k: v[:4] for k, v in train.items()}
+    fit = fit_prior(lambda: [few], rank=64, basis_size=8, downsample=2, folds=5)
+    assert fit.rank == 3 and fit.info["cv"]["grid"]["alpha"]  # folds lowered to the 4 pairs
+    with pytest.raises(ConfigError, match="at least 3 training pairs.*--recipe mean"):
+        fit_prior(lambda: [{k: v[:2] for k, v in train.items()}], basis_size=8, downsample=2)

@@ -46,6 +46,9 @@ ELSEWHERE: dict[str, tuple[str, str, str]] = {
         "tests/test_roi_training.py", "test_train_roi_cli_on_simulated_radiographs",
         "train-roi on a few radiographs for one epoch (--data / --boxes / --init in the tests next to it; bench_roi in "
         "tests/test_bench_roi.py)"),
+    "python tools/compare_priors.py --data evalA/cache     # likewise evalB, evalC": (
+        "tests/test_compare_priors.py", "test_compare_priors_scores_every_predictor_against_kernel_ridge",
+        "the tool on a small cache; the three held-out sets are a measurement, not a test"),
     '.venv/bin/python -m pytest -q -m "not slow"    # the fast tests only': (
         ".ci/run", "# test:", "CI runs the whole suite; the fast tests are a subset of it"),
 }

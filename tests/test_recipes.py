@@ -32,12 +32,18 @@ def test_unknown_recipe_is_named() -> None:
         get_recipe("papr")
 
 
-def test_prior_recipe_is_the_default_with_the_kernel_ridge_template() -> None:
-    default_model, default_train = get_recipe("default").apply(get_preset("compact"), TrainConfig())
-    model, train = get_recipe("prior").apply(get_preset("compact"), TrainConfig())
-    assert model.residual_prior == "kernel_ridge" and default_model.residual_prior == "mean"
-    assert train.monitor == "val_mri_mse" and default_train.monitor == "val_loss"
+def test_default_recipe_is_the_mean_recipe_with_the_kernel_ridge_template() -> None:
+    mean_model, mean_train = get_recipe("mean").apply(get_preset("compact"), TrainConfig())
+    model, train = get_recipe("default").apply(get_preset("compact"), TrainConfig())
+    assert model.residual_prior == "kernel_ridge" and mean_model.residual_prior == "mean"
+    assert model.prior_features == "pixels+gradient" and mean_model.prior_features == "pixels"
+    assert train.monitor == "val_mri_mse" and mean_train.monitor == "val_loss"
     from kneetf.config import replace
 
-    assert replace(model, residual_prior="mean") == default_model
-    assert replace(train, monitor="val_loss") == default_train
+    prior_fields = {k: getattr(mean_model, k) for k in RECIPES["default"].model
+                    if k.startswith(("prior_", "residual_"))}
+    assert replace(model, **prior_fields) == mean_model
+    assert train.augment == 0.0 and mean_train.augment == 1.0  # the prior sees the model's input X-ray
+    assert replace(train, monitor="val_loss", augment=1.0) == mean_train
+    # `prior` is another name of the default recipe
+    assert get_recipe("prior").apply(get_preset("compact"), TrainConfig()) == (model, train)

@@ -84,7 +84,8 @@ def build_prior(cfg: ModelConfig) -> KernelRidgePrior:
     """The kernel ridge prior layer of a `residual_prior="kernel_ridge"` config."""
     return KernelRidgePrior(image_size=cfg.image_size, num_slices=cfg.num_slices, downsample=cfg.prior_downsample,
                             num_landmarks=cfg.prior_landmarks, rank=cfg.prior_rank,
-                            basis_size=cfg.prior_basis_size, kernel=cfg.prior_kernel, name="mri_prior")
+                            basis_size=cfg.prior_basis_size, kernel=cfg.prior_kernel, features=cfg.prior_features,
+                            name="mri_prior")
 
 
 def build_generator(cfg: ModelConfig) -> keras.Model:

@@ -2,8 +2,12 @@
 
 `KernelRidgePrior` maps the normalised X-ray (batch, H, W, 1) to a volume (batch, H, W, slices):
 
-1. area-downsample the X-ray by `downsample` (average pooling) and flatten it;
-2. standardise it with the stored per-pixel mean and scale of the training X-rays;
+1. area-downsample the X-ray by `downsample` (average pooling) and flatten it; with
+   `features="pixels+gradient"`, follow it by the area-downsampled gradient magnitude
+   |dx| + |dy| of the full-resolution X-ray (forward differences, as
+   `kneetf.baselines.gradient_magnitude`);
+2. standardise the features with the stored per-feature mean and scale of the training
+   X-rays (a scale can also weight a feature group: `kneetf.training.prior.fit_prior`);
 3. take the kernel (RBF exp(-gamma |f - l|^2), or linear f.l / D) against `landmarks` stored
    landmark X-rays (all training X-rays, or Nystrom landmarks beyond a limit);
 4. multiply by stored coefficients (landmarks, rank): the kernel ridge prediction of the
@@ -25,7 +29,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-PRIOR_KERNELS = ("rbf", "linear")
+from kneetf.config import PRIOR_FEATURES, PRIOR_KERNELS
 #: weight name -> shape, given the layer's sizes (see `KernelRidgePrior.weight_shapes`)
 WEIGHT_NAMES = ("feature_mean", "feature_scale", "landmarks", "gamma", "coefficients", "basis", "mean")
 
@@ -56,14 +60,19 @@ class KernelRidgePrior(layers.Layer):
         rank: size of the MRI basis.
         basis_size: in-plane side of the stored basis (upsampled to `image_size`).
         kernel: "rbf" or "linear".
+        features: "pixels" (the downsampled X-ray) or "pixels+gradient" (followed by its
+            downsampled gradient magnitude).
     """
 
     def __init__(self, image_size: int = 128, num_slices: int = 20, downsample: int = 4, num_landmarks: int = 1,
-                 rank: int = 1, basis_size: int = 32, kernel: str = "rbf", **kwargs: Any) -> None:
+                 rank: int = 1, basis_size: int = 32, kernel: str = "rbf", features: str = "pixels",
+                 **kwargs: Any) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if kernel not in PRIOR_KERNELS:
             raise ValueError(f"kernel must be one of {PRIOR_KERNELS}. Received: kernel={kernel!r}")
+        if features not in PRIOR_FEATURES:
+            raise ValueError(f"features must be one of {PRIOR_FEATURES}. Received: features={features!r}")
         if downsample < 1 or image_size % downsample:
             raise ValueError(f"downsample must divide image_size={image_size}. Received: downsample={downsample}")
         if basis_size < 1 or image_size % basis_size:
@@ -77,10 +86,12 @@ class KernelRidgePrior(layers.Layer):
         self.rank = int(rank)
         self.basis_size = int(basis_size)
         self.kernel = kernel
+        self.features = features
 
     @property
     def num_features(self) -> int:
-        return (self.image_size // self.downsample) ** 2
+        per_map = (self.image_size // self.downsample) ** 2
+        return per_map * (2 if self.features == "pixels+gradient" else 1)
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         d, m, r, b = self.num_features, self.num_landmarks, self.rank, self.basis_size
@@ -109,9 +120,15 @@ class KernelRidgePrior(layers.Layer):
     def coordinates(self, xray: Any) -> Any:
         """The kernel ridge prediction of the basis coordinates, (batch, rank)."""
         x = ops.cast(xray, "float32")
+        maps = [x]
+        if self.features == "pixels+gradient":
+            gy = ops.pad(ops.abs(x[:, 1:] - x[:, :-1]), [[0, 0], [0, 1], [0, 0], [0, 0]])
+            gx = ops.pad(ops.abs(x[:, :, 1:] - x[:, :, :-1]), [[0, 0], [0, 0], [0, 1], [0, 0]])
+            maps.append(gx + gy)
         if self.downsample > 1:
-            x = ops.average_pool(x, self.downsample, strides=self.downsample, padding="valid")
-        f = ops.reshape(x, (-1, self.num_features))
+            maps = [ops.average_pool(m, self.downsample, strides=self.downsample, padding="valid") for m in maps]
+        per_map = (self.image_size // self.downsample) ** 2
+        f = ops.concatenate([ops.reshape(m, (-1, per_map)) for m in maps], axis=1)
         f = (f - self.feature_mean) / self.feature_scale
         cross = ops.matmul(f, ops.transpose(self.landmarks))
         if self.kernel == "linear":
@@ -131,7 +148,7 @@ class KernelRidgePrior(layers.Layer):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "image_size": self.image_size, "num_slices": self.num_slices,
                 "downsample": self.downsample, "num_landmarks": self.num_landmarks, "rank": self.rank,
-                "basis_size": self.basis_size, "kernel": self.kernel}
+                "basis_size": self.basis_size, "kernel": self.kernel, "features": self.features}
 
 
-__all__ = ["KernelRidgePrior", "expand_basis", "PRIOR_KERNELS", "WEIGHT_NAMES"]
+__all__ = ["KernelRidgePrior", "expand_basis", "PRIOR_KERNELS", "PRIOR_FEATURES", "WEIGHT_NAMES"]

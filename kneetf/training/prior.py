@@ -27,6 +27,7 @@ import numpy as np
 
 from kneetf import baselines as B
 from kneetf.config import ModelConfig, TrainConfig
+from kneetf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +63,33 @@ def _pca(low: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def fit_prior(train_batches: Callable[[], Any], *, kernel: str = "rbf", max_landmarks: int = 1024, rank: int = 64,
-              basis_size: int = 32, downsample: int = 4, folds: int = B.DEFAULT_FOLDS,
-              exact_limit: int = B.EXACT_LIMIT, seed: int = 0) -> PriorFit:
+              basis_size: int = 32, downsample: int = 4, features: str = "pixels", gradient_weight: float = 0.5,
+              folds: int = B.DEFAULT_FOLDS, cv_repeats: int = 1, exact_limit: int = B.EXACT_LIMIT,
+              seed: int = 0) -> PriorFit:
     """Fit the prior on the training split; `train_batches()` returns a fresh iterable of
     numpy batches {"id", "xray", "mri"} (called twice).
+
+    `features` as `kneetf.baselines.xray_features`; the standardised gradient features are
+    multiplied by `gradient_weight`. The ridge strength and RBF width minimise the
+    cross-validated error averaged over `cv_repeats` fold splits.
 
     The number of landmarks is min(n, `max_landmarks`) and the rank min(`rank`, n - 1): a
     model built for the fit uses `PriorFit.num_landmarks` and `PriorFit.rank`."""
     t0 = time.monotonic()
-    summary = B.summarize_training(train_batches(), downsample, exact_limit=exact_limit, seed=seed)
+    summary = B.summarize_training(train_batches(), downsample, exact_limit=exact_limit, seed=seed, features=features)
     n = summary.count
-    if n < max(3, folds):
-        raise ValueError(f"the kernel ridge prior needs at least {max(3, folds)} training pairs; "
-                         f"the training split has {n}")
+    if n < 3:
+        raise ConfigError(f"the kernel ridge prior needs at least 3 training pairs; the training split has {n} "
+                          "(train with --recipe mean, whose template is the mean training volume)")
     sub = summary.subset
     scaler = B.Standardizer.fit(summary.features)
+    if features == "pixels+gradient":
+        per_map = summary.features.shape[1] // 2
+        scaler = scaler.weighted(np.r_[np.ones(per_map), np.full(per_map, gradient_weight)])
     fsub = scaler(summary.features[sub])
     med = B.median_sq_distance(fsub, seed=seed)
     cv = B.cv_kernel_ridge(fsub, B.span_coordinates(summary.gram), kernel, gammas=[g / med for g in B.GAMMA_GRID],
-                           folds=min(folds, len(sub)), seed=seed, n_values=summary.n_values)
+                           folds=min(folds, len(sub)), seed=seed, n_values=summary.n_values, repeats=cv_repeats)
     for name in cv.at_edge():
         log.warning("kernel ridge prior: cross-validation chose %s=%.4g at the end of its grid", name, cv.best[name])
     krr = B.fit_kernel_ridge(summary.features, kernel, cv.best["alpha"], cv.best.get("gamma", 1.0),
@@ -109,7 +118,9 @@ def fit_prior(train_batches: Callable[[], Any], *, kernel: str = "rbf", max_land
               "gamma": np.float32(krr.gamma), "coefficients": coef, "basis": basis.reshape(rank, b, b, slices),
               "mean": summary.mean}
     size = sum(int(np.asarray(v).size) for v in values.values()) * 4
-    info = {"kernel": kernel, "alpha": krr.alpha, "gamma": krr.gamma,
+    info = {"kernel": kernel, "features": features, "downsample": downsample,
+            **({"gradient_weight": gradient_weight} if features == "pixels+gradient" else {}),
+            "cv_repeats": cv_repeats, "alpha": krr.alpha, "gamma": krr.gamma,
             "gamma_relative": cv.best.get("gamma", 0.0) * med, "cv": cv.to_dict(), "train_pairs": n,
             "landmarks": int(len(krr.landmark_index)), "nystrom": krr.nystrom, "rank": rank,
             "basis_size": b, "pca_variance_kept": round(kept, 4), "bytes": size,
@@ -129,7 +140,9 @@ def fit_model_prior(train_batches: Callable[[], Any], model_config: ModelConfig,
     """`fit_prior` with the sizes of a model config and the folds of a training config."""
     return fit_prior(train_batches, kernel=model_config.prior_kernel, max_landmarks=model_config.prior_landmarks,
                      rank=model_config.prior_rank, basis_size=model_config.prior_basis_size,
-                     downsample=model_config.prior_downsample, folds=train_config.prior_folds, seed=seed)
+                     downsample=model_config.prior_downsample, features=model_config.prior_features,
+                     gradient_weight=train_config.prior_gradient_weight, folds=train_config.prior_folds,
+                     cv_repeats=train_config.prior_cv_repeats, seed=seed)
 
 
 def offset_transform(fit: PriorFit, image_size: int) -> Callable[[dict], dict]:
