@@ -223,6 +223,18 @@ def test_classical_roi_refuses_two_knees_and_a_leg_without_its_knee():
         classical_roi(left, pixel_spacing=-1)
 
 
+def _classical_on_processed(seed: int, index: int):
+    """(the classical box or None when it reports the file, the true box) of one simulated
+    radiograph of the "processed" style."""
+    from kneetf.data.radiograph import simulate
+
+    r = simulate(seed, index, "processed")
+    try:
+        return classical_roi(r.presentation(), pixel_spacing=r.pixel_spacing[0]), r.box
+    except RoiNotFoundError:
+        return None, r.box
+
+
 @pytest.mark.parametrize("index, found", [(15, True), (25, True), (7, False), (26, False)])
 def test_classical_roi_on_processed_radiographs_finds_or_reports(index, found):
     """Strongly sharpened, compressed, noisy radiographs (the "processed" style, seed 5105: not
@@ -230,16 +242,13 @@ def test_classical_roi_on_processed_radiographs_finds_or_reports(index, found):
     now); the sharpening's dark halo along a collimation edge passed for a joint space at one
     tilt or width after being refused at others (7, 26: a box far off the knee before; now the
     knee is found or the image is reported, never a wrong box)."""
-    from kneetf.data.radiograph import simulate
     from kneetf.preprocess.roi_score import is_found
 
-    r = simulate(5105, index, "processed")
-    try:
-        box = classical_roi(r.presentation(), pixel_spacing=r.pixel_spacing[0])
-    except RoiNotFoundError:
+    box, truth = _classical_on_processed(5105, index)
+    if box is None:
         assert not found, f"image {index} should be found"
         return
-    assert is_found(box, r.box), (index, box, r.box)
+    assert is_found(box, truth), (index, box, truth)
 
 
 @pytest.mark.parametrize("index, found", [(22, False), (137, False), (190, False), (30, True), (129, True)])
@@ -248,17 +257,14 @@ def test_classical_roi_wants_bone_beside_the_joint_space(index, found):
     the sharpening's dark halo along it, passed for a joint space: a box up to two sides off
     the knee, unreported, before the joint space needed bone beside it (22, 137, 190: reported
     now; 30, 129: the knee is found once the edge is refused)."""
-    from kneetf.data.radiograph import simulate
     from kneetf.preprocess.roi_score import is_found
 
-    r = simulate(1001, index, "processed")
-    try:
-        box = classical_roi(r.presentation(), pixel_spacing=r.pixel_spacing[0])
-    except RoiNotFoundError:
+    box, truth = _classical_on_processed(1001, index)
+    if box is None:
         assert not found, f"image {index} should be found"
         return
     assert found, f"image {index} should be reported"
-    assert is_found(box, r.box), (index, box, r.box)
+    assert is_found(box, truth), (index, box, truth)
 
 
 def test_bone_flanks_tell_a_knee_from_an_edge():
