@@ -117,6 +117,7 @@ def test_matmul_layer_equals_keras_forward_and_gradients_2d(shape, filters, kern
 def test_larger_inputs_fall_back_and_the_models_use_the_matmul_form():
     assert not PhaseConv3DTranspose(8, 4, strides=2, padding="same").uses_matmul((1, 4, 4, 4, 8))
     assert not MatmulConv2DTranspose(8, 4, strides=2, padding="same").uses_matmul((1, 4, 4, 8))
+    assert not MatmulConv2DTranspose(8, 4, strides=2, padding="same", output_padding=1).uses_matmul((1, 2, 2, 8))
     model = kneetf.build_model("tiny")
     for sub in (model.generator, model.decoder):
         first = next(l for l in sub.layers if isinstance(l, (keras.layers.Conv2DTranspose,

@@ -132,7 +132,7 @@ def conv3d_transpose_same(x, kernel, strides: Sequence[int]):
 
 def _uses_matmul(layer, input_shape) -> bool:
     spatial = tuple(input_shape[1:-1])
-    return (layer.padding == "same" and layer.data_format == "channels_last"
+    return (layer.padding == "same" and layer.data_format == "channels_last" and layer.output_padding is None
             and all(d == 1 for d in layer.dilation_rate) and all(p is not None for p in spatial)
             and int(np.prod(spatial)) <= MAX_MATMUL_POSITIONS and keras.backend.backend() == "tensorflow")
 
