@@ -88,6 +88,15 @@ def test_targets_read_the_right_rows(bench) -> None:
     assert t["paper_infer_b1_s"] == {"value": 0.25, "target": 0.2, "met": False}
 
 
+def test_bf16_ceiling_line_shows_each_ratio(bench, capsys) -> None:
+    bench.print_peaks({"tf": {"gflops_best": 100.0}, "tf_bf16": {"gflops_best": 210.0},
+                       "tf_conv3d": {"gflops_best": 80.0}, "tf_conv3d_bf16": {"gflops_best": 176.0}})
+    out = capsys.readouterr().out
+    assert "matmul: fp32 100, bf16 210 GFLOP/s (x2.10)" in out and "(x2.20)" in out
+    bench.print_peaks({"tf": {"gflops_best": 100.0}})  # an older result without the bf16 lines
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.slow
 def test_one_tf_training_measurement(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py"), "--worker", "tf", "--preset", "tiny",

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 import kneetf
-from kneetf.models.deconv import MAX_PHASE_FILTERS, Conv3DTranspose as PhaseConv3DTranspose
+from kneetf.models.deconv import MAX_PHASE_FILTERS, Conv2DTranspose as MatmulConv2DTranspose
+from kneetf.models.deconv import Conv3DTranspose as PhaseConv3DTranspose
 
 
 def _pair(shape, filters, kernel, strides, use_bias=True):
@@ -77,3 +78,50 @@ def test_mixed_bfloat16_phase_layer_runs_and_returns_bfloat16():
     assert y.dtype == tf.bfloat16 and y.shape == (1, 4, 4, 2, 1)
     grads = tape.gradient(loss, [x, layer.kernel])
     assert grads[1].shape == layer.kernel.shape and bool(tf.reduce_all(tf.math.is_finite(grads[1])))
+
+
+@pytest.mark.parametrize("shape,filters,kernel,strides,use_bias", [
+    ((2, 2, 2, 2, 5), 6, 4, (1, 1, 1), True),     # the generator's first block (stride 1)
+    ((2, 2, 2, 1, 5), 3, 4, (2, 2, 2), False),    # its second, on the compact preset's 2x2x1 input
+    ((1, 2, 2, 2, 3), 2, (4, 3, 2), (2, 1, 3), True),  # mixed kernel sizes and strides
+])
+def test_matmul_layer_equals_keras_forward_and_gradients_3d(shape, filters, kernel, strides, use_bias):
+    ref, new = _pair(shape, filters, kernel, strides, use_bias)
+    assert new.uses_matmul(shape)
+    x = tf.constant(np.random.default_rng(1).standard_normal(shape).astype("float32"))
+    for a, b in zip(_forward_and_grads(ref, x), _forward_and_grads(new, x)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+@pytest.mark.parametrize("shape,filters,kernel,strides", [
+    ((2, 2, 2, 7), 5, 4, (1, 1)),    # the X-ray decoder's first block
+    ((3, 2, 2, 4), 6, 4, (2, 2)),    # its second
+    ((1, 1, 3, 2), 2, (3, 4), (2, 1)),
+])
+def test_matmul_layer_equals_keras_forward_and_gradients_2d(shape, filters, kernel, strides):
+    ref = keras.layers.Conv2DTranspose(filters, kernel, strides=strides, padding="same")
+    new = MatmulConv2DTranspose(filters, kernel, strides=strides, padding="same")
+    ref.build(shape)
+    new.build(shape)
+    weights = [np.random.default_rng(0).standard_normal(w.shape).astype("float32") for w in ref.get_weights()]
+    ref.set_weights(weights)
+    new.set_weights(weights)
+    assert new.uses_matmul(shape)
+    x = tf.constant(np.random.default_rng(1).standard_normal(shape).astype("float32"))
+    for a, b in zip(_forward_and_grads(ref, x), _forward_and_grads(new, x)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_larger_inputs_fall_back_and_the_models_use_the_matmul_form():
+    assert not PhaseConv3DTranspose(8, 4, strides=2, padding="same").uses_matmul((1, 4, 4, 4, 8))
+    assert not MatmulConv2DTranspose(8, 4, strides=2, padding="same").uses_matmul((1, 4, 4, 8))
+    assert not MatmulConv2DTranspose(8, 4, strides=2, padding="same", output_padding=1).uses_matmul((1, 2, 2, 8))
+    model = kneetf.build_model("tiny")
+    for sub in (model.generator, model.decoder):
+        first = next(l for l in sub.layers if isinstance(l, (keras.layers.Conv2DTranspose,
+                                                             keras.layers.Conv3DTranspose)))
+        assert first.uses_matmul(first.input.shape)
+    clone = keras.layers.deserialize(keras.layers.serialize(model.decoder.layers[1]))
+    assert type(clone) is MatmulConv2DTranspose

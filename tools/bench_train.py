@@ -333,8 +333,9 @@ def torch_cmd(python: str, preset: str, mode: str, batch: int, steps: int, warmu
 
 def measure_peak(quick: bool, twin_python: str | None) -> dict[str, Any]:
     n, reps = (2048, 3) if quick else (4096, 5)
-    out = {"tf": run_json([sys.executable, str(PERF / "peak.py"), "--which", "tf", "--n", str(n),
-                           "--reps", str(reps)])["tf"]}
+    tf_peak = run_json([sys.executable, str(PERF / "peak.py"), "--which", "tf", "--n", str(n),
+                        "--reps", str(reps), "--bf16"])
+    out = {"tf": tf_peak["tf"], **{k: tf_peak[k] for k in ("tf_bf16", "tf_conv3d", "tf_conv3d_bf16") if k in tf_peak}}
     if twin_python:
         out["torch"] = run_json([twin_python, str(PERF / "peak.py"), "--which", "torch", "--n", str(n),
                                  "--reps", str(reps)])["torch"]
@@ -402,6 +403,18 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["paper_infer_b1_s"] = {"value": r["tf"]["step_s"], "target": TARGETS["paper_infer_b1_s"],
                                    "met": r["tf"]["step_s"] < TARGETS["paper_infer_b1_s"]}
     return out
+
+
+def print_peaks(peak: dict[str, Any]) -> None:
+    """The bf16 ceiling next to the fp32 one (TF, this run, best of start and end): a large
+    matmul and a wide 3-D convolution."""
+    parts = []
+    for name, k32, k16 in (("matmul", "tf", "tf_bf16"), ("conv3d 3x3x3 64->64", "tf_conv3d", "tf_conv3d_bf16")):
+        if k32 in peak and k16 in peak:
+            f32, f16 = peak[k32]["gflops_best"], peak[k16]["gflops_best"]
+            parts.append(f"{name}: fp32 {f32:.0f}, bf16 {f16:.0f} GFLOP/s (x{f16 / f32:.2f})")
+    if parts:
+        print("bf16 ceiling (TF): " + "; ".join(parts))
 
 
 def print_table(rows: list[dict[str, Any]], peak: float) -> None:
@@ -477,6 +490,9 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
     peak_end = measure_peak(a.quick, twin_python)
     best = max(peak["tf"]["gflops_best"], peak_end["tf"]["gflops_best"])
     result["peak"] = {**peak, "tf_start": peak["tf"], "tf_end": peak_end["tf"]}
+    for k in ("tf_bf16", "tf_conv3d", "tf_conv3d_bf16"):
+        if k in peak or k in peak_end:
+            result["peak"][k] = max((p[k] for p in (peak, peak_end) if k in p), key=lambda r: r["gflops_best"])
     result["peak"]["tf"] = {**peak["tf"], "gflops_best": best}
     for row in rows:
         for side in ("tf", "torch"):
@@ -495,6 +511,7 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"{preset}: {info['trainable_params']:,d} params (flops.py count), train {info['train_gflop_per_sample']} "
               "GFLOP/sample" + (f"; twin differs element-wise: {'; '.join(info['notes'])}" if info["notes"] else ""))
     print_table(result["rows"], result["peak"]["tf"]["gflops_best"])
+    print_peaks(result["peak"])
     if "input" in result:
         i = result["input"]
         print(f"\ninput pipeline ({i['preset']} b{i['batch']}, cache of {i['cache_pairs']} pairs): fit step "

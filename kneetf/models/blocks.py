@@ -8,8 +8,8 @@ from keras import layers
 
 from kneetf.models import deconv
 
-# 3-D transposed convs: Keras' layer with a faster forward pass for narrow layers (same weights)
-_CONV = {(2, False): layers.Conv2D, (2, True): layers.Conv2DTranspose, (3, True): deconv.Conv3DTranspose,
+# transposed convs: Keras' layers, faster for narrow layers and tiny inputs (same weights)
+_CONV = {(2, False): layers.Conv2D, (2, True): deconv.Conv2DTranspose, (3, True): deconv.Conv3DTranspose,
          (3, False): layers.Conv3D}
 
 

@@ -1,4 +1,5 @@
-"""A faster `Conv3DTranspose` for layers with few output channels (the generator's last blocks).
+"""Faster transposed convolutions: `Conv3DTranspose` for layers with few output channels (the
+generator's last blocks) and, in 2-D and 3-D, for layers on a tiny input (the first blocks).
 
 TensorFlow runs a 3-D transposed convolution forward as `Conv3DBackpropInputV2`, which oneDNN
 executes slowly on CPU when the layer has few output channels (the generator's last layer, 4 -> 1
@@ -9,6 +10,14 @@ the same numbers in another order (relative difference ~1e-7 in float32). The gr
 own for the transposed convolution. Weights, config and the saved layout are those of
 `keras.layers.Conv3DTranspose`; the inference graph is pad + Conv3D + reshape/transpose, which
 TFLite converts to builtins.
+
+A layer whose input has at most `MAX_MATMUL_POSITIONS` positions (the generator's and the X-ray
+decoder's first blocks: 2x2(x2) inputs, up to 33M weights) runs as two matrix products: the
+input times every kernel tap (the kernel read in its stored layout), then a constant 0/1 matrix
+that adds each tap's product into its output position. oneDNN's convolutions re-lay out the
+whole kernel for each of their three passes (forward, input and kernel gradients), which
+costs more than the products for these layers; the matrix products and their gradients read
+it as it is. Same products, another summation order.
 """
 from __future__ import annotations
 
@@ -20,6 +29,9 @@ import numpy as np
 #: the decomposition is used up to this many output channels; wider layers are faster natively
 #: (measured: paper block6, 32 channels, forward 0.19 s natively vs 0.36 s decomposed)
 MAX_PHASE_FILTERS = 4
+#: the matrix-product form is used up to this many input positions (2x2x2 in 3-D); beyond, the
+#: tap matrix grows with their square (measured: paper block3, 4x4x4 input, slower than oneDNN)
+MAX_MATMUL_POSITIONS = 8
 
 
 def _phase_selection(kernel: int, stride: int) -> tuple[np.ndarray, int, int]:
@@ -58,6 +70,45 @@ def phase_conv3d_transpose(x, kernel, strides: Sequence[int]):
     return tf.reshape(y, (n, d * sd, h * sh, wd * sw, cout))
 
 
+def tap_matrix(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int]) -> np.ndarray:
+    """S[j, i*T + t] = 1 when kernel tap t carries input position i to output position j of a
+    'same' transposed convolution (T taps; positions and taps in row-major order)."""
+    per_axis = []
+    for n, k, s in zip(spatial, kernel, strides):
+        pad = max(k - s, 0) // 2
+        a = np.zeros((n * s, n, k), np.float32)
+        for i in range(n):
+            for t in range(k):
+                if 0 <= i * s + t - pad < n * s:
+                    a[i * s + t - pad, i, t] = 1.0
+        per_axis.append(a)
+    dims = len(per_axis)
+    letters = "abcdefghi"
+    j, i, t = letters[:dims], letters[3:3 + dims], letters[6:6 + dims]
+    spec = ",".join(j[d] + i[d] + t[d] for d in range(dims)) + "->" + j + i + t
+    sel = np.einsum(spec, *per_axis)
+    out_positions = int(np.prod([n * s for n, s in zip(spatial, strides)]))
+    return sel.reshape(out_positions, -1)
+
+
+def matmul_conv_transpose(x, kernel, strides: Sequence[int]):
+    """A 'same' transposed convolution (2-D or 3-D, no bias) as two matrix products.
+
+    x: (N, *spatial, Cin) with known spatial size; kernel: Keras' layout (*taps, Cout, Cin).
+    """
+    import tensorflow as tf
+
+    spatial, cin = tuple(x.shape[1:-1]), x.shape[-1]
+    taps, cout = tuple(kernel.shape[:-2]), kernel.shape[-2]
+    sel = tap_matrix(spatial, taps, strides)
+    n = tf.shape(x)[0]
+    # every input position times every tap: (N*P_in, Cin) x (T*Cout, Cin)^T
+    z = tf.matmul(tf.reshape(x, (-1, cin)), tf.reshape(kernel, (-1, cin)), transpose_b=True)
+    z = tf.reshape(z, (n, sel.shape[1], cout))
+    y = tf.matmul(tf.constant(sel, dtype=x.dtype), z)
+    return tf.reshape(y, (n, *[p * s for p, s in zip(spatial, strides)], cout))
+
+
 def conv3d_transpose_same(x, kernel, strides: Sequence[int]):
     """'same' transposed 3-D convolution without bias: phase-decomposed forward, TF's gradients."""
     import tensorflow as tf
@@ -79,11 +130,48 @@ def conv3d_transpose_same(x, kernel, strides: Sequence[int]):
     return op(x, kernel)
 
 
+def _uses_matmul(layer, input_shape) -> bool:
+    spatial = tuple(input_shape[1:-1])
+    return (layer.padding == "same" and layer.data_format == "channels_last" and layer.output_padding is None
+            and all(d == 1 for d in layer.dilation_rate) and all(p is not None for p in spatial)
+            and int(np.prod(spatial)) <= MAX_MATMUL_POSITIONS and keras.backend.backend() == "tensorflow")
+
+
+def _matmul_call(layer, inputs):
+    import tensorflow as tf
+
+    x = matmul_conv_transpose(inputs, tf.cast(layer.kernel, inputs.dtype), tuple(layer.strides))
+    if layer.use_bias:
+        x = x + tf.cast(layer.bias, x.dtype)
+    if layer.activation is not None:
+        x = layer.activation(x)
+    return x
+
+
+@keras.saving.register_keras_serializable(package="kneetf")
+class Conv2DTranspose(keras.layers.Conv2DTranspose):
+    """`keras.layers.Conv2DTranspose` as two matrix products on a tiny input (at most
+    `MAX_MATMUL_POSITIONS` positions, 'same' padding, channels-last, no dilation); otherwise
+    exactly the parent layer. Same weights and config, so the two are interchangeable."""
+
+    def uses_matmul(self, input_shape) -> bool:
+        return _uses_matmul(self, input_shape)
+
+    def call(self, inputs):
+        if not self.uses_matmul(inputs.shape):
+            return super().call(inputs)
+        return _matmul_call(self, inputs)
+
+
 @keras.saving.register_keras_serializable(package="kneetf")
 class Conv3DTranspose(keras.layers.Conv3DTranspose):
     """`keras.layers.Conv3DTranspose` with the phase-decomposed forward pass when it is faster
-    (at most `MAX_PHASE_FILTERS` filters, 'same' padding, channels-last, no dilation); otherwise
-    exactly the parent layer. Same weights and config, so the two are interchangeable."""
+    (at most `MAX_PHASE_FILTERS` filters, 'same' padding, channels-last, no dilation), as two
+    matrix products on a tiny input (like `Conv2DTranspose`); otherwise exactly the parent
+    layer. Same weights and config, so the two are interchangeable."""
+
+    def uses_matmul(self, input_shape) -> bool:
+        return _uses_matmul(self, input_shape)
 
     def uses_phase(self) -> bool:
         return (self.filters <= MAX_PHASE_FILTERS and self.padding == "same"
@@ -91,6 +179,8 @@ class Conv3DTranspose(keras.layers.Conv3DTranspose):
                 and keras.backend.backend() == "tensorflow")
 
     def call(self, inputs):
+        if self.uses_matmul(inputs.shape):
+            return _matmul_call(self, inputs)
         if not self.uses_phase():
             return super().call(inputs)
         import tensorflow as tf
@@ -103,4 +193,5 @@ class Conv3DTranspose(keras.layers.Conv3DTranspose):
         return x
 
 
-__all__ = ["MAX_PHASE_FILTERS", "Conv3DTranspose", "phase_conv3d_transpose", "conv3d_transpose_same"]
+__all__ = ["MAX_MATMUL_POSITIONS", "MAX_PHASE_FILTERS", "Conv2DTranspose", "Conv3DTranspose", "matmul_conv_transpose",
+           "phase_conv3d_transpose", "conv3d_transpose_same", "tap_matrix"]
