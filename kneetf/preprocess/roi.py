@@ -303,6 +303,8 @@ class ClassicalConfig:
     edge_reach: float = 0.15
     #: a piece of exactly one level this large (fraction of the image) is blanked or unexposed
     min_blank: float = 0.02
+    #: such a piece with more pinholes than this fraction of its area is clipped anatomy
+    max_blank_holes: float = 0.05
     #: knee widths of at least twice this many working pixels are searched at half resolution
     coarse_width: float = 32.0
     #: the knee reaches this many widths above and below its joint space inside the exposed field
@@ -326,6 +328,12 @@ class ClassicalConfig:
     refine_agree: float = 0.2
     #: the brightest of the four bone windows over the darkest, at most
     max_bone_ratio: float = 2.0
+    #: the confidence is multiplied by `unsure_factor` when more than `max_clipped` of the box is
+    #: at the image's maximum, or when the knee (x the side scale) is wider than `max_knee_box`
+    #: box sides
+    max_clipped: float = 0.6
+    max_knee_box: float = 1.5
+    unsure_factor: float = 0.3
     #: best-scoring places checked
     max_candidates: int = 40
     #: the score of a knee width W is its depth x (W / smallest W) ** width_weight (a deeper
@@ -528,6 +536,15 @@ def _outside_field(v: np.ndarray, valid: np.ndarray, sigma: float, cfg: Classica
     n, labels, stats, _ = cv2.connectedComponentsWithStats(flat, connectivity=4)
     big = stats[:, cv2.CC_STAT_AREA] >= cfg.min_blank * h * w
     big[0] = False
+    # bone clipped white by the display processing is one level too, but riddled with the
+    # noisy pixels that dip below it; a shutter or an unexposed border is solid
+    for i in np.flatnonzero(big):
+        x, y, bw, bh, area = stats[i]
+        piece = (labels[y:y + bh, x:x + bw] == i).astype(np.uint8)
+        if float(v[y:y + bh, x:x + bw][piece > 0][0]) < 0.5:
+            continue
+        closed = cv2.morphologyEx(piece, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+        big[i] = (closed > piece).sum() <= cfg.max_blank_holes * area
     outside = cv2.dilate(big[labels].astype(np.uint8), kernel).astype(bool)
     # edges well above the noise: smoothed more when it is strong (a blur of sigma s leaves
     # about 0.28 / s of it; Sobel's gain is ~4)
@@ -821,7 +838,22 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     image = image_2d(image, "the classical ROI's input", min_side=8, path=source)
     spacing = _as_spacing(pixel_spacing)
     found = _search(image, spacing, box_mm, side_scale, config, source)
-    return _second_look(image, found, spacing, box_mm, side_scale, config, source)
+    found = _second_look(image, found, spacing, box_mm, side_scale, config, source)
+    return dataclasses.replace(found, confidence=found.confidence * _plausibility(image, found, side_scale, config))
+
+
+def _plausibility(image: np.ndarray, found: JointFinding, side_scale: float, config: ClassicalConfig) -> float:
+    """A factor on `found`'s confidence: `config.unsure_factor` when its box is mostly bone
+    clipped to the display's white (the joint space was read from the few pixels the noise
+    leaves below the clip) or its knee is too wide for its box (the box side was fixed by the
+    pixel spacing, and the joint space followed past the knee), else 1."""
+    box = found.box.clip(image.shape[1], image.shape[0])
+    x0, y0 = int(box.x0), int(box.y0)
+    inner = image[y0:max(y0 + 1, int(math.ceil(box.y1))), x0:max(x0 + 1, int(math.ceil(box.x1)))]
+    top = float(image.max())
+    clipped = float(np.mean(inner >= top)) if top > float(image.min()) else 1.0
+    too_wide = found.knee_width * side_scale > config.max_knee_box * found.box.width
+    return config.unsure_factor if clipped > config.max_clipped or too_wide else 1.0
 
 
 def _second_look(image: np.ndarray, found: JointFinding, spacing: float | None, box_mm: float, side_scale: float,
