@@ -303,8 +303,6 @@ class ClassicalConfig:
     edge_reach: float = 0.15
     #: a piece of exactly one level this large (fraction of the image) is blanked or unexposed
     min_blank: float = 0.02
-    #: such a piece with more pinholes than this fraction of its area is clipped anatomy
-    max_blank_holes: float = 0.05
     #: knee widths of at least twice this many working pixels are searched at half resolution
     coarse_width: float = 32.0
     #: the knee reaches this many widths above and below its joint space inside the exposed field
@@ -399,12 +397,15 @@ def _extreme_pieces(v: np.ndarray, tol: float, bright: bool) -> np.ndarray:
     return keep[labels]
 
 
-def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: int, contrast: float) -> np.ndarray:
+def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: int, contrast: float,
+                  floor: float = 0.0) -> np.ndarray:
     """Thin structures (narrower than `stroke` pixels) much brighter or darker than what
     surrounds them: text, marker frames, ruler ticks. A morphological top-hat and black-hat of
     `smooth` (`v` after a 3x3 median) above `contrast` and well above the local noise of `v`
-    (`sigma`, per block of `_block_mad`); specks of a few pixels are left."""
-    noise = cv2.resize(sigma, (v.shape[1], v.shape[0]), interpolation=cv2.INTER_LINEAR)
+    (`sigma`, per block of `_block_mad`, at least `floor`: a block half clipped by the display
+    processing understates it, and its noisy pinholes are no strokes); specks of a few pixels
+    are left."""
+    noise = np.maximum(cv2.resize(sigma, (v.shape[1], v.shape[0]), interpolation=cv2.INTER_LINEAR), floor)
     # a 3x3 median leaves 0.42 of the noise, and a top-hat of it over a stroke-sized element
     # reaches several of those sigmas on noise alone (noisy, sharpened images)
     threshold = np.maximum(np.float32(contrast), 8.0 * 0.42 * noise)
@@ -437,7 +438,7 @@ def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: Classica
     stroke = max(3, int(round(cfg.stroke * max(v.shape)))) | 1
     smooth = cv2.medianBlur(v, 3)
     mask = (_extreme_pieces(smooth, tol, True) | _extreme_pieces(smooth, tol, False)
-            | _thin_strokes(v, smooth, blocks, stroke, cfg.stroke_contrast * max(p98 - p2, 1e-6)))
+            | _thin_strokes(v, smooth, blocks, stroke, cfg.stroke_contrast * max(p98 - p2, 1e-6), sigma))
     return cv2.resize(mask.astype(np.float32), (work_shape[1], work_shape[0]), interpolation=cv2.INTER_AREA) > 0
 
 
@@ -536,15 +537,6 @@ def _outside_field(v: np.ndarray, valid: np.ndarray, sigma: float, cfg: Classica
     n, labels, stats, _ = cv2.connectedComponentsWithStats(flat, connectivity=4)
     big = stats[:, cv2.CC_STAT_AREA] >= cfg.min_blank * h * w
     big[0] = False
-    # bone clipped white by the display processing is one level too, but riddled with the
-    # noisy pixels that dip below it; a shutter or an unexposed border is solid
-    for i in np.flatnonzero(big):
-        x, y, bw, bh, area = stats[i]
-        piece = (labels[y:y + bh, x:x + bw] == i).astype(np.uint8)
-        if float(v[y:y + bh, x:x + bw][piece > 0][0]) < 0.5:
-            continue
-        closed = cv2.morphologyEx(piece, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
-        big[i] = (closed > piece).sum() <= cfg.max_blank_holes * area
     outside = cv2.dilate(big[labels].astype(np.uint8), kernel).astype(bool)
     # edges well above the noise: smoothed more when it is strong (a blur of sigma s leaves
     # about 0.28 / s of it; Sobel's gain is ~4)
