@@ -65,7 +65,9 @@ CLASSICAL_FLAG_BELOW = 0.4
 #: Version of the classical algorithm: part of a cached pair's key, so that a cache built by
 #: an older fallback is rebuilt rather than mixed with new boxes. 4: bone beside the joint
 #: space, a finer second look at small knees, straight edges judged nearer the joint line.
-CLASSICAL_VERSION = 4
+#: 5: text strokes stand out of the image's noise, more candidates, a box mostly on clipped
+#: bone or a knee too wide for its box flagged.
+CLASSICAL_VERSION = 5
 
 
 # === Boxes ===
@@ -333,7 +335,7 @@ class ClassicalConfig:
     max_knee_box: float = 1.5
     unsure_factor: float = 0.3
     #: best-scoring places checked
-    max_candidates: int = 40
+    max_candidates: int = 80
     #: the score of a knee width W is its depth x (W / smallest W) ** width_weight (a deeper
     #: joint space over a wider knee is the likelier)
     width_weight: float = 0.5
