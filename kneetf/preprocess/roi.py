@@ -258,7 +258,8 @@ class JointFinding:
     """What `find_joint` found: the box and how sure it is.
 
     `confidence` in [0, 1]: 1 - (score of the best other place) / (score of this one),
-    scaled down when the joint space is faint; `knee_width` is the bone width next to the
+    scaled down when the joint space is faint, the box lies mostly on clipped bone or the
+    knee is too wide for its box; `knee_width` is the bone width next to the
     joint space in pixels of the full image; `angle` the tilt of the joint line in degrees;
     `contrast` the depth of the joint space over the image's noise.
     """
@@ -825,6 +826,8 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     5. When the knee is small in the image, the search is run again on the image cropped
        around it, at a finer resolution: it must find the joint again at the same place
        (else unsure), and its finer box is kept.
+    6. The confidence drops (`ClassicalConfig.unsure_factor`) when the box lies mostly on bone
+       clipped to the display's white, or the knee is too wide for its box.
 
     Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure; an image that is
     not 2-D or smaller than 8x8 raises `InputError`.
