@@ -600,11 +600,14 @@ def _on_long_edge(segments: np.ndarray, x: float, y: float, along: tuple[float, 
     # the endpoints' positions along the joint line and distances off it
     t0, t1 = (x0 - x) * ux + (y0 - y) * uy, (x1 - x) * ux + (y1 - y) * uy
     n0, n1 = -(x0 - x) * uy + (y0 - y) * ux, -(x1 - x) * uy + (y1 - y) * ux
-    near = (np.abs(n0) <= reach) & (np.abs(n1) <= reach)
+    half = 0.5 * knee_width
+    lo, hi = np.minimum(t0, t1), np.maximum(t0, t1)
+    # an edge through the knee: a line of text or a ruler beside it, in line with its joint
+    # space, does not count
+    near = (np.abs(n0) <= reach) & (np.abs(n1) <= reach) & (lo < half) & (hi > -half)
     if not near.any():
         return False
-    lo, hi = np.minimum(t0, t1)[near], np.maximum(t0, t1)[near]
-    half = 0.5 * knee_width
+    lo, hi = lo[near], hi[near]
     beyond = (np.clip(hi - half, 0, None) + np.clip(-half - lo, 0, None)).sum()
     return bool((hi.max() > 1.5 * half or lo.min() < -1.5 * half) and beyond >= 0.3 * knee_width)
 
