@@ -322,6 +322,30 @@ def test_noise_in_processed_bone_is_not_text(index):
     assert around.mean() < 0.2, around.mean()
 
 
+def test_only_an_edge_through_the_knee_refuses_its_joint_space():
+    from kneetf.preprocess.roi import _on_long_edge
+
+    knee = dict(x=100.0, y=50.0, along=(1.0, 0.0), knee_width=40.0, reach=6.0)
+    collimation = np.array([[40.0, 52.0, 190.0, 53.0]])  # through the knee, far past it
+    text = np.array([[20.0, 51.0, 60.0, 51.0]])  # a line of text in line with the joint, beside the knee
+    assert _on_long_edge(collimation, **knee)
+    assert not _on_long_edge(text, **knee)
+    assert not _on_long_edge(collimation + [0.0, 20.0, 0.0, 20.0], **knee)  # off the joint line
+
+
+@pytest.mark.parametrize("index", [58, 62, 87])
+def test_classical_roi_is_not_refused_by_text_beside_the_knee(index):
+    """Collimated radiographs (seed 1001: not a held-out seed) with a line of burned-in text or
+    a ruler in line with the joint space, beside the knee: version 5 of the fallback took it
+    for a collimation edge running on past the knee and reported the X-ray; the knee is found."""
+    from kneetf.data.radiograph import simulate
+    from kneetf.preprocess.roi_score import is_found
+
+    r = simulate(1001, index, "collimated")
+    box = classical_roi(r.presentation(), pixel_spacing=r.pixel_spacing[0])
+    assert is_found(box, r.box), (index, box, r.box)
+
+
 def test_bone_flanks_tell_a_knee_from_an_edge():
     from kneetf.preprocess.roi import _bone_flanks
 
