@@ -66,7 +66,7 @@ CLASSICAL_FLAG_BELOW = 0.4
 #: an older fallback is rebuilt rather than mixed with new boxes. 4: bone beside the joint
 #: space, a finer second look at small knees, straight edges judged nearer the joint line.
 #: 5: text strokes stand out of the image's noise, more candidates, a box mostly on clipped
-#: bone or a knee too wide for its box flagged.
+#: bone or a knee too wide for its box flagged, only edges through the knee refuse it.
 CLASSICAL_VERSION = 5
 
 
