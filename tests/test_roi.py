@@ -1,6 +1,7 @@
 """Knee-joint ROI: box maths, CSV boxes, cropping, the classical fallback and the detector."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import subprocess
@@ -251,12 +252,13 @@ def test_classical_roi_on_processed_radiographs_finds_or_reports(index, found):
     assert is_found(box, truth), (index, box, truth)
 
 
-@pytest.mark.parametrize("index, found", [(22, False), (137, False), (190, False), (30, True), (129, True)])
+@pytest.mark.parametrize("index, found", [(22, False), (137, False), (190, True), (30, True), (129, True)])
 def test_classical_roi_wants_bone_beside_the_joint_space(index, found):
     """Processed radiographs (seed 1001: not a held-out seed) whose collimation edge, with
     the sharpening's dark halo along it, passed for a joint space: a box up to two sides off
-    the knee, unreported, before the joint space needed bone beside it (22, 137, 190: reported
-    now; 30, 129: the knee is found once the edge is refused)."""
+    the knee, unreported, before the joint space needed bone beside it (22, 137: reported
+    now; 30, 129: the knee is found once the edge is refused; 190: reported by version 4 of
+    the fallback, found by version 5)."""
     from kneetf.preprocess.roi_score import is_found
 
     box, truth = _classical_on_processed(1001, index)
@@ -265,6 +267,83 @@ def test_classical_roi_wants_bone_beside_the_joint_space(index, found):
         return
     assert found, f"image {index} should be reported"
     assert is_found(box, truth), (index, box, truth)
+
+
+@pytest.mark.parametrize("index", [164, 189])
+def test_classical_roi_flags_a_clipped_box_or_a_knee_too_wide_for_it(index):
+    """Processed radiographs (seed 1001: not a held-out seed) where the classical box missed
+    the knee unflagged (confidence 0.56 and 1.0): 164 in bone clipped white (the joint space
+    read from the noise), 189 on a joint space followed far past the knee, wider than its
+    100 mm box. Such a box is flagged for review now."""
+    from kneetf.data.radiograph import simulate
+    from kneetf.preprocess.roi_score import is_found
+
+    r = simulate(1001, index, "processed")
+    try:
+        finding = ClassicalRoi().finding_for("x", r.presentation(), r.pixel_spacing[0])
+    except RoiNotFoundError:
+        return  # reported: as good as flagged
+    assert finding.flagged or is_found(finding.box, r.box), (index, finding, r.box)
+
+
+def test_classical_confidence_drops_on_clipped_bone_and_too_wide_knees():
+    from kneetf.preprocess.roi import DEFAULT_CLASSICAL, JointFinding, _plausibility
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.2, 0.9, (120, 160)).astype(np.float32)
+    image[0, 0] = 1.0
+    found = JointFinding(Box(40, 20, 100, 80), 0.9, knee_width=40.0, angle=0.0, contrast=50.0)
+    assert _plausibility(image, found, 1.45, DEFAULT_CLASSICAL) == 1.0
+    clipped = image.copy()
+    clipped[20:80, 40:90] = 1.0  # 5/6 of the box at the image's maximum
+    assert _plausibility(clipped, found, 1.45, DEFAULT_CLASSICAL) == DEFAULT_CLASSICAL.unsure_factor
+    wide = dataclasses.replace(found, knee_width=1.6 * 60 / 1.45)  # a knee 1.6x too wide for its box
+    assert _plausibility(image, wide, 1.45, DEFAULT_CLASSICAL) == DEFAULT_CLASSICAL.unsure_factor
+
+
+@pytest.mark.parametrize("index", [62, 69])
+def test_noise_in_processed_bone_is_not_text(index):
+    """Processed radiographs (seed 1001: not a held-out seed), bone partly clipped white: its
+    blocks look almost noiseless (most pixels equal), so the noise there passed for text
+    strokes and masked half the knee around the joint (52 % on 62, 46 % on 69; 9 % now).
+    Strokes must now stand out of the image's noise level too."""
+    from kneetf.data.radiograph import simulate
+    from kneetf.preprocess.roi import DEFAULT_CLASSICAL, _artefact_mask
+
+    r = simulate(1001, index, "processed")
+    image = r.presentation()
+    f = DEFAULT_CLASSICAL.work_size / max(image.shape)
+    shape = (round(image.shape[0] * f), round(image.shape[1] * f))
+    mask = _artefact_mask(image, shape, DEFAULT_CLASSICAL)
+    truth = r.box.scale(f)
+    half = 0.3 * truth.width
+    y0, x0 = max(0, int(truth.cy - half)), max(0, int(truth.cx - half))
+    around = mask[y0:int(truth.cy + half), x0:int(truth.cx + half)]
+    assert around.mean() < 0.2, around.mean()
+
+
+def test_only_an_edge_through_the_knee_refuses_its_joint_space():
+    from kneetf.preprocess.roi import _on_long_edge
+
+    knee = dict(x=100.0, y=50.0, along=(1.0, 0.0), knee_width=40.0, reach=6.0)
+    collimation = np.array([[40.0, 52.0, 190.0, 53.0]])  # through the knee, far past it
+    text = np.array([[20.0, 51.0, 60.0, 51.0]])  # a line of text in line with the joint, beside the knee
+    assert _on_long_edge(collimation, **knee)
+    assert not _on_long_edge(text, **knee)
+    assert not _on_long_edge(collimation + [0.0, 20.0, 0.0, 20.0], **knee)  # off the joint line
+
+
+@pytest.mark.parametrize("index", [58, 62, 87])
+def test_classical_roi_is_not_refused_by_text_beside_the_knee(index):
+    """Collimated radiographs (seed 1001: not a held-out seed) with a line of burned-in text or
+    a ruler in line with the joint space, beside the knee: version 5 of the fallback took it
+    for a collimation edge running on past the knee and reported the X-ray; the knee is found."""
+    from kneetf.data.radiograph import simulate
+    from kneetf.preprocess.roi_score import is_found
+
+    r = simulate(1001, index, "collimated")
+    box = classical_roi(r.presentation(), pixel_spacing=r.pixel_spacing[0])
+    assert is_found(box, r.box), (index, box, r.box)
 
 
 def test_bone_flanks_tell_a_knee_from_an_edge():

@@ -65,7 +65,9 @@ CLASSICAL_FLAG_BELOW = 0.4
 #: Version of the classical algorithm: part of a cached pair's key, so that a cache built by
 #: an older fallback is rebuilt rather than mixed with new boxes. 4: bone beside the joint
 #: space, a finer second look at small knees, straight edges judged nearer the joint line.
-CLASSICAL_VERSION = 4
+#: 5: text strokes stand out of the image's noise, more candidates, a box mostly on clipped
+#: bone or a knee too wide for its box flagged, only edges through the knee refuse it.
+CLASSICAL_VERSION = 5
 
 
 # === Boxes ===
@@ -256,7 +258,8 @@ class JointFinding:
     """What `find_joint` found: the box and how sure it is.
 
     `confidence` in [0, 1]: 1 - (score of the best other place) / (score of this one),
-    scaled down when the joint space is faint; `knee_width` is the bone width next to the
+    scaled down when the joint space is faint, the box lies mostly on clipped bone or the
+    knee is too wide for its box; `knee_width` is the bone width next to the
     joint space in pixels of the full image; `angle` the tilt of the joint line in degrees;
     `contrast` the depth of the joint space over the image's noise.
     """
@@ -326,8 +329,14 @@ class ClassicalConfig:
     refine_agree: float = 0.2
     #: the brightest of the four bone windows over the darkest, at most
     max_bone_ratio: float = 2.0
+    #: the confidence is multiplied by `unsure_factor` when more than `max_clipped` of the box is
+    #: at the image's maximum, or when the knee (x the side scale) is wider than `max_knee_box`
+    #: box sides
+    max_clipped: float = 0.6
+    max_knee_box: float = 1.5
+    unsure_factor: float = 0.3
     #: best-scoring places checked
-    max_candidates: int = 40
+    max_candidates: int = 80
     #: the score of a knee width W is its depth x (W / smallest W) ** width_weight (a deeper
     #: joint space over a wider knee is the likelier)
     width_weight: float = 0.5
@@ -391,12 +400,15 @@ def _extreme_pieces(v: np.ndarray, tol: float, bright: bool) -> np.ndarray:
     return keep[labels]
 
 
-def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: int, contrast: float) -> np.ndarray:
+def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: int, contrast: float,
+                  floor: float = 0.0) -> np.ndarray:
     """Thin structures (narrower than `stroke` pixels) much brighter or darker than what
     surrounds them: text, marker frames, ruler ticks. A morphological top-hat and black-hat of
     `smooth` (`v` after a 3x3 median) above `contrast` and well above the local noise of `v`
-    (`sigma`, per block of `_block_mad`); specks of a few pixels are left."""
-    noise = cv2.resize(sigma, (v.shape[1], v.shape[0]), interpolation=cv2.INTER_LINEAR)
+    (`sigma`, per block of `_block_mad`, at least `floor`: a block half clipped by the display
+    processing understates it, and its noisy pinholes are no strokes); specks of a few pixels
+    are left."""
+    noise = np.maximum(cv2.resize(sigma, (v.shape[1], v.shape[0]), interpolation=cv2.INTER_LINEAR), floor)
     # a 3x3 median leaves 0.42 of the noise, and a top-hat of it over a stroke-sized element
     # reaches several of those sigmas on noise alone (noisy, sharpened images)
     threshold = np.maximum(np.float32(contrast), 8.0 * 0.42 * noise)
@@ -429,7 +441,7 @@ def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: Classica
     stroke = max(3, int(round(cfg.stroke * max(v.shape)))) | 1
     smooth = cv2.medianBlur(v, 3)
     mask = (_extreme_pieces(smooth, tol, True) | _extreme_pieces(smooth, tol, False)
-            | _thin_strokes(v, smooth, blocks, stroke, cfg.stroke_contrast * max(p98 - p2, 1e-6)))
+            | _thin_strokes(v, smooth, blocks, stroke, cfg.stroke_contrast * max(p98 - p2, 1e-6), sigma))
     return cv2.resize(mask.astype(np.float32), (work_shape[1], work_shape[0]), interpolation=cv2.INTER_AREA) > 0
 
 
@@ -588,11 +600,14 @@ def _on_long_edge(segments: np.ndarray, x: float, y: float, along: tuple[float, 
     # the endpoints' positions along the joint line and distances off it
     t0, t1 = (x0 - x) * ux + (y0 - y) * uy, (x1 - x) * ux + (y1 - y) * uy
     n0, n1 = -(x0 - x) * uy + (y0 - y) * ux, -(x1 - x) * uy + (y1 - y) * ux
-    near = (np.abs(n0) <= reach) & (np.abs(n1) <= reach)
+    half = 0.5 * knee_width
+    lo, hi = np.minimum(t0, t1), np.maximum(t0, t1)
+    # an edge through the knee: a line of text or a ruler beside it, in line with its joint
+    # space, does not count
+    near = (np.abs(n0) <= reach) & (np.abs(n1) <= reach) & (lo < half) & (hi > -half)
     if not near.any():
         return False
-    lo, hi = np.minimum(t0, t1)[near], np.maximum(t0, t1)[near]
-    half = 0.5 * knee_width
+    lo, hi = lo[near], hi[near]
     beyond = (np.clip(hi - half, 0, None) + np.clip(-half - lo, 0, None)).sum()
     return bool((hi.max() > 1.5 * half or lo.min() < -1.5 * half) and beyond >= 0.3 * knee_width)
 
@@ -814,6 +829,8 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     5. When the knee is small in the image, the search is run again on the image cropped
        around it, at a finer resolution: it must find the joint again at the same place
        (else unsure), and its finer box is kept.
+    6. The confidence drops (`ClassicalConfig.unsure_factor`) when the box lies mostly on bone
+       clipped to the display's white, or the knee is too wide for its box.
 
     Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure; an image that is
     not 2-D or smaller than 8x8 raises `InputError`.
@@ -821,7 +838,22 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     image = image_2d(image, "the classical ROI's input", min_side=8, path=source)
     spacing = _as_spacing(pixel_spacing)
     found = _search(image, spacing, box_mm, side_scale, config, source)
-    return _second_look(image, found, spacing, box_mm, side_scale, config, source)
+    found = _second_look(image, found, spacing, box_mm, side_scale, config, source)
+    return dataclasses.replace(found, confidence=found.confidence * _plausibility(image, found, side_scale, config))
+
+
+def _plausibility(image: np.ndarray, found: JointFinding, side_scale: float, config: ClassicalConfig) -> float:
+    """A factor on `found`'s confidence: `config.unsure_factor` when its box is mostly bone
+    clipped to the display's white (the joint space was read from the few pixels the noise
+    leaves below the clip) or its knee is too wide for its box (the box side was fixed by the
+    pixel spacing, and the joint space followed past the knee), else 1."""
+    box = found.box.clip(image.shape[1], image.shape[0])
+    x0, y0 = int(box.x0), int(box.y0)
+    inner = image[y0:max(y0 + 1, int(math.ceil(box.y1))), x0:max(x0 + 1, int(math.ceil(box.x1)))]
+    top = float(image.max())
+    clipped = float(np.mean(inner >= top)) if top > float(image.min()) else 1.0
+    too_wide = found.knee_width * side_scale > config.max_knee_box * found.box.width
+    return config.unsure_factor if clipped > config.max_clipped or too_wide else 1.0
 
 
 def _second_look(image: np.ndarray, found: JointFinding, spacing: float | None, box_mm: float, side_scale: float,
