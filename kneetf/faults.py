@@ -38,6 +38,7 @@ PAIRS: dict[str, str] = {
     "train.backup": "the commit of an epoch: backup/training_metadata.json names the new weights",
     "train.history": "history.csv, rewritten from the committed epochs",
     "train.best": "model.keras, the best epoch so far",
+    "train.prior": "prior_fit.npz, the kernel ridge prior fitted before the first epoch (a resumed run reuses it)",
     "train.template": "model.keras, the untrained model (its template) before the first epoch",
     "train.metrics": "metrics.json at the end of the run",
     "train.samples": "samples.png at the end of the run",

@@ -181,3 +181,56 @@ def test_prior_fits_on_a_few_pairs_and_names_too_few(data):
     assert fit.rank == 3 and fit.info["cv"]["grid"]["alpha"]  # folds lowered to the 4 pairs
     with pytest.raises(ConfigError, match="at least 3 training pairs.*--recipe mean"):
         fit_prior(lambda: [{k: v[:2] for k, v in train.items()}], basis_size=8, downsample=2)
+
+
+def test_saved_fit_loads_back_only_for_its_own_key(data, tmp_path):
+    from kneetf.training.prior import load_fit, save_fit
+
+    train, _ = data
+    fit = fit_prior(lambda: [train], rank=5, basis_size=8, downsample=2, folds=4)
+    key = {"cache": "c", "created": "2026-01-01", "model": {"prior_rank": 5}, "train": {"seed": 0}}
+    path = tmp_path / "prior_fit.npz"
+    save_fit(fit, path, key)
+    back = load_fit(path, dict(key))
+    assert back is not None and back.offset_ids == fit.offset_ids and back.info == fit.info
+    np.testing.assert_array_equal(back.offsets, fit.offsets)
+    assert set(back.values) == set(fit.values)
+    for name, value in fit.values.items():
+        np.testing.assert_array_equal(back.values[name], value, err_msg=name)
+    assert load_fit(path, {**key, "created": "2026-01-02"}) is None  # the cache was prepared again
+    assert load_fit(tmp_path / "missing.npz", key) is None
+    path.write_bytes(path.read_bytes()[:100])  # cut short
+    assert load_fit(path, key) is None
+
+
+@pytest.mark.slow
+def test_a_resumed_default_run_reuses_its_prior_fit(tmp_path, monkeypatch):
+    from cache_factory import random_cache
+
+    from kneetf.config import TrainConfig
+    from kneetf.presets import get_preset
+    from kneetf.training import prior as prior_module
+    from kneetf.training import train as train_module
+    from kneetf.training.recipes import get_recipe
+
+    cache = random_cache(tmp_path / "cache", 24, 4, shard_size=16)
+    model_config, train_config = get_recipe("default").apply(get_preset("tiny"), TrainConfig())
+    train_config = train_module.replace(train_config, epochs=1, batch_size=8, prior_cv_repeats=1)
+    out = tmp_path / "run"
+    data = train_module.DataSpec(path=str(cache), workers=0)
+    train_module.train(model_config, train_config, out, data=data, verbose=0)
+    assert (out / train_module.PRIOR_FIT_FILE).is_file()
+    saved = (out / train_module.PRIOR_FIT_FILE).read_bytes()
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the resumed run fitted its prior again")
+
+    monkeypatch.setattr(prior_module, "fit_model_prior", refit)
+    metrics = train_module.train(model_config, train_module.replace(train_config, epochs=2), out, data=data,
+                                 verbose=0)
+    assert metrics["epochs_done"] == 2 and metrics["resumed"]
+    assert (out / train_module.PRIOR_FIT_FILE).read_bytes() == saved
+    # other prior settings need another fit: fitted again, never the saved one reused
+    with pytest.raises(AssertionError, match="fitted its prior again"):
+        train_module.train(model_config, train_module.replace(train_config, epochs=2, prior_gradient_weight=0.25),
+                           out, data=data, verbose=0)

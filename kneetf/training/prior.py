@@ -17,8 +17,10 @@ the basis (one `rank`-vector per pair), and `offset_transform` adds it in the tf
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,8 +28,9 @@ from typing import Any, Callable
 import numpy as np
 
 from kneetf import baselines as B
-from kneetf.config import ModelConfig, TrainConfig
+from kneetf.config import ModelConfig, TrainConfig, to_dict
 from kneetf.errors import ConfigError
+from kneetf.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,44 @@ def fit_model_prior(train_batches: Callable[[], Any], model_config: ModelConfig,
                      cv_repeats=train_config.prior_cv_repeats, seed=seed)
 
 
+def fit_key(cache: str | Path, model_config: ModelConfig, train_config: TrainConfig) -> dict[str, Any]:
+    """What a prior fit depends on: the cache (its path and creation stamp), the model's prior
+    settings and the training config's prior settings and seed."""
+    from kneetf.data.cache import read_info
+
+    info = read_info(cache)
+    model = {k: v for k, v in to_dict(model_config).items() if k.startswith("prior_") or k == "image_size"}
+    train = {k: v for k, v in to_dict(train_config).items() if k.startswith("prior_") or k == "seed"}
+    return {"cache": str(Path(cache).resolve()), "created": info.get("created"), "counts": info.get("counts"),
+            "model": model, "train": train}
+
+
+def save_fit(fit: PriorFit, path: str | Path, key: dict[str, Any]) -> None:
+    """Write `fit` and the `key` it was fitted for (`fit_key`) to an .npz file, atomically."""
+    arrays = {f"value_{name}": np.asarray(v) for name, v in fit.values.items()}
+    with atomic_path(path, fault="train.prior") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, offset_ids=np.asarray(fit.offset_ids, dtype=str), offsets=fit.offsets,
+                 info=np.asarray(json.dumps(fit.info)), key=np.asarray(json.dumps(key, sort_keys=True)), **arrays)
+
+
+def load_fit(path: str | Path, key: dict[str, Any]) -> PriorFit | None:
+    """The fit `save_fit` wrote to `path` for the same `key`; None when there is none, it cannot
+    be read, or it was fitted for another cache or other settings."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if json.loads(str(z["key"])) != json.loads(json.dumps(key, sort_keys=True)):
+                log.info("kernel ridge prior: %s was fitted for other data or settings; fitting again", path)
+                return None
+            values = {name.removeprefix("value_"): z[name] for name in z.files if name.startswith("value_")}
+            return PriorFit(values, [str(i) for i in z["offset_ids"]], z["offsets"], json.loads(str(z["info"])))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("kernel ridge prior: cannot read %s (%s); fitting again", path, e)
+        return None
+
+
 def offset_transform(fit: PriorFit, image_size: int) -> Callable[[dict], dict]:
     """A tf.data map over parsed examples that adds each training pair's leave-one-out offset
     (prior - prior_loo) to its MRI target; ids without an offset are left as they are."""
@@ -179,4 +220,5 @@ def iterate_split(cache: str | Path, split: str, batch_size: int = 64) -> Callab
     return batches
 
 
-__all__ = ["PriorFit", "fit_prior", "fit_model_prior", "offset_transform", "iterate_split"]
+__all__ = ["PriorFit", "fit_prior", "fit_model_prior", "fit_key", "save_fit", "load_fit", "offset_transform",
+           "iterate_split"]

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PRIOR_FILE = "prior.json"
+#: the fitted prior with its training-target offsets, reused by a resumed run
+PRIOR_FIT_FILE = "prior_fit.npz"
 #: why a run stopped (metrics.json "stop_reason")
 STOP_REASONS = ("epochs", "early_stopping", "time_budget", "nan")
 SAMPLES_FILE = "samples.png"
@@ -214,9 +216,17 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     data_s = time.monotonic() - t0
     prior = None
     if model_config.residual_template and model_config.residual_prior == "kernel_ridge":
-        from kneetf.training.prior import fit_model_prior, iterate_split
+        from kneetf.training.prior import fit_key, fit_model_prior, iterate_split, load_fit, save_fit
 
-        prior = fit_model_prior(iterate_split(cache, "train"), model_config, train_config, seed=train_config.seed)
+        # a resumed run reuses its fit: at thousands of pairs fitting takes many minutes
+        key = fit_key(cache, model_config, train_config)
+        prior = None if options.fresh else load_fit(work / PRIOR_FIT_FILE, key)
+        if prior is not None:
+            log.info("kernel ridge prior: reusing the fit in %s", work / PRIOR_FIT_FILE)
+        else:
+            prior = fit_model_prior(iterate_split(cache, "train"), model_config, train_config, seed=train_config.seed)
+            if chief:
+                save_fit(prior, work / PRIOR_FIT_FILE, key)
         # the layer's sizes follow the data: fewer landmarks (and a lower rank) on a small split
         model_config = replace(model_config, prior_landmarks=prior.num_landmarks, prior_rank=prior.rank)
         if chief:
