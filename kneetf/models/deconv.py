@@ -137,15 +137,21 @@ def _uses_matmul(layer, input_shape) -> bool:
             and int(np.prod(spatial)) <= MAX_MATMUL_POSITIONS and keras.backend.backend() == "tensorflow")
 
 
-def _matmul_call(layer, inputs):
+def _finish(layer, x):
+    """The layer's bias and activation on the output `x` of its transposed convolution."""
     import tensorflow as tf
 
-    x = matmul_conv_transpose(inputs, tf.cast(layer.kernel, inputs.dtype), tuple(layer.strides))
     if layer.use_bias:
         x = x + tf.cast(layer.bias, x.dtype)
     if layer.activation is not None:
         x = layer.activation(x)
     return x
+
+
+def _matmul_call(layer, inputs):
+    import tensorflow as tf
+
+    return _finish(layer, matmul_conv_transpose(inputs, tf.cast(layer.kernel, inputs.dtype), tuple(layer.strides)))
 
 
 @keras.saving.register_keras_serializable(package="kneetf")
@@ -185,12 +191,7 @@ class Conv3DTranspose(keras.layers.Conv3DTranspose):
             return super().call(inputs)
         import tensorflow as tf
 
-        x = conv3d_transpose_same(inputs, tf.cast(self.kernel, inputs.dtype), tuple(self.strides))
-        if self.use_bias:
-            x = x + tf.cast(self.bias, x.dtype)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
+        return _finish(self, conv3d_transpose_same(inputs, tf.cast(self.kernel, inputs.dtype), tuple(self.strides)))
 
 
 __all__ = ["MAX_MATMUL_POSITIONS", "MAX_PHASE_FILTERS", "Conv2DTranspose", "Conv3DTranspose", "matmul_conv_transpose",
