@@ -184,11 +184,35 @@ def test_train_killed_at_every_write_point_ends_as_an_uninterrupted_run(train_ca
     order = list(dict.fromkeys(trace))
     recover = sorted(points_of("train.recover"))
     targets = order[:order.index("train.backup.after") + 1] + recover + order[order.index("train.backup.after") + 1:]
-    assert set(targets) == points_of("train") | {"train.step"}, set(targets) ^ points_of("train")
+    # the prior's points belong to the default recipe: test_default_run_killed_at_its_prior_fit
+    expected = points_of("train") - points_of("train.prior") | {"train.step"}
+    assert set(targets) == expected, set(targets) ^ expected
     shutil.rmtree(train_reference.root.with_name("work"), ignore_errors=True)  # what a failed test left
     outcome = chain(train_args(train_cache), lambda root: None, targets, train_reference.root.with_name("work"),
                     same=lambda root: same_run(ref, root / "run"), invariant=lambda root: run_is_consistent(root / "run"))
     assert outcome.killed == targets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", sorted(points_of("train.prior")))
+def test_default_run_killed_at_its_prior_fit_resumes_and_fits_it_at_most_again(train_cache: Path, tmp_path: Path,
+                                                                              target: str) -> None:
+    """Killed before the fitted prior is renamed into place, the next run fits it again;
+    killed after, the next run reuses it. Either way the run ends whole."""
+    from crash_harness import kneetf
+
+    args = train_args(train_cache)
+    args[args.index("--recipe") + 1] = "default"
+    args[args.index("--epochs") + 1] = "1"
+    work, log, trace = tmp_path / "work", tmp_path / "log", tmp_path / "trace"
+    work.mkdir()
+    assert kneetf(args, cwd=work, log=log, fault=target) == -9
+    assert (work / "run" / "prior_fit.npz").exists() == target.endswith(".after")
+    assert kneetf(args, cwd=work, log=log, trace=trace) == 0, log.read_text()[-3000:]
+    fits = Counter(read_trace(trace))["train.prior.after"]
+    assert fits == (0 if target.endswith(".after") else 1)
+    assert _json(work / "run" / "metrics.json")["epochs_done"] == 1
+    run_is_consistent(work / "run")
 
 
 @pytest.mark.slow
