@@ -23,7 +23,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -148,12 +148,11 @@ def fit_model_prior(train_batches: Callable[[], Any], model_config: ModelConfig,
                      cv_repeats=train_config.prior_cv_repeats, seed=seed)
 
 
-def fit_key(cache: str | Path, model_config: ModelConfig, train_config: TrainConfig) -> dict[str, Any]:
-    """What a prior fit depends on: the cache (its path and creation stamp), the model's prior
-    settings and the training config's prior settings and seed."""
-    from kneetf.data.cache import read_info
-
-    info = read_info(cache)
+def fit_key(cache: str | Path, info: Mapping[str, Any], model_config: ModelConfig,
+            train_config: TrainConfig) -> dict[str, Any]:
+    """What a prior fit depends on: the cache (its path, and the creation stamp and split counts of
+    its `dataset.json` `info`), the model's prior settings and the training config's prior settings
+    and seed."""
     model = {k: v for k, v in to_dict(model_config).items() if k.startswith("prior_") or k == "image_size"}
     train = {k: v for k, v in to_dict(train_config).items() if k.startswith("prior_") or k == "seed"}
     return {"cache": str(Path(cache).resolve()), "created": info.get("created"), "counts": info.get("counts"),

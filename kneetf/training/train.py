@@ -219,7 +219,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
         from kneetf.training.prior import fit_key, fit_model_prior, iterate_split, load_fit, save_fit
 
         # a resumed run reuses its fit: at thousands of pairs fitting takes many minutes
-        key = fit_key(cache, model_config, train_config)
+        key = fit_key(cache, info, model_config, train_config)
         prior = None if options.fresh else load_fit(work / PRIOR_FIT_FILE, key)
         if prior is not None:
             log.info("kernel ridge prior: reusing the fit in %s", work / PRIOR_FIT_FILE)
