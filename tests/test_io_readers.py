@@ -409,6 +409,7 @@ def _pydicom_refs(monkeypatch: pytest.MonkeyPatch, path: Path) -> list:
     """`scan_dicom` with every header value converted by pydicom (no raw reading)."""
     with monkeypatch.context() as m:
         m.setattr(kdicom, "_raw_numbers", lambda ds, keyword: None)
+        m.setattr(kdicom, "_quick_ref", lambda path, max_pixels: None)
         return kdicom.scan_dicom(path)[0]
 
 
@@ -457,3 +458,72 @@ def test_header_values_read_raw_on_odd_values(tmp_path: Path, monkeypatch: pytes
     assert [(r.slope, r.intercept, r.thickness, r.pixel_spacing) for r in fast] == \
            [(r.slope, r.intercept, r.thickness, r.pixel_spacing) for r in slow]
     assert fast[0].slope == 2.5 and fast[0].intercept == -10.0
+
+
+def _with_sequences(ds: pydicom.Dataset, i: int) -> None:
+    """A nested sequence of undefined length and a private element before the geometry."""
+    item = pydicom.Dataset()
+    item.ReferencedSOPInstanceUID = generate_uid()
+    inner = pydicom.Dataset()
+    inner.CodeValue = "T1"
+    item.PurposeOfReferenceCodeSequence = pydicom.Sequence([inner])
+    item.is_undefined_length_sequence_item = True
+    ds.ReferencedImageSequence = pydicom.Sequence([item, pydicom.Dataset()])
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    ds["ReferencedImageSequence"].value[0]["PurposeOfReferenceCodeSequence"].is_undefined_length = True
+    ds.add_new(0x00291010, "OB", b"\x01\x02" * 40)
+    ds.RescaleSlope, ds.RescaleIntercept = f"{1 + i / 4:g} ", "-3.5"
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian])
+def test_slice_headers_read_from_bytes_as_pydicom_reads_them(series, syntax: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain slice file's values read from its bytes (`kneetf.io.slice_header`) are those of
+    pydicom's path, in both little-endian encodings and past sequences of undefined length;
+    only the decoded slices' files are then parsed by pydicom."""
+    from kneetf.io.slice_header import read_slice_header
+
+    folder, files, _ = series
+
+    def edit(ds: pydicom.Dataset, i: int) -> None:
+        _with_sequences(ds, i)
+        ds.file_meta.TransferSyntaxUID = syntax
+
+    rewrite(files, edit)
+    assert all(read_slice_header(f, 10**9) is not None for f in files)
+    quick, slow = kdicom.scan_dicom(folder)[0], _pydicom_refs(monkeypatch, folder)
+    assert all(r.ds is None for r in quick) and all(r.ds is not None for r in slow)
+    for a, b in zip(quick, slow):
+        assert (a.path, a.rows, a.cols, a.slope, a.intercept, a.pixel_spacing, a.thickness, a.series_uid) == \
+               (b.path, b.rows, b.cols, b.slope, b.intercept, b.pixel_spacing, b.thickness, b.series_uid)
+        np.testing.assert_array_equal(a.position, b.position)
+        np.testing.assert_array_equal(a.orientation, b.orientation)
+    got, meta = read_mri_window(folder, 3, 7)
+    with monkeypatch.context() as m:
+        m.setattr(kdicom, "_quick_ref", lambda path, max_pixels: None)
+        want, want_meta = read_mri_window(folder, 3, 7)
+    np.testing.assert_array_equal(got, want)
+    assert meta == want_meta
+
+
+def test_slice_headers_left_to_pydicom_when_unusual(series) -> None:
+    """Files that are not plain slices go to pydicom's path, which reads or refuses them."""
+    from kneetf.io.slice_header import read_slice_header
+
+    folder, files, vol = series
+    compress(files[:1], RLELossless)  # encapsulated pixel data
+    with open(files[1], "ab") as f:  # bytes after the pixel data
+        f.write(b"\0" * 8)
+    rewrite(files[2:3], lambda ds, _: setattr(ds, "NumberOfFrames", 1))
+    rewrite(files[3:4], lambda ds, _: setattr(ds, "SliceThickness", ""))
+    rewrite(files[4:5], lambda ds, _: setattr(ds, "ImagePositionPatient", [0, 0]))
+    big = Path(get_testdata_file("MR_small_bigendian.dcm"))
+    assert [read_slice_header(f, 10**9) is None for f in files[:6]] == [True, True, False, True, True, False]
+    assert read_slice_header(big, 10**9) is None
+    assert read_slice_header(files[5], 16 * 20 - 1) is None  # over max_pixels: pydicom's path refuses it
+    with pytest.raises(InputError, match="no valid ImagePositionPatient"):
+        read_mri(folder)
+    rewrite(files[4:5], lambda ds, k: setattr(ds, "ImagePositionPatient", [0, 0, 0]))
+    with pytest.raises(InputError) as e:
+        read_mri(folder, max_pixels=16 * 20 - 1)
+    assert "max_pixels" in str(e.value)

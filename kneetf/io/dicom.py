@@ -508,6 +508,13 @@ class SliceRef:
     def name(self) -> str:
         return self.path.name if self.frame is None else f"{self.path.name}[frame {self.frame}]"
 
+    def header(self) -> Any:
+        """The slice's pydicom dataset (pixels deferred); parsed now when the scan read only
+        the values it needed from the file's bytes (`kneetf.io.slice_header`)."""
+        if self.ds is None:
+            self.ds = read_header(self.path)
+        return self.ds
+
 
 def _floats(value: Any, n: int) -> np.ndarray | None:
     if value is None:
@@ -608,6 +615,26 @@ def _headerless(path: Path) -> Any | None:
     return ds
 
 
+def _quick_ref(path: Path, max_pixels: int) -> SliceRef | None:
+    """The slice of a plain single-frame file from the values read off its bytes
+    (`kneetf.io.slice_header`), its dataset parsed only if it is decoded; None when pydicom
+    should read the file."""
+    from kneetf.io.slice_header import read_slice_header
+
+    if path.name.upper() == "DICOMDIR":
+        return None
+    try:
+        h = read_slice_header(path, max_pixels)
+    except OSError:
+        return None  # read_header says what is wrong
+    if h is None:
+        return None
+    return SliceRef(path=path, ds=None, frame=None, position=np.asarray(h.position, dtype=np.float64),
+                    orientation=np.asarray(h.orientation, dtype=np.float64), slope=h.slope, intercept=h.intercept,
+                    series_uid=h.series_uid, rows=h.rows, cols=h.cols, pixel_spacing=h.pixel_spacing,
+                    thickness=h.thickness)
+
+
 def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list[SliceRef], list[str]]:
     """Headers of every DICOM image in a folder (or one multi-frame file), pixels deferred.
 
@@ -625,6 +652,10 @@ def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list
             continue
         if f.suffix.lower() in _IGNORED_SUFFIXES and f != path:
             skipped.append(f"{f.name} (not DICOM: suffix {f.suffix})")
+            continue
+        quick = _quick_ref(f, max_pixels)
+        if quick is not None:
+            refs.append(quick)
             continue
         try:
             ds = read_header(f, force=f.suffix.lower() in (".dcm", ".dicom", ".ima"), max_pixels=max_pixels)
@@ -729,11 +760,11 @@ def decode_slices(refs: Sequence[SliceRef]) -> np.ndarray:
     out = np.empty((n, refs[0].rows, refs[0].cols), dtype=np.float32)
     slopes = np.empty(n, dtype=np.float64)
     intercepts = np.empty(n, dtype=np.float64)
-    by_file: dict[int, list[int]] = {}
+    by_file: dict[Any, list[int]] = {}
     for i, r in enumerate(refs):
-        by_file.setdefault(id(r.ds), []).append(i)
+        by_file.setdefault(id(r.ds) if r.ds is not None else str(r.path), []).append(i)
     for indices in by_file.values():
-        ds, path = refs[indices[0]].ds, refs[indices[0]].path
+        ds, path = refs[indices[0]].header(), refs[indices[0]].path
         frames = max(_int(ds, "NumberOfFrames", 1), 1)
         if frames == 1:
             stack = {None: _decode(ds, path)}
@@ -782,7 +813,7 @@ def read_dicom_series(path: str | Path, *, window: tuple[int, int] | None = None
                  f"{len(chosen)} decoded slice(s) of {chosen[0].rows}x{chosen[0].cols}")
     volume = require_finite(decode_slices(chosen), path)
     first = chosen[0]
-    ds = first.ds
+    ds = first.header()
     row_mm, col_mm = first.pixel_spacing if first.pixel_spacing else (None, None)
     slice_mm = step if step is not None else first.thickness
     spacing = (tuple(round(float(v), 6) for v in (slice_mm, row_mm, col_mm))
