@@ -47,3 +47,4 @@ def test_bench_prepare_rows_per_roi_source(tmp_path: Path) -> None:
     assert set(rows) == {"classical", "csv"}
     for r in rows.values():
         assert r["pairs"] == 2 and r["errors"] == 0 and r["cpu_s_per_pair"] > 0 and r["rss_main_mb"] > 0
+        assert 0 < r["cpu_main_s_per_pair"] <= r["cpu_s_per_pair"]

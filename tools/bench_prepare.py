@@ -14,7 +14,9 @@ Every measurement runs in its own process (a warm-up pair first, untimed), so it
 is its own: `rss main` is the prepare process, `rss worker` the largest decoding process.
 `cpu s/pair` is the CPU time of all its processes per pair (user + system), which other load
 on the machine disturbs less than the wall time: on N idle cores prepare cannot exceed
-N / (cpu s/pair) pairs/s. `--rounds` repeats every row, interleaved; the table gives the
+N / (cpu s/pair) pairs/s. `of it main` is the prepare process's share (resize, normalisation
+and writing, while the workers decode): one process, so prepare cannot exceed
+1 / (of it main) pairs/s however many workers decode. `--rounds` repeats every row, interleaved; the table gives the
 median and the range.
 
     python tools/bench_prepare.py                       # 2 distinct pairs, 32 rows, 1 and 2 workers, 3 rounds
@@ -132,14 +134,17 @@ class ChildPeaks(threading.Thread):
 
 def measure_one(manifest: Path, warmup: Path, out: Path, workers: int, roi: str) -> dict:
     """One timed `prepare_manifest` in this process (after an untimed in-process warm-up
-    pair): wall seconds, CPU seconds of this process and its workers, peak RSS of each."""
+    pair, which also imports TensorFlow): wall seconds, CPU seconds of this process and its
+    workers, peak RSS of each."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from kneetf.data.sources import prepare_manifest
 
     def rois(m: Path) -> Path | None:
         return m.with_suffix(".boxes.csv") if roi == "csv" else None
 
-    prepare_manifest(warmup, out.with_name(out.name + "-warm"), workers=0, progress=False, rois=rois(warmup))
+    warm = out.with_name(out.name + "-warm")
+    shutil.rmtree(warm, ignore_errors=True)  # a kept warm-up cache would be reused: TensorFlow unloaded
+    prepare_manifest(warmup, warm, workers=0, progress=False, rois=rois(warmup))
     shutil.rmtree(out, ignore_errors=True)
     peaks = ChildPeaks()
     peaks.start()
@@ -149,10 +154,10 @@ def measure_one(manifest: Path, warmup: Path, out: Path, workers: int, roi: str)
     wall = time.perf_counter() - t
     self1, kids1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     worker_peak = peaks.stop()
-    cpu = sum(getattr(r1, f) - getattr(r0, f) for r0, r1 in ((self0, self1), (kids0, kids1))
-              for f in ("ru_utime", "ru_stime"))
-    return {"pairs": result.total, "errors": len(result.errors), "seconds": wall, "cpu_s": cpu,
-            "rss_main_mb": vm_hwm_mb(), "rss_worker_mb": worker_peak}
+    main_cpu, kids_cpu = (sum(getattr(r1, f) - getattr(r0, f) for f in ("ru_utime", "ru_stime"))
+                          for r0, r1 in ((self0, self1), (kids0, kids1)))
+    return {"pairs": result.total, "errors": len(result.errors), "seconds": wall, "cpu_s": main_cpu + kids_cpu,
+            "cpu_main_s": main_cpu, "rss_main_mb": vm_hwm_mb(), "rss_worker_mb": worker_peak}
 
 
 def roi_times(sources: list[str], images: dict[str, np.ndarray], repeat: int = 5) -> list[dict]:
@@ -232,23 +237,25 @@ def main(argv: list[str] | None = None) -> int:
     for (roi, workers), ms in samples.items():
         rate = [m["pairs"] / m["seconds"] for m in ms]
         cpu = [m["cpu_s"] / max(m["pairs"], 1) for m in ms]
+        cpu_main = [m["cpu_main_s"] / max(m["pairs"], 1) for m in ms]
         rows.append({"roi": roi, "workers": workers, "pairs": ms[0]["pairs"], "errors": max(m["errors"] for m in ms),
                      "rounds": len(ms), "pairs_per_s": round(statistics.median(rate), 3),
                      "pairs_per_s_range": [round(min(rate), 3), round(max(rate), 3)],
                      "cpu_s_per_pair": round(statistics.median(cpu), 4),
                      "cpu_s_per_pair_range": [round(min(cpu), 4), round(max(cpu), 4)],
+                     "cpu_main_s_per_pair": round(statistics.median(cpu_main), 4),
                      "rss_main_mb": round(max(m["rss_main_mb"] for m in ms)),
                      "rss_worker_mb": round(max(m["rss_worker_mb"] for m in ms))})
     print(f"inputs: {args.distinct} distinct pair(s) of a 160x384x384 DICOM series + 2000x2500 DICOM X-ray "
           f"(ready in {gen_s:.1f} s), {args.pairs} manifest rows, {args.rounds} round(s), {os.cpu_count()} CPUs")
     print(f"{'roi':<10}{'workers':>7} {'pairs':>6} {'errors':>6} {'pairs/s (range)':>22} "
-          f"{'cpu s/pair (range)':>24} {'rss main':>9} {'rss worker':>11}")
+          f"{'cpu s/pair (range)':>24} {'of it main':>10} {'rss main':>9} {'rss worker':>11}")
     for r in rows:
         lo, hi = r["pairs_per_s_range"]
         clo, chi = r["cpu_s_per_pair_range"]
         print(f"{r['roi']:<10}{r['workers']:7d} {r['pairs']:6d} {r['errors']:6d} "
               f"{r['pairs_per_s']:7.2f} ({lo:5.2f}-{hi:5.2f}) {r['cpu_s_per_pair']:9.3f} ({clo:5.3f}-{chi:5.3f}) "
-              f"{r['rss_main_mb']:6d} MB {r['rss_worker_mb']:8d} MB")
+              f"{r['cpu_main_s_per_pair']:10.3f} {r['rss_main_mb']:6d} MB {r['rss_worker_mb']:8d} MB")
     roi_rows = []
     if args.roi:
         from kneetf.data.radiograph import simulate
