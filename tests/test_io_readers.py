@@ -81,6 +81,8 @@ def test_series_window_decodes_only_its_slices(tmp_path: Path, monkeypatch: pyte
     decoded = []
     real = kdicom._decode
     monkeypatch.setattr(kdicom, "_decode", lambda ds, path, index=None: decoded.append(path) or real(ds, path, index))
+    plain = kdicom._plain_pixels  # plain slices are read from their bytes
+    monkeypatch.setattr(kdicom, "_plain_pixels", lambda ref: decoded.append(ref.path) or plain(ref))
     got, meta = read_mri_window(tmp_path / "s")  # default [20, 40)
     np.testing.assert_array_equal(got, vol[20:40])
     assert len(decoded) == 20 and len(set(decoded)) == 20
@@ -527,3 +529,36 @@ def test_slice_headers_left_to_pydicom_when_unusual(series) -> None:
     with pytest.raises(InputError) as e:
         read_mri(folder, max_pixels=16 * 20 - 1)
     assert "max_pixels" in str(e.value)
+
+
+def test_plain_slices_decoded_from_their_bytes_as_pydicom_decodes_them(series,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unsigned 16-bit MONOCHROME2 slices are read straight from the pixel data's offset,
+    with the values pydicom's `pixel_array` gives (the bits above BitsStored cleared); signed
+    or MONOCHROME1 slices are decoded by pydicom."""
+    from kneetf.io.slice_header import read_slice_header
+
+    folder, files, _ = series
+    rng = np.random.default_rng(3)
+
+    def edit(ds: pydicom.Dataset, i: int) -> None:
+        ds.BitsStored, ds.HighBit = 12, 11
+        ds.PixelData = rng.integers(0, 2**16, (ds.Rows, ds.Columns), dtype=np.uint16).tobytes()
+        if i == 1:
+            ds.PixelRepresentation = 1
+        if i == 2:
+            ds.PhotometricInterpretation = "MONOCHROME1"
+
+    rewrite(files, edit)
+    plain = [read_slice_header(f, 10**9).plain_pixels is not None for f in files]
+    assert plain == [i not in (1, 2) for i in range(len(files))]
+    got, meta = read_mri(folder)
+    with monkeypatch.context() as m:
+        m.setattr(kdicom, "_quick_ref", lambda path, max_pixels: None)
+        want, want_meta = read_mri(folder)
+    np.testing.assert_array_equal(got, want)
+    assert meta == want_meta
+    ref = next(r for r in kdicom.scan_dicom(folder)[0] if r.plain_pixels)
+    values = kdicom._plain_pixels(ref)
+    np.testing.assert_array_equal(values, pydicom.dcmread(ref.path).pixel_array)
+    assert values.max() < 2**12 < np.frombuffer(pydicom.dcmread(ref.path).PixelData, "<u2").max()

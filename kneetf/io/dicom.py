@@ -503,6 +503,9 @@ class SliceRef:
     cols: int
     pixel_spacing: tuple[float, float] | None
     thickness: float | None
+    #: (where the pixel data starts, BitsStored) of a plain unsigned 16-bit MONOCHROME2 slice
+    #: whose header the scan read from the bytes (`kneetf.io.slice_header`); None: pydicom decodes it
+    plain_pixels: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -632,7 +635,7 @@ def _quick_ref(path: Path, max_pixels: int) -> SliceRef | None:
     return SliceRef(path=path, ds=None, frame=None, position=np.asarray(h.position, dtype=np.float64),
                     orientation=np.asarray(h.orientation, dtype=np.float64), slope=h.slope, intercept=h.intercept,
                     series_uid=h.series_uid, rows=h.rows, cols=h.cols, pixel_spacing=h.pixel_spacing,
-                    thickness=h.thickness)
+                    thickness=h.thickness, plain_pixels=h.plain_pixels)
 
 
 def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list[SliceRef], list[str]]:
@@ -764,6 +767,11 @@ def decode_slices(refs: Sequence[SliceRef]) -> np.ndarray:
     for i, r in enumerate(refs):
         by_file.setdefault(id(r.ds) if r.ds is not None else str(r.path), []).append(i)
     for indices in by_file.values():
+        if refs[indices[0]].ds is None and refs[indices[0]].plain_pixels is not None:
+            i = indices[0]  # a plain single-frame file: its values as pydicom's `pixel_array` gives them
+            out[i] = _plain_pixels(refs[i])
+            slopes[i], intercepts[i] = refs[i].slope, refs[i].intercept
+            continue
         ds, path = refs[indices[0]].header(), refs[indices[0]].path
         frames = max(_int(ds, "NumberOfFrames", 1), 1)
         if frames == 1:
@@ -788,6 +796,23 @@ def decode_slices(refs: Sequence[SliceRef]) -> np.ndarray:
         out *= slopes.astype(np.float32)[:, None, None]
         out += intercepts.astype(np.float32)[:, None, None]
     return out
+
+
+def _plain_pixels(ref: SliceRef) -> np.ndarray:
+    """The (rows, cols) uint16 pixel values of a plain slice file (`ref.plain_pixels`), as
+    pydicom's `pixel_array` gives them: the bits above BitsStored cleared."""
+    offset, stored = ref.plain_pixels or (0, 16)
+    n = ref.rows * ref.cols * 2
+    try:
+        with open(ref.path, "rb") as f:
+            f.seek(offset)
+            data = f.read(n)
+    except OSError as e:
+        raise InputError(ref.path, f"cannot read DICOM file: {e}") from e
+    if len(data) != n:
+        raise InputError(ref.path, f"pixel data holds {len(data)} bytes, fewer than the {n} its header declares")
+    values = np.frombuffer(data, "<u2").reshape(ref.rows, ref.cols)
+    return values if stored == 16 else values & np.uint16((1 << stored) - 1)
 
 
 def read_dicom_series(path: str | Path, *, window: tuple[int, int] | None = None, min_slices: int = 1,

@@ -42,11 +42,14 @@ _WANTED = {
     0x00200032: ("ImagePositionPatient", b"DS"),
     0x00200037: ("ImageOrientationPatient", b"DS"),
     0x00280002: ("SamplesPerPixel", b"US"),
+    0x00280004: ("PhotometricInterpretation", b"CS"),
     0x00280008: ("NumberOfFrames", b"IS"),
     0x00280010: ("Rows", b"US"),
     0x00280011: ("Columns", b"US"),
     0x00280030: ("PixelSpacing", b"DS"),
     0x00280100: ("BitsAllocated", b"US"),
+    0x00280101: ("BitsStored", b"US"),
+    0x00280103: ("PixelRepresentation", b"US"),
     0x00281052: ("RescaleIntercept", b"DS"),
     0x00281053: ("RescaleSlope", b"DS"),
 }
@@ -78,6 +81,10 @@ class SliceHeader:
     thickness: float | None
     slope: float
     intercept: float
+    #: (where the pixel data starts, BitsStored) when it is plain unsigned 16-bit MONOCHROME2:
+    #: rows x cols little-endian values, of which pydicom's `pixel_array` keeps the low
+    #: BitsStored bits; else None
+    plain_pixels: tuple[int, int] | None = None
 
 
 def read_slice_header(path: str | Path, max_pixels: int) -> SliceHeader | None:
@@ -145,7 +152,8 @@ def _skip_sequence(buf: bytes, pos: int, implicit: bool, depth: int = 0) -> int:
 
 
 def _values(buf: bytes, size: int) -> dict[int, tuple[bytes | None, bytes]]:
-    """The raw (VR, value) of each wanted top-level element of a plain slice file."""
+    """The raw (VR, value) of each wanted top-level element of a plain slice file, and the
+    pixel data's offset and length under the key `_PIXEL_DATA`."""
     if len(buf) < 132:
         raise _Short
     if buf[128:132] != b"DICM":
@@ -175,6 +183,7 @@ def _values(buf: bytes, size: int) -> dict[int, tuple[bytes | None, bytes]]:
         if tag == _PIXEL_DATA:  # native pixel data that ends the file
             if length == _UNDEFINED or at + length != size or vr not in (None, b"OB", b"OW"):
                 raise _Unusual
+            found[_PIXEL_DATA] = (None, _U32.pack(at) + _U32.pack(length))
             return found
         if tag in _OTHER_PIXELS or tag in _FUNCTIONAL_GROUPS or tag >> 16 == 0xFFFE:
             raise _Unusual
@@ -234,7 +243,14 @@ def _header(found: dict[int, tuple[bytes | None, bytes]], max_pixels: int) -> Sl
         raise _Unusual
     if spacing is not None and not all(v > 0 for v in spacing):
         raise _Unusual  # pydicom's path treats it as missing
+    offset, length = _U32.unpack(found[_PIXEL_DATA][1][:4])[0], _U32.unpack(found[_PIXEL_DATA][1][4:])[0]
+    photometric = found[0x00280004][1].decode("ascii").strip("\0 ").upper() if 0x00280004 in found else ""
+    described = all(t in found for t in (0x00280002, 0x00280100, 0x00280101, 0x00280103))  # as pydicom requires
+    stored = _short(found, 0x00280101, 0) or 0
+    plain = (described and photometric == "MONOCHROME2" and samples == 1 and bits == 16 and 1 <= stored <= 16
+             and _short(found, 0x00280103, 0) == 0 and length == rows * cols * 2)
     return SliceHeader(series_uid=uid, rows=rows, cols=cols, position=position, orientation=orientation,
                        pixel_spacing=spacing, thickness=thickness[0] if thickness else None,
                        slope=(slope[0] if slope else 1.0) or 1.0,
-                       intercept=(intercept[0] if intercept else 0.0) or 0.0)
+                       intercept=(intercept[0] if intercept else 0.0) or 0.0,
+                       plain_pixels=(offset, stored) if plain else None)
