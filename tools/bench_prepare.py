@@ -21,6 +21,7 @@ median and the range.
 
     python tools/bench_prepare.py                       # 2 distinct pairs, 32 rows, 1 and 2 workers, 3 rounds
     python tools/bench_prepare.py --pairs 64 --workers 2 --roi-sources csv
+    python tools/bench_prepare.py --pairs 96 --rounds 1 --workers 2     # starting the workers weighs less
     python tools/bench_prepare.py --roi classical,builtin --pairs 0    # ROI time per image only
 
 `--roi` also times each ROI source on one X-ray at a time (as a prepare worker calls it):
