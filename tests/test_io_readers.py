@@ -356,6 +356,8 @@ def test_oai_sized_series_window_decodes_only_its_slices(tmp_path: Path, monkeyp
         return real_decode(ds, path, index)
 
     monkeypatch.setattr(kdicom, "_decode", counting_decode)
+    plain = kdicom._plain_pixels  # plain slices are read from their bytes
+    monkeypatch.setattr(kdicom, "_plain_pixels", lambda ref: decoded.append(str(ref.path)) or plain(ref))
     full, _ = read_mri(tmp_path / "s")
     assert len(decoded) == 160 and len(set(decoded)) == 160
     decoded.clear()
