@@ -130,11 +130,17 @@ def conv3d_transpose_same(x, kernel, strides: Sequence[int]):
     return op(x, kernel)
 
 
+def _plain_same(layer) -> bool:
+    """'same' padding, channels-last, no dilation, TensorFlow backend: the layers both fast paths
+    can take (each adds its own bound)."""
+    return (layer.padding == "same" and layer.data_format == "channels_last"
+            and all(d == 1 for d in layer.dilation_rate) and keras.backend.backend() == "tensorflow")
+
+
 def _uses_matmul(layer, input_shape) -> bool:
     spatial = tuple(input_shape[1:-1])
-    return (layer.padding == "same" and layer.data_format == "channels_last" and layer.output_padding is None
-            and all(d == 1 for d in layer.dilation_rate) and all(p is not None for p in spatial)
-            and int(np.prod(spatial)) <= MAX_MATMUL_POSITIONS and keras.backend.backend() == "tensorflow")
+    return (_plain_same(layer) and layer.output_padding is None and all(p is not None for p in spatial)
+            and int(np.prod(spatial)) <= MAX_MATMUL_POSITIONS)
 
 
 def _finish(layer, x):
@@ -180,9 +186,7 @@ class Conv3DTranspose(keras.layers.Conv3DTranspose):
         return _uses_matmul(self, input_shape)
 
     def uses_phase(self) -> bool:
-        return (self.filters <= MAX_PHASE_FILTERS and self.padding == "same"
-                and self.data_format == "channels_last" and all(d == 1 for d in self.dilation_rate)
-                and keras.backend.backend() == "tensorflow")
+        return _plain_same(self) and self.filters <= MAX_PHASE_FILTERS
 
     def call(self, inputs):
         if self.uses_matmul(inputs.shape):
