@@ -37,6 +37,7 @@ def _forward_and_grads(layer, x):
     ((1, 3, 4, 5, 2), 4, 4, (2, 2, 2), False),
     ((2, 3, 3, 3, 2), 2, 3, (2, 2, 2), True),     # odd kernel
     ((1, 2, 3, 4, 3), 3, (4, 3, 2), (1, 2, 3), True),  # mixed kernel sizes and strides
+    ((2, 3, 2, 4, 2), 2, (4, 3, 2), (2, 1, 2), True),  # every kernel size a multiple of its stride
 ])
 def test_phase_layer_equals_keras_forward_and_gradients(shape, filters, kernel, strides, use_bias):
     ref, new = _pair(shape, filters, kernel, strides, use_bias)
@@ -78,6 +79,34 @@ def test_mixed_bfloat16_phase_layer_runs_and_returns_bfloat16():
     assert y.dtype == tf.bfloat16 and y.shape == (1, 4, 4, 2, 1)
     grads = tape.gradient(loss, [x, layer.kernel])
     assert grads[1].shape == layer.kernel.shape and bool(tf.reduce_all(tf.math.is_finite(grads[1])))
+
+
+@pytest.mark.parametrize("filters", [1, 6])
+def test_mixed_bfloat16_layer_matches_float32_within_bfloat16_rounding(filters):
+    """Under mixed_bfloat16 (the phase forward for a narrow layer, Keras' own for a wide one) the
+    output and both gradients are Keras' float32 layer's to bfloat16 precision."""
+    shape = (2, 6, 5, 4, 8)
+    # no bias: its gradient is a bfloat16 sum over every position, Keras' own rounding
+    ref = keras.layers.Conv3DTranspose(filters, 4, strides=(2, 2, 1), padding="same", use_bias=False)
+    new = PhaseConv3DTranspose(filters, 4, strides=(2, 2, 1), padding="same", use_bias=False, dtype="mixed_bfloat16")
+    ref.build(shape)
+    new.build(shape)
+    weights = [np.random.default_rng(0).standard_normal(w.shape).astype("float32") for w in ref.get_weights()]
+    ref.set_weights(weights)
+    new.set_weights(weights)
+    x = tf.constant(np.random.default_rng(1).standard_normal(shape).astype("float32"))
+    c = tf.constant(np.random.default_rng(2).standard_normal((2, 12, 10, 4, filters)).astype("float32"))
+
+    def forward_and_grads(layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(layer(x), tf.float32)
+            loss = tf.reduce_sum(y * c)  # the upstream gradient does not depend on the rounding of y
+        return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
+
+    for a, b in zip(forward_and_grads(ref), forward_and_grads(new)):
+        assert b.dtype == tf.float32 and b.shape == a.shape
+        assert float(tf.reduce_max(tf.abs(b - a))) <= 0.02 * float(tf.reduce_max(tf.abs(a)))
 
 
 @pytest.mark.parametrize("shape,filters,kernel,strides,use_bias", [

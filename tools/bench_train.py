@@ -226,6 +226,8 @@ def worker_profile(a: argparse.Namespace) -> dict[str, Any]:
 
     _, _, bu = _perf_modules()
     keras.utils.set_random_seed(0)
+    if a.precision != "float32":
+        keras.mixed_precision.set_global_policy(a.precision)
     model = KneeNet(a.preset)
     model.compile_for_training(TrainConfig(batch_size=a.batch))
     b = a.batch
@@ -331,11 +333,16 @@ def torch_cmd(python: str, preset: str, mode: str, batch: int, steps: int, warmu
             "--steps", str(steps), "--warmup", str(warmup)]
 
 
-def measure_peak(quick: bool, twin_python: str | None) -> dict[str, Any]:
+#: the peaks `measure_peak` reports: the fp32 matmul, and with `bf16` the bf16 matmul and the
+#: 3-D convolution in fp32 and bf16
+PEAK_KEYS = ("tf", "tf_bf16", "tf_conv3d", "tf_conv3d_bf16")
+
+
+def measure_peak(quick: bool, twin_python: str | None, bf16: bool = True) -> dict[str, Any]:
     n, reps = (2048, 3) if quick else (4096, 5)
     tf_peak = run_json([sys.executable, str(PERF / "peak.py"), "--which", "tf", "--n", str(n),
-                        "--reps", str(reps), "--bf16"])
-    out = {"tf": tf_peak["tf"], **{k: tf_peak[k] for k in ("tf_bf16", "tf_conv3d", "tf_conv3d_bf16") if k in tf_peak}}
+                        "--reps", str(reps), *(["--bf16"] if bf16 else [])])
+    out = {k: tf_peak[k] for k in PEAK_KEYS if k in tf_peak}
     if twin_python:
         out["torch"] = run_json([twin_python, str(PERF / "peak.py"), "--which", "torch", "--n", str(n),
                                  "--reps", str(reps)])["torch"]
@@ -406,9 +413,10 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_peaks(peak: dict[str, Any]) -> None:
-    """The bf16 ceiling next to the fp32 one (TF, this run, best of start and end): a large
+    """The bf16 ceiling next to the fp32 one (TF, this run, both measured at its start): a large
     matmul and a wide 3-D convolution."""
     parts = []
+    peak = {**peak, "tf": peak.get("tf_start", peak.get("tf"))}
     for name, k32, k16 in (("matmul", "tf", "tf_bf16"), ("conv3d 3x3x3 64->64", "tf_conv3d", "tf_conv3d_bf16")):
         if k32 in peak and k16 in peak:
             f32, f16 = peak[k32]["gflops_best"], peak[k16]["gflops_best"]
@@ -484,16 +492,16 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
             result["input"] = input_wait(a, Path(tmp), env)
     if a.profile:
         result["profile"] = {p: run_json(tf_cmd("profile", preset=p, batch=max(train_b[p]), steps=a.steps,
-                                                warmup=a.warmup), env) for p in a.presets}
-    # the peak once more at the end: other processes share this machine, the better of the two
-    # is closer to the machine's own figure; every row's %peak is relative to it
-    peak_end = measure_peak(a.quick, twin_python)
-    best = max(peak["tf"]["gflops_best"], peak_end["tf"]["gflops_best"])
+                                                warmup=a.warmup, precision=a.precision), env) for p in a.presets}
+    # the fp32 matmul peak once more at the end (the bf16 and conv3d peaks only at the start):
+    # other processes share this machine, the better of the two is closer to the machine's own
+    # figure; every row's %peak is relative to it
+    peak_end = measure_peak(a.quick, twin_python, bf16=False)
     result["peak"] = {**peak, "tf_start": peak["tf"], "tf_end": peak_end["tf"]}
-    for k in ("tf_bf16", "tf_conv3d", "tf_conv3d_bf16"):
+    for k in PEAK_KEYS + ("torch",):
         if k in peak or k in peak_end:
             result["peak"][k] = max((p[k] for p in (peak, peak_end) if k in p), key=lambda r: r["gflops_best"])
-    result["peak"]["tf"] = {**peak["tf"], "gflops_best": best}
+    best = result["peak"]["tf"]["gflops_best"]
     for row in rows:
         for side in ("tf", "torch"):
             if side in row:

@@ -5,7 +5,9 @@ TensorFlow runs a 3-D transposed convolution forward as `Conv3DBackpropInputV2`,
 executes slowly on CPU when the layer has few output channels (the generator's last layer, 4 -> 1
 channel at 128x128, took 1 GFLOP/s). The same output is ONE stride-1 `Conv3D` of the input with a
 kernel assembled from the same weights (`s` phases per strided axis, `s_d*s_h*s_w*filters` output
-channels) followed by depth-to-space: the phase (sub-pixel) decomposition. It multiplies and adds
+channels) followed by depth-to-space: the phase (sub-pixel) decomposition. When every kernel size
+is a multiple of its stride (the generator's 4x4x4 kernels), the assembled kernel holds exactly the
+layer's taps (`k/s` per axis, no zeros) and the output is cropped from a slightly larger one. It multiplies and adds
 the same numbers in another order (relative difference ~1e-7 in float32). The gradients stay TF's
 own for the transposed convolution. Weights, config and the saved layout are those of
 `keras.layers.Conv3DTranspose`; the inference graph is pad + Conv3D + reshape/transpose, which
@@ -47,6 +49,38 @@ def _phase_selection(kernel: int, stride: int) -> tuple[np.ndarray, int, int]:
     return sel, -lo, hi
 
 
+def _depth_to_space(y, n, spatial: Sequence[int], strides: Sequence[int], cout: int):
+    """(n, d, h, w, sd*sh*sw*cout) -> (n, d*sd, h*sh, w*sw, cout), the phases in row-major order."""
+    import tensorflow as tf
+
+    (d, h, wd), (sd, sh, sw) = spatial, strides
+    # one 6-D transpose (TFLite's TRANSPOSE takes at most 6 dimensions):
+    # (n*d, h, w, sd, sh, sw*c) -> (n*d, sd, h, sh, w, sw*c) is (n, d*sd, h*sh, w*sw, c) in memory
+    y = tf.reshape(y, (n * d, h, wd, sd, sh, sw * cout))
+    y = tf.transpose(y, (0, 3, 1, 4, 2, 5))
+    return tf.reshape(y, (n, d * sd, h * sh, wd * sw, cout))
+
+
+def _regrouped_conv3d_transpose(x, kernel, strides: Sequence[int]):
+    """The phase decomposition with exactly the kernel's taps, for kernel sizes that are multiples
+    of their strides: tap `s*u + r` of an axis feeds phase `r` from input offset `-u`, so one
+    stride-1 Conv3D with `k/s` taps per axis of the input padded by `k/s - 1` on both sides,
+    depth-to-space, and a crop of `(k - s) // 2` at the start of each axis."""
+    import tensorflow as tf
+
+    ks, cout, cin = tuple(kernel.shape[:3]), kernel.shape[3], kernel.shape[4]
+    (md, mh, mw), (sd, sh, sw) = [k // s for k, s in zip(ks, strides)], strides
+    w = tf.reshape(kernel, (md, sd, mh, sh, mw, sw, cout, cin))
+    w = tf.transpose(w, (0, 2, 4, 7, 1, 3, 5, 6))                 # (md, mh, mw, cin, sd, sh, sw, cout)
+    w = tf.reverse(tf.reshape(w, (md, mh, mw, cin, sd * sh * sw * cout)), [0, 1, 2])
+    xp = tf.pad(x, [[0, 0], [md - 1, md - 1], [mh - 1, mh - 1], [mw - 1, mw - 1], [0, 0]])
+    y = tf.nn.conv3d(xp, w, strides=[1, 1, 1, 1, 1], padding="VALID")
+    d, h, wd = x.shape[1], x.shape[2], x.shape[3]
+    y = _depth_to_space(y, tf.shape(x)[0], (d + md - 1, h + mh - 1, wd + mw - 1), strides, cout)
+    pd, ph, pw = [(k - s) // 2 for k, s in zip(ks, strides)]
+    return y[:, pd:pd + d * sd, ph:ph + h * sh, pw:pw + wd * sw, :]
+
+
 def phase_conv3d_transpose(x, kernel, strides: Sequence[int]):
     """`conv3d_transpose(x, kernel, strides, padding="SAME")` as one Conv3D + depth-to-space.
 
@@ -54,6 +88,8 @@ def phase_conv3d_transpose(x, kernel, strides: Sequence[int]):
     """
     import tensorflow as tf
 
+    if all(k % s == 0 for k, s in zip(kernel.shape[:3], strides)):
+        return _regrouped_conv3d_transpose(x, kernel, strides)
     sels = [_phase_selection(k, s) for k, s in zip(kernel.shape[:3], strides)]
     (sel_d, bd, ad), (sel_h, bh, ah), (sel_w, bw, aw) = sels
     w = tf.einsum("apd,bqe,crf,defoi->abcipqro", sel_d, sel_h, sel_w, kernel)
@@ -61,13 +97,7 @@ def phase_conv3d_transpose(x, kernel, strides: Sequence[int]):
     w = tf.reshape(w, (ka, kb, kc, cin, sd * sh * sw * cout))
     xp = tf.pad(x, [[0, 0], [bd, ad], [bh, ah], [bw, aw], [0, 0]])
     y = tf.nn.conv3d(xp, w, strides=[1, 1, 1, 1, 1], padding="VALID")
-    n = tf.shape(x)[0]
-    d, h, wd = x.shape[1], x.shape[2], x.shape[3]
-    # depth-to-space with one 6-D transpose (TFLite's TRANSPOSE takes at most 6 dimensions):
-    # (n*d, h, w, sd, sh, sw*c) -> (n*d, sd, h, sh, w, sw*c) is (n, d*sd, h*sh, w*sw, c) in memory
-    y = tf.reshape(y, (n * d, h, wd, sd, sh, sw * cout))
-    y = tf.transpose(y, (0, 3, 1, 4, 2, 5))
-    return tf.reshape(y, (n, d * sd, h * sh, wd * sw, cout))
+    return _depth_to_space(y, tf.shape(x)[0], tuple(x.shape[1:4]), (sd, sh, sw), cout)
 
 
 def tap_matrix(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int]) -> np.ndarray:
@@ -130,11 +160,17 @@ def conv3d_transpose_same(x, kernel, strides: Sequence[int]):
     return op(x, kernel)
 
 
+def _plain_same(layer) -> bool:
+    """'same' padding, channels-last, no dilation, TensorFlow backend: the layers both fast paths
+    can take (each adds its own bound)."""
+    return (layer.padding == "same" and layer.data_format == "channels_last"
+            and all(d == 1 for d in layer.dilation_rate) and keras.backend.backend() == "tensorflow")
+
+
 def _uses_matmul(layer, input_shape) -> bool:
     spatial = tuple(input_shape[1:-1])
-    return (layer.padding == "same" and layer.data_format == "channels_last" and layer.output_padding is None
-            and all(d == 1 for d in layer.dilation_rate) and all(p is not None for p in spatial)
-            and int(np.prod(spatial)) <= MAX_MATMUL_POSITIONS and keras.backend.backend() == "tensorflow")
+    return (_plain_same(layer) and layer.output_padding is None and all(p is not None for p in spatial)
+            and int(np.prod(spatial)) <= MAX_MATMUL_POSITIONS)
 
 
 def _finish(layer, x):
@@ -180,9 +216,7 @@ class Conv3DTranspose(keras.layers.Conv3DTranspose):
         return _uses_matmul(self, input_shape)
 
     def uses_phase(self) -> bool:
-        return (self.filters <= MAX_PHASE_FILTERS and self.padding == "same"
-                and self.data_format == "channels_last" and all(d == 1 for d in self.dilation_rate)
-                and keras.backend.backend() == "tensorflow")
+        return _plain_same(self) and self.filters <= MAX_PHASE_FILTERS
 
     def call(self, inputs):
         if self.uses_matmul(inputs.shape):
