@@ -56,6 +56,17 @@ def test_wide_layers_fall_back_to_keras_and_config_round_trips():
     assert type(clone) is PhaseConv3DTranspose and clone.get_config() == narrow.get_config()
 
 
+def test_output_padding_takes_keras_own_path_with_keras_shape():
+    shape, kwargs = (1, 3, 3, 3, 2), dict(strides=2, padding="same", output_padding=1)
+    ref, new = keras.layers.Conv3DTranspose(2, 3, **kwargs), PhaseConv3DTranspose(2, 3, **kwargs)
+    ref.build(shape)
+    new.build(shape)
+    new.set_weights(ref.get_weights())
+    assert not new.uses_phase() and not new.uses_matmul(shape)
+    x = tf.constant(np.random.default_rng(2).standard_normal(shape).astype("float32"))
+    np.testing.assert_allclose(new(x).numpy(), ref(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_generator_uses_the_phase_layer_for_narrow_deconvs(tmp_path):
     model = kneetf.build_model("tiny")
     deconvs = [l for l in model._flatten_layers() if isinstance(l, keras.layers.Conv3DTranspose)]

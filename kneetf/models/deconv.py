@@ -161,15 +161,15 @@ def conv3d_transpose_same(x, kernel, strides: Sequence[int]):
 
 
 def _plain_same(layer) -> bool:
-    """'same' padding, channels-last, no dilation, TensorFlow backend: the layers both fast paths
-    can take (each adds its own bound)."""
-    return (layer.padding == "same" and layer.data_format == "channels_last"
+    """'same' padding, no output padding, channels-last, no dilation, TensorFlow backend: the layers
+    both fast paths can take (each adds its own bound)."""
+    return (layer.padding == "same" and layer.output_padding is None and layer.data_format == "channels_last"
             and all(d == 1 for d in layer.dilation_rate) and keras.backend.backend() == "tensorflow")
 
 
 def _uses_matmul(layer, input_shape) -> bool:
     spatial = tuple(input_shape[1:-1])
-    return (_plain_same(layer) and layer.output_padding is None and all(p is not None for p in spatial)
+    return (_plain_same(layer) and all(p is not None for p in spatial)
             and int(np.prod(spatial)) <= MAX_MATMUL_POSITIONS)
 
 
