@@ -856,13 +856,15 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     image = image_2d(image, "the classical ROI's input", min_side=8, path=source)
     spacing = _as_spacing(pixel_spacing)
     try:
-        found: JointFinding | None = _look(image, spacing, box_mm, side_scale, config, source)
+        masks: dict[tuple[int, ...], np.ndarray] = {}  # artefact masks, reused by the second search
+        found: JointFinding | None = _look(image, spacing, box_mm, side_scale, config, source, masks)
         error = None
     except RoiNotFoundError as e:
         found, error = None, e
     if config.equalise_clip > 0 and not config.equalised and (found is None or found.confidence < config.equalise_below):
         try:
-            again = _look(image, spacing, box_mm, side_scale, dataclasses.replace(config, equalised=True), source)
+            again = _look(image, spacing, box_mm, side_scale, dataclasses.replace(config, equalised=True), source,
+                          masks)
         except RoiNotFoundError:
             again = None
         if again is not None and (found is None or again.confidence > found.confidence):
@@ -874,10 +876,10 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
 
 
 def _look(image: np.ndarray, spacing: float | None, box_mm: float, side_scale: float, config: ClassicalConfig,
-          source: str | Path | None) -> JointFinding:
+          source: str | Path | None, masks: dict[tuple[int, ...], np.ndarray] | None = None) -> JointFinding:
     """Steps 1-6 of `find_joint`: one search, its second look and the plausibility of its box."""
-    found = _search(image, spacing, box_mm, side_scale, config, source)
-    found = _second_look(image, found, spacing, box_mm, side_scale, config, source)
+    found = _search(image, spacing, box_mm, side_scale, config, source, masks=masks)
+    found = _second_look(image, found, spacing, box_mm, side_scale, config, source, masks)
     return dataclasses.replace(found, confidence=found.confidence * _plausibility(image, found, side_scale, config))
 
 
@@ -896,7 +898,8 @@ def _plausibility(image: np.ndarray, found: JointFinding, side_scale: float, con
 
 
 def _second_look(image: np.ndarray, found: JointFinding, spacing: float | None, box_mm: float, side_scale: float,
-                 config: ClassicalConfig, source: str | Path | None) -> JointFinding:
+                 config: ClassicalConfig, source: str | Path | None,
+                 masks: dict[tuple[int, ...], np.ndarray] | None = None) -> JointFinding:
     """`found` searched for again on the image cropped around it (`config.refine_reach` knee
     widths each way), at least `config.refine_gain` times finer; `found` itself when the
     crop would not be finer. Raises `RoiNotFoundError` when the finer search finds no
@@ -915,7 +918,8 @@ def _second_look(image: np.ndarray, found: JointFinding, spacing: float | None, 
     narrow = dataclasses.replace(config, angles=near, num_widths=5, ambiguity=math.inf)
     widths = (found.knee_width / 1.5, found.knee_width * 1.5)
     try:
-        fine = _search(image[y0:y1, x0:x1], spacing, box_mm, side_scale, narrow, source, widths=widths)
+        fine = _search(image[y0:y1, x0:x1], spacing, box_mm, side_scale, narrow, source, widths=widths, masks=masks,
+                       at=(y0, y1, x0, x1))
     except RoiNotFoundError as e:
         raise RoiNotFoundError(source, f"unsure: the joint found at ({cx:.0f}, {cy:.0f}) px is not found again "
                                f"at {f2 / f:.1f}x the resolution ({e.reason})") from None
@@ -939,9 +943,12 @@ def _equalise(v: np.ndarray, valid: np.ndarray, config: ClassicalConfig) -> np.n
 
 
 def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale: float, config: ClassicalConfig,
-            source: str | Path | None, widths: tuple[float, float] | None = None) -> JointFinding:
+            source: str | Path | None, widths: tuple[float, float] | None = None,
+            masks: dict[tuple[int, ...], np.ndarray] | None = None, at: tuple[int, ...] = ()) -> JointFinding:
     """Steps 1-4 of `find_joint` on a 2-D image; knee widths searched in `widths` (pixels)
-    when given, else in the config's ranges."""
+    when given, else in the config's ranges. `masks` keeps the artefact masks found, by `at`
+    (the crop's rows and columns in the whole image; () for the whole image), for a later
+    search of the same pixels."""
     h, w = image.shape
     f = min(1.0, config.work_size / max(h, w))
     small = image.astype(np.float32)
@@ -953,7 +960,12 @@ def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale:
     if not v.any():
         raise RoiNotFoundError(source, "no knee found: the image is constant")
     sigma = _noise_sigma(v)
-    valid = ~_artefact_mask(image, v.shape, config)
+    artefacts = masks.get(at) if masks is not None else None
+    if artefacts is None:
+        artefacts = _artefact_mask(image, v.shape, config)
+        if masks is not None:
+            masks[at] = artefacts
+    valid = ~artefacts
     field = ~_outside_field(v, valid, sigma, config)
     valid = field.copy() if config.equalised else valid & field
     if valid.mean() < 0.03:
