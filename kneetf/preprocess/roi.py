@@ -359,6 +359,8 @@ class ClassicalConfig:
     equalise_clip: float = 8.0
     equalise_tiles: int = 4
     equalise_below: float = 0.4
+    #: least fraction of a box of the second search inside the image
+    equalise_inside: float = 0.6
     #: this search is the second, on the equalised copy
     equalised: bool = False
 
@@ -847,8 +849,9 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     7. When steps 1-6 find no joint or are unsure of it, they are run again on a copy of the
        working image equalised tile by tile (CLAHE: a joint space that sharpening, compression
        and display LUTs left a faint dip in flattened bone stands out again), markers and
-       text not masked; a box from this second search is kept when it is the more confident,
-       and always flagged (its confidence x `unsure_factor`).
+       text not masked; a box from this second search is kept when it is the more confident
+       and at least `equalise_inside` of it lies in the image, and always flagged (its
+       confidence x `unsure_factor`).
 
     Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure; an image that is
     not 2-D or smaller than 8x8 raises `InputError`.
@@ -867,6 +870,8 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
                           masks)
         except RoiNotFoundError:
             again = None
+        if again is not None and again.box.clip(image.shape[1], image.shape[0]).area < config.equalise_inside * again.box.area:
+            again = None  # a box mostly off the image (a strip of bone without its joint)
         if again is not None and (found is None or again.confidence > found.confidence):
             # read from a copy without the marker mask, on a faint dip: always worth a look
             found = dataclasses.replace(again, confidence=again.confidence * config.unsure_factor)
