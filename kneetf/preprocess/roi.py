@@ -864,13 +864,15 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
         error = None
     except RoiNotFoundError as e:
         found, error = None, e
-    if config.equalise_clip > 0 and not config.equalised and (found is None or found.confidence < config.equalise_below):
+    unsure = found is None or found.confidence < config.equalise_below
+    if config.equalise_clip > 0 and not config.equalised and unsure:
         try:
             again = _look(image, spacing, box_mm, side_scale, dataclasses.replace(config, equalised=True), source,
                           masks)
         except RoiNotFoundError:
             again = None
-        if again is not None and again.box.clip(image.shape[1], image.shape[0]).area < config.equalise_inside * again.box.area:
+        inside = again.box.clip(image.shape[1], image.shape[0]).area if again is not None else 0.0
+        if again is not None and inside < config.equalise_inside * again.box.area:
             again = None  # a box mostly off the image (a strip of bone without its joint)
         if again is not None and (found is None or again.confidence > found.confidence):
             # read from a copy without the marker mask, on a faint dip: always worth a look
