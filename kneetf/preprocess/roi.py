@@ -67,7 +67,9 @@ CLASSICAL_FLAG_BELOW = 0.4
 #: space, a finer second look at small knees, straight edges judged nearer the joint line.
 #: 5: text strokes stand out of the image's noise, more candidates, a box mostly on clipped
 #: bone or a knee too wide for its box flagged, only edges through the knee refuse it.
-CLASSICAL_VERSION = 5
+#: 6: a second search on a contrast-equalised copy when the first finds no joint or is unsure
+#: (its boxes flagged).
+CLASSICAL_VERSION = 6
 
 
 # === Boxes ===
@@ -348,6 +350,19 @@ class ClassicalConfig:
     extent_ratio: float = 0.9
     #: least fraction of the box on usable pixels of the image
     min_inside: float = 0.35
+    #: a second search on a contrast-equalised copy (CLAHE of this clip limit over
+    #: `equalise_tiles` x `equalise_tiles` tiles, the exposed field only, markers and text not
+    #: masked) when the first finds no joint or one less sure than `equalise_below`, the more
+    #: confident kept (its confidence x `unsure_factor` when it is the second's): sharpening,
+    #: compression and display LUTs that flatten the bones leave the joint space a faint dip;
+    #: 0 turns it off
+    equalise_clip: float = 8.0
+    equalise_tiles: int = 4
+    equalise_below: float = 0.4
+    #: least fraction of a box of the second search inside the image
+    equalise_inside: float = 0.6
+    #: this search is the second, on the equalised copy
+    equalised: bool = False
 
 
 DEFAULT_CLASSICAL = ClassicalConfig()
@@ -831,14 +846,47 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
        (else unsure), and its finer box is kept.
     6. The confidence drops (`ClassicalConfig.unsure_factor`) when the box lies mostly on bone
        clipped to the display's white, or the knee is too wide for its box.
+    7. When steps 1-6 find no joint or are unsure of it, they are run again on a copy of the
+       working image equalised tile by tile (CLAHE: a joint space that sharpening, compression
+       and display LUTs left a faint dip in flattened bone stands out again), markers and
+       text not masked; a box from this second search is kept when it is the more confident
+       and at least `equalise_inside` of it lies in the image, and always flagged (its
+       confidence x `unsure_factor`).
 
     Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure; an image that is
     not 2-D or smaller than 8x8 raises `InputError`.
     """
     image = image_2d(image, "the classical ROI's input", min_side=8, path=source)
     spacing = _as_spacing(pixel_spacing)
-    found = _search(image, spacing, box_mm, side_scale, config, source)
-    found = _second_look(image, found, spacing, box_mm, side_scale, config, source)
+    try:
+        masks: dict[tuple[int, ...], np.ndarray] = {}  # artefact masks, reused by the second search
+        found: JointFinding | None = _look(image, spacing, box_mm, side_scale, config, source, masks)
+        error = None
+    except RoiNotFoundError as e:
+        found, error = None, e
+    unsure = found is None or found.confidence < config.equalise_below
+    if config.equalise_clip > 0 and not config.equalised and unsure:
+        try:
+            again = _look(image, spacing, box_mm, side_scale, dataclasses.replace(config, equalised=True), source,
+                          masks)
+        except RoiNotFoundError:
+            again = None
+        inside = again.box.clip(image.shape[1], image.shape[0]).area if again is not None else 0.0
+        if again is not None and inside < config.equalise_inside * again.box.area:
+            again = None  # a box mostly off the image (a strip of bone without its joint)
+        if again is not None and (found is None or again.confidence > found.confidence):
+            # read from a copy without the marker mask, on a faint dip: always worth a look
+            found = dataclasses.replace(again, confidence=again.confidence * config.unsure_factor)
+    if found is None:
+        raise error
+    return found
+
+
+def _look(image: np.ndarray, spacing: float | None, box_mm: float, side_scale: float, config: ClassicalConfig,
+          source: str | Path | None, masks: dict[tuple[int, ...], np.ndarray] | None = None) -> JointFinding:
+    """Steps 1-6 of `find_joint`: one search, its second look and the plausibility of its box."""
+    found = _search(image, spacing, box_mm, side_scale, config, source, masks=masks)
+    found = _second_look(image, found, spacing, box_mm, side_scale, config, source, masks)
     return dataclasses.replace(found, confidence=found.confidence * _plausibility(image, found, side_scale, config))
 
 
@@ -857,7 +905,8 @@ def _plausibility(image: np.ndarray, found: JointFinding, side_scale: float, con
 
 
 def _second_look(image: np.ndarray, found: JointFinding, spacing: float | None, box_mm: float, side_scale: float,
-                 config: ClassicalConfig, source: str | Path | None) -> JointFinding:
+                 config: ClassicalConfig, source: str | Path | None,
+                 masks: dict[tuple[int, ...], np.ndarray] | None = None) -> JointFinding:
     """`found` searched for again on the image cropped around it (`config.refine_reach` knee
     widths each way), at least `config.refine_gain` times finer; `found` itself when the
     crop would not be finer. Raises `RoiNotFoundError` when the finer search finds no
@@ -876,7 +925,8 @@ def _second_look(image: np.ndarray, found: JointFinding, spacing: float | None, 
     narrow = dataclasses.replace(config, angles=near, num_widths=5, ambiguity=math.inf)
     widths = (found.knee_width / 1.5, found.knee_width * 1.5)
     try:
-        fine = _search(image[y0:y1, x0:x1], spacing, box_mm, side_scale, narrow, source, widths=widths)
+        fine = _search(image[y0:y1, x0:x1], spacing, box_mm, side_scale, narrow, source, widths=widths, masks=masks,
+                       at=(y0, y1, x0, x1))
     except RoiNotFoundError as e:
         raise RoiNotFoundError(source, f"unsure: the joint found at ({cx:.0f}, {cy:.0f}) px is not found again "
                                f"at {f2 / f:.1f}x the resolution ({e.reason})") from None
@@ -889,10 +939,23 @@ def _second_look(image: np.ndarray, found: JointFinding, spacing: float | None, 
                         angle=fine.angle, contrast=max(found.contrast, fine.contrast))
 
 
+def _equalise(v: np.ndarray, valid: np.ndarray, config: ClassicalConfig) -> np.ndarray:
+    """`v` (in [0, 1]) contrast-limited histogram-equalised over tiles (CLAHE), its usable
+    (`valid`) pixels only: the others are set to the median of those first, so markers and
+    the collimated outside do not steer the tiles' histograms."""
+    work = np.where(valid, v, np.float32(np.median(v[valid])))
+    u8 = np.round(work * 255.0).astype(np.uint8)
+    clahe = cv2.createCLAHE(clipLimit=config.equalise_clip, tileGridSize=(config.equalise_tiles,) * 2)
+    return _normalize01(clahe.apply(u8).astype(np.float32), 0.05, 99.95)
+
+
 def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale: float, config: ClassicalConfig,
-            source: str | Path | None, widths: tuple[float, float] | None = None) -> JointFinding:
+            source: str | Path | None, widths: tuple[float, float] | None = None,
+            masks: dict[tuple[int, ...], np.ndarray] | None = None, at: tuple[int, ...] = ()) -> JointFinding:
     """Steps 1-4 of `find_joint` on a 2-D image; knee widths searched in `widths` (pixels)
-    when given, else in the config's ranges."""
+    when given, else in the config's ranges. `masks` keeps the artefact masks found, by `at`
+    (the crop's rows and columns in the whole image; () for the whole image), for a later
+    search of the same pixels."""
     h, w = image.shape
     f = min(1.0, config.work_size / max(h, w))
     small = image.astype(np.float32)
@@ -904,11 +967,19 @@ def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale:
     if not v.any():
         raise RoiNotFoundError(source, "no knee found: the image is constant")
     sigma = _noise_sigma(v)
-    valid = ~_artefact_mask(image, v.shape, config)
+    artefacts = masks.get(at) if masks is not None else None
+    if artefacts is None:
+        artefacts = _artefact_mask(image, v.shape, config)
+        if masks is not None:
+            masks[at] = artefacts
+    valid = ~artefacts
     field = ~_outside_field(v, valid, sigma, config)
-    valid &= field
+    valid = field.copy() if config.equalised else valid & field
     if valid.mean() < 0.03:
         raise RoiNotFoundError(source, f"no knee found: only {valid.mean():.0%} of the image is exposed")
+    if config.equalised:
+        v = _equalise(v, valid, config)
+        sigma = _noise_sigma(v)
     v = cv2.GaussianBlur(v, (0, 0), 0.7)
 
     # 2. joint-space scores over widths and tilts
