@@ -422,7 +422,7 @@ def _extreme_pieces(v: np.ndarray, tol: float, bright: bool) -> np.ndarray:
     size = np.bincount(labels.ravel(), minlength=n)
     keep = (counts > 0) & (level < 1.0 - max(0.15, 3.0 * tol)) & (size >= 6) & (size < 0.02 * v.size)
     keep[0] = False
-    return keep[labels]
+    return np.take(keep, labels)
 
 
 def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: int, contrast: float,
@@ -440,10 +440,11 @@ def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: 
     element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (stroke, stroke))
     strokes = ((cv2.morphologyEx(smooth, cv2.MORPH_TOPHAT, element) > threshold)
                | (cv2.morphologyEx(smooth, cv2.MORPH_BLACKHAT, element) > threshold)).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(strokes, connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= 6
+    # the pieces' sizes by counting their labels: much faster than connectedComponentsWithStats
+    n, labels = cv2.connectedComponents(strokes, connectivity=8)
+    keep = np.bincount(labels.ravel(), minlength=n) >= 6
     keep[0] = False
-    return keep[labels]
+    return np.take(keep, labels)
 
 
 def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: ClassicalConfig) -> np.ndarray:
@@ -525,13 +526,13 @@ def _joint_response(v: np.ndarray, valid: np.ndarray, inside: np.ndarray, width:
         above, below = (slice(pad + r0, pad + r0 + h) for r0 in (top - hb, top + g))
         middle = slice(pad + top, pad + top + h)
         s = np.minimum(bone[above, cols], bone[below, cols]) - gap[middle, cols]
-        s[bone_bad[above, cols] | bone_bad[below, cols] | gap_bad[middle, cols]] = -np.inf
+        np.putmask(s, bone_bad[above, cols] | bone_bad[below, cols] | gap_bad[middle, cols], -np.inf)
         score = s if score is None else np.minimum(score, s)
     # the knee around the joint space inside the image: erode with its rectangle
     reach = max(hb + g, int(round(cfg.knee_reach * width)))
     kernel = np.ones((2 * reach, 2 * co), np.uint8)
     whole = cv2.erode(inside, kernel, anchor=(co, reach), borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    score[whole == 0] = -np.inf
+    np.putmask(score, whole == 0, -np.inf)
     return score
 
 
