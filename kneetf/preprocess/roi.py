@@ -520,14 +520,12 @@ def _joint_response(v: np.ndarray, valid: np.ndarray, inside: np.ndarray, width:
     gap = sums(vp, g) / np.maximum(gap_m, 1e-6)
     bone_bad = bone_m < cfg.min_coverage * hb * cw
     gap_bad = gap_m < cfg.min_coverage * g * cw
-    score = None
-    for c0 in (-co, ci):
-        cols = slice(pad + c0, pad + c0 + w)
-        above, below = (slice(pad + r0, pad + r0 + h) for r0 in (top - hb, top + g))
-        middle = slice(pad + top, pad + top + h)
-        s = np.minimum(bone[above, cols], bone[below, cols]) - gap[middle, cols]
-        np.putmask(s, bone_bad[above, cols] | bone_bad[below, cols] | gap_bad[middle, cols], -np.inf)
-        score = s if score is None else np.minimum(score, s)
+    # one compartment's score at every column of the padded map, then both compartments' columns
+    above, below = (slice(pad + r0, pad + r0 + h) for r0 in (top - hb, top + g))
+    middle = slice(pad + top, pad + top + h)
+    s = np.minimum(bone[above], bone[below]) - gap[middle]
+    np.putmask(s, bone_bad[above] | bone_bad[below] | gap_bad[middle], -np.inf)
+    score = np.minimum(s[:, pad - co:pad - co + w], s[:, pad + ci:pad + ci + w])
     # the knee around the joint space inside the image: erode with its rectangle
     reach = max(hb + g, int(round(cfg.knee_reach * width)))
     kernel = np.ones((2 * reach, 2 * co), np.uint8)
