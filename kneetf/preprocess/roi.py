@@ -389,8 +389,8 @@ def _block_mad(v: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _median_last(a: np.ndarray) -> np.ndarray:
-    """`np.median(a, axis=-1)`, the same values: sorting short rows is much faster than
-    `np.median`'s partition."""
+    """`np.median(a, axis=-1)`, the same values (a zero's sign aside): sorting short rows is
+    much faster than `np.median`'s partition."""
     s = np.sort(a, axis=-1)
     n = s.shape[-1]
     if n % 2:
