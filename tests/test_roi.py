@@ -174,6 +174,25 @@ def test_roi_source_is_the_one_choice_of_the_roi(tmp_path):
 
 
 # --- classical fallback -------------------------------------------------------------------
+@pytest.mark.parametrize("n", [256, 255, 2])
+def test_classical_block_median_equals_numpys_to_the_bit(n):
+    # the classical fallback's block noise sorts instead of calling np.median: the same values,
+    # ties, signed zeros (equal as numbers; the noise takes absolute values) and clipped blocks
+    from kneetf.preprocess.roi import _median_last
+    rng = np.random.default_rng(n)
+    a = rng.normal(0, 0.01, (9, 7, n)).astype(np.float32)
+    a[0] = 0.0
+    a[1, :, : n // 2] = -0.0
+    a[2] = np.round(a[2], 2)
+    a[3, :, ::3] = 1.0
+    got, want = _median_last(a), np.median(a, axis=-1)
+    assert got.dtype == want.dtype == np.float32
+    assert np.array_equal(got, want)
+    deviation = np.abs(a - got[..., None])
+    assert np.array_equal(_median_last(deviation), np.median(np.abs(a - want[..., None]), axis=-1))
+    assert not np.signbit(_median_last(deviation)).any()
+
+
 def test_classical_roi_on_standin_knees():
     images, boxes = standin_set(20, seed=3)
     pred = [classical_roi(im) for im in images]
