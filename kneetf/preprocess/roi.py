@@ -447,17 +447,24 @@ def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: 
     return np.take(keep, labels)
 
 
+def _shrunk(image: np.ndarray, f: float) -> np.ndarray:
+    """A float32 copy of `image` shrunk by `f` (area averaging; at least 8 px a side), or the
+    image itself as float32 when `f` >= 1. No float32 copy of the whole image is made first:
+    cv2.resize reads a float32 image in place."""
+    h, w = image.shape
+    if f >= 1.0:
+        return image.astype(np.float32)
+    return cv2.resize(np.asarray(image, np.float32), (max(8, round(w * f)), max(8, round(h * f))),
+                      interpolation=cv2.INTER_AREA)
+
+
 def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: ClassicalConfig) -> np.ndarray:
     """Pixels of the working image to ignore: lead markers and letters, burned-in text and
     rulers (`_extreme_pieces` at both levels, and thin high-contrast strokes, `_thin_strokes`). Found at up to 1024 pixels a side, where thin
     strokes are still resolved; a working pixel is masked when any of its pixels is."""
     h, w = image.shape
     f = min(1.0, 1024.0 / max(h, w))
-    if f < 1.0:  # no float32 copy of the whole image first: cv2.resize reads it in place
-        img = cv2.resize(np.asarray(image, np.float32), (max(8, round(w * f)), max(8, round(h * f))),
-                         interpolation=cv2.INTER_AREA)
-    else:
-        img = image.astype(np.float32)
+    img = _shrunk(image, f)
     lo, hi = (float(q) for q in np.percentile(img[::2, ::2], [0.05, 99.95]))
     if hi <= lo:
         return np.zeros(work_shape, bool)
@@ -969,11 +976,7 @@ def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale:
     search of the same pixels."""
     h, w = image.shape
     f = min(1.0, config.work_size / max(h, w))
-    if f < 1.0:
-        small = cv2.resize(np.asarray(image, np.float32), (max(8, round(w * f)), max(8, round(h * f))),
-                           interpolation=cv2.INTER_AREA)
-    else:
-        small = image.astype(np.float32)
+    small = _shrunk(image, f)
     sh, sw = small.shape
     fy, fx = sh / h, sw / w
     v = _normalize01(small, 0.05, 99.95)
