@@ -246,7 +246,7 @@ def _header(found: dict[int, tuple[bytes | None, bytes]], max_pixels: int) -> Sl
     offset, length = _U32.unpack(found[_PIXEL_DATA][1][:4])[0], _U32.unpack(found[_PIXEL_DATA][1][4:])[0]
     photometric = found[0x00280004][1].decode("ascii").strip("\0 ").upper() if 0x00280004 in found else ""
     described = all(t in found for t in (0x00280002, 0x00280100, 0x00280101, 0x00280103))  # as pydicom requires
-    stored = _short(found, 0x00280101, 0) or 0
+    stored = _short(found, 0x00280101, 0)
     plain = (described and photometric == "MONOCHROME2" and samples == 1 and bits == 16 and 1 <= stored <= 16
              and _short(found, 0x00280103, 0) == 0 and length == rows * cols * 2)
     return SliceHeader(series_uid=uid, rows=rows, cols=cols, position=position, orientation=orientation,
