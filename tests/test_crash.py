@@ -52,9 +52,13 @@ def _keras_file(path: Path) -> tuple[str, dict[str, np.ndarray]]:
 
 def _same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:
     assert sorted(a) == sorted(b), f"{what}: other variables"
-    for k in a:  # float32 variables to within a few ulps: oneDNN's reductions can round the last bit differently
+    # float32 variables to within a few ulps: reductions can round the last bit differently. The
+    # bias of a convolution that BatchNorm follows has no effect, so its gradient is rounding
+    # noise, which Adam scales up to steps of the learning rate's size: values near 1e-5 that
+    # differ by about 1e-7 between two runs. A resume that trained anything else differs by far more.
+    for k in a:
         if np.issubdtype(np.asarray(a[k]).dtype, np.floating):
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-8, err_msg=f"{what}: {k}")
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6, err_msg=f"{what}: {k}")
         else:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{what}: {k}")
 
