@@ -354,7 +354,8 @@ class ClassicalConfig:
     #: a second search on a contrast-equalised copy (CLAHE of this clip limit over
     #: `equalise_tiles` x `equalise_tiles` tiles, the exposed field only, markers and text not
     #: masked) when the first finds no joint or one less sure than `equalise_below`, the more
-    #: confident kept (its confidence x `unsure_factor` when it is the second's): sharpening,
+    #: confident kept (its confidence x `unsure_factor` when it is the second's, unless it is
+    #: the joint of an unflagged first box, within `refine_agree` box sides): sharpening,
     #: compression and display LUTs that flatten the bones leave the joint space a faint dip;
     #: 0 turns it off
     equalise_clip: float = 8.0
@@ -871,12 +872,14 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
        (else unsure), and its finer box is kept.
     6. The confidence drops (`ClassicalConfig.unsure_factor`) when the box lies mostly on bone
        clipped to the display's white, or the knee is too wide for its box.
-    7. When steps 1-6 find no joint or are unsure of it, they are run again on a copy of the
-       working image equalised tile by tile (CLAHE: a joint space that sharpening, compression
-       and display LUTs left a faint dip in flattened bone stands out again), markers and
-       text not masked; a box from this second search is kept when it is the more confident
-       and at least `equalise_inside` of it lies in the image, and always flagged (its
-       confidence x `unsure_factor`).
+    7. When steps 1-6 find no joint or are less sure of it than `equalise_below`, they are
+       run again on a copy of the working image equalised tile by tile (CLAHE: a joint space
+       that sharpening, compression and display LUTs left a faint dip in flattened bone
+       stands out again), markers and text not masked; when that finds none either in an
+       image mostly clipped white (`clip_map`), on a map of its clipped pixels. A box from
+       this second search is kept when it is the more confident, at least `equalise_inside`
+       of it lies in the image and it is not the joint of a first box that is not flagged
+       (which then stands), and always flagged (its confidence x `unsure_factor`).
 
     Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure; an image that is
     not 2-D or smaller than 8x8 raises `InputError`.
