@@ -68,9 +68,8 @@ CLASSICAL_FLAG_BELOW = 0.4
 #: 5: text strokes stand out of the image's noise, more candidates, a box mostly on clipped
 #: bone or a knee too wide for its box flagged, only edges through the knee refuse it.
 #: 6: a second search on a contrast-equalised copy when the first finds no joint or is unsure
-#: (its boxes flagged). 7: the second search also when the first is less sure than 0.6, and
-#: on a map of the clipped pixels when most of the image is clipped white.
-CLASSICAL_VERSION = 7
+#: (its boxes flagged).
+CLASSICAL_VERSION = 6
 
 
 # === Boxes ===
@@ -354,23 +353,16 @@ class ClassicalConfig:
     #: a second search on a contrast-equalised copy (CLAHE of this clip limit over
     #: `equalise_tiles` x `equalise_tiles` tiles, the exposed field only, markers and text not
     #: masked) when the first finds no joint or one less sure than `equalise_below`, the more
-    #: confident kept (its confidence x `unsure_factor` when it is the second's, unless it is
-    #: the joint of an unflagged first box, within `refine_agree` box sides): sharpening,
+    #: confident kept (its confidence x `unsure_factor` when it is the second's): sharpening,
     #: compression and display LUTs that flatten the bones leave the joint space a faint dip;
     #: 0 turns it off
     equalise_clip: float = 8.0
     equalise_tiles: int = 4
-    equalise_below: float = 0.6
+    equalise_below: float = 0.4
     #: least fraction of a box of the second search inside the image
     equalise_inside: float = 0.6
-    #: when the second search finds no joint and more than this fraction of the image is at its
-    #: maximum (clipped white), a third reads a map of the clipped pixels instead (1 clipped,
-    #: 0 not, area-averaged to the working size); its boxes are flagged too; 1 turns it off
-    clip_map: float = 0.7
     #: this search is the second, on the equalised copy
     equalised: bool = False
-    #: this search (with `equalised`) is the third, on the map of the clipped pixels
-    clipped_map: bool = False
 
 
 DEFAULT_CLASSICAL = ClassicalConfig()
@@ -872,14 +864,12 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
        (else unsure), and its finer box is kept.
     6. The confidence drops (`ClassicalConfig.unsure_factor`) when the box lies mostly on bone
        clipped to the display's white, or the knee is too wide for its box.
-    7. When steps 1-6 find no joint or are less sure of it than `equalise_below`, they are
-       run again on a copy of the working image equalised tile by tile (CLAHE: a joint space
-       that sharpening, compression and display LUTs left a faint dip in flattened bone
-       stands out again), markers and text not masked; when that finds none either in an
-       image mostly clipped white (`clip_map`), on a map of its clipped pixels. A box from
-       this second search is kept when it is the more confident, at least `equalise_inside`
-       of it lies in the image and it is not the joint of a first box that is not flagged
-       (which then stands), and always flagged (its confidence x `unsure_factor`).
+    7. When steps 1-6 find no joint or are unsure of it, they are run again on a copy of the
+       working image equalised tile by tile (CLAHE: a joint space that sharpening, compression
+       and display LUTs left a faint dip in flattened bone stands out again), markers and
+       text not masked; a box from this second search is kept when it is the more confident
+       and at least `equalise_inside` of it lies in the image, and always flagged (its
+       confidence x `unsure_factor`).
 
     Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure; an image that is
     not 2-D or smaller than 8x8 raises `InputError`.
@@ -894,32 +884,20 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
         found, error = None, e
     unsure = found is None or found.confidence < config.equalise_below
     if config.equalise_clip > 0 and not config.equalised and unsure:
-        again = _again(image, spacing, box_mm, side_scale, dataclasses.replace(config, equalised=True), source, masks)
-        if again is None and _clipped_fraction(image) > config.clip_map:
-            again = _again(image, spacing, box_mm, side_scale,
-                           dataclasses.replace(config, equalised=True, clipped_map=True), source, masks)
-        if (again is not None and found is not None and found.confidence >= CLASSICAL_FLAG_BELOW
-                and math.hypot(again.box.cx - found.box.cx, again.box.cy - found.box.cy)
-                <= config.refine_agree * found.box.width):
-            again = None  # the same joint: the first search's box stands, unflagged
+        try:
+            again = _look(image, spacing, box_mm, side_scale, dataclasses.replace(config, equalised=True), source,
+                          masks)
+        except RoiNotFoundError:
+            again = None
+        inside = again.box.clip(image.shape[1], image.shape[0]).area if again is not None else 0.0
+        if again is not None and inside < config.equalise_inside * again.box.area:
+            again = None  # a box mostly off the image (a strip of bone without its joint)
         if again is not None and (found is None or again.confidence > found.confidence):
             # read from a copy without the marker mask, on a faint dip: always worth a look
             found = dataclasses.replace(again, confidence=again.confidence * config.unsure_factor)
     if found is None:
         raise error
     return found
-
-
-def _again(image: np.ndarray, spacing: float | None, box_mm: float, side_scale: float, config: ClassicalConfig,
-           source: str | Path | None, masks: dict[tuple[int, ...], np.ndarray]) -> JointFinding | None:
-    """Step 7 of `find_joint`: `_look` with `config` (a second search's), None when it finds no
-    joint or its box lies mostly off the image (a strip of bone without its joint)."""
-    try:
-        again = _look(image, spacing, box_mm, side_scale, config, source, masks)
-    except RoiNotFoundError:
-        return None
-    inside = again.box.clip(image.shape[1], image.shape[0]).area
-    return again if inside >= config.equalise_inside * again.box.area else None
 
 
 def _look(image: np.ndarray, spacing: float | None, box_mm: float, side_scale: float, config: ClassicalConfig,
@@ -989,17 +967,6 @@ def _equalise(v: np.ndarray, valid: np.ndarray, config: ClassicalConfig) -> np.n
     return _normalize01(clahe.apply(u8).astype(np.float32), 0.05, 99.95)
 
 
-def _clipped(image: np.ndarray) -> np.ndarray:
-    """1 where `image` is at its maximum (clipped to the display's white), else 0 (float32)."""
-    return (image >= image.max()).astype(np.float32)
-
-
-def _clipped_fraction(image: np.ndarray) -> float:
-    """The fraction of `image` at its maximum; 0 for a constant image."""
-    top = image.max()
-    return float(np.mean(image >= top)) if top > image.min() else 0.0
-
-
 def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale: float, config: ClassicalConfig,
             source: str | Path | None, widths: tuple[float, float] | None = None,
             masks: dict[tuple[int, ...], np.ndarray] | None = None, at: tuple[int, ...] = ()) -> JointFinding:
@@ -1009,10 +976,7 @@ def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale:
     search of the same pixels."""
     h, w = image.shape
     f = min(1.0, config.work_size / max(h, w))
-    # clipped white over most of the image, the joint space may show only as a scatter of
-    # pixels below the clip: the map of where the clipped pixels are shows it, not their mean
-    clip_map = config.equalised and config.clipped_map
-    small = _shrunk(_clipped(image), f) if clip_map else _shrunk(image, f)
+    small = _shrunk(image, f)
     sh, sw = small.shape
     fy, fx = sh / h, sw / w
     v = _normalize01(small, 0.05, 99.95)
@@ -1029,7 +993,7 @@ def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale:
     valid = field.copy() if config.equalised else valid & field
     if valid.mean() < 0.03:
         raise RoiNotFoundError(source, f"no knee found: only {valid.mean():.0%} of the image is exposed")
-    if config.equalised and not clip_map:
+    if config.equalised:
         v = _equalise(v, valid, config)
         sigma = _noise_sigma(v)
     v = cv2.GaussianBlur(v, (0, 0), 0.7)
