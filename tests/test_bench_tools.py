@@ -39,12 +39,19 @@ def test_bench_serving_times_every_part(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_prepare_rows_per_roi_source(tmp_path: Path) -> None:
-    """One OAI-sized pair prepared with a boxes CSV and with the classical ROI, in-process,
-    with its CPU time and peak RSS."""
-    result = _result([str(ROOT / "tools" / "bench_prepare.py"), "--distinct", "1", "--pairs", "2", "--rounds", "1",
-                      "--workers", "0", "--keep", str(tmp_path / "inputs")], tmp_path)
+    """One OAI-sized pair prepared with a boxes CSV, the classical ROI and the built-in
+    detector, in-process, with its CPU time and peak RSS; an unknown source is refused."""
+    bench = str(ROOT / "tools" / "bench_prepare.py")
+    result = _result([bench, "--distinct", "1", "--pairs", "2", "--rounds", "1", "--workers", "0",
+                      "--roi-sources", "classical,csv,builtin", "--keep", str(tmp_path / "inputs")], tmp_path)
     rows = {r["roi"]: r for r in result["rows"]}
-    assert set(rows) == {"classical", "csv"}
+    assert set(rows) == {"classical", "csv", "builtin"}
     for r in rows.values():
         assert r["pairs"] == 2 and r["errors"] == 0 and r["cpu_s_per_pair"] > 0 and r["rss_main_mb"] > 0
         assert 0 < r["cpu_main_s_per_pair"] <= r["cpu_s_per_pair"]
+
+
+def test_bench_prepare_refuses_an_unknown_roi_source(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_prepare.py"), "--roi-sources", "csv,yolo"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "yolo" in done.stderr

@@ -7,8 +7,8 @@ the sizes of an OAI SAG_3D_DESS series and a knee radiograph. Every slice's head
 only the 20 kept slices' pixels. `--distinct` pairs are generated and the manifest lists them
 `--pairs` times in all (distinct ids), so the benchmark measures decoding and preprocessing,
 not file generation (warm page cache). ROI sources (`--roi-sources`): `classical` (the
-fallback finds the knee, as with no boxes CSV) and `csv` (a boxes CSV gives it: the
-radiographs' true boxes).
+fallback finds the knee, as with no boxes CSV), `csv` (a boxes CSV gives it: the
+radiographs' true boxes) and `builtin` (the built-in detector, `--roi-detector builtin`).
 
 Every measurement runs in its own process (a warm-up pair first, untimed), so its peak RSS
 is its own: `rss main` is the prepare process, `rss worker` the largest decoding process.
@@ -22,6 +22,7 @@ median and the range.
     python tools/bench_prepare.py                       # 2 distinct pairs, 32 rows, 1 and 2 workers, 3 rounds
     python tools/bench_prepare.py --pairs 64 --workers 2 --roi-sources csv
     python tools/bench_prepare.py --pairs 96 --rounds 1 --workers 2     # starting the workers weighs less
+    python tools/bench_prepare.py --pairs 96 --workers 2 --roi-sources builtin,classical
     python tools/bench_prepare.py --roi classical,builtin --pairs 0    # ROI time per image only
 
 `--roi` also times each ROI source on one X-ray at a time (as a prepare worker calls it):
@@ -143,15 +144,16 @@ def measure_one(manifest: Path, warmup: Path, out: Path, workers: int, roi: str)
     def rois(m: Path) -> Path | None:
         return m.with_suffix(".boxes.csv") if roi == "csv" else None
 
+    detector = "builtin" if roi == "builtin" else None
     warm = out.with_name(out.name + "-warm")
     shutil.rmtree(warm, ignore_errors=True)  # a kept warm-up cache would be reused: TensorFlow unloaded
-    prepare_manifest(warmup, warm, workers=0, progress=False, rois=rois(warmup))
+    prepare_manifest(warmup, warm, workers=0, progress=False, rois=rois(warmup), detector=detector)
     shutil.rmtree(out, ignore_errors=True)
     peaks = ChildPeaks()
     peaks.start()
     self0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    result = prepare_manifest(manifest, out, workers=workers, progress=False, rois=rois(manifest))
+    result = prepare_manifest(manifest, out, workers=workers, progress=False, rois=rois(manifest), detector=detector)
     wall = time.perf_counter() - t
     self1, kids1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     worker_peak = peaks.stop()
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distinct", type=int, default=2, help="distinct generated pairs")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--roi-sources", default="classical,csv",
-                    help="comma-separated ROI sources of the prepare rows: classical, csv (default: both)")
+                    help="comma-separated ROI sources of the prepare rows: classical, csv, builtin "
+                         "(default: classical,csv)")
     ap.add_argument("--rounds", type=int, default=3, help="measurements per row, interleaved (default 3)")
     ap.add_argument("--keep", help="keep the generated inputs in this folder (and reuse them when there)")
     ap.add_argument("--roi", default="", help="comma-separated ROI sources to time per image: classical, builtin "
@@ -209,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         print("MEASURE " + json.dumps(measure_one(Path(manifest), Path(warmup), Path(out), int(workers), roi)))
         return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    unknown = set(args.roi_sources.split(",")) - {"classical", "csv", "builtin"}
+    if unknown:
+        ap.error(f"--roi-sources: unknown {', '.join(sorted(unknown))} (classical, csv or builtin)")
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="kneetf-bench-prepare-"))
     root.mkdir(parents=True, exist_ok=True)
