@@ -9,10 +9,11 @@ pass for the statistics and one for the output (and one fused gradient op).
 
 Only the training pass of bfloat16 inputs with at least `MIN_FUSED_CHANNELS` channels takes
 it: with fewer channels the fused op (oneDNN's, on CPU) is slower than Keras' ops (forward +
-backward of the presets' shapes: 1-8 channels up to 2.6x slower, 16 and more 1.1-2.4x faster). Float32 and float16 inputs, inference, masks, renormalisation,
-synchronised statistics and other axes run Keras' own code too. Weights,
-config and the moving statistics' update rule are Keras' (the moving variance is the biased
-batch variance, as Keras keeps it), so the two layers are interchangeable.
+backward of the presets' shapes: 1-8 channels up to 2.6x slower, 16 and more 1.1-2.4x
+faster). Float32 and float16 inputs, inference, masks, renormalisation, synchronised
+statistics and other axes run Keras' own code too. Weights, config and the moving statistics'
+update rule are Keras' (the moving variance is the biased batch variance, as Keras keeps it),
+so the two layers are interchangeable.
 """
 from __future__ import annotations
 
