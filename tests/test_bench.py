@@ -111,3 +111,31 @@ def test_one_tf_training_measurement(tmp_path: Path) -> None:
     assert r["first_step_s"] > r["step_s_median"]  # the first step traces the graph
     assert r["last_value"] == r["last_value"] and r["last_value"] > 0  # a real, finite loss
     assert r["peak_rss_mib"] >= r["rss_after_build_mib"] > 0
+
+
+def test_opprofile_classes_and_bound() -> None:
+    spec = importlib.util.spec_from_file_location("kneetf_opprofile", ROOT / "tools" / "perf" / "opprofile.py")
+    op = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(op)
+    ops = {"kneenet_1/generator_1/generator_block3_deconv_1/conv_transpose:_MklNativeConv3DBackpropInputV2": 1.0,
+           "gradient_tape/kneenet_1/generator_1/generator_block3_deconv_1/conv_transpose/Conv3D:_MklNativeConv3D": 2.0,
+           "gradient_tape/kneenet_1/generator_1/generator_block3_deconv_1/conv_transpose/"
+           "Conv3DBackpropFilterV2:_MklNativeConv3DBackpropFilterV2": 3.0,
+           "kneenet_1/generator_1/generator_block7_deconv_1/Conv3D:_MklNativeFusedConv3D": 0.5,
+           "Conv3DBackpropFilterV2_1:_MklNativeConv3DBackpropFilterV2": 0.5,
+           "kneenet_1/generator_1/generator_block1_deconv_1/MatMul:_MklMatMul": 0.25,
+           "kneenet_1/encoder_1/encoder_block1_bn_1/Cast:Cast": 0.125,
+           "kneenet_1/generator_1/generator_block3_bn_1/moments/mean:Mean": 1.0,
+           "two_rate_adam/Sub_3:Sub": 1.5, "compile_loss/mean_squared_error/sub:Sub": 0.125}
+    t = op.class_times(ops)
+    assert set(t) == set(op.CLASSES) and sum(t.values()) == pytest.approx(sum(ops.values()))
+    assert (t["wide Conv3DTranspose forward"], t["wide Conv3DTranspose input gradient"],
+            t["wide Conv3DTranspose kernel gradient"]) == (1.0, 2.0, 3.0)
+    assert t["narrow phase-decomposed Conv3DTranspose (fwd+grad)"] == 1.0
+    assert t["tiny-input matmul transposed convs (fwd+grad)"] == 0.25
+    assert (t["BatchNorm casts"], t["BatchNorm (fwd+grad)"], t["optimizer (Adam)"]) == (0.125, 1.0, 1.5)
+    fp32 = dict.fromkeys(op.CLASSES, 0.0)
+    fp32.update({"optimizer (Adam)": 2.0, "wide Conv3DTranspose forward": 8.0})
+    bf16 = dict.fromkeys(op.CLASSES, 0.0)
+    # 10 s in fp32, of which 2 s stay fp32: at best 10 / (2 + 8 / 2)
+    assert op.amdahl(fp32, bf16)["bound_batchnorm_fp32"] == pytest.approx(10 / 6)

@@ -7,6 +7,7 @@ import keras
 from keras import layers
 
 from kneetf.models import deconv
+from kneetf.models.batchnorm import BatchNormalization
 
 # transposed convs: Keras' layers, faster for narrow layers and tiny inputs (same weights)
 _CONV = {(2, False): layers.Conv2D, (2, True): deconv.Conv2DTranspose, (3, True): deconv.Conv3DTranspose,
@@ -39,7 +40,7 @@ def conv_block(
     x = conv_cls(filters, kernel, strides=strides, padding="same", name=f"{name}_{'deconv' if transpose else 'conv'}",
                  kernel_initializer=kernel_initializer, dtype=out_dtype)(x)
     if batch_norm:
-        x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
+        x = BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
     if activation == "leaky_relu":
         x = layers.LeakyReLU(negative_slope=leaky_slope, name=f"{name}_lrelu")(x)
     elif activation == "relu":
