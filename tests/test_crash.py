@@ -50,15 +50,26 @@ def _keras_file(path: Path) -> tuple[str, dict[str, np.ndarray]]:
         return z.read("config.json").decode(), _h5(z.read("model.weights.h5"))
 
 
+def _inert(name: str) -> bool:
+    """A variable BatchNorm makes inert: the bias of a convolution (`.../conv*/vars/1`), which
+    BatchNorm after it cancels, and the moving mean (`.../batch_normalization*/vars/2`) that
+    follows that bias. The bias's gradient is rounding noise, which Adam scales up to steps of
+    the learning rate's size, so two runs whose reductions round differently end with these
+    apart by up to about the learning rate while every other variable agrees to a few ulps."""
+    parts = name.split("/")
+    return len(parts) >= 3 and parts[-2] == "vars" and (
+        (parts[-1] == "1" and "conv" in parts[-3]) or (parts[-1] == "2" and "batch_normalization" in parts[-3]))
+
+
 def _same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:
     assert sorted(a) == sorted(b), f"{what}: other variables"
-    # float32 variables to within a few ulps: reductions can round the last bit differently. The
-    # bias of a convolution that BatchNorm follows has no effect, so its gradient is rounding
-    # noise, which Adam scales up to steps of the learning rate's size: values near 1e-5 that
-    # differ by about 1e-7 between two runs. A resume that trained anything else differs by far more.
+    # float32 variables to within a few ulps (reductions can round the last bit differently),
+    # the inert ones to within the learning rate. A resume that trained anything else moves
+    # every variable by far more.
     for k in a:
         if np.issubdtype(np.asarray(a[k]).dtype, np.floating):
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6, err_msg=f"{what}: {k}")
+            atol = 1e-3 if _inert(k) else 1e-6
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=atol, err_msg=f"{what}: {k}")
         else:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{what}: {k}")
 
