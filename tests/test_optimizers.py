@@ -103,13 +103,13 @@ def test_fused_flag_is_not_in_the_config() -> None:
     assert again.fused and again.generator_ratio == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_fused_update_is_one_op_per_variable(fused) -> None:
-    opt = TwoRateAdam(1e-2, generator_learning_rate=1e-3)
+@pytest.mark.parametrize("fused, amsgrad", [(True, False), (False, False), (True, True)])
+def test_fused_update_is_one_op_per_variable(fused, amsgrad) -> None:
+    opt = TwoRateAdam(1e-2, generator_learning_rate=1e-3, amsgrad=amsgrad)
     opt.fused = fused
     variables = [keras.Variable(np.ones((4, 3), "float32"), name=n) for n in ("encoder_kernel", "generator_kernel")]
     opt.build(variables)
     grads = [tf.ones((4, 3)) for _ in variables]
     graph = tf.function(lambda: opt.apply(grads, variables)).get_concrete_function().graph
     ops = [op.type for op in graph.get_operations()]
-    assert ops.count("ResourceApplyAdam") == (len(variables) if fused else 0)
+    assert ops.count("ResourceApplyAdam") == (len(variables) if fused and not amsgrad else 0)

@@ -28,8 +28,8 @@ class TwoRateAdam(keras.optimizers.Adam):
         generator_prefix: a variable belongs to the generator when a component of its
             path starts with this prefix.
 
-    `fused` (True unless set to False on the instance) selects the fused update; AMSGrad and
-    sparse gradients always take Keras' own update.
+    `fused` (True unless set to False on the instance) selects the fused update; AMSGrad,
+    sparse gradients and other Keras backends always take Keras' own update.
     """
 
     fused = True
@@ -55,7 +55,8 @@ class TwoRateAdam(keras.optimizers.Adam):
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         if self.is_generator_variable(variable):
             learning_rate = keras.ops.multiply(learning_rate, self._ratio)
-        if not self.fused or self.amsgrad or isinstance(gradient, tf.IndexedSlices):
+        if (not self.fused or self.amsgrad or isinstance(gradient, tf.IndexedSlices)
+                or keras.backend.backend() != "tensorflow"):
             super().update_step(gradient, variable, learning_rate)
             return
         dtype = variable.dtype
