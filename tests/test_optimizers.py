@@ -34,3 +34,82 @@ def test_two_rate_adam_is_keras_adam_per_group(epsilon) -> None:
     np.testing.assert_allclose(got[0], main[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got[1], slow[1], rtol=1e-6, atol=1e-6)
     assert np.abs(got[1] - main[1]).max() > 1e-3  # the two rates really differ
+
+
+def _state(opt, variables):
+    return [v.numpy() for v in variables] + [m.numpy() for m in opt._momentums] + [v.numpy() for v in opt._velocities]
+
+
+def _train_state(opt, fused, steps=5, eager=False):
+    opt.fused = fused
+    names = [("encoder_kernel", (3, 4)), ("generator_block1_kernel", (2, 5, 3)), ("decoder_bias", (7,))]
+    variables = [keras.Variable(np.random.default_rng(i).standard_normal(shape).astype("float32"), name=name)
+                 for i, (name, shape) in enumerate(names)]
+    opt.build(variables)
+
+    def step(grads):
+        opt.apply(grads, variables)
+
+    if not eager:
+        step = tf.function(step)
+    rng = np.random.default_rng(7)
+    for _ in range(steps):
+        step([tf.constant(rng.standard_normal(v.shape).astype("float32")) for v in variables])
+    return _state(opt.inner_optimizer if hasattr(opt, "inner_optimizer") else opt, variables)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TwoRateAdam(1e-2, generator_learning_rate=1e-3),
+    lambda: TwoRateAdam(1e-2, generator_learning_rate=1e-3, epsilon=1e-3, beta_1=0.5, beta_2=0.9),
+    lambda: TwoRateAdam(keras.optimizers.schedules.ExponentialDecay(1e-2, 2, 0.5), generator_learning_rate=1e-3),
+    lambda: keras.optimizers.LossScaleOptimizer(TwoRateAdam(1e-2, generator_learning_rate=1e-3)),
+])
+@pytest.mark.parametrize("eager", [False, True])
+def test_fused_update_is_keras_update(make, eager) -> None:
+    def run(fused):
+        opt = make()
+        if hasattr(opt, "inner_optimizer"):
+            return _scaled(opt, fused, eager)
+        return _train_state(opt, fused, eager=eager)
+
+    # variables and moments equal to float rounding (the fused op orders its arithmetic its own way)
+    for got, want in zip(run(True), run(False)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _scaled(opt, fused, eager):
+    opt.inner_optimizer.fused = fused
+    variables = [keras.Variable(np.random.default_rng(i).standard_normal(s).astype("float32"), name=n)
+                 for i, (n, s) in enumerate([("encoder_kernel", (3, 4)), ("generator_head", (5,))])]
+    opt.build(variables)
+
+    def step(grads):  # gradients of a loss scaled as fit scales it
+        opt.apply([g * opt.scale_loss(1.0) for g in grads], variables)
+
+    if not eager:
+        step = tf.function(step)
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        step([tf.constant(rng.standard_normal(v.shape).astype("float32")) for v in variables])
+    assert opt.iterations.numpy() == 5
+    return _state(opt.inner_optimizer, variables)
+
+
+def test_fused_flag_is_not_in_the_config() -> None:
+    opt = TwoRateAdam(1e-2, generator_learning_rate=1e-3)
+    config = opt.get_config()
+    assert "fused" not in config
+    again = TwoRateAdam.from_config(config)
+    assert again.fused and again.generator_ratio == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("fused, amsgrad", [(True, False), (False, False), (True, True)])
+def test_fused_update_is_one_op_per_variable(fused, amsgrad) -> None:
+    opt = TwoRateAdam(1e-2, generator_learning_rate=1e-3, amsgrad=amsgrad)
+    opt.fused = fused
+    variables = [keras.Variable(np.ones((4, 3), "float32"), name=n) for n in ("encoder_kernel", "generator_kernel")]
+    opt.build(variables)
+    grads = [tf.ones((4, 3)) for _ in variables]
+    graph = tf.function(lambda: opt.apply(grads, variables)).get_concrete_function().graph
+    ops = [op.type for op in graph.get_operations()]
+    assert ops.count("ResourceApplyAdam") == (len(variables) if fused and not amsgrad else 0)
