@@ -379,7 +379,7 @@ def _block_mad(v: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Per 16x16 block of `v`: the noise sigma (1.4826 x the MAD of the difference to a 3x3
     median) and whether the block is flat (most differences exactly 0: clipped, blanked or
     shutter areas)."""
-    d = v - cv2.medianBlur(v.astype(np.float32), 3)
+    d = v - cv2.medianBlur(v.astype(np.float32, copy=False), 3)
     h, w = (max(block, s_ // block * block) for s_ in d.shape)
     d = cv2.resize(d, (w, h), interpolation=cv2.INTER_NEAREST) if d.shape != (h, w) else d
     blocks = d.reshape(h // block, block, w // block, block).transpose(0, 2, 1, 3).reshape(h // block, w // block, -1)
@@ -413,15 +413,21 @@ def _extreme_pieces(v: np.ndarray, tol: float, bright: bool) -> np.ndarray:
     level_of = v if bright else 1.0 - v
     at = (level_of >= 1.0 - tol).astype(np.uint8)
     n, labels = cv2.connectedComponents(at, connectivity=8)
-    if n <= 1:
-        return np.zeros(v.shape, bool)
-    grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
-    ring = (at == 0) & (grown > 0)
-    counts = np.bincount(grown[ring], minlength=n)
-    level = np.bincount(grown[ring], weights=level_of[ring], minlength=n) / np.maximum(counts, 1)
     size = np.bincount(labels.ravel(), minlength=n)
-    keep = (counts > 0) & (level < 1.0 - max(0.15, 3.0 * tol)) & (size >= 6) & (size < 0.02 * v.size)
-    keep[0] = False
+    small = (size >= 6) & (size < 0.02 * v.size)
+    small[0] = False
+    if not small.any():
+        return np.zeros(v.shape, bool)
+    # each pixel's largest label within 2 pixels (labels as uint16 when they fit: exact, and cheaper)
+    if n <= 65535:
+        grown = cv2.dilate(labels.astype(np.uint16), np.ones((5, 5), np.uint8))
+    else:
+        grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
+    ring = (at == 0) & (grown > 0)
+    ring_labels = grown[ring]
+    counts = np.bincount(ring_labels, minlength=n)
+    level = np.bincount(ring_labels, weights=level_of[ring], minlength=n) / np.maximum(counts, 1)
+    keep = (counts > 0) & (level < 1.0 - max(0.15, 3.0 * tol)) & small
     return np.take(keep, labels)
 
 
@@ -468,7 +474,8 @@ def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: Classica
     lo, hi = (float(q) for q in np.percentile(img[::2, ::2], [0.05, 99.95]))
     if hi <= lo:
         return np.zeros(work_shape, bool)
-    v = np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+    v = np.subtract(img, lo, out=img)  # img is a fresh float32 array: worked on in place
+    v = np.clip(np.divide(v, hi - lo, out=v), 0.0, 1.0, out=v)
     blocks, flat = _block_mad(v)
     sigma = float(np.median(blocks[~flat] if (~flat).any() else blocks)) + 1e-6
     tol = max(0.04, 3.0 * sigma)
