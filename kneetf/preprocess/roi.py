@@ -443,14 +443,46 @@ def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: 
     # a 3x3 median leaves 0.42 of the noise, and a top-hat of it over a stroke-sized element
     # reaches several of those sigmas on noise alone (noisy, sharpened images)
     threshold = np.maximum(np.float32(contrast), 8.0 * 0.42 * noise)
-    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (stroke, stroke))
-    strokes = ((cv2.morphologyEx(smooth, cv2.MORPH_TOPHAT, element) > threshold)
-               | (cv2.morphologyEx(smooth, cv2.MORPH_BLACKHAT, element) > threshold)).astype(np.uint8)
+    strokes = _hats_above(smooth, threshold, stroke, np.float32(contrast))
     # the pieces' sizes by counting their labels: much faster than connectedComponentsWithStats
     n, labels = cv2.connectedComponents(strokes, connectivity=8)
     keep = np.bincount(labels.ravel(), minlength=n) >= 6
     keep[0] = False
     return np.take(keep, labels)
+
+
+def _hats_above(v: np.ndarray, threshold: np.ndarray, stroke: int, floor: np.float32, tile: int = 64) -> np.ndarray:
+    """Where the top-hat or the black-hat of float32 `v` with a `stroke`-pixel ellipse exceeds
+    `threshold` (float32, everywhere at least `floor`): a uint8 0/1 mask, equal to computing both
+    hats over the whole image. A hat is at most `v`'s distance to the min (max) of the square
+    around it, so they are computed only on the `tile`-pixel tiles where that distance reaches
+    `floor`, each with a margin that holds every pixel its value depends on."""
+    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (stroke, stroke))
+    square = np.ones((stroke, stroke), np.uint8)
+    near = ((v - cv2.erode(v, square)) >= floor) | ((cv2.dilate(v, square) - v) >= floor)
+    h, w = v.shape
+    rows, cols = -(-h // tile), -(-w // tile)
+    padded = np.zeros((rows * tile, cols * tile), bool)
+    padded[:h, :w] = near
+    busy = padded.reshape(rows, tile, cols, tile).any(axis=(1, 3))
+    out = np.zeros((h, w), np.uint8)
+    margin = 2 * stroke  # an opening or closing reads up to twice the element's reach
+    for r in range(rows):
+        # runs of busy tiles in this row of tiles, each computed as one window
+        cells = np.flatnonzero(busy[r])
+        if not len(cells):
+            continue
+        breaks = np.flatnonzero(np.diff(cells) > 1)
+        for first, last in zip(np.r_[cells[0], cells[breaks + 1]], np.r_[cells[breaks], cells[-1]]):
+            y0, y1 = r * tile, min(h, (r + 1) * tile)
+            x0, x1 = first * tile, min(w, (last + 1) * tile)
+            wy0, wy1, wx0, wx1 = max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin), min(w, x1 + margin)
+            window = np.ascontiguousarray(v[wy0:wy1, wx0:wx1])
+            inner = np.s_[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+            limit = threshold[y0:y1, x0:x1]
+            out[y0:y1, x0:x1] = ((cv2.morphologyEx(window, cv2.MORPH_TOPHAT, element)[inner] > limit)
+                                 | (cv2.morphologyEx(window, cv2.MORPH_BLACKHAT, element)[inner] > limit))
+    return out
 
 
 def _shrunk(image: np.ndarray, f: float) -> np.ndarray:
