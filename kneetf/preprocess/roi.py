@@ -444,11 +444,18 @@ def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: 
     # reaches several of those sigmas on noise alone (noisy, sharpened images)
     threshold = np.maximum(np.float32(contrast), 8.0 * 0.42 * noise)
     strokes = _hats_above(smooth, threshold, stroke, np.float32(contrast))
-    # the pieces' sizes by counting their labels: much faster than connectedComponentsWithStats
-    n, labels = cv2.connectedComponents(strokes, connectivity=8)
+    out = np.zeros(v.shape, bool)
+    rows, cols = np.flatnonzero(strokes.any(axis=1)), np.flatnonzero(strokes.any(axis=0))
+    if not len(rows):
+        return out
+    # the pieces within the strokes' bounding box, sized by counting their labels: much faster
+    # than connectedComponentsWithStats
+    box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    n, labels = cv2.connectedComponents(np.ascontiguousarray(strokes[box]), connectivity=8)
     keep = np.bincount(labels.ravel(), minlength=n) >= 6
     keep[0] = False
-    return np.take(keep, labels)
+    out[box] = np.take(keep, labels)
+    return out
 
 
 def _hats_above(v: np.ndarray, threshold: np.ndarray, stroke: int, floor: np.float32, tile: int = 64) -> np.ndarray:
