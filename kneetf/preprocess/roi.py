@@ -513,7 +513,9 @@ def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: Classica
     lo, hi = (float(q) for q in np.percentile(img[::2, ::2], [0.05, 99.95]))
     if hi <= lo:
         return np.zeros(work_shape, bool)
-    v = np.subtract(img, lo, out=img)  # img is a fresh float32 array: worked on in place
+    if np.may_share_memory(img, image):
+        img = img.copy()  # worked on in place below
+    v = np.subtract(img, lo, out=img)
     v = np.clip(np.divide(v, hi - lo, out=v), 0.0, 1.0, out=v)
     blocks, flat = _block_mad(v)
     sigma = float(np.median(blocks[~flat] if (~flat).any() else blocks)) + 1e-6
