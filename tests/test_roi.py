@@ -193,6 +193,30 @@ def test_classical_block_median_equals_numpys_to_the_bit(n):
     assert not np.signbit(_median_last(deviation)).any()
 
 
+@pytest.mark.parametrize("stroke", [5, 11])
+def test_classical_hats_on_busy_tiles_equal_the_whole_images(stroke):
+    # the thin-stroke mask computes its top-hat and black-hat only on tiles near a large local
+    # range: the same mask as both hats over the whole image, strokes at tile edges and at the
+    # image's border included, and nothing where no tile is busy
+    from kneetf.preprocess.roi import _hats_above
+    rng = np.random.default_rng(stroke)
+    v = cv2.GaussianBlur(rng.random((150, 205), dtype=np.float32), (0, 0), 3.0) * 0.5 + 0.25
+    v[40:43, 10:120] += 0.5  # a bright stroke across several tiles
+    v[100:160, 62:65] -= 0.4  # a dark one across a tile edge, into the bottom border
+    v[0:2, 180:205] += 0.6  # one along the top border, into the corner
+    v = np.clip(v, 0.0, 1.0)
+    threshold = np.full(v.shape, 0.15, np.float32)
+    threshold[:, 150:] = 0.3  # the threshold varies
+    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (stroke, stroke))
+    want = ((cv2.morphologyEx(v, cv2.MORPH_TOPHAT, element) > threshold)
+            | (cv2.morphologyEx(v, cv2.MORPH_BLACKHAT, element) > threshold)).astype(np.uint8)
+    got = _hats_above(v, threshold, stroke, np.float32(0.15), tile=32)
+    assert want.sum() > 50 and got.dtype == np.uint8
+    assert np.array_equal(got, want)
+    flat = np.full((70, 90), 0.5, np.float32)
+    assert not _hats_above(flat, np.full(flat.shape, 0.1, np.float32), stroke, np.float32(0.1)).any()
+
+
 def test_classical_roi_on_standin_knees():
     images, boxes = standin_set(20, seed=3)
     pred = [classical_roi(im) for im in images]

@@ -379,7 +379,7 @@ def _block_mad(v: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Per 16x16 block of `v`: the noise sigma (1.4826 x the MAD of the difference to a 3x3
     median) and whether the block is flat (most differences exactly 0: clipped, blanked or
     shutter areas)."""
-    d = v - cv2.medianBlur(v.astype(np.float32), 3)
+    d = v - cv2.medianBlur(v.astype(np.float32, copy=False), 3)
     h, w = (max(block, s_ // block * block) for s_ in d.shape)
     d = cv2.resize(d, (w, h), interpolation=cv2.INTER_NEAREST) if d.shape != (h, w) else d
     blocks = d.reshape(h // block, block, w // block, block).transpose(0, 2, 1, 3).reshape(h // block, w // block, -1)
@@ -413,15 +413,21 @@ def _extreme_pieces(v: np.ndarray, tol: float, bright: bool) -> np.ndarray:
     level_of = v if bright else 1.0 - v
     at = (level_of >= 1.0 - tol).astype(np.uint8)
     n, labels = cv2.connectedComponents(at, connectivity=8)
-    if n <= 1:
-        return np.zeros(v.shape, bool)
-    grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
-    ring = (at == 0) & (grown > 0)
-    counts = np.bincount(grown[ring], minlength=n)
-    level = np.bincount(grown[ring], weights=level_of[ring], minlength=n) / np.maximum(counts, 1)
     size = np.bincount(labels.ravel(), minlength=n)
-    keep = (counts > 0) & (level < 1.0 - max(0.15, 3.0 * tol)) & (size >= 6) & (size < 0.02 * v.size)
-    keep[0] = False
+    small = (size >= 6) & (size < 0.02 * v.size)
+    small[0] = False
+    if not small.any():
+        return np.zeros(v.shape, bool)
+    # each pixel's largest label within 2 pixels (labels as uint16 when they fit: exact, and cheaper)
+    if n <= 65535:
+        grown = cv2.dilate(labels.astype(np.uint16), np.ones((5, 5), np.uint8))
+    else:
+        grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
+    ring = (at == 0) & (grown > 0)
+    ring_labels = grown[ring]
+    counts = np.bincount(ring_labels, minlength=n)
+    level = np.bincount(ring_labels, weights=level_of[ring], minlength=n) / np.maximum(counts, 1)
+    keep = (counts > 0) & (level < 1.0 - max(0.15, 3.0 * tol)) & small
     return np.take(keep, labels)
 
 
@@ -437,14 +443,53 @@ def _thin_strokes(v: np.ndarray, smooth: np.ndarray, sigma: np.ndarray, stroke: 
     # a 3x3 median leaves 0.42 of the noise, and a top-hat of it over a stroke-sized element
     # reaches several of those sigmas on noise alone (noisy, sharpened images)
     threshold = np.maximum(np.float32(contrast), 8.0 * 0.42 * noise)
-    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (stroke, stroke))
-    strokes = ((cv2.morphologyEx(smooth, cv2.MORPH_TOPHAT, element) > threshold)
-               | (cv2.morphologyEx(smooth, cv2.MORPH_BLACKHAT, element) > threshold)).astype(np.uint8)
-    # the pieces' sizes by counting their labels: much faster than connectedComponentsWithStats
-    n, labels = cv2.connectedComponents(strokes, connectivity=8)
+    strokes = _hats_above(smooth, threshold, stroke, np.float32(contrast))
+    out = np.zeros(v.shape, bool)
+    rows, cols = np.flatnonzero(strokes.any(axis=1)), np.flatnonzero(strokes.any(axis=0))
+    if not len(rows):
+        return out
+    # the pieces within the strokes' bounding box, sized by counting their labels: much faster
+    # than connectedComponentsWithStats
+    box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    n, labels = cv2.connectedComponents(np.ascontiguousarray(strokes[box]), connectivity=8)
     keep = np.bincount(labels.ravel(), minlength=n) >= 6
     keep[0] = False
-    return np.take(keep, labels)
+    out[box] = np.take(keep, labels)
+    return out
+
+
+def _hats_above(v: np.ndarray, threshold: np.ndarray, stroke: int, floor: np.float32, tile: int = 64) -> np.ndarray:
+    """Where the top-hat or the black-hat of float32 `v` with a `stroke`-pixel ellipse exceeds
+    `threshold` (float32, everywhere at least `floor`): a uint8 0/1 mask, equal to computing both
+    hats over the whole image. A hat is at most `v`'s distance to the min (max) of the square
+    around it, so they are computed only on the `tile`-pixel tiles where that distance reaches
+    `floor`, each with a margin that holds every pixel its value depends on."""
+    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (stroke, stroke))
+    square = np.ones((stroke, stroke), np.uint8)
+    near = ((v - cv2.erode(v, square)) >= floor) | ((cv2.dilate(v, square) - v) >= floor)
+    h, w = v.shape
+    rows, cols = -(-h // tile), -(-w // tile)
+    padded = np.zeros((rows * tile, cols * tile), bool)
+    padded[:h, :w] = near
+    busy = padded.reshape(rows, tile, cols, tile).any(axis=(1, 3))
+    out = np.zeros((h, w), np.uint8)
+    margin = 2 * stroke  # an opening or closing reads up to twice the element's reach
+    for r in range(rows):
+        # runs of busy tiles in this row of tiles, each computed as one window
+        cells = np.flatnonzero(busy[r])
+        if not len(cells):
+            continue
+        breaks = np.flatnonzero(np.diff(cells) > 1)
+        for first, last in zip(np.r_[cells[0], cells[breaks + 1]], np.r_[cells[breaks], cells[-1]]):
+            y0, y1 = r * tile, min(h, (r + 1) * tile)
+            x0, x1 = first * tile, min(w, (last + 1) * tile)
+            wy0, wy1, wx0, wx1 = max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin), min(w, x1 + margin)
+            window = np.ascontiguousarray(v[wy0:wy1, wx0:wx1])
+            inner = np.s_[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+            limit = threshold[y0:y1, x0:x1]
+            out[y0:y1, x0:x1] = ((cv2.morphologyEx(window, cv2.MORPH_TOPHAT, element)[inner] > limit)
+                                 | (cv2.morphologyEx(window, cv2.MORPH_BLACKHAT, element)[inner] > limit))
+    return out
 
 
 def _shrunk(image: np.ndarray, f: float) -> np.ndarray:
@@ -468,7 +513,10 @@ def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: Classica
     lo, hi = (float(q) for q in np.percentile(img[::2, ::2], [0.05, 99.95]))
     if hi <= lo:
         return np.zeros(work_shape, bool)
-    v = np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+    if np.may_share_memory(img, image):
+        img = img.copy()  # worked on in place below
+    v = np.subtract(img, lo, out=img)
+    v = np.clip(np.divide(v, hi - lo, out=v), 0.0, 1.0, out=v)
     blocks, flat = _block_mad(v)
     sigma = float(np.median(blocks[~flat] if (~flat).any() else blocks)) + 1e-6
     tol = max(0.04, 3.0 * sigma)
