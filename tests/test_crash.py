@@ -55,7 +55,7 @@ def _inert(name: str) -> bool:
     BatchNorm after it cancels, and the moving mean (`.../batch_normalization*/vars/2`) that
     follows that bias. The bias's gradient is rounding noise, which Adam scales up to steps of
     the learning rate's size, so two runs whose reductions round differently end with these
-    apart by up to about the learning rate while every other variable agrees to a few ulps."""
+    apart by up to about the learning rate while every other variable agrees to within 2e-5."""
     parts = name.split("/")
     return len(parts) >= 3 and parts[-2] == "vars" and (
         (parts[-1] == "1" and "conv" in parts[-3]) or (parts[-1] == "2" and "batch_normalization" in parts[-3]))
@@ -63,13 +63,15 @@ def _inert(name: str) -> bool:
 
 def _same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:
     assert sorted(a) == sorted(b), f"{what}: other variables"
-    # float32 variables to within a few ulps (reductions can round the last bit differently),
-    # the inert ones to within the learning rate. A resume that trained anything else moves
-    # every variable by far more.
+    # float32 variables to within 2e-5 (reductions round differently from run to run, and the
+    # inert variables' drift reaches the others through BatchNorm's rounding: a BatchNorm
+    # scale near 1 was seen 4e-6 apart after three epochs), the inert ones to within the
+    # learning rate. A resume that trained anything else moves every variable by about the
+    # learning rate (1e-4 for the generator, 1e-3 for the rest) per Adam step.
     for k in a:
         if np.issubdtype(np.asarray(a[k]).dtype, np.floating):
-            atol = 1e-3 if _inert(k) else 1e-6
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=atol, err_msg=f"{what}: {k}")
+            tol = 1e-3 if _inert(k) else 2e-5
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=tol, err_msg=f"{what}: {k}")
         else:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{what}: {k}")
 
