@@ -10,19 +10,24 @@ import tensorflow as tf
 from kneetf.models.optimizers import TwoRateAdam
 
 
-def _train(opt, names, steps=5):
+def _train(opt, names, steps=5, eager=False):
+    """The values of fresh variables named `names` after `steps` updates with random gradients
+    (of a loss scaled as `fit` scales it), then the optimizer's moments m and v."""
     variables = [keras.Variable(np.random.default_rng(i).standard_normal(shape).astype("float32"), name=name)
                  for i, (name, shape) in enumerate(names)]
     opt.build(variables)
 
-    @tf.function
     def step(grads):
-        opt.apply(grads, variables)
+        opt.apply([g * opt.scale_loss(1.0) for g in grads], variables)
 
+    if not eager:
+        step = tf.function(step)
     rng = np.random.default_rng(7)
     for _ in range(steps):
         step([tf.constant(rng.standard_normal(v.shape).astype("float32")) for v in variables])
-    return [v.numpy() for v in variables]
+    assert opt.iterations.numpy() == steps
+    inner = getattr(opt, "inner_optimizer", opt)
+    return [v.numpy() for v in [*variables, *inner._momentums, *inner._velocities]]
 
 
 @pytest.mark.parametrize("epsilon", [1e-7, 1e-3])
@@ -36,28 +41,6 @@ def test_two_rate_adam_is_keras_adam_per_group(epsilon) -> None:
     assert np.abs(got[1] - main[1]).max() > 1e-3  # the two rates really differ
 
 
-def _state(opt, variables):
-    return [v.numpy() for v in variables] + [m.numpy() for m in opt._momentums] + [v.numpy() for v in opt._velocities]
-
-
-def _train_state(opt, fused, steps=5, eager=False):
-    opt.fused = fused
-    names = [("encoder_kernel", (3, 4)), ("generator_block1_kernel", (2, 5, 3)), ("decoder_bias", (7,))]
-    variables = [keras.Variable(np.random.default_rng(i).standard_normal(shape).astype("float32"), name=name)
-                 for i, (name, shape) in enumerate(names)]
-    opt.build(variables)
-
-    def step(grads):
-        opt.apply(grads, variables)
-
-    if not eager:
-        step = tf.function(step)
-    rng = np.random.default_rng(7)
-    for _ in range(steps):
-        step([tf.constant(rng.standard_normal(v.shape).astype("float32")) for v in variables])
-    return _state(opt.inner_optimizer if hasattr(opt, "inner_optimizer") else opt, variables)
-
-
 @pytest.mark.parametrize("make", [
     lambda: TwoRateAdam(1e-2, generator_learning_rate=1e-3),
     lambda: TwoRateAdam(1e-2, generator_learning_rate=1e-3, epsilon=1e-3, beta_1=0.5, beta_2=0.9),
@@ -68,31 +51,13 @@ def _train_state(opt, fused, steps=5, eager=False):
 def test_fused_update_is_keras_update(make, eager) -> None:
     def run(fused):
         opt = make()
-        if hasattr(opt, "inner_optimizer"):
-            return _scaled(opt, fused, eager)
-        return _train_state(opt, fused, eager=eager)
+        getattr(opt, "inner_optimizer", opt).fused = fused
+        return _train(opt, [("encoder_kernel", (3, 4)), ("generator_block1_kernel", (2, 5, 3)), ("decoder_bias", (7,))],
+                      eager=eager)
 
     # variables and moments equal to float rounding (the fused op orders its arithmetic its own way)
     for got, want in zip(run(True), run(False)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-
-
-def _scaled(opt, fused, eager):
-    opt.inner_optimizer.fused = fused
-    variables = [keras.Variable(np.random.default_rng(i).standard_normal(s).astype("float32"), name=n)
-                 for i, (n, s) in enumerate([("encoder_kernel", (3, 4)), ("generator_head", (5,))])]
-    opt.build(variables)
-
-    def step(grads):  # gradients of a loss scaled as fit scales it
-        opt.apply([g * opt.scale_loss(1.0) for g in grads], variables)
-
-    if not eager:
-        step = tf.function(step)
-    rng = np.random.default_rng(7)
-    for _ in range(5):
-        step([tf.constant(rng.standard_normal(v.shape).astype("float32")) for v in variables])
-    assert opt.iterations.numpy() == 5
-    return _state(opt.inner_optimizer, variables)
 
 
 def test_fused_flag_is_not_in_the_config() -> None:
