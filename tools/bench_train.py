@@ -88,8 +88,6 @@ def _step_stats(times: Sequence[float]) -> dict[str, Any]:
 
 def worker_tf(a: argparse.Namespace) -> dict[str, Any]:
     """One TF measurement (train via fit, or infer via predict_on_batch) in this process."""
-    import numpy as np
-
     import tensorflow as tf
 
     if a.intra_op:
@@ -99,19 +97,12 @@ def worker_tf(a: argparse.Namespace) -> dict[str, Any]:
     import keras
 
     from kneetf.config import TrainConfig
-    from kneetf.models.kneenet import KneeNet
 
     _, _, bu = _perf_modules()
-    keras.utils.set_random_seed(0)
-    if a.precision != "float32":
-        keras.mixed_precision.set_global_policy(a.precision)
     t0 = time.perf_counter()
-    model = KneeNet(a.preset)
-    cfg = model.model_config
-    rng = np.random.default_rng(0)
+    model = bu.seeded_kneenet(a.preset, a.precision)
     b = a.batch
-    x = rng.random((b, cfg.image_size, cfg.image_size, 1), dtype=np.float32)
-    y = rng.random((b, cfg.image_size, cfg.image_size, cfg.num_slices), dtype=np.float32)
+    x, y = bu.random_batch(model.model_config, b)
     res: dict[str, Any] = dict(framework="tf", tf=tf.__version__, keras=keras.__version__, preset=a.preset,
                                mode=a.mode, batch=b, data=a.data, params=model.count_params(),
                                intra_op=tf.config.threading.get_intra_op_parallelism_threads(),
@@ -217,18 +208,12 @@ def worker_pipeline(a: argparse.Namespace) -> dict[str, Any]:
 def worker_profile(a: argparse.Namespace) -> dict[str, Any]:
     """Forward+backward time of each sub-model, the optimizer update, and each generator layer."""
     import numpy as np
-
-    import keras
     import tensorflow as tf
 
     from kneetf.config import TrainConfig
-    from kneetf.models.kneenet import KneeNet
 
     _, _, bu = _perf_modules()
-    keras.utils.set_random_seed(0)
-    if a.precision != "float32":
-        keras.mixed_precision.set_global_policy(a.precision)
-    model = KneeNet(a.preset)
+    model = bu.seeded_kneenet(a.preset, a.precision)
     model.compile_for_training(TrainConfig(batch_size=a.batch))
     b = a.batch
     rng = np.random.default_rng(0)

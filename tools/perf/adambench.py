@@ -13,21 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchutil  # noqa: E402  (tools/perf: a plain script beside this one)
 
 
 def measure(preset: str, rounds: int, steps: int) -> dict[str, Any]:
     import numpy as np
-
-    import keras
     import tensorflow as tf
 
     from kneetf.config import TrainConfig
-    from kneetf.models.kneenet import KneeNet
 
-    keras.utils.set_random_seed(0)
-    model = KneeNet(preset)
+    model = benchutil.seeded_kneenet(preset)
     model.compile_for_training(TrainConfig(batch_size=1))
     variables = model.trainable_weights
     opt = model.optimizer

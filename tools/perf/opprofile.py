@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchutil  # noqa: E402  (tools/perf: a plain script beside this one)
 
 _LAYER = re.compile(r"((?:encoder|decoder|generator)_(?:block\d+|head\d)_(?:deconv|conv|bn|lrelu|relu|sigmoid)"
                     r"|decoder_output|generator_template|generator_reshape|generator_depth_to_channels)")
@@ -126,24 +128,14 @@ def amdahl(fp32: dict[str, float], bf16: dict[str, float]) -> dict[str, float]:
 
 # --- the measurement, in its own process -------------------------------------------------------
 def worker(a: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-
-    import keras
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     from kneetf.config import TrainConfig
-    from kneetf.models.kneenet import KneeNet
 
-    keras.utils.set_random_seed(0)
-    if a.precision != "float32":
-        keras.mixed_precision.set_global_policy(a.precision)
-    model = KneeNet(a.preset)
-    cfg = model.model_config
+    model = benchutil.seeded_kneenet(a.preset, a.precision)
     model.compile_for_training(TrainConfig(batch_size=a.batch))
-    rng = np.random.default_rng(0)
-    x = rng.random((a.batch, cfg.image_size, cfg.image_size, 1), dtype=np.float32)
-    y = rng.random((a.batch, cfg.image_size, cfg.image_size, cfg.num_slices), dtype=np.float32)
+    x, y = benchutil.random_batch(model.model_config, a.batch)
     ds = tf.data.Dataset.from_tensors((x, {"xray_recon": x, "mri": y})).repeat()
     model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
     data = next(iter(ds))
