@@ -69,7 +69,7 @@ def _inert(name: str) -> bool:
 #: rounding noise in a gradient near zero into steps of up to the learning rate (1e-4 for the
 #: generator, 1e-3 for the rest): 0.2 % of a generator kernel was seen up to 4.7e-5 apart.
 #: A resume that trains anything else (an epoch twice or not at all, other batches, a lost
-#: optimizer state) moves a large part of every kernel (14-100 % of it, one epoch of the tiny
+#: optimizer state) moves a large part of every kernel (11-100 % of it, one epoch of the tiny
 #: model) by more than CLOSE.
 CLOSE, STRAYS, FAR = 2e-5, 0.01, 1e-3
 
