@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchutil  # noqa: E402  (tools/perf: a plain script beside this one)
+from benchutil import seeded_kneenet  # beside this script, as torch_ref.py imports it
 
 
 def measure(preset: str, rounds: int, steps: int) -> dict[str, Any]:
@@ -28,7 +25,7 @@ def measure(preset: str, rounds: int, steps: int) -> dict[str, Any]:
 
     from kneetf.config import TrainConfig
 
-    model = benchutil.seeded_kneenet(preset)
+    model = seeded_kneenet(preset)
     model.compile_for_training(TrainConfig(batch_size=1))
     variables = model.trainable_weights
     opt = model.optimizer

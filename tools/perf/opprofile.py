@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchutil  # noqa: E402  (tools/perf: a plain script beside this one)
 
 _LAYER = re.compile(r"((?:encoder|decoder|generator)_(?:block\d+|head\d)_(?:deconv|conv|bn|lrelu|relu|sigmoid)"
                     r"|decoder_output|generator_template|generator_reshape|generator_depth_to_channels)")
@@ -128,6 +126,7 @@ def amdahl(fp32: dict[str, float], bf16: dict[str, float]) -> dict[str, float]:
 
 # --- the measurement, in its own process -------------------------------------------------------
 def worker(a: argparse.Namespace) -> dict[str, Any]:
+    import benchutil  # beside this script, which the worker runs as
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
