@@ -36,3 +36,23 @@ def test_robust_normalize_in_a_graph_with_unknown_shapes() -> None:
     for y, sample in zip(out, x):
         lo, hi = np.percentile(sample, [0.5, 99.5])
         np.testing.assert_allclose(y, np.clip((sample - lo) / (hi - lo), 0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["xray", "mri"])
+def test_traced_preprocessing_equals_the_eager_ops(kind: str) -> None:
+    """`ops.traced` (one graph for every input shape) gives the eager call's bits, for each
+    setting it is asked for, and traces once per setting."""
+    rng = np.random.default_rng(3)
+    eager = ops.preprocess_xray if kind == "xray" else ops.preprocess_mri
+    channels = 1 if kind == "xray" else 5
+    for size, low, high in ((16, 0.5, 99.5), (8, 2.0, 98.0)):
+        fn = ops.traced(kind, size, low, high)
+        assert ops.traced(kind, size, low, high) is fn
+        for h, w in ((1, 1), (7, 5), (40, 33), (3, 90)):
+            x = (rng.gamma(2.0, 300.0, size=(2, h, w, channels))).astype("float32")
+            x[1] = np.round(x[1] / 200) * 200  # ties
+            got = fn(x).numpy()
+            assert got.shape == (2, size, size, channels)
+            np.testing.assert_array_equal(got, eager(x, size, low, high).numpy())
+        np.testing.assert_array_equal(fn(np.full((1, 9, 9, channels), 5.0, np.float32)).numpy(), 0.0)
+        assert fn.experimental_get_tracing_count() == 1

@@ -164,10 +164,9 @@ def preprocess_pair(raw: RawPair, config: PreprocessConfig) -> "PreparedPair":
     mirrored = mirrors(config, raw.side)
     if mirrored:
         xray, mri = mirror_xray(xray), mirror_volume(mri)
-    x = ops.preprocess_xray(xray[None, :, :, None].astype("float32"), config.image_size,
-                            config.low_percentile, config.high_percentile)
-    m = ops.preprocess_mri(np.transpose(mri, (1, 2, 0))[None].astype("float32"), config.image_size,
-                           config.low_percentile, config.high_percentile)
+    settings = (config.image_size, config.low_percentile, config.high_percentile)
+    x = ops.traced("xray", *settings)(xray[None, :, :, None].astype("float32"))
+    m = ops.traced("mri", *settings)(np.transpose(mri, (1, 2, 0))[None].astype("float32"))
     box = tuple(float(v) for v in raw.box) if raw.box is not None else (-1.0, -1.0, -1.0, -1.0)
     return PreparedPair(id=raw.id, xray=x.numpy()[0], mri=m.numpy()[0], side=raw.side or "", box=box,
                         mirrored=mirrored)

@@ -6,6 +6,9 @@ images are (batch, H, W, C) and statistics are taken per sample over H, W and C.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable, Literal
+
 import tensorflow as tf
 
 
@@ -64,3 +67,16 @@ def preprocess_mri(volume: tf.Tensor, size: int = 128, low: float = 0.5, high: f
     """Selected MRI slices as channels (batch, H, W, slices) -> (batch, size, size, slices) in [0, 1],
     normalised over the whole volume."""
     return robust_normalize(resize(volume, size), low, high)
+
+
+@functools.lru_cache(maxsize=32)
+def traced(kind: Literal["xray", "mri"], size: int = 128, low: float = 0.5,
+           high: float = 99.5) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`preprocess_xray` or `preprocess_mri` with these settings as one `tf.function` of a
+    float32 (batch, H, W, C) array of any shape, traced once: the same ops and values as the
+    eager call, without dispatching each of its ops from Python (the CPU callers outside a
+    graph: the cache builder, the ROI detector and `kneetf predict`)."""
+    fn = {"xray": preprocess_xray, "mri": preprocess_mri}[kind]
+    channels = 1 if kind == "xray" else None
+    return tf.function(lambda x: fn(x, size, low, high),
+                       input_signature=[tf.TensorSpec((None, None, None, channels), tf.float32)])

@@ -42,7 +42,7 @@ from kneetf.config import from_dict, to_dict
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import atomic_path
 from kneetf.preprocess.image import image_2d
-from kneetf.preprocess.ops import preprocess_xray
+from kneetf.preprocess.ops import traced
 from kneetf.preprocess.roi import Box, square_box_around
 
 from kneetf.preprocess.roi_detector_config import (  # noqa: F401  (re-exported)
@@ -84,7 +84,7 @@ def shrunk_square(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape
     if max(h, w) > size:
         f = size / max(h, w)
-        image = cv2.resize(image.astype(np.float32), (max(1, round(w * f)), max(1, round(h * f))),
+        image = cv2.resize(image.astype(np.float32, copy=False), (max(1, round(w * f)), max(1, round(h * f))),
                            interpolation=cv2.INTER_AREA)
     return letterbox(image).astype(np.float32)
 
@@ -106,7 +106,7 @@ def detector_input(image: np.ndarray, image_size: int = 128) -> np.ndarray:
     `shrunk_square`, which changes nothing visible at the detector's size and saves most of
     the time), resized and normalised by `preprocess_xray`."""
     sq = shrunk_square(image, 2 * image_size)
-    return preprocess_xray(tf.constant(sq[None, :, :, None]), image_size).numpy()[0]
+    return traced("xray", image_size)(sq[None, :, :, None]).numpy()[0]
 
 
 def equalized(image: np.ndarray) -> np.ndarray:

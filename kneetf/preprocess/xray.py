@@ -169,7 +169,8 @@ def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *
     prep = crop_xray(image, config, roi, case_id=case_id, side=side, box=box, source=source, meta=meta)
     from kneetf.preprocess import ops  # TensorFlow: only once the X-ray is cropped
 
-    x = ops.preprocess_xray(prep.xray[None], config.image_size, config.low_percentile, config.high_percentile)
+    x = ops.traced("xray", config.image_size, config.low_percentile, config.high_percentile)(
+        np.asarray(prep.xray[None], np.float32))
     return replace(prep, xray=x.numpy()[0])
 
 
