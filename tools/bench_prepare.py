@@ -22,8 +22,11 @@ median and the range.
     python tools/bench_prepare.py                       # 2 distinct pairs, 32 rows, 1 and 2 workers, 3 rounds
     python tools/bench_prepare.py --pairs 64 --workers 2 --roi-sources csv
     python tools/bench_prepare.py --pairs 96 --rounds 1 --workers 2     # starting the workers weighs less
-    python tools/bench_prepare.py --pairs 96 --workers 2 --roi-sources builtin,classical
+    python tools/bench_prepare.py --pairs 384 --rounds 2 --workers 2 --roi-sources builtin,classical,csv
     python tools/bench_prepare.py --roi classical,builtin --pairs 0    # ROI time per image only
+
+With `builtin` each worker imports TensorFlow and loads the detector first (about 4 s of CPU),
+which a short run mostly measures; a few hundred pairs spread it out.
 
 `--roi` also times each ROI source on one X-ray at a time (as a prepare worker calls it):
 the OAI-sized X-ray and a 500 x 600 radiograph of the `clinic` style (`kneetf.data.radiograph`).
