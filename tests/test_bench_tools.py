@@ -55,3 +55,33 @@ def test_bench_prepare_refuses_an_unknown_roi_source(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_prepare.py"), "--roi-sources", "csv,yolo"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 2 and "yolo" in done.stderr
+
+
+_PEAKS_SCRIPT = """
+import importlib.util, os, subprocess, sys, time
+import numpy as np
+spec = importlib.util.spec_from_file_location("bench_prepare", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+ballast = np.ones(256 * 2**20 // 8)  # 256 MB of this process, touched
+peaks = bench.ChildPeaks(every=0.01)
+peaks.start()
+pid = os.fork()
+if pid == 0:  # a child that never runs a program of its own: this process's memory and command line
+    time.sleep(0.5)
+    os._exit(0)
+subprocess.run([sys.executable, "-c", "import time; time.sleep(0.5)"], check=True)
+os.waitpid(pid, 0)
+print(round(peaks.stop()), round(bench.vm_hwm_mb()))
+"""
+
+
+def test_bench_prepare_worker_peak_is_the_workers_not_its_own() -> None:
+    """The worker peak RSS counts children that run their own program, not one still holding
+    the measuring process's memory between fork and exec."""
+    done = subprocess.run([sys.executable, "-c", _PEAKS_SCRIPT, str(ROOT / "tools" / "bench_prepare.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    child, own = (int(v) for v in done.stdout.split())
+    assert own > 256
+    assert 0 < child < 100

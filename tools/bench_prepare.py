@@ -111,7 +111,9 @@ def vm_hwm_mb(pid: int | str = "self") -> float:
 
 class ChildPeaks(threading.Thread):
     """Samples the peak RSS of this process's child processes (the decoding workers) every
-    `every` seconds until stopped; `peak` is the largest seen."""
+    `every` seconds until stopped; `peak` is the largest seen. A child that has not yet run
+    its own program (between fork and exec it shares or copies this process's memory and
+    reports this process's peak) is skipped: it still has this process's command line."""
 
     def __init__(self, every: float = 0.05) -> None:
         super().__init__(daemon=True)
@@ -119,6 +121,8 @@ class ChildPeaks(threading.Thread):
 
     def run(self) -> None:
         me = str(os.getpid())
+        with open("/proc/self/cmdline", "rb") as f:
+            my_cmdline = f.read()
         while not self._done.wait(self.every):
             for entry in os.scandir("/proc"):
                 if not entry.name.isdigit():
@@ -126,10 +130,14 @@ class ChildPeaks(threading.Thread):
                 try:
                     with open(f"/proc/{entry.name}/stat") as f:
                         ppid = f.read().rsplit(")", 1)[1].split()[1]
+                    if ppid != me:
+                        continue
+                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                        if f.read() == my_cmdline:
+                            continue
                 except (OSError, IndexError):
                     continue
-                if ppid == me:
-                    self.peak = max(self.peak, vm_hwm_mb(entry.name))
+                self.peak = max(self.peak, vm_hwm_mb(entry.name))
 
     def stop(self) -> float:
         self._done.set()
