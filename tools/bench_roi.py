@@ -21,11 +21,9 @@ Prints a table per set and one final line `RESULT {json}`.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import csv
 import inspect
 import json
-import multiprocessing
 import os
 import time
 from dataclasses import dataclass
@@ -63,8 +61,9 @@ def simulated_set(name: str, n: int | None, workers: int) -> list[Case]:
     n = n or (spec.n if spec else 100)
     jobs = [(seed, i, name) for i in range(n)]
     if workers > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        from kneetf.workers import process_pool
+
+        with process_pool(workers) as pool:
             results = list(pool.map(_simulate_one, *zip(*jobs), chunksize=4))
     else:
         results = [_simulate_one(*j) for j in jobs]

@@ -43,7 +43,6 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ import numpy as np
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import write_text_atomic
 from kneetf.version import __version__
+from kneetf.workers import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -1047,8 +1047,7 @@ def synthesize(out_dir: str | Path, n: int = 256, seed: int = 0, config: SynthCo
                 results[a[2]] = _write_subject(*a)
                 bar.update(1)
         else:
-            ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with process_pool(workers) as pool:
                 futures = {pool.submit(_write_subject, *a): a[2] for a in args}
                 for fut in concurrent.futures.as_completed(futures):
                     results[futures[fut]] = fut.result()

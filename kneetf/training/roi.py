@@ -162,11 +162,9 @@ def _simulate_full(seed: int, index: int, style: Any) -> tuple[np.ndarray, tuple
 def _pool_map(fn: Any, jobs: list[tuple], workers: int) -> list[Any]:
     if workers <= 1 or len(jobs) <= 1:
         return [fn(*j) for j in jobs]
-    import concurrent.futures
-    import multiprocessing
+    from kneetf.workers import process_pool
 
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with process_pool(workers) as pool:
         return list(pool.map(fn, *zip(*jobs), chunksize=8))
 
 
