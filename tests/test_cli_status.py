@@ -86,3 +86,12 @@ def test_ctrl_c_exits_130(monkeypatch, capsys) -> None:
     monkeypatch.setattr(synth, "run", interrupted)
     assert main(["synth", "--out", "x"]) == exits.EXIT_INTERRUPT == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_file_is_an_error_not_a_crash(tmp_path, capsys) -> None:
+    """`--out FILE` where a folder is made: FileExistsError from mkdir is the user's error (1)."""
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--preset", "tiny", "--synthetic-n", "8", "--epochs", "1",
+                 "--out", str(tmp_path / "afile")]) == exits.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "error: [Errno 17] File exists" in err and "crashed" not in err

@@ -261,3 +261,100 @@ def test_prepare_skips_an_xray_whose_knee_is_not_found(synth: Path, tmp_path: Pa
     from kneetf.data.review import COLOURS
 
     assert tuple(sheet[22 + 1, 3 * 96 + 1]) == COLOURS["failed"]  # the last tile's frame is red
+
+
+def test_prepare_refuses_a_bad_shard_size_and_an_out_that_is_a_file_or_holds_inputs(
+        synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = synth / "manifest.csv"
+    for size in ("0", "-1"):  # -1 once dropped the last pair of every split without a word
+        assert main(["prepare", str(manifest), "--out", str(tmp_path / "c"), "--shard-size", size,
+                     "--workers", "0"]) == 1
+        assert f"shard_size must be at least 1. Received: shard_size={size}" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["prepare", str(manifest), "--out", str(tmp_path / "afile"), "--workers", "0"]) == 1
+    assert "exists and is not a folder" in capsys.readouterr().err
+    before = {p.name: p.read_bytes() for p in synth.iterdir() if p.is_file()}
+    assert main(["prepare", str(manifest), "--out", str(synth), "--workers", "0"]) == 1
+    assert f"holds the input {manifest}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in synth.iterdir() if p.is_file()} == before  # rois.csv untouched
+
+
+def test_rows_without_a_split_are_split_by_id(synth: Path) -> None:
+    from kneetf.data.sources import manifest_tasks
+    from kneetf.io.manifest import DEFAULT_SPLIT, split_participants
+
+    rows = _rows(synth / "manifest.csv")
+    with (synth / "nosplit.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "split"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    rows[0]["split"] = "val"  # a row that names its split keeps it
+    with (synth / "somesplit.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([rows[0]] + [dict(r, split="") for r in rows[1:]])
+    tasks, errors = manifest_tasks(synth / "nosplit.csv")
+    splits = {t.id: t.split for t in tasks}
+    assert not errors and splits == split_participants([r["id"] for r in rows], DEFAULT_SPLIT, seed=0)
+    assert set(splits.values()) > {"train"}  # not every row lands in train
+    tasks, _ = manifest_tasks(synth / "somesplit.csv")
+    assert {t.id: t.split for t in tasks} == {rows[0]["id"]: "val", **split_participants(
+        [r["id"] for r in rows[1:]], DEFAULT_SPLIT, seed=0)}
+
+
+def test_bad_boxes_skip_their_pairs_and_the_rest_is_prepared(synth: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Each bad line of a boxes CSV costs its own pair, named with its line; a box far larger than
+    the X-ray is refused instead of cropping a speck of knee out of gigabytes of padding."""
+    rows = _rows(synth / "manifest.csv")
+    boxes = {r["id"]: r for r in _rows(synth / "rois.csv")}
+    ids = [r["id"] for r in rows]
+    line = lambda i, *v: ",".join([i, *map(str, v)])  # noqa: E731
+    good = lambda i: line(i, *(boxes[i][k] for k in ("x0", "y0", "x1", "y1")))  # noqa: E731
+    text = ["id,x0,y0,x1,y1",
+            line(ids[0], 50, 60, 10, 100),        # line 2: swapped x
+            line(ids[1], 10, "nan", 60, 100),     # line 3: NaN
+            good(ids[2]), good(ids[2]),           # lines 4, 5: a duplicate id: which box is meant?
+            line(ids[3], 0, 0, 20000, 20000),     # line 6: far larger than the X-ray
+            good(ids[4]), good(ids[5]),
+            line("stranger", 1, 1, 0, 0)]         # an id outside the manifest: nothing lost
+    (tmp_path / "boxes.csv").write_text("\n".join(text) + "\n")
+    cache = tmp_path / "cache"
+    rc = main(["prepare", str(synth / "manifest.csv"), "--out", str(cache), "--rois", str(tmp_path / "boxes.csv"),
+               "--workers", "0"])
+    assert rc == 4
+    errors = {e["id"]: e["reason"] for e in _rows(cache / "errors.csv")}
+    assert sorted(errors) == sorted(ids[:4])
+    assert errors[ids[0]].startswith("line 2: empty box") and errors[ids[1]].startswith("line 3: y0 is not finite")
+    assert errors[ids[2]].startswith("line 5: duplicate id") and "does not fit the" in errors[ids[3]]
+    assert sorted(r["id"] for r in _rows(cache / "rois.csv")) == sorted(ids[4:])
+    assert "4 problem(s) with the inputs" in capsys.readouterr().out
+
+
+def test_a_constant_mri_is_refused(synth: Path, tmp_path: Path) -> None:
+    rows = _rows(synth / "manifest.csv")[:2]
+    np.save(tmp_path / "flat.npy", np.full((48, 32, 32), 7, dtype=np.int16))
+    lines = ["id,xray,mri,split", f"flat,{(synth / rows[0]['xray']).resolve()},flat.npy,train",
+             f"{rows[1]['id']},{(synth / rows[1]['xray']).resolve()},{(synth / rows[1]['mri']).resolve()},train"]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "boxes.csv").write_text((synth / "rois.csv").read_text().replace(rows[0]["id"] + ",", "flat,", 1))
+    cache = tmp_path / "cache"
+    assert main(["prepare", str(tmp_path / "m.csv"), "--out", str(cache), "--rois", str(tmp_path / "boxes.csv"),
+                 "--allow-outside", "--workers", "0"]) == 4
+    (error,) = _rows(cache / "errors.csv")
+    assert error["id"] == "flat" and "are constant (every value 7)" in error["reason"]
+    assert error["file"].endswith("flat.npy")
+
+
+def test_training_on_a_manifest_names_the_pairs_it_skipped(synth: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from kneetf.config import PreprocessConfig
+    from kneetf.training.train import DataSpec, resolve_cache
+
+    manifest = _with_bad_rows(synth, "train_with_bad.csv")
+    with caplog.at_level("WARNING"):
+        cache = resolve_cache(DataSpec(path=str(manifest), workers=0), tmp_path / "run", PreprocessConfig(),
+                              progress=False)
+    assert (cache / "dataset.json").is_file()
+    (warning,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "3 pair(s) skipped, training on the other 6" in warning and "broken.dcm" in warning

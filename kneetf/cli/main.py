@@ -113,7 +113,7 @@ def run_command(name: str, argv: Sequence[str], global_args: Sequence[str] = ())
     except KeyboardInterrupt:
         print(f"kneetf {name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPT
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+    except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"kneetf {name}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:  # a bug: a short message here, the traceback in a file

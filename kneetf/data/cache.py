@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import platform
 import signal
@@ -41,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from kneetf.config import PreprocessConfig, config_hash, to_dict
-from kneetf.errors import InputError, KneetfError, RoiNotFoundError
+from kneetf.errors import ConfigError, InputError, KneetfError, RoiNotFoundError
 from kneetf.io.atomic import atomic_path, write_text_atomic
 from kneetf.version import __version__
 
@@ -268,7 +267,9 @@ def _died(task: CacheTask, how: str) -> dict[str, str]:
 
 
 def _new_pool(workers: int) -> cf.ProcessPoolExecutor:
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    from kneetf.workers import process_pool
+
+    return process_pool(workers)
 
 
 def _broken_pool(pool: cf.ProcessPoolExecutor) -> str:
@@ -414,7 +415,13 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
     """
     from tqdm.auto import tqdm
 
+    if shard_size < 1:
+        raise ConfigError(f"shard_size must be at least 1. Received: shard_size={shard_size}")
+    if workers < 0:
+        raise ConfigError(f"workers must be 0 (in-process) or more. Received: workers={workers}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     for debris in out.glob(".tmp-*"):  # left by a killed run; never listed in dataset.json
         if debris.is_file():

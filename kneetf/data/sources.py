@@ -121,6 +121,10 @@ def load_files(payload: FilePayload, config: PreprocessConfig) -> RawPair:
     case_id = payload.id
     found = _roi_finding(payload, case_id, xray, meta)
     mri, _ = read_mri_window(payload.mri, config.slice_start, config.slice_stop, max_pixels=payload.max_pixels)
+    low, high = float(np.min(mri)), float(np.max(mri))
+    if low == high:
+        raise InputError(payload.mri, f"slices [{config.slice_start}, {config.slice_stop}) of the MRI are constant "
+                                      f"(every value {low:g}): nothing to learn from")
     return RawPair(id=case_id, xray=crop_box(xray, found.box), mri=mri, side=payload.side, box=found.box.as_tuple(),
                    roi_source=found.source, roi_confidence=found.confidence, roi_flagged=found.flagged)
 
@@ -128,26 +132,36 @@ def load_files(payload: FilePayload, config: PreprocessConfig) -> RawPair:
 def manifest_tasks(manifest: str | Path, *, rois: str | Path | None = None, detector: str | Path | None = None,
                    allow_outside: bool = False, reader: ReaderConfig | None = None) -> tuple[list[CacheTask], list[dict[str, str]]]:
     """Cache tasks for every valid manifest row, and the bad rows as error dicts. `reader`
-    (default: the current `ReaderConfig`) limits what the workers decode."""
+    (default: the current `ReaderConfig`) limits what the workers decode. Rows without a
+    split are split by id (`DEFAULT_SPLIT`, a seeded shuffle that depends only on their ids)."""
     reader = reader or current_reader_config()
-    from kneetf.io.manifest import read_manifest
-    from kneetf.preprocess.roi import load_boxes
+    from kneetf.io.manifest import DEFAULT_SPLIT, read_manifest, split_participants
+    from kneetf.preprocess.roi import BoxesResult, read_boxes
 
     result = read_manifest(manifest, allow_outside=allow_outside)
-    boxes = load_boxes(rois) if rois else {}
+    boxes = read_boxes(rois) if rois else BoxesResult({}, [], set())
     errors = [{"id": "", "file": str(e.path), "reason": e.reason} for e in result.errors]
+    ids = {case.id for case in result.cases}
+    errors += [{"id": case_id, "file": str(e.path), "reason": e.reason} for case_id, e in boxes.errors
+               if case_id in ids or not case_id]  # a bad box of an id outside the manifest loses nothing
+    unsplit = [case.id for case in result.cases if not case.split]
+    splits = split_participants(unsplit, DEFAULT_SPLIT, seed=0) if unsplit else {}
+    if unsplit:
+        log.info("%s: %d row(s) without a split, assigned to train / val / test (%s) by id", manifest,
+                 len(unsplit), " / ".join(f"{f:g}" for f in DEFAULT_SPLIT))
     tasks = []
     for case in result.cases:
-        box = boxes.get(case.id)
+        box = boxes.boxes.get(case.id)
         if rois and box is None:
-            errors.append({"id": case.id, "file": str(rois), "reason": "no box for this id in the ROI CSV"})
+            if case.id not in boxes.bad_ids:  # a bad line is reported above, once
+                errors.append({"id": case.id, "file": str(rois), "reason": "no box for this id in the ROI CSV"})
             continue
         extra = (("half", case.xray_half),) if case.xray_half else ()  # one knee of a bilateral X-ray
         payload = FilePayload(id=case.id, xray=str(case.xray), mri=str(case.mri), side=case.side or "",
                               box=box.as_tuple() if box is not None else None,
                               detector=str(detector) if detector else None, extra=extra,
                               max_pixels=reader.max_pixels)
-        tasks.append(CacheTask(id=case.id, split=case.split or "train", payload=payload,
+        tasks.append(CacheTask(id=case.id, split=case.split or splits[case.id], payload=payload,
                                source=f"{case.xray} | {case.mri}"))
     return tasks, errors
 
@@ -235,9 +249,14 @@ def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: Preproce
     unsure of) are skipped and listed in `errors.csv`. Every pair's box, ROI source,
     confidence and review flag go to `rois.csv`; the ROI source (with a copy of the detector)
     to `dataset.json`. `roi_preview` writes contact sheets of the crops (`roi_preview/`)."""
+    from kneetf.io.outdir import OutputFolder
+
     out = Path(out_dir)
+    folder = OutputFolder(out)
     tasks, errors = manifest_tasks(manifest, rois=rois, detector=detector, allow_outside=allow_outside,
                                    reader=reader)
+    folder.refuse_inputs([manifest, *(p for p in (rois, detector) if p and str(p) != "builtin"),
+                          *(p for task in tasks for p in task.payload.input_files())])
     roi = roi_record(rois, detector)
     if roi.get("file"):  # the detector travels with the cache (and from there with the model)
         import shutil

@@ -20,7 +20,7 @@ import numpy as np
 from kneetf.config import PreprocessConfig
 from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.inference.loading import model_roi_source, read_preprocess_config, resolve_model_path
-from kneetf.inference.outdir import OutputFolder, written_by_kneetf
+from kneetf.io.outdir import OutputFolder, written_by_kneetf
 from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, output_paths, parse_formats,
                                       write_prediction)
 from kneetf.inference.predictor import load_predictor

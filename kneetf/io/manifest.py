@@ -31,11 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from kneetf.errors import ManifestError
 from kneetf.io.atomic import write_text_atomic
 
 COLUMNS = ("id", "xray", "mri", "side", "split")
 SPLITS = ("train", "val", "test")
+#: train, val, test fractions of the rows a manifest leaves without a split (`kneetf prepare`)
+DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 HALF_COLUMN = "xray_half"
 _SIDES = {"left": "left", "l": "left", "right": "right", "r": "right"}
 _UNSAFE_ID = re.compile(r'[/\\<>:"|?*\x00-\x1f\x7f]')
@@ -257,5 +261,17 @@ def split_counts(cases: Sequence[Case]) -> dict[str, int]:
     return counts
 
 
-__all__ = ["Case", "ManifestResult", "read_manifest", "write_manifest", "check_id", "split_counts", "COLUMNS",
-           "SPLITS", "HALF_COLUMN"]
+def split_participants(participants: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, str]:
+    """Assign each participant to train/val/test with a seeded shuffle (sorted ids first,
+    so the result depends only on the set of ids, the fractions and the seed)."""
+    ids = sorted(set(participants))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    bounds = np.round(np.cumsum(fractions) * len(ids)).astype(int)
+    out = {}
+    for rank, i in enumerate(order):
+        out[ids[i]] = "train" if rank < bounds[0] else "val" if rank < bounds[1] else "test"
+    return out
+
+
+__all__ = ["Case", "ManifestResult", "read_manifest", "write_manifest", "check_id", "split_counts",
+           "split_participants", "DEFAULT_SPLIT", "COLUMNS", "SPLITS", "HALF_COLUMN"]

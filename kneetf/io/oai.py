@@ -52,11 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import write_text_atomic
-from kneetf.io.manifest import Case, check_id, write_manifest
+from kneetf.io.manifest import Case, check_id, split_participants, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -325,18 +323,6 @@ def parse_split(text: str | Sequence[float]) -> tuple[float, float, float]:
         raise ConfigError(f"split must be three non-negative fractions (train,val,test) summing to 1. "
                           f"Received: split={text!r}")
     return values  # type: ignore[return-value]
-
-
-def split_participants(participants: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, str]:
-    """Assign each participant to train/val/test with a seeded shuffle (sorted ids first,
-    so the result depends only on the set of ids, the fractions and the seed)."""
-    ids = sorted(set(participants))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    bounds = np.round(np.cumsum(fractions) * len(ids)).astype(int)
-    out = {}
-    for rank, i in enumerate(order):
-        out[ids[i]] = "train" if rank < bounds[0] else "val" if rank < bounds[1] else "test"
-    return out
 
 
 # === Choosing the X-ray ===

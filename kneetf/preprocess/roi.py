@@ -43,12 +43,15 @@ import numpy as np
 
 from kneetf.errors import InputError, ManifestError, RoiNotFoundError
 from kneetf.io.atomic import atomic_path
+from kneetf.io.limits import resolve_max_pixels
 from kneetf.preprocess.image import image_2d
 
 log = logging.getLogger(__name__)
 
 BOX_COLUMNS = ("id", "x0", "y0", "x1", "y1")
 PAD_MODES = ("constant", "edge")
+#: `crop_box` refuses a box whose square crop is more than this many times the image part it holds
+MAX_CROP_PADDING = 16
 
 #: Box side / knee width (bone extent next to the joint space) of the classical fallback:
 #: 1.44 +- 0.10 measured on 100 built-in synthetic knees (100 mm boxes); a joint box that
@@ -155,12 +158,22 @@ def mean_iou(pred: Sequence[Box], true: Sequence[Box]) -> float:
 
 # === Boxes from a CSV ===
 
-def load_boxes(path: str | Path) -> dict[str, Box]:
-    """Read a boxes CSV with header `id,x0,y0,x1,y1` (extra columns ignored).
+@dataclass
+class BoxesResult:
+    """A boxes CSV read line by line: the valid boxes, each bad line's (id, error) (id "" when
+    the line has none), and the ids with a bad line (a duplicate id drops every box of that
+    id: which one is right is unknown)."""
 
-    Coordinates are finite numbers with x1 > x0 and y1 > y0; ids are unique. Errors name the
-    file and the line.
-    """
+    boxes: dict[str, Box]
+    errors: list[tuple[str, ManifestError]]
+    bad_ids: set[str]
+
+
+def read_boxes(path: str | Path) -> BoxesResult:
+    """Read a boxes CSV with header `id,x0,y0,x1,y1` (extra columns ignored), keeping the good
+    lines: coordinates are finite numbers with x1 > x0 and y1 > y0, ids are unique. Every bad
+    line becomes an error naming the file and the line; an unreadable file, a missing column
+    or a file without any box raises."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -176,36 +189,58 @@ def load_boxes(path: str | Path) -> dict[str, Box]:
         raise ManifestError(path, 1, f"missing column(s) {', '.join(missing)}; expected a header "
                             + ",".join(BOX_COLUMNS) + f". Received: {','.join(header)}")
     col = {c: header.index(c) for c in BOX_COLUMNS}
-    boxes: dict[str, Box] = {}
+    result = BoxesResult({}, [], set())
     first_line: dict[str, int] = {}
     for line, row in enumerate(rows, 2):
         if not row or all(not cell.strip() for cell in row):
             continue
-        if len(row) < len(header):
-            raise ManifestError(path, line, f"expected {len(header)} fields, got {len(row)}")
-        case_id = row[col["id"]].strip()
-        if not case_id:
-            raise ManifestError(path, line, "empty id")
-        if case_id in boxes:
-            raise ManifestError(path, line, f"duplicate id {case_id!r} (first on line {first_line[case_id]})")
-        values = []
-        for name in BOX_COLUMNS[1:]:
-            cell = row[col[name]].strip()
-            try:
-                value = float(cell)
-            except ValueError:
-                raise ManifestError(path, line, f"{name} is not a number. Received: {name}={cell!r}") from None
-            if not math.isfinite(value):
-                raise ManifestError(path, line, f"{name} is not finite. Received: {name}={cell!r}")
-            values.append(value)
-        box = Box(*values)
-        if box.width <= 0 or box.height <= 0:
-            raise ManifestError(path, line, f"empty box: need x1 > x0 and y1 > y0. Received: {box.as_tuple()}")
-        boxes[case_id] = box
+        case_id = row[col["id"]].strip() if len(row) > col["id"] else ""
+        try:
+            box = _box_line(path, line, row, header, col, case_id, first_line)
+        except ManifestError as e:
+            result.errors.append((case_id, e))
+            if case_id:
+                result.bad_ids.add(case_id)
+                result.boxes.pop(case_id, None)
+            continue
         first_line[case_id] = line
-    if not boxes:
+        if case_id not in result.bad_ids:
+            result.boxes[case_id] = box
+    if not first_line and not result.errors:
         raise ManifestError(path, None, "no boxes (the CSV has a header only)")
-    return boxes
+    return result
+
+
+def _box_line(path: Path, line: int, row: list[str], header: list[str], col: dict[str, int], case_id: str,
+              first_line: dict[str, int]) -> Box:
+    if len(row) < len(header):
+        raise ManifestError(path, line, f"expected {len(header)} fields, got {len(row)}")
+    if not case_id:
+        raise ManifestError(path, line, "empty id")
+    if case_id in first_line:
+        raise ManifestError(path, line, f"duplicate id {case_id!r} (first on line {first_line[case_id]})")
+    values = []
+    for name in BOX_COLUMNS[1:]:
+        cell = row[col[name]].strip()
+        try:
+            value = float(cell)
+        except ValueError:
+            raise ManifestError(path, line, f"{name} is not a number. Received: {name}={cell!r}") from None
+        if not math.isfinite(value):
+            raise ManifestError(path, line, f"{name} is not finite. Received: {name}={cell!r}")
+        values.append(value)
+    box = Box(*values)
+    if box.width <= 0 or box.height <= 0:
+        raise ManifestError(path, line, f"empty box: need x1 > x0 and y1 > y0. Received: {box.as_tuple()}")
+    return box
+
+
+def load_boxes(path: str | Path) -> dict[str, Box]:
+    """Read a boxes CSV (`read_boxes`), strictly: the first bad line raises its error."""
+    result = read_boxes(path)
+    if result.errors:
+        raise result.errors[0][1]
+    return result.boxes
 
 
 def write_boxes(path: str | Path, boxes: Mapping[str, Box]) -> Path:
@@ -227,7 +262,9 @@ def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant") -> np.n
 
     Parts of the square outside the image are filled with the image minimum
     (`pad_mode="constant"`) or the nearest edge pixel (`"edge"`), so a box partly outside
-    the image still gives a full square crop. A box entirely outside is refused.
+    the image still gives a full square crop. A box entirely outside is refused, and so is
+    one whose square holds less than 1 / `MAX_CROP_PADDING` of image (or more pixels than
+    the readers' `max_pixels`): a wrong box, not a knee.
     """
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode must be one of {PAD_MODES}. Received: pad_mode={pad_mode!r}")
@@ -244,6 +281,14 @@ def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant") -> np.n
     if ix0 >= ix1 or iy0 >= iy1:
         raise InputError(None, f"the ROI box {tuple(round(v, 1) for v in box.as_tuple())} lies outside "
                          f"the {w}x{h} image")
+    inside = (ix1 - ix0) * (iy1 - iy0)
+    if inside * MAX_CROP_PADDING < side * side:
+        raise InputError(None, f"the ROI box {tuple(round(v, 1) for v in box.as_tuple())} does not fit the "
+                         f"{w}x{h} image: its {side}x{side} square crop would be "
+                         f"{1 - inside / (side * side):.1%} padding")
+    if side * side > resolve_max_pixels(None):
+        raise InputError(None, f"the ROI box {tuple(round(v, 1) for v in box.as_tuple())} gives a {side}x{side} "
+                         f"crop, more than max_pixels={resolve_max_pixels(None)}")
     inner = image[iy0:iy1, ix0:ix1]
     pad = [(iy0 - y0, y1 - iy1), (ix0 - x0, x1 - ix1)] + [(0, 0)] * (image.ndim - 2)
     if not any(p for pair in pad for p in pair):
@@ -1407,7 +1452,7 @@ def draw_box_png(path: str | Path, image: np.ndarray, box: Box | Iterable[Box], 
     return Path(path)
 
 
-__all__ = ["Box", "iou", "mean_iou", "square_box_around", "load_boxes", "write_boxes", "crop_box",
-           "classical_roi", "find_joint", "JointFinding", "ClassicalConfig", "DEFAULT_CLASSICAL", "RoiNotFoundError",
+__all__ = ["Box", "iou", "mean_iou", "square_box_around", "load_boxes", "read_boxes", "BoxesResult", "write_boxes",
+           "crop_box", "classical_roi", "find_joint", "JointFinding", "ClassicalConfig", "DEFAULT_CLASSICAL", "RoiNotFoundError",
            "RoiSource", "RoiFinding", "find_roi", "CsvRoi", "FixedRoi", "ClassicalRoi", "draw_box_png", "to_uint8",
            "CLASSICAL_SIDE_SCALE", "CLASSICAL_BOX_MM", "CLASSICAL_FLAG_BELOW", "CLASSICAL_VERSION"]

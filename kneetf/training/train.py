@@ -75,6 +75,11 @@ def resolve_cache(data: DataSpec, out_dir: Path, prep: PreprocessConfig, progres
         result = sources.prepare_manifest(path, cache, config=prep, workers=data.workers, progress=progress)
         if result.total == 0:
             raise InputError(path, "no valid pair could be prepared; see errors.csv in " + str(cache))
+        if result.errors:
+            listed = "".join(f"\n  {e.get('id') or '-'}: {e.get('file')}: {e.get('reason')}" for e in result.errors[:10])
+            more = f"\n  ... and {len(result.errors) - 10} more" if len(result.errors) > 10 else ""
+            log.warning("%s: %d pair(s) skipped, training on the other %d (all listed in %s):%s%s", path,
+                        len(result.errors), result.total, cache / "errors.csv", listed, more)
         return cache
     if not path.exists():
         raise InputError(path, "does not exist")

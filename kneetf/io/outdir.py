@@ -1,5 +1,5 @@
-"""The output folder of `kneetf predict`: it never holds an input, and kneetf replaces only
-what it wrote itself.
+"""An output folder that never holds an input (`kneetf predict`, `kneetf prepare`) and where
+kneetf replaces only what it wrote itself (`kneetf predict`).
 
 Every name kneetf writes into an output folder is listed in its marker file `MARKER`
 (JSON, `{"files": [...]}`) before the file is written, so a crash never leaves an unlisted
