@@ -538,3 +538,16 @@ def test_box_loss_and_metric_match_numpy_iou():
     assert float(metric.result()) == pytest.approx(np.mean(expected), rel=1e-5)
     loss = float(rd.BoxLoss(coord_weight=0.0)(t, p))
     assert loss == pytest.approx(1 - np.mean(expected), rel=1e-5)
+
+
+def test_a_box_from_an_impossible_spacing_is_refused_before_any_search() -> None:
+    image = np.random.default_rng(0).random((300, 400)).astype(np.float32)
+    with pytest.raises(RoiNotFoundError, match=r"100000 pixels at the pixel spacing 0.001 mm.*the spacing is wrong"):
+        find_joint(image, pixel_spacing=0.001)
+
+
+def test_a_box_far_larger_than_the_image_is_refused() -> None:
+    image = np.ones((320, 320), np.float32)
+    with pytest.raises(InputError, match=r"does not fit the 320x320 image: its 20000x20000 square crop would be 0.03% image"):
+        crop_box(image, Box(0, 0, 20000, 20000))
+    assert crop_box(image, Box(-300, -300, 340, 340)).shape == (640, 640)  # a quarter inside: kept

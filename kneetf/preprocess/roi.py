@@ -284,8 +284,8 @@ def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant") -> np.n
     inside = (ix1 - ix0) * (iy1 - iy0)
     if inside * MAX_CROP_PADDING < side * side:
         raise InputError(None, f"the ROI box {tuple(round(v, 1) for v in box.as_tuple())} does not fit the "
-                         f"{w}x{h} image: its {side}x{side} square crop would be "
-                         f"{1 - inside / (side * side):.1%} padding")
+                         f"{w}x{h} image: its {side}x{side} square crop would be {inside / (side * side):.2%} "
+                         "image, the rest padding")
     if side * side > resolve_max_pixels(None):
         raise InputError(None, f"the ROI box {tuple(round(v, 1) for v in box.as_tuple())} gives a {side}x{side} "
                          f"crop, more than max_pixels={resolve_max_pixels(None)}")
@@ -964,11 +964,16 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
        and at least `equalise_inside` of it lies in the image, and always flagged (its
        confidence x `unsure_factor`).
 
-    Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure; an image that is
-    not 2-D or smaller than 8x8 raises `InputError`.
+    Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure, or when the box
+    at `pixel_spacing` is too large for `crop_box` to crop from the image;
+    an image that is not 2-D or smaller than 8x8 raises `InputError`.
     """
     image = image_2d(image, "the classical ROI's input", min_side=8, path=source)
     spacing = _as_spacing(pixel_spacing)
+    if spacing is not None and box_mm / spacing > math.sqrt(MAX_CROP_PADDING) * max(image.shape):  # crop refused
+        raise RoiNotFoundError(source, f"a {box_mm:g} mm box is {box_mm / spacing:.0f} pixels at the pixel spacing "
+                                       f"{spacing:g} mm, far larger than the {image.shape[1]}x{image.shape[0]} image: "
+                                       "the spacing is wrong")
     try:
         masks: dict[tuple[int, ...], np.ndarray] = {}  # artefact masks, reused by the second search
         found: JointFinding | None = _look(image, spacing, box_mm, side_scale, config, source, masks)
