@@ -323,6 +323,21 @@ def test_cli_client_writes_nifti(served, server, tmp_path, capsys):
     assert (tmp_path / "some" / "a.nii.gz").exists() and "1 of 2 X-ray(s) failed" in capsys.readouterr().err
     assert main(["client", "--server", server.grpc_target, str(tmp_path / "bad.npy"),
                  "--out", str(tmp_path / "none")]) == 1
+    capsys.readouterr()
+
+    # as kneetf predict: a folder --out never holds an input, and a file kneetf did not write stays
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), "--out", str(tmp_path),
+                 "--cropped"]) == 1
+    assert f"holds the input {tmp_path / 'a.npy'}" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a.nii.gz").write_bytes(b"the user's own file")
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
+                 "--out", str(mine), "--cropped", "--names", "id"]) == 4
+    assert (mine / "a.nii.gz").read_bytes() == b"the user's own file" and (mine / "b.nii.gz").is_file()
+    assert "exists and was not written by kneetf" in capsys.readouterr().err
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "b.npy"), "--out", str(mine),
+                 "--cropped", "--names", "id"]) == 0  # its own output is replaced
 
 
 def test_client_names_outputs_by_pseudonym_with_a_private_key(served, server, tmp_path):
@@ -336,7 +351,7 @@ def test_client_names_outputs_by_pseudonym_with_a_private_key(served, server, tm
     out, key = tmp_path / "out", tmp_path / "private" / "key.csv"
     assert main(["client", "--server", server.grpc_target, str(tmp_path / "Doe_Jane_MRN123.npy"),
                  str(tmp_path / "bad.npy"), "--out", str(out), "--cropped", "--pseudonym-key", str(key)]) == 4
-    written = [p.name for p in out.iterdir()]
+    written = [p.name for p in out.iterdir() if p.name != ".kneetf-outputs.json"]
     assert len(written) == 1 and "Doe" not in written[0] and written[0].startswith("knee-")
     rows = {r["source"]: r for r in csv.DictReader(key.open())}
     assert rows[str(tmp_path / "Doe_Jane_MRN123.npy")]["result"] == "written"

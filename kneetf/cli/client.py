@@ -116,19 +116,26 @@ def run(args: argparse.Namespace) -> int:
         from kneetf.inference.batch import collect_inputs, error_reason, resolve_names
         from kneetf.inference.outputs import PSEUDONYM_KEY, write_volume
         from kneetf.inference.loading import model_roi_source
+        from kneetf.io.outdir import OutputFolder
 
         if args.cropped:
             roi: Any = WholeImage()
         else:  # the ROI source the model was trained with, unless --rois / --roi-detector say otherwise
             roi = model_roi_source(args.model_info, boxes=args.rois, detector=args.roi_detector)
+        folder = None if _is_file_target(args.out) else OutputFolder(args.out)
         items, failures = collect_inputs(args.xrays)
+        if folder is not None:  # as `kneetf predict`: never among the inputs, never over a file it did not write
+            folder.refuse_inputs([*args.xrays, *(it.path for it in items),
+                                  *(p for p in (args.rois, args.roi_detector) if p and str(p) != "builtin")])
         total = len(items) + len(failures)
         names = resolve_names(args.names, keep_patient=False)
         key = None
-        if names == "pseudonym" and items and not _is_file_target(args.out):
+        if names == "pseudonym" and items and folder is not None:
             from kneetf.inference.pseudonyms import PseudonymKey
 
-            key = PseudonymKey(args.pseudonym_key or Path(args.out) / PSEUDONYM_KEY)
+            if not args.pseudonym_key:
+                folder.claim([folder.path / PSEUDONYM_KEY])
+            key = PseudonymKey(args.pseudonym_key or folder.path / PSEUDONYM_KEY)
             key.assign(items)  # the key first: outputs of an interrupted run stay traceable
             key.write((it.name, str(it.path), "") for it in items)
         targets = _targets(items, args.out) if items else []
@@ -136,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         for i, (item, target) in enumerate(zip(items, targets)):
             try:
                 _, volume = reconstruct(client, item, info.preprocess, roi)
+                if folder is not None:
+                    folder.claim([target])
                 target.parent.mkdir(parents=True, exist_ok=True)
                 write_volume(target, volume)
             except (ServerUnavailableError, ModelNotFoundError) as e:  # every other X-ray would fail alike
