@@ -95,3 +95,17 @@ def test_an_output_path_that_is_a_file_is_an_error_not_a_crash(tmp_path, capsys)
                  "--out", str(tmp_path / "afile")]) == exits.EXIT_ERROR
     err = capsys.readouterr().err
     assert "error: [Errno 17] File exists" in err and "crashed" not in err
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_pydicom_logs_only_with_verbose(tmp_path, verbose) -> None:
+    """pydicom logs every decoder it tried (with tracebacks) before kneetf reports the file once."""
+    import subprocess
+    import sys
+
+    script = ("import logging, sys\nimport kneetf.cli.synth as s\n"
+              "s.run = lambda args: logging.getLogger('pydicom.pixels.decoders.base').error('decoder noise') or 0\n"
+              "from kneetf.cli.main import main\nsys.exit(main(sys.argv[1:]))\n")
+    argv = [sys.executable, "-c", script, *(["-v"] if verbose else []), "synth", "--out", str(tmp_path / "x")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and ("decoder noise" in done.stderr) == verbose

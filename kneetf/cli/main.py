@@ -103,6 +103,13 @@ def run_command(name: str, argv: Sequence[str], global_args: Sequence[str] = ())
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
+    if not args.verbose:
+        # a file pydicom or OpenCV cannot decode is reported once, by kneetf, naming the file; their own
+        # logs of each decoder they tried (pydicom's with tracebacks) are for -v. pydicom sets its
+        # logger's level when it is imported, so its records are dropped at the handlers.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_not_pydicom)
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "FATAL")
     from kneetf.errors import KneetfError
 
     try:
@@ -128,6 +135,10 @@ def run_command(name: str, argv: Sequence[str], global_args: Sequence[str] = ())
         print(f"kneetf {name}: crashed: {type(e).__name__}: {e}\n  this is a bug in kneetf; {where}",
               file=sys.stderr)
         return EXIT_CRASH
+
+
+def _not_pydicom(record: logging.LogRecord) -> bool:
+    return record.name != "pydicom" and not record.name.startswith("pydicom.")
 
 
 def _split_global(argv: list[str]) -> tuple[list[str], list[str]]:
