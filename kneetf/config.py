@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -157,6 +158,8 @@ class PreprocessConfig:
         "help": "mirror left knees to look like right ones (undone on output)"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, numbers.Integral) or self.image_size < 8:
+            raise ConfigError(f"image_size must be an integer of at least 8. Received: image_size={self.image_size!r}")
         if not 0 <= self.low_percentile < self.high_percentile <= 100:
             raise ConfigError("need 0 <= low_percentile < high_percentile <= 100. Received: "
                               f"{self.low_percentile}, {self.high_percentile}")

@@ -159,6 +159,12 @@ def test_read_batching_config(tmp_path):
     (tmp_path / "none.config").write_text("batch_timeout_micros { value: 5 }\n")
     with pytest.raises(InputError, match="none.config.*neither"):
         read_batching_config(tmp_path / "none.config")
+    (tmp_path / "binary.config").write_bytes(bytes(range(256)))
+    with pytest.raises(InputError, match="binary.config: is not a text file"):
+        read_batching_config(tmp_path / "binary.config")
+    (tmp_path / "huge.config").write_text("max_batch_size { value: 1000000000 }\n")  # GBs of warm-up requests
+    with pytest.raises(InputError, match=r"huge.config: batch sizes must lie in \[1, 1024\]"):
+        read_batching_config(tmp_path / "huge.config")
 
 
 @pytest.mark.slow

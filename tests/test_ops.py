@@ -56,3 +56,14 @@ def test_traced_preprocessing_equals_the_eager_ops(kind: str) -> None:
             np.testing.assert_array_equal(got, eager(x, size, low, high).numpy())
         np.testing.assert_array_equal(fn(np.full((1, 9, 9, channels), 5.0, np.float32)).numpy(), 0.0)
         assert fn.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("size", [0, -3, 4, 64.0, True])
+def test_a_preprocess_config_with_an_impossible_image_size_is_refused(size) -> None:
+    """A run config or --preprocess JSON with image_size 0 failed in TensorFlow's resize on every input."""
+    from kneetf.config import PreprocessConfig
+    from kneetf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="image_size must be an integer of at least 8"):
+        PreprocessConfig(image_size=size)
+    assert PreprocessConfig(image_size=np.int64(64)).image_size == 64

@@ -194,6 +194,10 @@ def write_savedmodel(model: Any, preprocess: PreprocessConfig, directory: str | 
     return described
 
 
+#: the largest batch `read_batching_config` accepts: its warm-up requests are written into the export
+MAX_WARMUP_BATCH = 1024
+
+
 def read_batching_config(path: str | Path) -> tuple[int, ...]:
     """The batch sizes TF Serving's batching may form with the `BatchingParameters` text
     file `path` (`--batching_parameters_file`): its `allowed_batch_sizes`, else the powers
@@ -203,6 +207,9 @@ def read_batching_config(path: str | Path) -> tuple[int, ...]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise InputError(path, f"cannot read the batching config: {e.strerror or e}") from e
+    except UnicodeDecodeError:
+        raise InputError(path, "is not a text file; expected TF Serving's batching parameters "
+                               "(allowed_batch_sizes or max_batch_size)") from None
     text = re.sub(r"#[^\n]*", "", text)
     sizes: list[int] = []
     for value in re.findall(r"\ballowed_batch_sizes\s*:\s*(\[[^\]]*\]|\d+)", text):
@@ -213,8 +220,8 @@ def read_batching_config(path: str | Path) -> tuple[int, ...]:
             raise InputError(path, "holds neither allowed_batch_sizes nor max_batch_size")
         top = int(found[1])
         sizes = [2 ** i for i in range(top.bit_length()) if 2 ** i < top] + [top]
-    if min(sizes) < 1:
-        raise InputError(path, f"batch sizes must be >= 1; got {sizes}")
+    if min(sizes) < 1 or max(sizes) > MAX_WARMUP_BATCH:
+        raise InputError(path, f"batch sizes must lie in [1, {MAX_WARMUP_BATCH}] to be warmed up; got {sizes}")
     return tuple(sorted(set(sizes)))
 
 
