@@ -728,3 +728,13 @@ def test_cli_modules_import_no_tensorflow():
             "print(sorted(m for m in ('tensorflow', 'keras', 'grpc') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://host:21"])
+def test_rest_address_must_be_http(url):
+    """urllib would read a local file for file://; a serving address is http(s) only."""
+    from kneetf.client.rest import RestClient
+    from kneetf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="http://HOST:PORT or https://HOST:PORT"):
+        RestClient(url)

@@ -590,3 +590,10 @@ def test_a_rescale_that_is_not_a_number_is_named(tmp_path: Path) -> None:
     ds.save_as(path)
     with pytest.raises(InputError, match=r"RescaleSlope is not a number. Received: RescaleSlope='abc'"):
         read_xray(path)
+
+
+def test_a_file_that_is_not_dicom_gets_no_pydicom_api_advice(tmp_path: Path) -> None:
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    with pytest.raises(InputError, match="empty.dcm.*not a DICOM file") as info:
+        read_xray(tmp_path / "empty.dcm")
+    assert "force" not in str(info.value)

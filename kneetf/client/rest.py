@@ -69,6 +69,9 @@ class RestClient(BaseClient):
             raise ConfigError(f"form must be 'inputs' or 'instances'. Received: form={form!r}")
         if "://" not in url:
             url = ("https://" if tls else "http://") + url
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"a REST server address is http://HOST:PORT or https://HOST:PORT. Received: {url!r}")
         super().__init__(url.rstrip("/"), model=model, version=version, signature=signature, timeout=timeout,
                          retries=retries, backoff=backoff, max_backoff=max_backoff, max_batch=max_batch,
                          resize=resize, image_size=image_size, num_slices=num_slices)

@@ -116,8 +116,9 @@ def read_header(path: str | Path, *, force: bool = False, max_pixels: int | None
         return pydicom.dcmread(path, defer_size=_DEFER_SIZE, force=force)
     except InputError:
         raise
-    except InvalidDicomError as e:
-        raise InputError(path, f"not a DICOM file ({e})") from e
+    except InvalidDicomError as e:  # pydicom's advice to pass force=True is for its own callers
+        reason = str(e).replace(" Use force=True to force reading.", "").strip()
+        raise InputError(path, f"not a DICOM file ({reason})") from e
     except (OSError, EOFError) as e:
         raise InputError(path, f"cannot read DICOM file: {e}") from e
     except Exception as e:  # pydicom raises many types on corrupt headers

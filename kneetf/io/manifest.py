@@ -193,7 +193,7 @@ def read_manifest(path: str | Path, *, allow_outside: bool = False, check_files:
             paths[kind] = target
             if not allow_outside and not _inside(root, target):
                 problems.append(f"{kind} path {value!r} leaves the manifest's folder {root} "
-                                "(allow it explicitly with allow_outside)")
+                                "(allow it explicitly: --allow-outside, or allow_outside=True)")
             elif check_files:
                 if kind == "xray" and not target.is_file():
                     problems.append(f"xray file not found: {value}" if not target.exists()
