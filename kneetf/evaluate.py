@@ -16,6 +16,7 @@ anywhere else.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import io
 import json
@@ -81,6 +82,11 @@ def _history_path(model: Any) -> Path | None:
     return h if h.is_file() else None
 
 
+#: preprocessing fields that decide which slices and which way round a pair is: a cache that
+#: differs from the model's in one of them is refused, in another (percentiles) only warned about
+SAME_PAIRS_FIELDS = frozenset({"image_size", "slice_start", "num_slices", "mirror_left"})
+
+
 def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: str | Path | None = None, *,
              baseline_split: str = "train", k: int = B.DEFAULT_K, downsample: int = B.DEFAULT_DOWNSAMPLE,
              batch_size: int = 16, limit: int | None = None, progress: bool = True,
@@ -114,8 +120,15 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
     cache_prep = from_dict(PreprocessConfig, info["preprocess"])
     recorded = read_preprocess_config(resolve_model_path(model)[1]) if isinstance(model, (str, Path)) else None
     if recorded is not None and config_hash(recorded) != info.get("preprocess_hash"):
-        log.warning("the model was trained with another preprocessing config than the cache's (%s): "
-                    "scores may be off", cache_dir)
+        differ = {f.name: (getattr(recorded, f.name), getattr(cache_prep, f.name))
+                  for f in dataclasses.fields(PreprocessConfig) if getattr(recorded, f.name) != getattr(cache_prep, f.name)}
+        said = ", ".join(f"{k} {model_v} (cache: {cache_v})" for k, (model_v, cache_v) in differ.items())
+        if set(differ) & SAME_PAIRS_FIELDS:  # other slices or unmirrored knees: scores of another task
+            raise InputError(cache_dir, f"the model was trained on pairs prepared with {said}; prepare the data "
+                                        "with the model's settings (kneetf prepare --slice-start / --num-slices / "
+                                        "--mirror-left) to evaluate it")
+        log.warning("the model was trained with another preprocessing config than the cache's (%s: %s): "
+                    "scores may be off", cache_dir, said or "hash only")
     predictor = load_predictor(model, recorded or cache_prep, trust_model=trust_model)
     shape = tuple(info["shapes"]["mri"])
     if (predictor.image_size, predictor.num_slices) != (shape[0], shape[2]):

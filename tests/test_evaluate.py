@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -179,3 +180,28 @@ def test_evaluate_refuses_missing_split(tmp_path, cache, run_dir):
     with pytest.raises(InputError, match="'val'"):
         evaluate(run_dir, cache, "val", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_refuses_a_cache_of_other_slices_and_warns_on_other_percentiles(tmp_path, cache, run_dir,
+                                                                                caplog):
+    """A model trained on slices [20, 40) scored against slices [10, 30) is another task (it gave
+    10.97 dB against the baselines' 15.5 without a word but a warning); other percentiles only warn."""
+    from kneetf.data.cache import read_info
+    from kneetf.errors import InputError
+    from kneetf.evaluate import evaluate
+
+    prep = read_info(cache)["preprocess"]
+    for changes, refused in (({"slice_start": prep["slice_start"] + 10}, True), ({"mirror_left": True}, True),
+                             ({"high_percentile": 99.0}, False)):
+        run = tmp_path / f"run{len(changes)}{refused}{next(iter(changes))}"
+        shutil.copytree(run_dir, run)
+        (run / "config.json").write_text(json.dumps({"preprocess": {**prep, **changes}}))
+        caplog.clear()
+        if refused:
+            field = next(iter(changes))
+            with pytest.raises(InputError, match=f"trained on pairs prepared with {field} "):
+                evaluate(run, cache, "test", tmp_path / "out", progress=False)
+        else:
+            with caplog.at_level("WARNING"):
+                evaluate(run, cache, "test", None, progress=False)
+            assert "high_percentile 99.0 (cache: 99.5)" in caplog.text
