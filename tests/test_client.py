@@ -621,7 +621,7 @@ def test_cli_client_reports_bad_answers_per_file(served, server, full_xrays, tmp
                str(out), "--names", "id"])
     err = capsys.readouterr().err
     assert rc == 4
-    assert sorted(p.name for p in out.iterdir()) == ["c_left.nii.gz", "d_right.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [".kneetf-outputs.json", "c_left.nii.gz", "d_right.nii.gz"]
     assert "3 of 5 X-ray(s) failed" in err
     assert re.search(r"a\.png: .*NaN", err) and re.search(r"b\.npy: .*\(1, 5, 5, 3\)", err)
     assert "broken.png" in err

@@ -44,6 +44,27 @@ def test_unfinished_sources_keep_their_pseudonyms_and_finished_rows_stay(tmp_pat
     assert fresh.new() not in {r["pseudonym"] for r in rows}
 
 
+def test_written_and_failed_sources_keep_their_pseudonyms_on_a_rerun(tmp_path):
+    path = tmp_path / "key.csv"
+    first = PseudonymKey(path)
+    items = _items("a.dcm", "b.dcm", "c.dcm")
+    first.assign(items)
+    first.write((it.name, str(it.path), "failed" if it.name == items[1].name else "written") for it in items)
+    old = {str(it.path): it.name for it in items}
+
+    again = PseudonymKey(path)
+    rerun = _items("c.dcm", "b.dcm", "d.dcm")
+    again.assign(rerun)
+    assert [it.name for it in rerun[:2]] == [old["c.dcm"], old["b.dcm"]]  # replaces, does not add
+    assert rerun[2].name not in old.values()
+    again.write((it.name, str(it.path), "written") for it in rerun)
+    rows = _rows(path)
+    assert [(r["source"], r["result"]) for r in rows] == [("a.dcm", "written"), ("c.dcm", "written"),
+                                                          ("b.dcm", "written"), ("d.dcm", "written")]
+    assert len({r["pseudonym"] for r in rows}) == 4
+    assert PseudonymKey(path).name_for("a.dcm") == old["a.dcm"]
+
+
 def test_a_file_that_is_not_a_key_is_refused_with_its_name(tmp_path):
     path = tmp_path / "key.csv"
     path.write_text("id,file\n1,x\n")

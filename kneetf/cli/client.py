@@ -117,18 +117,20 @@ def run(args: argparse.Namespace) -> int:
         from kneetf.inference.outputs import PSEUDONYM_KEY, write_volume
         from kneetf.inference.loading import model_roi_source
         from kneetf.io.outdir import OutputFolder
+        from kneetf.preprocess.roi import CsvRoi
 
         if args.cropped:
             roi: Any = WholeImage()
         else:  # the ROI source the model was trained with, unless --rois / --roi-detector say otherwise
             roi = model_roi_source(args.model_info, boxes=args.rois, detector=args.roi_detector)
         folder = None if _is_file_target(args.out) else OutputFolder(args.out)
-        items, failures = collect_inputs(args.xrays)
+        names = resolve_names(args.names, keep_patient=False)
+        # ids name the outputs with --names id, and key the boxes of a boxes CSV
+        items, failures = collect_inputs(args.xrays, unique_ids=names == "id" or isinstance(roi, CsvRoi))
         if folder is not None:  # as `kneetf predict`: never among the inputs, never over a file it did not write
             folder.refuse_inputs([*args.xrays, *(it.path for it in items),
                                   *(p for p in (args.rois, args.roi_detector) if p and str(p) != "builtin")])
         total = len(items) + len(failures)
-        names = resolve_names(args.names, keep_patient=False)
         key = None
         if names == "pseudonym" and items and folder is not None:
             from kneetf.inference.pseudonyms import PseudonymKey

@@ -20,12 +20,13 @@ import numpy as np
 from kneetf.config import PreprocessConfig
 from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.inference.loading import model_roi_source, read_preprocess_config, resolve_model_path
-from kneetf.io.outdir import OutputFolder, written_by_kneetf
+from kneetf.io.outdir import MARKER, OutputFolder, written_by_kneetf
 from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, output_paths, parse_formats,
                                       write_prediction)
 from kneetf.inference.predictor import load_predictor
 from kneetf.inference.pseudonyms import KEY_FIELDS, PseudonymKey, read_pseudonym_key
 from kneetf.io.atomic import CsvLog, remove_debris, write_csv_atomic
+from kneetf.preprocess.roi import CsvRoi
 from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray,
                                    to_output_volume)
 
@@ -79,12 +80,15 @@ def _folder_files(folder: Path) -> list[Path]:
     return out
 
 
-def collect_inputs(paths: Sequence[str | Path], *, allow_outside: bool = False
+def collect_inputs(paths: Sequence[str | Path], *, allow_outside: bool = False, unique_ids: bool = True
                    ) -> tuple[list[XrayInput], list[dict[str, str]]]:
     """X-ray files, folders of them (not recursive) and manifest CSVs -> (inputs, errors).
 
-    Ids are file stems, or the manifest's ids; ids that are not file-name safe are made so,
-    and a repeated id is reported as an error (the first one wins).
+    Ids are file stems, or the manifest's ids; ids that are not file-name safe are made so.
+    An input given twice (the same file, id, side and options, however its path is written:
+    a file and its folder, `a.dcm` and `./a.dcm`) is taken once. With `unique_ids` (ids are
+    the output names) a repeated id of another input is reported as an error (the first one
+    wins).
     """
     items: list[XrayInput] = []
     errors: list[dict[str, str]] = []
@@ -111,14 +115,19 @@ def collect_inputs(paths: Sequence[str | Path], *, allow_outside: bool = False
                                        {"half": half} if half else {}))
         else:
             items.append(XrayInput(safe_id(file_id(p)), p))
+    given: set[tuple[Any, ...]] = set()
     seen: dict[str, Path] = {}
     unique = []
     for it in items:
-        if it.id in seen:
-            errors.append({"id": it.id, "file": str(it.path),
-                           "reason": f"duplicate id {it.id!r} (also {seen[it.id]}); rename one of the files"})
+        same = (it.path.resolve(), it.id, it.side, tuple(sorted(it.options.items())))
+        if same in given:  # the same input again
             continue
-        seen[it.id] = it.path
+        given.add(same)
+        if unique_ids and it.id in seen:
+            errors.append({"id": it.id, "file": str(it.path),
+                           "reason": f"output name {it.id!r} is also that of {seen[it.id]}; rename one of the files"})
+            continue
+        seen.setdefault(it.id, it.path)
         unique.append(it)
     return unique, errors
 
@@ -152,15 +161,21 @@ def resolve_names(names: str, keep_patient: bool) -> str:
 
 
 def _scrub(text: str, item: XrayInput | None, file: str, pseudonym: str) -> str:
-    """`text` with the input's path, file name and id (4 characters or more, as a whole word)
-    replaced by its pseudonym."""
-    paths = {file, str(item.path) if item else ""}
-    words = {Path(w).name for w in paths if w} | paths
-    for word in sorted((w for w in words if w), key=len, reverse=True):
-        text = text.replace(word, pseudonym)
-    stems = {item.id if item else "", file_id(Path(file)) if file else ""}
-    for stem in sorted((w for w in stems if len(w) >= 4), key=len, reverse=True):
-        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(stem)}(?![A-Za-z0-9])", pseudonym, text)
+    """`text` with the input's path and file name replaced by its pseudonym where they stand
+    as a path or a file name: the path as given, absolute or resolved, the file name with
+    whatever folders precede it, and the id or stem in quotes (`id 'x'`). A word of the
+    message that only equals the file's stem stays."""
+    paths = {Path(p) for p in (file, str(item.path) if item else "") if p}
+    forms = {str(q) for p in paths for q in (p, p.absolute(), p.resolve())}
+    names = {p.name for p in paths} | {p.resolve().name for p in paths}
+    start, end = r"(?<![A-Za-z0-9_./\\-])", r"(?![A-Za-z0-9_]|\.[A-Za-z0-9])"
+    for form in sorted(forms, key=len, reverse=True):
+        text = re.sub(start + re.escape(form) + end, pseudonym, text)
+    for name in sorted(names, key=len, reverse=True):  # with the folders before it, however written
+        text = re.sub(rf"{start}(?:[^\s'\"]*[/\\])?{re.escape(name)}{end}", pseudonym, text)
+    stems = {item.id if item else "", *(file_id(p) for p in paths)}
+    for stem in sorted((w for w in stems if w), key=len, reverse=True):
+        text = re.sub(rf"(['\"]){re.escape(stem)}\1", rf"\g<1>{pseudonym}\g<1>", text)
     return text
 
 
@@ -270,7 +285,11 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
         if not folder.owns(p):
             raise ConfigError(f"{p} exists and was not written by kneetf; it is left as it is (move it, or "
                               "choose another --out)")
-    items, errors = collect_inputs(inputs, allow_outside=allow_outside)
+    roi = model_roi_source(model if isinstance(model, (str, Path)) else None, roi)
+    # ids are the output names with --names id, and the keys of the boxes of a boxes CSV
+    items, errors = collect_inputs(inputs, allow_outside=allow_outside, unique_ids=names == "id")
+    if names != "id" and isinstance(roi, CsvRoi):
+        items = _one_box_each(items, errors)
     folder.refuse_inputs(it.path for it in items)
     # the model loads once an X-ray is read: a batch of unreadable files never loads it (nor TensorFlow)
     predictor = None
@@ -278,7 +297,6 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     if config is None:
         predictor = load_predictor(model, preprocess, trust_model=trust_model)
         config = predictor.preprocess
-    roi = model_roi_source(model if isinstance(model, (str, Path)) else None, roi)
     if key is not None:
         key.assign(items)
     else:
@@ -294,7 +312,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             usable.append(it)
     items = usable
     folder.claim(run_files)
-    remove_debris(out)  # what a killed run left half-written
+    remove_debris(out, names=folder.names | {MARKER})  # what a killed run left half-written; not a user's .tmp-*
     if key is not None:  # the key first: outputs of an interrupted run stay traceable
         key.write((it.name, str(it.path), "") for it in items)
         for e in errors:
@@ -363,11 +381,27 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     return report
 
 
+def _one_box_each(items: list[XrayInput], errors: list[dict[str, Any]]) -> list[XrayInput]:
+    """`items` less those whose id an earlier one has: a boxes CSV gives one box per id. Each
+    one left out is reported (its reason names no other input: it may be pseudonymised)."""
+    seen: set[str] = set()
+    kept = []
+    for it in items:
+        if it.id in seen:
+            errors.append({"id": it.id, "file": str(it.path), "item": it,
+                           "reason": "another input has the same file name (stem), and the boxes CSV gives one "
+                                     "box per name; rename one of the files"})
+        else:
+            seen.add(it.id)
+            kept.append(it)
+    return kept
+
+
 def _pseudonymise_error(e: dict[str, Any], key: PseudonymKey) -> None:
-    """Turn one error row into a pseudonymous one (the input's pseudonym, or a new one for an
-    input that never got one); the source stays in "source" for the caller and the key."""
+    """Turn one error row into a pseudonymous one (the input's pseudonym, or that of its source
+    for an input that never got one); the source stays in "source" for the caller and the key."""
     item = e.get("item")
-    name = item.name if item is not None and item.name else key.new()
+    name = item.name if item is not None and item.name else key.name_for(e["file"]) if e["file"] else key.new()
     e["source"] = e["file"]
     e["reason"] = _scrub(e["reason"], item, e["file"], name)
     e["id"], e["file"] = name, ""

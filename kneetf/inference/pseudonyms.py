@@ -3,8 +3,9 @@
 Outputs are named by random pseudonyms (`kneetf.inference.outputs.new_pseudonym`) unless the
 user asks for ids. The key is written before any output, so that the outputs of an
 interrupted run stay traceable, and rewritten at the end with each pseudonym's result
-(written / failed). A rerun gives the sources an interrupted run left unfinished their old
-pseudonyms, so that it replaces those outputs instead of adding new ones. `kneetf predict` and
+(written / failed). A rerun gives the sources an earlier run already named (written, failed,
+or left unfinished by an interrupted run) their old pseudonyms, so that it replaces those
+outputs instead of adding new ones. `kneetf predict` and
 `kneetf client` share this one implementation.
 """
 from __future__ import annotations
@@ -37,9 +38,9 @@ def read_pseudonym_key(path: Path) -> list[dict[str, str]]:
 class PseudonymKey:
     """The key file at `path`: the rows of earlier runs, and the pseudonyms of this one.
 
-    `assign` names this run's inputs, `new` gives a fresh pseudonym (e.g. for an input that
-    failed before it got one), `write` stores earlier rows + this run's (pseudonym, source,
-    result) entries atomically."""
+    `assign` names this run's inputs, `name_for` names one source (e.g. an input that failed
+    before it got one), `new` gives a fresh pseudonym, `write` stores earlier rows + this
+    run's (pseudonym, source, result) entries atomically."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -54,20 +55,22 @@ class PseudonymKey:
         self.used.add(name)
         return name
 
+    def name_for(self, source: str) -> str:
+        """The pseudonym of `source`: the one an earlier run gave it (written or unfinished
+        first, then failed), else a new one. A reused pseudonym's row leaves `rows`; this run
+        writes it again."""
+        earlier = [r for r in self.rows if r["source"] == source]
+        if not earlier:
+            return self.new()
+        row = min(earlier, key=lambda r: r["result"] == "failed")  # the first that may have outputs
+        self.rows.remove(row)
+        return row["pseudonym"]
+
     def assign(self, items: Sequence[Any]) -> None:
-        """Set `item.name` of each input (anything with `.path` and `.name`): the pseudonym an
-        interrupted run gave its source (its result still empty), else a new one. The rows of
-        reused pseudonyms leave `rows`; this run writes them again."""
-        sources = {str(it.path) for it in items}
-        unfinished: dict[str, list[str]] = {}
-        for r in self.rows:
-            if not r["result"] and r["source"] in sources:
-                unfinished.setdefault(r["source"], []).append(r["pseudonym"])
+        """Set `item.name` of each input (anything with `.path` and `.name`) to the pseudonym
+        of its source (`name_for`): a rerun replaces its outputs instead of adding new ones."""
         for it in items:
-            again = unfinished.get(str(it.path))
-            it.name = again.pop(0) if again else self.new()
-        reused = {it.name for it in items}
-        self.rows = [r for r in self.rows if r["pseudonym"] not in reused]
+            it.name = self.name_for(str(it.path))
 
     def write(self, entries: Iterable[tuple[str, str, str]]) -> None:
         """The key file: earlier runs' rows, then this run's (pseudonym, source, result)."""

@@ -2,9 +2,10 @@
 
 A reader (or a TF Serving process watching a folder) never sees a half-written result, and
 an interrupted run leaves only `.tmp-*` debris, which the next run removes
-(`remove_debris`) and readers ignore. Tables that grow one row per finished item
-(`predictions.csv`) are `CsvLog`s: each row is appended with a single write, so a killed
-process leaves whole rows only.
+(`remove_debris`; given the names it writes, only `atomic_path`'s own temporaries of those
+names, `debris_pattern`, so that a user's `.tmp-*` files stay) and readers ignore. Tables
+that grow one row per finished item (`predictions.csv`) are `CsvLog`s: each row is appended
+with a single write, so a killed process leaves whole rows only.
 
 Each publication is a fault-injection point (`kneetf.faults`): `<fault>.before` when the
 temporary file is complete, `<fault>.after` once it is renamed into place.
@@ -15,6 +16,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from kneetf import faults
 
 DEBRIS_PREFIX = ".tmp-"
+_TOKEN = "[a-z0-9_]{8}"  # the random part of a tempfile.mkstemp / mkdtemp name
 
 
 def _read_umask() -> int:
@@ -91,14 +94,27 @@ def write_text_atomic(path: str | Path, text: str, *, fault: str = "write") -> P
     return Path(path)
 
 
-def remove_debris(folder: str | Path, prefix: str = "") -> int:
+def debris_pattern(name: str) -> re.Pattern[str]:
+    """The temporary names `atomic_path(folder / name)` gives: `.tmp-<name>-<token>` and the
+    suffixes of `name` (a file or folder being written), `.tmp-old-<name>-<token>` (a replaced
+    folder set aside); `<token>` is tempfile's random part."""
+    suffixes = re.escape("".join(Path(name).suffixes))
+    return re.compile(rf"{re.escape(DEBRIS_PREFIX)}(?:old-)?{re.escape(name)}-{_TOKEN}(?:{suffixes})?")
+
+
+def remove_debris(folder: str | Path, prefix: str = "", names: Iterable[str] | None = None) -> int:
     """Remove the `.tmp-<prefix>*` files and folders an interrupted write left in `folder`
-    (not recursive); returns how many. Run before writing into a folder that only one
-    kneetf command writes at a time."""
+    (not recursive); returns how many. With `names` (the names kneetf writes there), only the
+    temporaries `atomic_path` makes for those names (`debris_pattern`) are removed: another
+    `.tmp-*` entry (a user's) stays. Run before writing into a folder that only one kneetf
+    command writes at a time."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     found = [p for p in folder.iterdir() if p.name.startswith(DEBRIS_PREFIX + prefix)]
+    if names is not None:
+        patterns = [debris_pattern(n) for n in set(names)]
+        found = [p for p in found if any(r.fullmatch(p.name) for r in patterns)]
     for p in found:
         _remove(p)
     return len(found)
@@ -149,5 +165,5 @@ class CsvLog:
         faults.point(f"{self.fault}.after", self.path)
 
 
-__all__ = ["DEBRIS_PREFIX", "atomic_path", "write_text_atomic", "csv_text", "write_csv_atomic", "remove_debris",
-           "CsvLog"]
+__all__ = ["DEBRIS_PREFIX", "atomic_path", "debris_pattern", "write_text_atomic", "csv_text", "write_csv_atomic",
+           "remove_debris", "CsvLog"]

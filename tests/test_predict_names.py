@@ -1,0 +1,201 @@
+"""`kneetf predict` output names: same-named inputs, inputs given twice, reruns into the same
+folder, scrubbed error reasons, and a user's `.tmp-*` files in the output folder."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kneetf.config import PreprocessConfig, to_dict
+
+from test_predict import _xray  # the same knee-like X-ray
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A run folder of a tiny model."""
+    from kneetf.models.kneenet import KneeNet
+
+    root = tmp_path_factory.mktemp("run")
+    KneeNet.from_preset("tiny").save(root / "model.keras")
+    (root / "config.json").write_text(json.dumps({"preprocess": to_dict(PreprocessConfig())}))
+    return root
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _shared_text(out: Path) -> str:
+    return "".join((out / n).read_text() for n in ("predictions.csv", "errors.csv"))
+
+
+def test_a_users_tmp_files_in_out_stay_and_kneetf_debris_goes(tmp_path, run):
+    from kneetf.inference.batch import predict_files
+
+    np.save(tmp_path / "knee.npy", _xray(1))
+    out = tmp_path / "out"
+    assert predict_files(run, [tmp_path / "knee.npy"], out, formats=("nifti", "dicom"), progress=False,
+                         names="id").ok == 1
+    (out / ".tmp-notes.txt").write_text("notes")  # the user's, not kneetf's
+    (out / ".tmp-project").mkdir()
+    (out / ".tmp-project" / "a.txt").write_text("mine")
+    (out / ".tmp-knee.nii.gz-notes.txt").write_text("mine too")
+    debris = [out / ".tmp-knee.nii.gz-ab_1cd2e.nii.gz", out / ".tmp-.kneetf-outputs.json-x1y2z3w4.json",
+              out / ".tmp-predictions.csv-k9k9k9k9.csv"]  # what a killed kneetf run leaves
+    for p in debris:
+        p.write_text("half")
+    (out / ".tmp-knee_dicom-q1w2e3r4").mkdir()
+    (out / ".tmp-old-knee_dicom-a1s2d3f4").mkdir()
+    assert predict_files(run, [tmp_path / "knee.npy"], out, formats=("nifti", "dicom"), progress=False,
+                         names="id").ok == 1
+    assert sorted(p.name for p in out.glob(".tmp-*")) == [".tmp-knee.nii.gz-notes.txt", ".tmp-notes.txt",
+                                                           ".tmp-project"]
+    assert (out / ".tmp-project" / "a.txt").read_text() == "mine"
+
+
+def test_remove_debris_with_names_removes_only_atomic_path_temporaries(tmp_path):
+    from kneetf.io.atomic import atomic_path, remove_debris
+
+    class Killed(Exception):
+        pass
+
+    folder = tmp_path / "out"
+    (folder / "b_dicom").mkdir(parents=True)  # replaced by a folder: the old one is set aside
+    left = []
+    for final, directory in (("a.nii.gz", False), ("b_dicom", True)):
+        with pytest.raises(Killed), atomic_path(folder / final, directory=directory) as tmp:
+            left.append(tmp.name)  # what a kill here leaves (atomic_path removes it on an exception)
+            raise Killed
+    (folder / left[0]).write_text("half")
+    (folder / left[1]).mkdir()
+    (folder / ".tmp-old-b_dicom-abcdefgh").mkdir()
+    (folder / ".tmp-notes.txt").write_text("mine")
+    (folder / ".tmp-c.nii.gz-abcdefgh.nii.gz").write_text("not a listed name")
+    assert remove_debris(folder, names=["a.nii.gz", "b_dicom"]) == 3
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-c.nii.gz-abcdefgh.nii.gz", ".tmp-notes.txt", "b_dicom"]
+
+
+def test_same_file_names_in_two_folders_get_their_own_pseudonyms(tmp_path, run):
+    from kneetf.inference.batch import predict_files
+
+    for i, who in enumerate(("JohnDoe", "JaneRoe")):
+        (tmp_path / "pts" / who).mkdir(parents=True)
+        np.save(tmp_path / "pts" / who / "knee.npy", _xray(i))
+    np.save(tmp_path / "pts" / "JaneRoe" / "knee.npz.npy", _xray(3))  # another stem
+    out = tmp_path / "out"
+    report = predict_files(run, [tmp_path / "pts" / "JohnDoe", tmp_path / "pts" / "JaneRoe"], out, progress=False)
+    assert report.ok == 3 and not report.errors
+    key = _rows(out / "PRIVATE_pseudonym_key.csv")
+    assert len({r["pseudonym"] for r in key}) == 3 and {r["result"] for r in key} == {"written"}
+    assert len(list(out.glob("*.nii.gz"))) == 3
+    text = _shared_text(out)
+    assert "JohnDoe" not in text and "JaneRoe" not in text and "knee.npy" not in text
+
+
+def test_same_stem_with_two_suffixes_is_fine_with_pseudonyms_and_a_clear_refusal_with_ids(tmp_path, run):
+    from kneetf.inference.batch import predict_files
+    from kneetf.io.writers import write_png
+
+    np.save(tmp_path / "knee7.npy", _xray(1))
+    write_png(tmp_path / "knee7.png", np.round(_xray(2)).astype("uint16"))
+    report = predict_files(run, [tmp_path / "knee7.npy", tmp_path / "knee7.png"], tmp_path / "anon", progress=False)
+    assert report.ok == 2 and not report.errors
+
+    report = predict_files(run, [tmp_path / "knee7.npy", tmp_path / "knee7.png"], tmp_path / "ids", progress=False,
+                           names="id")
+    assert sorted(report.written) == ["knee7"]
+    [error] = _rows(tmp_path / "ids" / "errors.csv")
+    assert error["id"] == "knee7" and error["file"] == str(tmp_path / "knee7.png")
+    assert error["reason"] == f"output name 'knee7' is also that of {tmp_path / 'knee7.npy'}; rename one of the files"
+
+
+def test_same_stem_with_a_boxes_csv_is_refused_without_naming_the_other(tmp_path, run):
+    from kneetf.inference.batch import predict_files
+
+    for who in ("JohnDoe", "JaneRoe"):
+        (tmp_path / who).mkdir()
+        np.save(tmp_path / who / "knee.npy", _xray(1))
+    (tmp_path / "boxes.csv").write_text("id,x0,y0,x1,y1\nknee,30,20,130,120\n")
+    out = tmp_path / "out"
+    report = predict_files(run, [tmp_path / "JohnDoe" / "knee.npy", tmp_path / "JaneRoe" / "knee.npy"], out,
+                           roi=tmp_path / "boxes.csv", progress=False)
+    assert report.ok == 1 and len(report.errors) == 1
+    assert "one box per name" in report.errors[0]["reason"]
+    text = _shared_text(out)
+    assert "JohnDoe" not in text and "JaneRoe" not in text
+
+
+def test_rerunning_a_finished_pseudonymous_run_gives_the_same_folder(tmp_path, run):
+    from kneetf.inference.batch import predict_files
+
+    for i in range(3):
+        np.save(tmp_path / f"knee{i}.npy", _xray(i))
+    np.save(tmp_path / "flat.npy", np.zeros((64, 64), "float32"))  # fails every time
+    inputs = sorted(tmp_path.glob("*.npy"))
+    out = tmp_path / "out"
+    listings = []
+    for _ in range(3):
+        report = predict_files(run, inputs, out, formats=("nifti", "png"), progress=False)
+        assert report.ok == 3 and len(report.errors) == 1
+        listings.append(sorted(p.name for p in out.iterdir()))
+    assert listings[0] == listings[1] == listings[2]
+    assert len(list(out.glob("*.nii.gz"))) == 3
+    key = _rows(out / "PRIVATE_pseudonym_key.csv")
+    assert sorted(r["source"] for r in key) == [str(p) for p in inputs]  # each source once
+    written = {r["pseudonym"] for r in key if r["result"] == "written"}
+    assert {r["id"] for r in _rows(out / "predictions.csv")} == written
+    assert {f"{n}.nii.gz" for n in written} == {p.name for p in out.glob("*.nii.gz")}
+    assert [r["id"] for r in _rows(out / "errors.csv")] == [r["pseudonym"] for r in key if r["result"] == "failed"]
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("knee.png", "no knee joint found"),
+    ("image.png", "the image is constant"),
+    ("pixel.dcm", "cannot decode pixel data"),
+])
+def test_scrubbing_keeps_ordinary_words_of_a_reason(tmp_path, name, reason):
+    from kneetf.inference.batch import XrayInput, _scrub
+
+    item = XrayInput(Path(name).stem, Path("scrub") / name, name="knee-0123456789ab")
+    assert _scrub(reason, item, str(item.path), item.name) == reason
+    path = Path("scrub") / name
+    for where in (str(path), str(path.absolute()), f"/elsewhere/scrub/{name}", name):
+        text = _scrub(f"{where}: {reason} (in {where})", item, str(path), item.name)
+        assert text == f"knee-0123456789ab: {reason} (in knee-0123456789ab)"
+    quoted = _scrub(f"no ROI box for id {Path(name).stem!r}", item, str(path), item.name)
+    assert quoted == "no ROI box for id 'knee-0123456789ab'"
+
+
+def test_patient_names_of_failed_inputs_stay_out_of_shared_files(tmp_path, run, capsys):
+    from kneetf.cli.main import main
+
+    (tmp_path / "Doe_John").mkdir()
+    (tmp_path / "Doe_John" / "Roe_Richard.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    np.save(tmp_path / "Doe_John" / "Poe_Edgar.npy", np.zeros((64, 64), "float32"))
+    np.save(tmp_path / "Doe_John" / "knee.npy", _xray(1))
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(run), str(tmp_path / "Doe_John"), "--out", str(out), "--no-progress"]) == 4
+    captured = capsys.readouterr()
+    for text in (_shared_text(out), captured.out):
+        for phi in ("Doe_John", "Roe_Richard", "Poe_Edgar"):
+            assert phi not in text
+
+
+@pytest.mark.parametrize("names", ["id", "pseudonym"])
+def test_the_same_file_given_twice_is_done_once(tmp_path, run, monkeypatch, names):
+    from kneetf.inference.batch import predict_files
+
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "knee1.npy", _xray(1))
+    np.save(tmp_path / "in" / "knee2.npy", _xray(2))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    report = predict_files(run, ["in/knee1.npy", "./in/knee1.npy", tmp_path / "in" / "knee1.npy", "in",
+                                 "in/knee2.npy"], out, progress=False, names=names)
+    assert report.ok == 2 and not report.errors
+    assert len(_rows(out / "predictions.csv")) == 2 and len(list(out.glob("*.nii.gz"))) == 2
