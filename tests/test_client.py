@@ -738,3 +738,17 @@ def test_rest_address_must_be_http(url):
 
     with pytest.raises(ConfigError, match="http://HOST:PORT or https://HOST:PORT"):
         RestClient(url)
+
+
+def test_cli_client_writes_the_documented_range_whatever_the_server_says(server, tmp_path):
+    """A server answering -7 and 9 (a linear head, or a lying server): the NIfTI holds [0, 1]."""
+    nib = pytest.importorskip("nibabel")
+    np.save(tmp_path / "a.npy", _raw(1, 128, 128, seed=2)[0])
+    answers = iter([_lie((1, 128, 128, 20), fill=-7.0), _lie((1, 128, 128, 20), fill=9.0)])
+    server.faults.grpc_reply = lambda request: next(answers)
+    for name in ("low", "high"):
+        out = tmp_path / f"{name}.nii.gz"
+        assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), "--out", str(out),
+                     "--cropped"]) == 0
+        data = np.asarray(nib.load(out).dataobj)
+        assert data.shape == (20, 128, 128) and np.all(data == (0.0 if name == "low" else 1.0))

@@ -175,9 +175,10 @@ def prepare_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *
 
 
 def to_output_volume(mri: np.ndarray, mirrored: bool) -> np.ndarray:
-    """Model output (H, W, slices) -> (slices, H, W) float32, with a mirrored knee's slice
-    order restored."""
-    v = np.transpose(np.asarray(mri, dtype=np.float32), (2, 0, 1))
+    """Model output (H, W, slices) -> (slices, H, W) float32 in [0, 1] (a linear head, as the
+    paper preset's, or a server's answer can leave it), with a mirrored knee's slice order
+    restored."""
+    v = np.clip(np.transpose(np.asarray(mri, dtype=np.float32), (2, 0, 1)), 0.0, 1.0)
     if mirrored:
         v = mirror_volume(v)
     return np.ascontiguousarray(v)
