@@ -465,3 +465,26 @@ def test_predictions_csv_not_written_by_kneetf_is_refused(tmp_path, run):
     with pytest.raises(ConfigError, match="not written by kneetf"):
         predict_files(run, [tmp_path / "knee.npy"], tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "predictions.csv").read_text() == "mine\n"
+
+
+def test_keep_patient_drops_source_values_a_dicom_cannot_carry(tmp_path):
+    """Malformed UIDs of the source are not copied (no reference, a study of its own), and a
+    SeriesNumber near the IS limit does not push the derived one past it."""
+    import pydicom
+
+    from kneetf.inference.outputs import MAX_SOURCE_SERIES_NUMBER, SeriesNumbers, SourceXray
+    from kneetf.io.writers import write_dicom_xray
+
+    path = tmp_path / "x.dcm"
+    write_dicom_xray(path, np.zeros((32, 32), np.uint16))
+    good = SourceXray.read(path)
+    assert good.sop_instance_uid and good.study["StudyInstanceUID"]
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SOPInstanceUID, ds.SeriesNumber = "not a uid !!", "1." + "2" * 100, 2**31 - 1
+    ds.save_as(path)
+    bad = SourceXray.read(path)
+    assert bad.study == {} and bad.sop_instance_uid == bad.sop_class_uid == "" and bad.series_number is None
+    assert SeriesNumbers().next(bad) == 1
+    ds.StudyInstanceUID, ds.SeriesNumber = good.study["StudyInstanceUID"], MAX_SOURCE_SERIES_NUMBER
+    ds.save_as(path)
+    assert SeriesNumbers().next(SourceXray.read(path)) <= 2**31 - 1

@@ -44,6 +44,8 @@ STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "Acce
                   "ReferringPhysicianName", "StudyDescription")
 #: Derived series are numbered from SeriesNumber of the source + this, away from acquired series.
 SERIES_NUMBER_OFFSET = 1000
+#: a source SeriesNumber above this is ignored: the derived one must stay an IS (< 2**31)
+MAX_SOURCE_SERIES_NUMBER = 2**31 - 1 - 2 * SERIES_NUMBER_OFFSET
 #: What the DICOM de-identification attributes say of a pseudonymous series (LO, 64 chars each).
 DEIDENTIFICATION_METHOD = ("kneetf: random pseudonymous patient, new study and UIDs",
                            "no attribute of the source image copied; dates are of creation")
@@ -118,14 +120,23 @@ class SourceXray:
         path = Path(path)
         if not looks_like_dicom(path):
             return None
+        from pydicom.uid import UID
+
         ds = read_header(path)
         keep = lambda keys: {k: ds.get(k) for k in keys if ds.get(k, None) not in (None, "")}  # noqa: E731
         try:
             number = int(ds.get("SeriesNumber")) if ds.get("SeriesNumber", None) not in (None, "") else None
         except (TypeError, ValueError):
             number = None
-        return cls(str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), keep(PATIENT_KEYWORDS),
-                   keep(STUDY_KEYWORDS), number)
+        if number is not None and not 0 <= number <= MAX_SOURCE_SERIES_NUMBER:
+            number = None  # its derived series' number would leave the IS range
+        uid = lambda keyword: str(ds.get(keyword, "") or "")  # noqa: E731
+        study = keep(STUDY_KEYWORDS)
+        if not UID(uid("StudyInstanceUID")).is_valid:  # a series cannot join a study it cannot name
+            study = {}
+        refer = UID(uid("SOPClassUID")).is_valid and UID(uid("SOPInstanceUID")).is_valid
+        return cls(uid("SOPClassUID") if refer else "", uid("SOPInstanceUID") if refer else "",
+                   keep(PATIENT_KEYWORDS), study, number)
 
 
 class SeriesNumbers:
