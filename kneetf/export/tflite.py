@@ -12,7 +12,8 @@ its own image pipeline. Outputs are `xray_recon` and `mri`, as in the SavedModel
 - int8: full-integer quantisation (int8 input and output, scales in the model) calibrated
   on a representative set: samples of a kneetf cache when given, else structured test
   images. TFLite has no int8 kernel for CONV_3D_TRANSPOSE, so the 3-D generator's
-  transposed convolutions run in float between QUANTIZE/DEQUANTIZE ops.
+  transposed convolutions run in float between QUANTIZE/DEQUANTIZE ops, and so do the kernel
+  ridge prior and the template sum (`FLOAT_IN_INT8`), which int8 cannot carry.
 """
 from __future__ import annotations
 
@@ -99,6 +100,24 @@ def _fixed_savedmodel(model: Any, directory: Path, image_size: int) -> None:
     archive.write_out(str(directory), verbose=False)
 
 
+#: parts of the names of the TFLite tensors an int8 model keeps in float32: the kernel ridge
+#: prior and the template sum. Quantised, the template's logit (log of a template near 0) and
+#: the prior's basis products lost the MRI: 20 dB against Keras for a trained tiny model of the
+#: default recipe, 52 dB with these in float32.
+FLOAT_IN_INT8 = ("mri_prior", "generator_template")
+
+
+def _float_in_int8(saved_model_dir: Path) -> list[str]:
+    """The tensors of the model at `saved_model_dir` that match `FLOAT_IN_INT8` (the names of
+    its plain float conversion, which the int8 conversion keeps)."""
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[SIGNATURE_DEFAULT])
+    names = [d["name"] for d in Interpreter(model_content=converter.convert()).get_tensor_details()]
+    return [n for n in names if any(part in n for part in FLOAT_IN_INT8)]
+
+
 def _convert(saved_model_dir: Path, variant: str, calibration: np.ndarray | None) -> bytes:
     import tensorflow as tf
 
@@ -119,11 +138,17 @@ def _convert(saved_model_dir: Path, variant: str, calibration: np.ndarray | None
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
+        keep = _float_in_int8(saved_model_dir)
     elif variant != "fp32":
         raise ConfigError(f"unknown TFLite variant {variant!r}; choose from {', '.join(VARIANTS)}")
     with warnings.catch_warnings():
         # the converter's own calibration still uses tf.lite.Interpreter; ours is ai_edge_litert
         warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
+        if variant == "int8" and keep:  # selective quantisation: these tensors stay float32
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=converter, debug_dataset=lambda: ([s[None].astype(np.float32)] for s in calibration),
+                debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep))
+            return debugger.get_nondebug_quantized_model()
         return converter.convert()
 
 
