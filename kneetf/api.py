@@ -15,20 +15,21 @@ see `kneetf.preprocess.xray`), runs the model (Keras, SavedModel or TFLite, thro
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from kneetf.errors import ConfigError
+from kneetf.errors import ConfigError, InputError
 from kneetf.inference.batch import file_id, safe_id
 from kneetf.inference.geometry import GEOMETRY, output_affine
 from kneetf.inference.loading import load_model, model_roi_source
 from kneetf.inference.outputs import write_dicom, write_volume
 from kneetf.inference.predictor import load_predictor
 from kneetf.preprocess.roi import Box
-from kneetf.preprocess.xray import mirror_xray, prepare_xray, roi_source, to_output_volume
+from kneetf.preprocess.xray import mirror_xray, normalize_side, prepare_xray, roi_source, to_output_volume
 
 __all__ = ["load_model", "Reconstructor", "Reconstruction"]
 
@@ -102,6 +103,17 @@ class Reconstructor:
         from kneetf.io.readers import read_xray
 
         info: dict[str, Any] = {}
+        if side and not normalize_side(side):
+            raise InputError(item if isinstance(item, (str, Path)) else None,
+                             f"side must be 'left', 'right', 'L' or 'R'. Received: side={side!r}")
+        if box is not None and not isinstance(box, Box):
+            try:
+                box = Box(*(float(v) for v in box))
+            except (TypeError, ValueError):
+                raise InputError(None, f"box must be a kneetf.preprocess.roi.Box or (x0, y0, x1, y1). "
+                                       f"Received: box={box!r}") from None
+            if not all(math.isfinite(v) for v in box.as_tuple()) or box.width <= 0 or box.height <= 0:
+                raise InputError(None, f"box needs finite x0 < x1 and y0 < y1. Received: box={box.as_tuple()}")
         if isinstance(item, (str, Path)):
             path = Path(item)
             image, meta = read_xray(path)

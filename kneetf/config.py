@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import numbers
 import typing
 from dataclasses import dataclass, field
@@ -224,6 +225,15 @@ class TrainConfig:
                 "with prior_features=pixels+gradient", "metavar": "W"})
 
     def __post_init__(self) -> None:
+        # NaN passes every comparison below and inf every lower bound: a run of them trains on NaN
+        for name in ("lr_encdec", "lr_generator", "ssim_weight", "gradient_weight", "augment", "shift_augment",
+                     "prior_gradient_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number. Received: {name}={getattr(self, name)}")
+        if not all(math.isfinite(w) for w in self.loss_weights):
+            raise ConfigError(f"loss_weights must be finite numbers. Received: loss_weights={self.loss_weights}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must lie in [0, 2**32). Received: seed={self.seed}")
         if self.monitor not in MONITORS:
             raise ConfigError(f"monitor must be one of {MONITORS}. Received: monitor={self.monitor!r}")
         if self.prior_folds < 2:

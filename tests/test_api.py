@@ -77,6 +77,13 @@ def test_reconstructor_matches_the_model_on_the_same_preprocessed_input(model_di
     # an already cropped X-ray gives the same volume as the full one with the box
     cropped = rec.predict(crop, cropped=True, side="right")
     np.testing.assert_allclose(cropped.volume, right.volume, atol=1e-5)
+    # a box as a plain (x0, y0, x1, y1) is a Box; a bad box or side is an InputError (was AttributeError / ignored)
+    np.testing.assert_allclose(rec.predict(image, box=(20, 30, 120, 130), side="R").volume, right.volume, atol=1e-5)
+    from kneetf.errors import InputError
+
+    for bad in ({"box": (120, 30, 20, 130)}, {"box": (0, 0, float("nan"), 9)}, {"box": (1, 2, 3)}, {"side": "up"}):
+        with pytest.raises(InputError, match="box|side"):
+            rec.predict(image, **bad)
 
 
 def test_load_model_and_reconstructor_errors(tmp_path, model_dir):

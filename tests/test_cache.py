@@ -189,3 +189,37 @@ def test_shift_augment_moves_input_and_target_together_and_keeps_the_mri(tmp_pat
     img = tf.reshape(tf.range(16.0), (4, 4, 1))
     assert shift_xray(img, 0) is img
 
+
+
+def test_a_corrupt_description_or_shard_is_named(tmp_path: Path) -> None:
+    """A truncated dataset.json was a JSONDecodeError crash, a truncated shard a DataLossError
+    naming no file; both now name the file and how to rebuild it."""
+    from kneetf.data.pipeline import corrupt_shards, corrupt_shards_named
+
+    cache = tmp_path / "c"
+    build_cache(_tasks(6), load_pair, cache, workers=0, progress=False, shard_size=2)
+    assert corrupt_shards([tmp_path]) == []
+    shard = cache / read_info(cache)["shards"]["train"][1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert corrupt_shards([tmp_path]) == [shard]
+    with pytest.raises(InputError, match=rf"{shard.name}: corrupt TFRecord shard.*Delete it and its .json"):
+        with corrupt_shards_named(tmp_path / "elsewhere", cache):
+            list(make_dataset(cache, "train", 2))
+    description = cache / "dataset.json"
+    description.write_text(description.read_text()[:100])
+    with pytest.raises(InputError, match=r"dataset.json: unreadable .*kneetf prepare"):
+        read_info(cache)
+
+
+def test_an_unchanged_cache_keeps_its_creation_stamp(tmp_path: Path) -> None:
+    """kneetf-train rebuilds its synthetic cache at every start: a new stamp there made every
+    resume fit its kernel ridge prior again (the fit's key holds the stamp)."""
+    cache = tmp_path / "c"
+    build_cache(_tasks(6), load_pair, cache, workers=0, progress=False, shard_size=2)
+    info = json.loads((cache / "dataset.json").read_text())
+    info["created"] = "2000-01-01T00:00:00+00:00"
+    (cache / "dataset.json").write_text(json.dumps(info))
+    build_cache(_tasks(6), load_pair, cache, workers=0, progress=False, shard_size=2)
+    assert read_info(cache)["created"] == "2000-01-01T00:00:00+00:00"
+    build_cache(_tasks(8), load_pair, cache, workers=0, progress=False, shard_size=2)  # new shards: a new stamp
+    assert read_info(cache)["created"] != "2000-01-01T00:00:00+00:00"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -165,3 +166,17 @@ def test_command_help_does_not_import_tensorflow() -> None:
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "-1"], r"seed must lie in \[0, 2\*\*32\)"),
+    (["--seed", "99999999999"], r"seed must lie in \[0, 2\*\*32\)"),
+    (["--lr-encdec", "inf"], "lr_encdec must be a finite number"),
+    (["--ssim-weight", "nan"], "ssim_weight must be a finite number"),
+    (["--loss-weights=nan,1"], "loss_weights must be finite numbers"),
+])
+def test_training_values_that_cannot_train_are_refused(argv, message, tmp_path, capsys):
+    """A negative seed crashed in Keras; NaN weights and an infinite rate trained on NaN and ended 'done'."""
+    assert main(["train", "--preset", "tiny", "--epochs", "1", "--out", str(tmp_path / "run"), *argv]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()

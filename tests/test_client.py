@@ -752,3 +752,34 @@ def test_cli_client_writes_the_documented_range_whatever_the_server_says(server,
                      "--cropped"]) == 0
         data = np.asarray(nib.load(out).dataobj)
         assert data.shape == (20, 128, 128) and np.all(data == (0.0 if name == "low" else 1.0))
+
+
+def test_rest_at_a_port_that_does_not_speak_http_is_named(tmp_path):
+    """--rest pointed at the gRPC port: http.client's BadStatusLine was a crash (exit 3) with the
+    port's raw bytes as the message."""
+    import socket
+    import threading
+
+    from kneetf.client.rest import RestClient
+    from kneetf.errors import ServerUnavailableError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def answer_binary() -> None:
+        for _ in range(4):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00binary frames")
+            conn.close()
+
+    threading.Thread(target=answer_binary, daemon=True).start()
+    try:
+        with pytest.raises(ServerUnavailableError, match="is not a TF Serving REST endpoint"):
+            RestClient(f"http://127.0.0.1:{listener.getsockname()[1]}", retries=0, timeout=5).status()
+    finally:
+        listener.close()

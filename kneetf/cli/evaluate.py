@@ -40,10 +40,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--knn must be >= 1. Received: --knn {args.knn}")
     if args.folds < 2:
         raise ConfigError(f"--folds must be >= 2. Received: --folds {args.folds}")
-    result = evaluate(args.model, args.data, args.split, args.out, baseline_split=args.baseline_split,
-                      k=args.knn, batch_size=args.batch_size, limit=args.limit, progress=args.progress,
-                      log_verdict=False, strong=not args.no_strong, folds=args.folds,
-                      save_volumes=args.save_volumes, trust_model=args.trust_model)
+    from kneetf.data.pipeline import corrupt_shards_named
+
+    with corrupt_shards_named(args.data):
+        result = evaluate(args.model, args.data, args.split, args.out, baseline_split=args.baseline_split,
+                          k=args.knn, batch_size=args.batch_size, limit=args.limit, progress=args.progress,
+                          log_verdict=False, strong=not args.no_strong, folds=args.folds,
+                          save_volumes=args.save_volumes, trust_model=args.trust_model)
     print(format_table(result))
     print()
     for line in verdict_lines(result):

@@ -116,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
     options = RunOptions(**config_values(args, run_flags, RunOptions))
     # Keras' progress bar, or one line per epoch (-q: none)
     verbose = "auto" if args.progress else 0 if args.quiet else 2
-    metrics = train(model_config, train_config, args.out, data=data, preset=args.preset, options=options,
-                    recipe=args.recipe, verbose=verbose)
+    from kneetf.data.pipeline import corrupt_shards_named
+
+    with corrupt_shards_named(*(p for p in (args.data, Path(args.out) / "data") if p)):
+        metrics = train(model_config, train_config, args.out, data=data, preset=args.preset, options=options,
+                        recipe=args.recipe, verbose=verbose)
     if not metrics.get("chief", True):
         return 0
     from kneetf.training.train import stop_summary

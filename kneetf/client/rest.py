@@ -10,6 +10,7 @@ included, to wherever the server points).
 """
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import ssl
@@ -157,6 +158,10 @@ class RestClient(BaseClient):
                                              f"attempt(s): {reason}") from None
             except TimeoutError:
                 raise ServingError(f"no answer from {self.url} within {self.timeout:g} s") from None
+            except http.client.HTTPException as e:  # a gRPC port, or anything that does not speak HTTP
+                raise ServerUnavailableError(f"{self.url} is not a TF Serving REST endpoint: its answer is not HTTP "
+                                             f"({type(e).__name__}); the REST port is 8501 by default, gRPC "
+                                             "(--server) 8500") from None
         raise AssertionError("unreachable")
 
     def _sleep(self, attempt: int, why: str) -> None:

@@ -428,15 +428,18 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
             debris.unlink()
     prep_hash = config_hash(config)
     existing = out / DATASET_JSON
+    old_info: dict[str, Any] = {}
     if existing.exists():
         try:
-            info = json.loads(existing.read_text())
+            old_info = json.loads(existing.read_text())
         except (OSError, ValueError) as e:  # rewritten below; every shard's fingerprint holds the hash too
             log.warning("%s: unreadable (%s); checking the shards one by one", existing, e)
-            info = {"preprocess_hash": prep_hash}
-        if info.get("preprocess_hash") != prep_hash:
+            old_info = {"preprocess_hash": prep_hash}
+        if not isinstance(old_info, dict):
+            old_info = {"preprocess_hash": prep_hash}
+        if old_info.get("preprocess_hash") != prep_hash:
             raise KneetfError(f"{out}: cache was built with another preprocessing config "
-                              f"(hash {info.get('preprocess_hash')} != {prep_hash}); use a new folder")
+                              f"(hash {old_info.get('preprocess_hash')} != {prep_hash}); use a new folder")
     ids = [t.id for t in tasks]
     if len(set(ids)) != len(ids):
         raise KneetfError("duplicate ids in the cache tasks")
@@ -506,7 +509,9 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
         "rois": {"file": ROIS_CSV, **roi_summary(rois, errors)},
         "source": source or {},
         "versions": _versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # kept while no shard is rebuilt: a kernel ridge prior fitted on this cache stays valid
+        "created": (old_info.get("created") if not todo and old_info.get("preprocess_hash") == prep_hash else None)
+        or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_text_atomic(out / DATASET_JSON, json.dumps(info, indent=2), fault="prepare.info")
     return CacheResult(out_dir=out, counts=counts, errors=errors, skipped_shards=skipped, rois=rois)
@@ -538,4 +543,10 @@ def read_info(cache_dir: str | Path) -> dict[str, Any]:
     path = Path(cache_dir) / DATASET_JSON
     if not path.exists():
         raise InputError(cache_dir, f"not a kneetf cache (no {DATASET_JSON}); build one with `kneetf prepare`")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(path, f"unreadable ({e}); run `kneetf prepare` again on the same --out to rewrite it") from None
+    if not isinstance(info, dict):
+        raise InputError(path, "is not a kneetf cache description (not a JSON object)")
+    return info

@@ -2,8 +2,9 @@
 batch -> prefetch. Streams from disk; never holds the dataset in memory."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -176,3 +177,34 @@ def load_arrays(cache_dir: str | Path, split: str, limit: int | None = None) -> 
     if limit:
         ids, sides, xray, mri = ids[:limit], sides[:limit], xray[:limit], mri[:limit]
     return {"id": ids, "side": sides, "xray": xray, "mri": mri}
+
+
+def corrupt_shards(folders: Sequence[str | Path]) -> list[Path]:
+    """The TFRecord shards under `folders` (searched recursively) that do not read to their end
+    (truncated, or a record whose checksum fails)."""
+    bad = []
+    for folder in folders:
+        for shard in sorted(Path(folder).rglob("*.tfrecord")) if Path(folder).is_dir() else []:
+            try:
+                for _ in tf.data.TFRecordDataset(str(shard)):
+                    pass
+            except tf.errors.DataLossError:
+                bad.append(shard)
+    return bad
+
+
+@contextlib.contextmanager
+def corrupt_shards_named(*folders: str | Path) -> Iterator[None]:
+    """Turn TensorFlow's DataLossError from reading a cache under `folders` into an InputError
+    naming the corrupt shard(s) and how to rebuild them."""
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        bad = corrupt_shards(folders)
+        if not bad:
+            raise
+        more = f" (and {len(bad) - 1} more: {', '.join(str(p) for p in bad[1:4])})" if len(bad) > 1 else ""
+        reason = str(e.message).splitlines()[0][:200]
+        raise InputError(bad[0], f"corrupt TFRecord shard{more}: {reason}. Delete it and its .json sidecar, then "
+                                 "run the same `kneetf prepare` (or training) command again: only the missing "
+                                 "shards are rebuilt") from None
