@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: (stage, units): the flow io -> preprocess -> data -> models -> training -> inference ->
 #: evaluate / export / api -> client -> cli, on top of the base modules.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("config", "errors", "version", "presets", "protocol", "faults")),
+    ("base", ("config", "errors", "version", "presets", "protocol", "faults", "workers")),
     ("io", ("io",)),
     ("preprocess", ("preprocess",)),
     ("data", ("data",)),
