@@ -95,16 +95,20 @@ def test_mixed_bfloat16_phase_layer_runs_and_returns_bfloat16():
 @pytest.mark.parametrize("filters", [1, 6])
 def test_mixed_bfloat16_layer_matches_float32_within_bfloat16_rounding(filters):
     """Under mixed_bfloat16 (the phase forward for a narrow layer, Keras' own for a wide one) the
-    output and both gradients are Keras' float32 layer's to bfloat16 precision."""
+    output and both gradients are Keras' float32 layer's to bfloat16 precision: within 2 % of the
+    largest value, or no further off than Keras' own layer under mixed_bfloat16 (a CPU without
+    native bfloat16 rounds the kernel gradient's sums more coarsely)."""
     shape = (2, 6, 5, 4, 8)
     # no bias: its gradient is a bfloat16 sum over every position, Keras' own rounding
     ref = keras.layers.Conv3DTranspose(filters, 4, strides=(2, 2, 1), padding="same", use_bias=False)
+    ref16 = keras.layers.Conv3DTranspose(filters, 4, strides=(2, 2, 1), padding="same", use_bias=False,
+                                         dtype="mixed_bfloat16")
     new = PhaseConv3DTranspose(filters, 4, strides=(2, 2, 1), padding="same", use_bias=False, dtype="mixed_bfloat16")
-    ref.build(shape)
-    new.build(shape)
+    for layer in (ref, ref16, new):
+        layer.build(shape)
     weights = [np.random.default_rng(0).standard_normal(w.shape).astype("float32") for w in ref.get_weights()]
-    ref.set_weights(weights)
-    new.set_weights(weights)
+    for layer in (ref, ref16, new):
+        layer.set_weights(weights)
     x = tf.constant(np.random.default_rng(1).standard_normal(shape).astype("float32"))
     c = tf.constant(np.random.default_rng(2).standard_normal((2, 12, 10, 4, filters)).astype("float32"))
 
@@ -115,9 +119,10 @@ def test_mixed_bfloat16_layer_matches_float32_within_bfloat16_rounding(filters):
             loss = tf.reduce_sum(y * c)  # the upstream gradient does not depend on the rounding of y
         return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
 
-    for a, b in zip(forward_and_grads(ref), forward_and_grads(new)):
+    for a, b, keras16 in zip(forward_and_grads(ref), forward_and_grads(new), forward_and_grads(ref16)):
         assert b.dtype == tf.float32 and b.shape == a.shape
-        assert float(tf.reduce_max(tf.abs(b - a))) <= 0.02 * float(tf.reduce_max(tf.abs(a)))
+        keras_error = float(tf.reduce_max(tf.abs(tf.cast(keras16, tf.float32) - a)))
+        assert float(tf.reduce_max(tf.abs(b - a))) <= max(0.02 * float(tf.reduce_max(tf.abs(a))), 1.5 * keras_error)
 
 
 @pytest.mark.parametrize("shape,filters,kernel,strides,use_bias", [

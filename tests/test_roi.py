@@ -551,3 +551,19 @@ def test_a_box_far_larger_than_the_image_is_refused() -> None:
     with pytest.raises(InputError, match=r"does not fit the 320x320 image: its 20000x20000 square crop would be 0.03% image"):
         crop_box(image, Box(0, 0, 20000, 20000))
     assert crop_box(image, Box(-300, -300, 340, 340)).shape == (640, 640)  # a quarter inside: kept
+
+
+@pytest.mark.parametrize("spacing, kept", [((0.3, 0.3), True), ((0.001, 0.001), False), (0.01, False),
+                                           ((20.0, 20.0), False)])
+def test_an_impossible_pixel_spacing_is_ignored(caplog, spacing, kept) -> None:
+    """A spacing that makes the X-ray a 3 mm or 10 m field is wrong: sizing a 100 mm box with it
+    once asked for a 100,000-pixel square (21.9 GB, then a segfault). find_roi ignores it."""
+    from kneetf.preprocess.roi import radiograph_spacing
+
+    image, _, _ = laden_knee(0)
+    with caplog.at_level("WARNING"):
+        assert radiograph_spacing(spacing, image.shape, "x.dcm") == (spacing if kept else None)
+    assert ("x.dcm: pixel spacing" in caplog.text) == (not kept)
+    if not kept:  # the classical ROI then works as without a spacing
+        free = find_roi(ClassicalRoi(), "k", image)
+        assert find_roi(ClassicalRoi(), "k", image, spacing) == free

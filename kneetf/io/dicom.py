@@ -445,27 +445,6 @@ def _identity_modality_lut(ds: Any) -> bool:
         return False
 
 
-#: pixel spacings (mm) and longer sides of the field of view (mm) a radiograph can have;
-#: outside them the spacing is wrong and ignored (the knee's size then comes from the image)
-RADIOGRAPH_SPACING_MM = (0.01, 5.0)
-RADIOGRAPH_FIELD_MM = (50.0, 2500.0)
-
-
-def _radiograph_spacing(spacing: tuple[float, float] | None, shape: tuple[int, ...],
-                        path: Path) -> tuple[float, float] | None:
-    """`spacing`, or None (with a warning) when it cannot be a radiograph's."""
-    if spacing is None:
-        return None
-    field = max(shape[0] * spacing[0], shape[1] * spacing[1])
-    low, high = RADIOGRAPH_SPACING_MM
-    if low <= min(spacing) and max(spacing) <= high and RADIOGRAPH_FIELD_MM[0] <= field <= RADIOGRAPH_FIELD_MM[1]:
-        return spacing
-    log.warning("%s: pixel spacing %g x %g mm gives a %.4g mm field of view on %d x %d pixels, not a radiograph's; "
-                "ignored (the knee's size is estimated from the image)", path, spacing[0], spacing[1], field,
-                shape[0], shape[1])
-    return None
-
-
 def _check_rescale(ds: Any, path: Path) -> None:
     """InputError unless RescaleSlope / RescaleIntercept (when present) are finite numbers."""
     for keyword in ("RescaleSlope", "RescaleIntercept"):
@@ -514,7 +493,7 @@ def read_dicom_image(path: str | Path, *, max_pixels: int | None = None) -> tupl
     spacing = ds.get("PixelSpacing", None) or ds.get("ImagerPixelSpacing", None)
     orient = ds.get("PatientOrientation", None)
     meta = {
-        "pixel_spacing": _radiograph_spacing(_spacing(spacing), arr.shape, path),
+        "pixel_spacing": _spacing(spacing),
         "photometric": photometric,
         "laterality": _laterality(ds),
         "orientation": tuple(str(o) for o in orient) if orient else None,

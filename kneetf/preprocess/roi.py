@@ -1348,10 +1348,40 @@ class RoiFinding:
     flagged: bool = False
 
 
+#: pixel spacings (mm) and longer sides of the field of view (mm) a radiograph can have;
+#: outside them `find_roi` ignores the spacing (the knee's size then comes from the image)
+RADIOGRAPH_SPACING_MM = (0.01, 5.0)
+RADIOGRAPH_FIELD_MM = (50.0, 2500.0)
+
+
+def radiograph_spacing(pixel_spacing: Any, shape: Sequence[int], where: Any = None) -> Any:
+    """`pixel_spacing` (a number or (row, col) mm), or None with a warning when it cannot be
+    that of a radiograph of `shape` (rows, cols): 0.001 mm on a 320x320 DICOM once sized a
+    100 mm box as 100,000 pixels. A malformed value is returned as it is, for its user to refuse."""
+    if pixel_spacing is None:
+        return None
+    try:
+        row, col = [float(pixel_spacing)] * 2 if np.isscalar(pixel_spacing) else [float(s) for s in pixel_spacing]
+    except (TypeError, ValueError):
+        return pixel_spacing
+    if not (math.isfinite(row) and math.isfinite(col) and row > 0 and col > 0):
+        return pixel_spacing
+    field = max(shape[0] * row, shape[1] * col)
+    low, high = RADIOGRAPH_SPACING_MM
+    if low <= min(row, col) and max(row, col) <= high and RADIOGRAPH_FIELD_MM[0] <= field <= RADIOGRAPH_FIELD_MM[1]:
+        return pixel_spacing
+    log.warning("%s: pixel spacing %g x %g mm gives a %.4g mm field of view on %d x %d pixels, not a radiograph's; "
+                "ignored (the knee's size is estimated from the image)", where or "an X-ray", row, col, field,
+                shape[0], shape[1])
+    return None
+
+
 def find_roi(source: Any, case_id: str, image: np.ndarray, pixel_spacing: Any = None) -> RoiFinding:
     """`source`'s `RoiFinding` for one X-ray: its `finding_for` when it has one, a detector's
     `detection_for` (box, confidence, flag), else its plain `box_for`. `pixel_spacing` (mm per
-    pixel, a number or (row, col)) goes to the sources that use it."""
+    pixel, a number or (row, col)) goes to the sources that use it, unless it cannot be a
+    radiograph's (`radiograph_spacing`)."""
+    pixel_spacing = radiograph_spacing(pixel_spacing, np.shape(image)[:2], case_id)
     if hasattr(source, "finding_for"):
         return source.finding_for(case_id, image, pixel_spacing)
     path = getattr(source, "path", None)
@@ -1460,4 +1490,4 @@ def draw_box_png(path: str | Path, image: np.ndarray, box: Box | Iterable[Box], 
 __all__ = ["Box", "iou", "mean_iou", "square_box_around", "load_boxes", "read_boxes", "BoxesResult", "write_boxes",
            "crop_box", "classical_roi", "find_joint", "JointFinding", "ClassicalConfig", "DEFAULT_CLASSICAL", "RoiNotFoundError",
            "RoiSource", "RoiFinding", "find_roi", "CsvRoi", "FixedRoi", "ClassicalRoi", "draw_box_png", "to_uint8",
-           "CLASSICAL_SIDE_SCALE", "CLASSICAL_BOX_MM", "CLASSICAL_FLAG_BELOW", "CLASSICAL_VERSION"]
+           "CLASSICAL_SIDE_SCALE", "CLASSICAL_BOX_MM", "radiograph_spacing", "CLASSICAL_FLAG_BELOW", "CLASSICAL_VERSION"]
