@@ -84,6 +84,19 @@ def test_resume_skips_finished_shards_and_leaves_no_partial(tmp_path: Path) -> N
     assert load_arrays(out, "train")["id"] == ["case0", "case1", "case2", "case3"]
 
 
+def test_resume_rebuilds_a_truncated_shard(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    build_cache(_tasks(6), load_pair, out, shard_size=2, workers=0, progress=False)
+    shards = sorted(out.glob("*.tfrecord"))
+    victim = [p for p in shards if p.name.startswith("train-")][0]
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) // 2])  # a copy or a disk that stopped half-way
+    res = build_cache(_tasks(6), load_pair, out, shard_size=2, workers=0, progress=False)
+    assert res.skipped_shards == len(shards) - 1 and res.total == 6
+    assert victim.read_bytes() == whole
+    assert load_arrays(out, "train")["id"] == ["case0", "case1", "case2", "case3"]
+
+
 def _deadly_tasks(n: int, extra: dict[int, dict]) -> list[CacheTask]:
     return [CacheTask(id=f"k{i:02d}", split="train", payload={"i": i, **extra.get(i, {})}, source=f"f{i}.dcm")
             for i in range(n)]

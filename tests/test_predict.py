@@ -290,3 +290,20 @@ def test_savedmodel_and_tflite_predictors_match_keras(tmp_path, runs):
     tfl = load_predictor(result.tflite["fp32"]["path"])
     assert tfl.kind == "tflite"
     np.testing.assert_allclose(tfl(x), ref, atol=1e-3)
+
+
+def test_a_compiled_model_loads_for_prediction_without_optimizer_warnings(tmp_path, recwarn):
+    """A run's model.keras may hold an optimizer whose variables were never built (Keras then
+    warns that it skips loading them); prediction does not need the optimizer at all."""
+    from kneetf.inference import load_model, load_predictor
+    from kneetf.models.kneenet import KneeNet
+
+    model = KneeNet.from_preset("tiny")
+    model.compile_for_training()
+    model.save(tmp_path / "model.keras")
+    recwarn.clear()
+    predictor = load_predictor(tmp_path / "model.keras")
+    x = np.random.default_rng(0).random((2, 128, 128, 1)).astype("float32")
+    assert predictor(x).shape == (2, 128, 128, 20)
+    assert not [w for w in recwarn if "optimizer" in str(w.message)]
+    assert load_model(tmp_path / "model.keras").optimizer is not None  # the public loader compiles

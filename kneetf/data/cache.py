@@ -364,6 +364,11 @@ def _reusable_shard(shard: Path, fp: str, legacy_fp: str, newest_input_ns: int) 
         return None
     try:
         meta = json.loads(side.read_text())
+        size = shard.stat().st_size
+        if "bytes" in meta and meta["bytes"] != size:
+            log.warning("%s: %d bytes where %d were written (truncated or altered); rebuilding the shard",
+                        shard, size, meta["bytes"])
+            return None
         if meta.get("fingerprint") == fp:
             return meta
         if ("inputs" not in meta and meta.get("fingerprint") == legacy_fp
@@ -485,9 +490,10 @@ def build_cache(tasks: Sequence[CacheTask], load_fn: Callable[[Any, PreprocessCo
                         shard_rois.append(_roi_record(item, task.split))
                     except InputError as e:
                         shard_errors.append({"id": task.id, "file": task.source, "reason": e.reason})
+            written = tmp.stat().st_size if tmp.exists() else 0
         write_text_atomic(out / (name + ".json"), json.dumps({"fingerprint": fp, "inputs": INPUT_STAMP,
-                                                              "count": count, "errors": shard_errors,
-                                                              "rois": shard_rois}),
+                                                              "count": count, "bytes": written,
+                                                              "errors": shard_errors, "rois": shard_rois}),
                           fault="prepare.shard_info")
         counts[name.split("-")[0]] += count
         errors.extend(shard_errors)

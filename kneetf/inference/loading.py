@@ -58,9 +58,12 @@ def resolve_model_path(path: str | Path) -> tuple[str, Path]:
     raise InputError(p, f"folder holds no {RUN_MODEL_FILE}, saved_model.pb or TF Serving version folder")
 
 
-def load_model(path: str | Path) -> Any:
+def load_model(path: str | Path, *, compile: bool = True) -> Any:
     """A KneeNet (keras.Model) from a `.keras` file or a training run folder; `predict(batch)`
-    returns {"xray_recon", "mri"} for normalised X-rays (batch, 128, 128, 1)."""
+    returns {"xray_recon", "mri"} for normalised X-rays (batch, 128, 128, 1).
+
+    `compile=False` skips the loss and the optimizer's state (enough for inference, and
+    without Keras' warning about optimizer variables it did not load)."""
     import keras
 
     import kneetf.models.kneenet  # noqa: F401  (registers the kneetf custom objects)
@@ -70,7 +73,7 @@ def load_model(path: str | Path) -> Any:
         raise InputError(path, f"is a {kind} model; load_model needs a .keras file or a run folder "
                                "(use kneetf.api.Reconstructor for SavedModel and TFLite)")
     try:
-        return keras.saving.load_model(file, safe_mode=True)
+        return keras.saving.load_model(file, compile=compile, safe_mode=True)
     except Exception as e:  # keras raises many types on a bad archive
         raise InputError(file, f"cannot load the Keras model: {type(e).__name__}: {e}") from e
 

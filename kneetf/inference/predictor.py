@@ -134,7 +134,7 @@ def load_predictor(model: Any, preprocess: PreprocessConfig | str | Path | None 
     kind, file = resolve_model_path(model)
     prep = preprocess or read_preprocess_config(file)
     if kind == "keras":
-        return _keras_predictor(load_model(file), file, prep)
+        return _keras_predictor(load_model(file, compile=False), file, prep)
     if kind == "savedmodel":
         return _savedmodel_predictor(file, prep, trust_model)
     return _tflite_predictor(file, prep, trust_model)
