@@ -57,6 +57,15 @@ def test_bench_prepare_refuses_an_unknown_roi_source(tmp_path: Path) -> None:
     assert done.returncode == 2 and "yolo" in done.stderr
 
 
+@pytest.mark.parametrize("args", [["bench_serving.py", "--model", "missing.keras"], ["tflite_report.py", "missing.keras"]])
+def test_tools_name_a_missing_model_without_a_traceback(tmp_path: Path, args: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / args[0]), *args[1:]], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 1 and "error: missing.keras:" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 _PEAKS_SCRIPT = """
 import importlib.util, os, subprocess, sys, time
 import numpy as np

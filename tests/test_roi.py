@@ -566,4 +566,7 @@ def test_an_impossible_pixel_spacing_is_ignored(caplog, spacing, kept) -> None:
     assert ("x.dcm: pixel spacing" in caplog.text) == (not kept)
     if not kept:  # the classical ROI then works as without a spacing
         free = find_roi(ClassicalRoi(), "k", image)
-        assert find_roi(ClassicalRoi(), "k", image, spacing) == free
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert find_roi(ClassicalRoi(), "k", image, spacing, where="scans/k.dcm") == free
+        assert "scans/k.dcm: pixel spacing" in caplog.text  # the file, not only the id

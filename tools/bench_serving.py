@@ -166,8 +166,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="kneetf-bench-") as tmp:
         tmp = Path(tmp)
-        model_path = Path(args.model) if args.model else server_module.make_test_model(tmp / "model.keras",
-                                                                                        args.preset)
+        if args.model:
+            from kneetf.errors import InputError
+            from kneetf.inference.loading import resolve_model_path
+
+            kind, model_path = resolve_model_path(args.model)
+            if kind != "keras":
+                raise InputError(args.model, f"is a {kind} model; --model takes a .keras file or a run folder")
+        else:
+            model_path = server_module.make_test_model(tmp / "model.keras", args.preset)
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
         t0 = time.perf_counter()
         export_savedmodel(model_path, tmp / "kneetf", verify=False)
@@ -246,4 +253,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kneetf.errors import KneetfError
+
+    try:
+        sys.exit(main())
+    except KneetfError as e:  # a missing or unreadable model or cache: the message, not a traceback
+        sys.exit(f"error: {e}")

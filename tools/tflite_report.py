@@ -92,4 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kneetf.errors import KneetfError
+
+    try:
+        sys.exit(main())
+    except KneetfError as e:  # a missing or unreadable model or cache: the message, not a traceback
+        sys.exit(f"error: {e}")

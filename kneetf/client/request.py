@@ -67,7 +67,8 @@ def crop_to_roi(xray: Any, roi: Any) -> np.ndarray:
         xray, meta = read_xray(xray)
         spacing = meta.pixel_spacing
     try:
-        return crop_box(np.asarray(xray), find_roi(roi, Path(where).stem if where else "", xray, spacing).box)
+        return crop_box(np.asarray(xray), find_roi(roi, Path(where).stem if where else "", xray, spacing,
+                                                       where=where).box)
     except RoiNotFoundError as e:
         raise RoiNotFoundError(e.path or where, e.reason) from None
     except InputError as e:

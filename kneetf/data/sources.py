@@ -107,7 +107,7 @@ def _roi_finding(payload: FilePayload, case_id: str, image: np.ndarray, meta: An
     if source is None:
         source = _ROI_SOURCES[payload.detector] = roi_source(detector=payload.detector)
     try:
-        return find_roi(source, case_id, image, getattr(meta, "pixel_spacing", None))
+        return find_roi(source, case_id, image, getattr(meta, "pixel_spacing", None), where=payload.xray)
     except RoiNotFoundError as e:  # name the X-ray the knee was not found in
         raise RoiNotFoundError(e.path or payload.xray, e.reason) from None
 

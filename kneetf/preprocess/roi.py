@@ -1376,12 +1376,13 @@ def radiograph_spacing(pixel_spacing: Any, shape: Sequence[int], where: Any = No
     return None
 
 
-def find_roi(source: Any, case_id: str, image: np.ndarray, pixel_spacing: Any = None) -> RoiFinding:
+def find_roi(source: Any, case_id: str, image: np.ndarray, pixel_spacing: Any = None, *,
+             where: Any = None) -> RoiFinding:
     """`source`'s `RoiFinding` for one X-ray: its `finding_for` when it has one, a detector's
     `detection_for` (box, confidence, flag), else its plain `box_for`. `pixel_spacing` (mm per
     pixel, a number or (row, col)) goes to the sources that use it, unless it cannot be a
-    radiograph's (`radiograph_spacing`)."""
-    pixel_spacing = radiograph_spacing(pixel_spacing, np.shape(image)[:2], case_id)
+    radiograph's (`radiograph_spacing`, whose warning names `where`, the file, else the id)."""
+    pixel_spacing = radiograph_spacing(pixel_spacing, np.shape(image)[:2], where or case_id)
     if hasattr(source, "finding_for"):
         return source.finding_for(case_id, image, pixel_spacing)
     path = getattr(source, "path", None)

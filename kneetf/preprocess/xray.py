@@ -146,7 +146,7 @@ def crop_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, c
     found = None
     try:
         if box is None:
-            found = find_roi(roi_source(roi), case_id, image, (meta or {}).get("pixel_spacing"))
+            found = find_roi(roi_source(roi), case_id, image, (meta or {}).get("pixel_spacing"), where=where)
             box = found.box
         crop = crop_box(image, box)
     except InputError as e:
