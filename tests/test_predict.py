@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 
 from kneetf.config import PreprocessConfig, to_dict
+from xray_factory import knee_xray as _xray
 
-H, W = 150, 170
 BOX = (30.0, 20.0, 130.0, 120.0)  # x0, y0, x1, y1: a 100 px square
-
-
-def _xray(seed: int) -> np.ndarray:
-    """A knee-like X-ray: two bright bones around a dark joint line, plus noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:H, 0:W].astype("float32")
-    bones = np.where(np.abs(yy - 70 - seed) > 6, 1.0, 0.2) * np.exp(-((xx - 80) / 45.0) ** 2)
-    return (1000 + 3000 * bones + 50 * rng.standard_normal((H, W))).astype("float32")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from kneetf.config import PreprocessConfig, to_dict
 
-from test_predict import _xray  # the same knee-like X-ray
+from xray_factory import knee_xray as _xray
 
 
 @pytest.fixture(scope="module")
