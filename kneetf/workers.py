@@ -17,7 +17,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _watch_parent(parent: int, interval_s: float = 1.0) -> None:
-    while os.getppid() == parent:
+    # On Windows getppid() keeps the dead parent's pid; multiprocessing's handle on the parent
+    # (a process handle there, a pipe elsewhere) tells that it ended on every platform.
+    handle = multiprocessing.parent_process()
+    while os.getppid() == parent and (handle is None or handle.is_alive()):
         time.sleep(interval_s)
     os._exit(1)
 
@@ -26,7 +29,7 @@ def exit_with_parent(parent: int) -> None:
     """Pool initializer: end this process when `parent` (the pid that started it) dies.
 
     On Linux the kernel sends SIGTERM (`prctl(PR_SET_PDEATHSIG)`); elsewhere a daemon thread
-    polls the parent pid once a second."""
+    checks once a second that the parent still runs."""
     armed = False
     if sys.platform.startswith("linux"):
         try:

@@ -363,6 +363,30 @@ def test_client_names_outputs_by_pseudonym_with_a_private_key(served, server, tm
     assert not (tmp_path / "kneetf_pseudonym_key.csv").exists()
 
 
+def test_client_boxes_csv_and_same_stems_under_pseudonyms(served, server, tmp_path, capsys):
+    """A boxes CSV gives one box per file name: of two `knee.npy` in different folders the second
+    is refused with that reason (as `kneetf predict`), naming no other input's folder."""
+    import csv
+
+    from kneetf.preprocess.roi import Box, write_boxes
+
+    raw = np.random.default_rng(4).uniform(0, 1, (160, 160)).astype(np.float32)
+    for who in ("JohnDoe", "JaneRoe"):
+        (tmp_path / who).mkdir()
+        np.save(tmp_path / who / "knee.npy", raw)
+    write_boxes(tmp_path / "boxes.csv", {"knee": Box(10, 10, 150, 150)})
+    out, key = tmp_path / "out", tmp_path / "private" / "key.csv"
+    capsys.readouterr()
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "JohnDoe" / "knee.npy"),
+                 str(tmp_path / "JaneRoe" / "knee.npy"), "--rois", str(tmp_path / "boxes.csv"), "--out", str(out),
+                 "--pseudonym-key", str(key)]) == 4
+    err = capsys.readouterr().err
+    refused = [ln for ln in err.splitlines() if "JaneRoe" in ln]
+    assert len(refused) == 1 and "boxes CSV gives one box per name" in refused[0] and "JohnDoe" not in refused[0]
+    rows = {r["source"]: r["result"] for r in csv.DictReader(key.open())}
+    assert rows == {str(tmp_path / "JohnDoe" / "knee.npy"): "written"}
+
+
 # === The client gives the predict answer ===
 
 @pytest.fixture(scope="module")
@@ -730,9 +754,11 @@ def test_cli_modules_import_no_tensorflow():
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://host:21"])
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://host:21", "localhost:85o1", "http://:8501",
+                                 "http://localhost:99999"])
 def test_rest_address_must_be_http(url):
-    """urllib would read a local file for file://; a serving address is http(s) only."""
+    """urllib would read a local file for file://; a serving address is http(s) only, with a host
+    and a port that is a number (a bad port was reported as a server that does not speak HTTP)."""
     from kneetf.client.rest import RestClient
     from kneetf.errors import ConfigError
 

@@ -570,3 +570,24 @@ def test_an_impossible_pixel_spacing_is_ignored(caplog, spacing, kept) -> None:
         with caplog.at_level("WARNING"):
             assert find_roi(ClassicalRoi(), "k", image, spacing, where="scans/k.dcm") == free
         assert "scans/k.dcm: pixel spacing" in caplog.text  # the file, not only the id
+
+
+def test_the_crop_limit_is_the_one_given(tmp_path) -> None:
+    """`kneetf prepare --max-pixels` reaches the crop in its workers (it used to get the default)."""
+    from kneetf.config import PreprocessConfig
+    from kneetf.data.sources import FilePayload, load_files
+    from kneetf.io.writers import write_nifti
+
+    image = np.ones((320, 320), np.float32)
+    box = Box(0, 0, 200, 200)
+    assert crop_box(image, box).shape == (200, 200)
+    with pytest.raises(InputError, match=r"gives a 200x200 crop, more than max_pixels=30000"):
+        crop_box(image, box, max_pixels=30_000)
+    # an X-ray and an MRI under the limit, a box whose square crop is over it
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((150, 150)).astype(np.float32))
+    write_nifti(tmp_path / "m.nii.gz", np.random.default_rng(1).random((40, 16, 16)).astype(np.float32))
+    payload = FilePayload("k", str(tmp_path / "x.npy"), str(tmp_path / "m.nii.gz"), "right", box.as_tuple(), None,
+                          max_pixels=30_000)
+    with pytest.raises(InputError, match=r"more than max_pixels=30000"):
+        load_files(payload, PreprocessConfig())
+    assert load_files(dataclasses.replace(payload, max_pixels=None), PreprocessConfig()).xray.shape == (200, 200)

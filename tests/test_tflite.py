@@ -174,3 +174,6 @@ def test_int8_of_a_trained_default_recipe_model_keeps_its_mri(tmp_path):
     report = tfl.export_tflite(model, tmp_path / "tflite", ["int8"], representative=iter(x[:-4]), check=x[-4:])
     mri = report["int8"]["outputs"]["mri"]
     assert mri["psnr"] > 35 and mri["max_abs_diff"] < 0.2, mri
+    m = TFLiteModel(report["int8"]["path"])  # still int8 at the edges, for integer-only hardware
+    assert m.quantized and m.input_dtype == np.int8
+    assert all(np.dtype(m._outputs[k]["dtype"]) == np.int8 for k in OUTPUT_KEYS)

@@ -56,11 +56,12 @@ def test_bad_arguments_get_a_message_not_a_traceback(capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.slow
-def test_train_writes_a_complete_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_writes_a_complete_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], recwarn) -> None:
     cache = make_cache(tmp_path / "cache")
     rc = main(["train", "--preset", "tiny", "--recipe", "paper", "--data", str(cache), "--epochs", "3",
                "--batch-size", "4", "--out", str(tmp_path / "run")])
     assert rc == 0
+    assert not [w for w in recwarn if "shuffle" in str(w.message)]  # Keras' note that fit ignores shuffle=True
     run = tmp_path / "run"
     for name in ("model.keras", "config.json", "history.csv", "metrics.json", "samples.png"):
         assert (run / name).stat().st_size > 0, name

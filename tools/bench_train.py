@@ -128,7 +128,8 @@ def worker_tf(a: argparse.Namespace) -> dict[str, Any]:
         warm_calls = -(-a.warmup // spe)
         timed_calls = -(-a.steps // spe)
         timer = _step_timer(warm_calls, bu)
-        model.fit(ds, epochs=1, steps_per_epoch=(warm_calls + timed_calls) * spe, verbose=0, callbacks=[timer])
+        model.fit(ds, epochs=1, steps_per_epoch=(warm_calls + timed_calls) * spe, verbose=0, callbacks=[timer],
+                  shuffle=False)
         deltas = [d / spe for d in timer.deltas()]
         res.update(_step_stats(deltas[warm_calls:]))
         res.update(first_step_s=round(deltas[0] * spe, 3), last_value=timer.last_loss,

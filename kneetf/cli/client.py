@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{args.model} version {s['version']}: {s['state']}{err}")
             return 0
         from kneetf.client.xray import WholeImage, reconstruct
-        from kneetf.inference.batch import collect_inputs, error_reason, resolve_names
+        from kneetf.inference.batch import collect_inputs, error_reason, one_box_each, resolve_names
         from kneetf.inference.outputs import PSEUDONYM_KEY, write_volume
         from kneetf.inference.loading import model_roi_source
         from kneetf.io.outdir import OutputFolder
@@ -126,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
         folder = None if _is_file_target(args.out) else OutputFolder(args.out)
         names = resolve_names(args.names, keep_patient=False)
         # ids name the outputs with --names id, and key the boxes of a boxes CSV
-        items, failures = collect_inputs(args.xrays, unique_ids=names == "id" or isinstance(roi, CsvRoi))
+        items, failures = collect_inputs(args.xrays, unique_ids=names == "id")
+        if names != "id" and isinstance(roi, CsvRoi):
+            items = one_box_each(items, failures)
         if folder is not None:  # as `kneetf predict`: never among the inputs, never over a file it did not write
             folder.refuse_inputs([*args.xrays, *(it.path for it in items),
                                   *(p for p in (args.rois, args.roi_detector) if p and str(p) != "builtin")])
@@ -156,10 +158,10 @@ def run(args: argparse.Namespace) -> int:
             except Exception as e:  # this X-ray or this answer: report it, go on with the others
                 failures.append({"id": item.id, "file": str(item.path), "reason": error_reason(e)})
                 continue
-            written.add(str(item.path))
+            written.add(item.name)
             print(f"{item.path} -> {target} ({volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]})")
     if key is not None:  # each pseudonym's result
-        key.write((it.name, str(it.path), "written" if str(it.path) in written else "failed") for it in items)
+        key.write((it.name, str(it.path), "written" if it.name in written else "failed") for it in items)
     if failures:
         print(f"kneetf client: {len(failures)} of {total} X-ray(s) failed:", file=sys.stderr)
         for f in failures:

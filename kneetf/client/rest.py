@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
@@ -71,7 +72,12 @@ class RestClient(BaseClient):
         if "://" not in url:
             url = ("https://" if tls else "http://") + url
         scheme = url.split("://", 1)[0].lower()
-        if scheme not in ("http", "https"):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018  (raises ValueError for a port that is not a number in 0-65535)
+        except ValueError:
+            parts = None
+        if scheme not in ("http", "https") or parts is None or not parts.hostname:
             raise ConfigError(f"a REST server address is http://HOST:PORT or https://HOST:PORT. Received: {url!r}")
         super().__init__(url.rstrip("/"), model=model, version=version, signature=signature, timeout=timeout,
                          retries=retries, backoff=backoff, max_backoff=max_backoff, max_batch=max_batch,

@@ -125,8 +125,9 @@ def load_files(payload: FilePayload, config: PreprocessConfig) -> RawPair:
     if low == high:
         raise InputError(payload.mri, f"slices [{config.slice_start}, {config.slice_stop}) of the MRI are constant "
                                       f"(every value {low:g}): nothing to learn from")
-    return RawPair(id=case_id, xray=crop_box(xray, found.box), mri=mri, side=payload.side, box=found.box.as_tuple(),
-                   roi_source=found.source, roi_confidence=found.confidence, roi_flagged=found.flagged)
+    return RawPair(id=case_id, xray=crop_box(xray, found.box, max_pixels=payload.max_pixels), mri=mri,
+                   side=payload.side, box=found.box.as_tuple(), roi_source=found.source,
+                   roi_confidence=found.confidence, roi_flagged=found.flagged)
 
 
 def manifest_tasks(manifest: str | Path, *, rois: str | Path | None = None, detector: str | Path | None = None,

@@ -147,7 +147,8 @@ def _convert(saved_model_dir: Path, variant: str, calibration: np.ndarray | None
         if variant == "int8" and keep:  # selective quantisation: these tensors stay float32
             debugger = tf.lite.experimental.QuantizationDebugger(
                 converter=converter, debug_dataset=lambda: ([s[None].astype(np.float32)] for s in calibration),
-                debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep))
+                # fully_quantize: int8 input and outputs, as the converter alone gives them
+                debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep, fully_quantize=True))
             return debugger.get_nondebug_quantized_model()
         return converter.convert()
 

@@ -289,7 +289,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     # ids are the output names with --names id, and the keys of the boxes of a boxes CSV
     items, errors = collect_inputs(inputs, allow_outside=allow_outside, unique_ids=names == "id")
     if names != "id" and isinstance(roi, CsvRoi):
-        items = _one_box_each(items, errors)
+        items = one_box_each(items, errors)
     folder.refuse_inputs(it.path for it in items)
     # the model loads once an X-ray is read: a batch of unreadable files never loads it (nor TensorFlow)
     predictor = None
@@ -381,7 +381,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     return report
 
 
-def _one_box_each(items: list[XrayInput], errors: list[dict[str, Any]]) -> list[XrayInput]:
+def one_box_each(items: list[XrayInput], errors: list[dict[str, Any]]) -> list[XrayInput]:
     """`items` less those whose id an earlier one has: a boxes CSV gives one box per id. Each
     one left out is reported (its reason names no other input: it may be pseudonymised)."""
     seen: set[str] = set()
@@ -407,6 +407,6 @@ def _pseudonymise_error(e: dict[str, Any], key: PseudonymKey) -> None:
     e["id"], e["file"] = name, ""
 
 
-__all__ = ["known_preprocess", "KEY_FIELDS", "read_pseudonym_key", "XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "PREDICTIONS_CSV", "ERRORS_CSV", "XrayInput", "safe_id",
+__all__ = ["known_preprocess", "KEY_FIELDS", "read_pseudonym_key", "XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "PREDICTIONS_CSV", "ERRORS_CSV", "XrayInput", "safe_id", "one_box_each",
            "file_id", "collect_inputs", "read_input", "patient_module", "resolve_names", "PredictReport",
            "error_reason", "predict_files"]

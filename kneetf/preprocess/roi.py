@@ -256,7 +256,7 @@ def write_boxes(path: str | Path, boxes: Mapping[str, Box]) -> Path:
 
 # === Cropping ===
 
-def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant") -> np.ndarray:
+def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant", max_pixels: int | None = None) -> np.ndarray:
     """Crop the square around `box` (`box.square()`, rounded to whole pixels) from `image`
     (H, W) or (H, W, C).
 
@@ -264,7 +264,7 @@ def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant") -> np.n
     (`pad_mode="constant"`) or the nearest edge pixel (`"edge"`), so a box partly outside
     the image still gives a full square crop. A box entirely outside is refused, and so is
     one whose square holds less than 1 / `MAX_CROP_PADDING` of image (or more pixels than
-    the readers' `max_pixels`): a wrong box, not a knee.
+    `max_pixels`, by default the readers'): a wrong box, not a knee.
     """
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode must be one of {PAD_MODES}. Received: pad_mode={pad_mode!r}")
@@ -286,9 +286,10 @@ def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant") -> np.n
         raise InputError(None, f"the ROI box {tuple(round(v, 1) for v in box.as_tuple())} does not fit the "
                          f"{w}x{h} image: its {side}x{side} square crop would be {inside / (side * side):.2%} "
                          "image, the rest padding")
-    if side * side > resolve_max_pixels(None):
+    limit = resolve_max_pixels(max_pixels)
+    if side * side > limit:
         raise InputError(None, f"the ROI box {tuple(round(v, 1) for v in box.as_tuple())} gives a {side}x{side} "
-                         f"crop, more than max_pixels={resolve_max_pixels(None)}")
+                         f"crop, more than max_pixels={limit}")
     inner = image[iy0:iy1, ix0:ix1]
     pad = [(iy0 - y0, y1 - iy1), (ix0 - x0, x1 - ix1)] + [(0, 0)] * (image.ndim - 2)
     if not any(p for pair in pad for p in pair):

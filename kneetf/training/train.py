@@ -326,7 +326,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     t1 = time.monotonic()
     if stop > start:
         model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=stop, steps_per_epoch=steps,
-                  callbacks=callbacks, verbose=verbose)
+                  callbacks=callbacks, verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles
     train_s = time.monotonic() - t1
     if not chief:
         return {"chief": False}
