@@ -230,6 +230,9 @@ class TrainConfig:
                      "prior_gradient_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number. Received: {name}={getattr(self, name)}")
+        for name in ("time_budget_s", "demo_time_budget_s"):  # inf is a budget never spent; NaN is no number
+            if math.isnan(getattr(self, name)):
+                raise ConfigError(f"{name} must be a number of seconds. Received: {name}={getattr(self, name)}")
         if not all(math.isfinite(w) for w in self.loss_weights):
             raise ConfigError(f"loss_weights must be finite numbers. Received: loss_weights={self.loss_weights}")
         if not 0 <= self.seed < 2**32:

@@ -222,6 +222,10 @@ def test_a_corrupt_description_or_shard_is_named(tmp_path: Path) -> None:
     description.write_text(description.read_text()[:100])
     with pytest.raises(InputError, match=r"dataset.json: unreadable .*kneetf prepare"):
         read_info(cache)
+    description.write_text(json.dumps({"counts": {"train": 4}}))  # JSON, but not what prepare writes
+    with pytest.raises(InputError, match=r"dataset.json: is not a kneetf cache description \(no shards, shapes, "
+                                         r"preprocess\)"):
+        read_info(cache)
 
 
 def test_an_unchanged_cache_keeps_its_creation_stamp(tmp_path: Path) -> None:

@@ -174,6 +174,7 @@ def test_command_help_does_not_import_tensorflow() -> None:
     (["--lr-encdec", "inf"], "lr_encdec must be a finite number"),
     (["--ssim-weight", "nan"], "ssim_weight must be a finite number"),
     (["--loss-weights=nan,1"], "loss_weights must be finite numbers"),
+    (["--budget", "nan"], "time_budget_s must be a number of seconds"),
 ])
 def test_training_values_that_cannot_train_are_refused(argv, message, tmp_path, capsys):
     """A negative seed crashed in Keras; NaN weights and an infinite rate trained on NaN and ended 'done'."""

@@ -140,7 +140,8 @@ def test_a_detector_travels_from_the_cache_to_the_run_and_the_export(tmp_path, m
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "roi_detector.keras").write_bytes(detector.read_bytes())
-    (cache / "dataset.json").write_text(json.dumps({"source": {"kind": "manifest", "roi": record}}))
+    (cache / "dataset.json").write_text(json.dumps({"counts": {}, "shards": {}, "shapes": {}, "preprocess": {},
+                                                    "source": {"kind": "manifest", "roi": record}}))
     run = _run(tmp_path / "run", model_file, record)
     assert copy_roi_detector(cache, run) == run / "roi_detector.keras"
     assert read_roi_record(run) == (record, run)

@@ -555,4 +555,8 @@ def read_info(cache_dir: str | Path) -> dict[str, Any]:
         raise InputError(path, f"unreadable ({e}); run `kneetf prepare` again on the same --out to rewrite it") from None
     if not isinstance(info, dict):
         raise InputError(path, "is not a kneetf cache description (not a JSON object)")
+    missing = [k for k in ("counts", "shards", "shapes", "preprocess") if not isinstance(info.get(k), dict)]
+    if missing:
+        raise InputError(path, f"is not a kneetf cache description (no {', '.join(missing)}); run `kneetf prepare` "
+                               "again on the same --out to rewrite it")
     return info
