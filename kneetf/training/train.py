@@ -335,7 +335,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     if not best_path.exists():  # no epoch had a finite validation loss: keep the last weights
         checkpoint.save_model(model, best_path)
     try:
-        best = keras.saving.load_model(best_path, safe_mode=True)
+        best = keras.saving.load_model(best_path, compile=False, safe_mode=True)  # for its predictions only
     except (OSError, ValueError) as e:
         raise InputError(best_path, f"cannot be loaded ({e}); use --fresh to start the run over") from None
     if options.precision != "float32":  # serve and export in float32
