@@ -91,8 +91,10 @@ def test_resume_rebuilds_a_truncated_shard(tmp_path: Path) -> None:
     victim = [p for p in shards if p.name.startswith("train-")][0]
     whole = victim.read_bytes()
     victim.write_bytes(whole[: len(whole) // 2])  # a copy or a disk that stopped half-way
+    other = [p for p in shards if p != victim][0]
+    other.with_name(other.name + ".json").write_text("null")  # JSON, not a sidecar
     res = build_cache(_tasks(6), load_pair, out, shard_size=2, workers=0, progress=False)
-    assert res.skipped_shards == len(shards) - 1 and res.total == 6
+    assert res.skipped_shards == len(shards) - 2 and res.total == 6
     assert victim.read_bytes() == whole
     assert load_arrays(out, "train")["id"] == ["case0", "case1", "case2", "case3"]
 

@@ -364,9 +364,11 @@ def _reusable_shard(shard: Path, fp: str, legacy_fp: str, newest_input_ns: int) 
         return None
     try:
         meta = json.loads(side.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
         size = shard.stat().st_size
         if "bytes" in meta and meta["bytes"] != size:
-            log.warning("%s: %d bytes where %d were written (truncated or altered); rebuilding the shard",
+            log.warning("%s: %d bytes where %s were written (truncated or altered); rebuilding the shard",
                         shard, size, meta["bytes"])
             return None
         if meta.get("fingerprint") == fp:
@@ -376,7 +378,7 @@ def _reusable_shard(shard: Path, fp: str, legacy_fp: str, newest_input_ns: int) 
             meta = {**meta, "fingerprint": fp, "inputs": INPUT_STAMP}
             write_text_atomic(side, json.dumps(meta))
             return meta
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, TypeError) as e:
         log.warning("%s: unreadable sidecar (%s); rebuilding the shard", side, e)
     return None
 
