@@ -4,7 +4,7 @@ worker process and returns a `RawPair` (ROI-cropped X-ray, MRI slice window)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 

@@ -25,7 +25,7 @@ from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, Sourc
                                       write_prediction)
 from kneetf.inference.predictor import load_predictor
 from kneetf.inference.pseudonyms import KEY_FIELDS, PseudonymKey, read_pseudonym_key
-from kneetf.io.atomic import CsvLog, remove_debris, write_csv_atomic
+from kneetf.io.atomic import CsvLog, remove_debris
 from kneetf.preprocess.roi import CsvRoi
 from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray,
                                    to_output_volume)
