@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    import keras
     import tensorflow as tf
 
     import kneetf.models.kneenet  # noqa: F401
@@ -149,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from kneetf.client.request import as_batch
     from kneetf.export.samples import structured_samples
     from kneetf.export.savedmodel import export_savedmodel
+    from kneetf.inference.loading import load_model, resolve_model_path
     from kneetf.preprocess.ops import preprocess_xray
 
     server_module = load_test_server()
@@ -166,16 +166,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="kneetf-bench-") as tmp:
         tmp = Path(tmp)
-        if args.model:
-            from kneetf.errors import InputError
-            from kneetf.inference.loading import resolve_model_path
-
-            kind, model_path = resolve_model_path(args.model)
-            if kind != "keras":
-                raise InputError(args.model, f"is a {kind} model; --model takes a .keras file or a run folder")
-        else:
-            model_path = server_module.make_test_model(tmp / "model.keras", args.preset)
-        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+        model_path = (resolve_model_path(args.model)[1] if args.model
+                      else server_module.make_test_model(tmp / "model.keras", args.preset))
+        model = load_model(model_path, compile=False)  # names a missing file; refuses a SavedModel or TFLite
         t0 = time.perf_counter()
         export_savedmodel(model_path, tmp / "kneetf", verify=False)
         export_s = time.perf_counter() - t0

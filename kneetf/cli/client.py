@@ -113,11 +113,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{args.model} version {s['version']}: {s['state']}{err}")
             return 0
         from kneetf.client.xray import WholeImage, reconstruct
-        from kneetf.inference.batch import collect_inputs, error_reason, one_box_each, resolve_names
+        from kneetf.inference.batch import collect_named_inputs, error_reason, resolve_names
         from kneetf.inference.outputs import PSEUDONYM_KEY, write_volume
         from kneetf.inference.loading import model_roi_source
         from kneetf.io.outdir import OutputFolder
-        from kneetf.preprocess.roi import CsvRoi
 
         if args.cropped:
             roi: Any = WholeImage()
@@ -125,10 +124,7 @@ def run(args: argparse.Namespace) -> int:
             roi = model_roi_source(args.model_info, boxes=args.rois, detector=args.roi_detector)
         folder = None if _is_file_target(args.out) else OutputFolder(args.out)
         names = resolve_names(args.names, keep_patient=False)
-        # ids name the outputs with --names id, and key the boxes of a boxes CSV
-        items, failures = collect_inputs(args.xrays, unique_ids=names == "id")
-        if names != "id" and isinstance(roi, CsvRoi):
-            items = one_box_each(items, failures)
+        items, failures = collect_named_inputs(args.xrays, names, roi)
         if folder is not None:  # as `kneetf predict`: never among the inputs, never over a file it did not write
             folder.refuse_inputs([*args.xrays, *(it.path for it in items),
                                   *(p for p in (args.rois, args.roi_detector) if p and str(p) != "builtin")])

@@ -366,15 +366,15 @@ def _reusable_shard(shard: Path, fp: str, legacy_fp: str, newest_input_ns: int) 
         meta = json.loads(side.read_text())
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
-        size = shard.stat().st_size
-        if "bytes" in meta and meta["bytes"] != size:
+        st = shard.stat()
+        if "bytes" in meta and meta["bytes"] != st.st_size:
             log.warning("%s: %d bytes where %s were written (truncated or altered); rebuilding the shard",
-                        shard, size, meta["bytes"])
+                        shard, st.st_size, meta["bytes"])
             return None
         if meta.get("fingerprint") == fp:
             return meta
         if ("inputs" not in meta and meta.get("fingerprint") == legacy_fp
-                and newest_input_ns <= shard.stat().st_mtime_ns):
+                and newest_input_ns <= st.st_mtime_ns):
             meta = {**meta, "fingerprint": fp, "inputs": INPUT_STAMP}
             write_text_atomic(side, json.dumps(meta))
             return meta

@@ -286,10 +286,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             raise ConfigError(f"{p} exists and was not written by kneetf; it is left as it is (move it, or "
                               "choose another --out)")
     roi = model_roi_source(model if isinstance(model, (str, Path)) else None, roi)
-    # ids are the output names with --names id, and the keys of the boxes of a boxes CSV
-    items, errors = collect_inputs(inputs, allow_outside=allow_outside, unique_ids=names == "id")
-    if names != "id" and isinstance(roi, CsvRoi):
-        items = one_box_each(items, errors)
+    items, errors = collect_named_inputs(inputs, names, roi, allow_outside=allow_outside)
     folder.refuse_inputs(it.path for it in items)
     # the model loads once an X-ray is read: a batch of unreadable files never loads it (nor TensorFlow)
     predictor = None
@@ -381,7 +378,18 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     return report
 
 
-def one_box_each(items: list[XrayInput], errors: list[dict[str, Any]]) -> list[XrayInput]:
+def collect_named_inputs(paths: Sequence[str | Path], names: str, roi: Any, *, allow_outside: bool = False
+                         ) -> tuple[list[XrayInput], list[dict[str, Any]]]:
+    """`collect_inputs` for outputs named by `names` ("id" or "pseudonym") and boxes from
+    `roi`: ids are the output names with "id", and the keys of the boxes of a boxes CSV, so
+    either way an input whose id an earlier one has is reported, not processed."""
+    items, errors = collect_inputs(paths, allow_outside=allow_outside, unique_ids=names == "id")
+    if names != "id" and isinstance(roi, CsvRoi):
+        items = _one_box_each(items, errors)
+    return items, errors
+
+
+def _one_box_each(items: list[XrayInput], errors: list[dict[str, Any]]) -> list[XrayInput]:
     """`items` less those whose id an earlier one has: a boxes CSV gives one box per id. Each
     one left out is reported (its reason names no other input: it may be pseudonymised)."""
     seen: set[str] = set()
@@ -407,6 +415,6 @@ def _pseudonymise_error(e: dict[str, Any], key: PseudonymKey) -> None:
     e["id"], e["file"] = name, ""
 
 
-__all__ = ["known_preprocess", "KEY_FIELDS", "read_pseudonym_key", "XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "PREDICTIONS_CSV", "ERRORS_CSV", "XrayInput", "safe_id", "one_box_each",
+__all__ = ["known_preprocess", "KEY_FIELDS", "read_pseudonym_key", "XRAY_SUFFIXES", "NAMES", "PSEUDONYM_KEY", "PREDICTIONS_CSV", "ERRORS_CSV", "XrayInput", "safe_id", "collect_named_inputs",
            "file_id", "collect_inputs", "read_input", "patient_module", "resolve_names", "PredictReport",
            "error_reason", "predict_files"]
