@@ -217,9 +217,14 @@ def test_a_corrupt_description_or_shard_is_named(tmp_path: Path) -> None:
     shard = cache / read_info(cache)["shards"]["train"][1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     assert corrupt_shards([tmp_path]) == [shard]
-    with pytest.raises(InputError, match=rf"{shard.name}: corrupt TFRecord shard.*Delete it and its .json"):
+    stale = cache / "train-99999.tfrecord"  # left by an earlier build, listed nowhere: never read, never named
+    stale.write_bytes(shard.read_bytes())
+    assert corrupt_shards([tmp_path]) == [shard]
+    with pytest.raises(InputError, match=rf"{shard.name}: corrupt TFRecord shard: truncated record.*Delete it and "
+                                         r"its .json") as raised:
         with corrupt_shards_named(tmp_path / "elsewhere", cache):
             list(make_dataset(cache, "train", 2))
+    assert "more" not in str(raised.value) and "function_node" not in str(raised.value)
     description = cache / "dataset.json"
     description.write_text(description.read_text()[:100])
     with pytest.raises(InputError, match=r"dataset.json: unreadable .*kneetf prepare"):

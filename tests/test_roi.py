@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from kneetf.errors import InputError, ManifestError
-from kneetf.preprocess.roi import (CLASSICAL_BOX_MM, Box, ClassicalRoi, CsvRoi, RoiFinding, RoiNotFoundError, RoiSource,
-                                   classical_roi, crop_box, draw_box_png, find_joint, find_roi, iou, load_boxes,
+from kneetf.preprocess.roi import (CLASSICAL_BOX_MM, Box, ClassicalRoi, CsvRoi, FixedRoi, RoiFinding, RoiNotFoundError,
+                                   RoiSource, classical_roi, crop_box, draw_box_png, find_joint, find_roi, iou, load_boxes,
                                    mean_iou, square_box_around, write_boxes)
 from roi_factory import laden_knee, standin_knee, standin_set  # tests/roi_factory.py
 
@@ -152,7 +152,6 @@ def test_csv_roi_source(tmp_path):
 
 def test_roi_source_is_the_one_choice_of_the_roi(tmp_path):
     from kneetf.errors import ConfigError
-    from kneetf.preprocess.roi import FixedRoi
     from kneetf.preprocess.xray import roi_source
 
     csv_path = write_boxes(tmp_path / "rois.csv", {"a": Box(1, 2, 3, 4)})
@@ -570,6 +569,12 @@ def test_an_impossible_pixel_spacing_is_ignored(caplog, spacing, kept) -> None:
         with caplog.at_level("WARNING"):
             assert find_roi(ClassicalRoi(), "k", image, spacing, where="scans/k.dcm") == free
         assert "scans/k.dcm: pixel spacing" in caplog.text  # the file, not only the id
+        caplog.clear()
+        with caplog.at_level("WARNING"):  # sources that never use a spacing do not warn of one
+            boxes = CsvRoi({"k": free.box})
+            assert find_roi(boxes, "k", image, spacing, where="scans/k.dcm").box == free.box
+            assert find_roi(FixedRoi(free.box), "k", image, spacing).box == free.box
+        assert "pixel spacing" not in caplog.text
 
 
 def test_the_crop_limit_is_the_one_given(tmp_path) -> None:

@@ -3,13 +3,14 @@ batch -> prefetch. Streams from disk; never holds the dataset in memory."""
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from kneetf.data.cache import read_info
+from kneetf.data.cache import DATASET_JSON, read_info
 from kneetf.data.records import parse_example
 from kneetf.errors import InputError
 
@@ -179,12 +180,32 @@ def load_arrays(cache_dir: str | Path, split: str, limit: int | None = None) -> 
     return {"id": ids, "side": sides, "xray": xray, "mri": mri}
 
 
+def _cache_shards(folder: Path) -> list[Path]:
+    """The shards of the caches under `folder`: those each `dataset.json` lists (a shard left
+    over from an earlier build is never read), every .tfrecord where no description is readable."""
+    if not folder.is_dir():
+        return []
+    descriptions = sorted(folder.rglob(DATASET_JSON))
+    if not descriptions:
+        return sorted(folder.rglob("*.tfrecord"))
+    shards: list[Path] = []
+    for description in descriptions:
+        cache = description.parent
+        try:
+            listed = read_info(cache)["shards"].values()
+            shards += [cache / name for names in listed for name in names
+                       if isinstance(name, str) and (cache / name).is_file()]
+        except (InputError, TypeError):
+            shards += sorted(cache.glob("*.tfrecord"))
+    return shards
+
+
 def corrupt_shards(folders: Sequence[str | Path]) -> list[Path]:
-    """The TFRecord shards under `folders` (searched recursively) that do not read to their end
-    (truncated, or a record whose checksum fails)."""
+    """The TFRecord shards of the caches under `folders` (`_cache_shards`) that do not read to
+    their end (truncated, or a record whose checksum fails)."""
     bad = []
     for folder in folders:
-        for shard in sorted(Path(folder).rglob("*.tfrecord")) if Path(folder).is_dir() else []:
+        for shard in _cache_shards(Path(folder)):
             try:
                 for _ in tf.data.TFRecordDataset(str(shard)):
                     pass
@@ -204,7 +225,7 @@ def corrupt_shards_named(*folders: str | Path) -> Iterator[None]:
         if not bad:
             raise
         more = f" (and {len(bad) - 1} more: {', '.join(str(p) for p in bad[1:4])})" if len(bad) > 1 else ""
-        reason = str(e.message).splitlines()[0][:200]
+        reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", str(e.message).splitlines()[0])[:200]
         raise InputError(bad[0], f"corrupt TFRecord shard{more}: {reason}. Delete it and its .json sidecar, then "
                                  "run the same `kneetf prepare` (or training) command again: only the missing "
                                  "shards are rebuilt") from None

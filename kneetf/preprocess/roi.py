@@ -1382,8 +1382,13 @@ def find_roi(source: Any, case_id: str, image: np.ndarray, pixel_spacing: Any = 
     """`source`'s `RoiFinding` for one X-ray: its `finding_for` when it has one, a detector's
     `detection_for` (box, confidence, flag), else its plain `box_for`. `pixel_spacing` (mm per
     pixel, a number or (row, col)) goes to the sources that use it, unless it cannot be a
-    radiograph's (`radiograph_spacing`, whose warning names `where`, the file, else the id)."""
-    pixel_spacing = radiograph_spacing(pixel_spacing, np.shape(image)[:2], where or case_id)
+    radiograph's (`radiograph_spacing`, whose warning names `where`, the file, else the id). A
+    source with `uses_spacing = False` (a boxes CSV, a fixed box) or with a plain `box_for`
+    gets none and so warns of none."""
+    if getattr(source, "uses_spacing", hasattr(source, "finding_for") or hasattr(source, "detection_for")):
+        pixel_spacing = radiograph_spacing(pixel_spacing, np.shape(image)[:2], where or case_id)
+    else:
+        pixel_spacing = None
     if hasattr(source, "finding_for"):
         return source.finding_for(case_id, image, pixel_spacing)
     path = getattr(source, "path", None)
@@ -1397,6 +1402,8 @@ def find_roi(source: Any, case_id: str, image: np.ndarray, pixel_spacing: Any = 
 
 class CsvRoi:
     """Boxes read from a CSV `id,x0,y0,x1,y1` (or given as a dict)."""
+
+    uses_spacing = False
 
     def __init__(self, boxes: str | Path | Mapping[str, Box]) -> None:
         if isinstance(boxes, (str, Path)):
@@ -1422,6 +1429,8 @@ class CsvRoi:
 
 class FixedRoi:
     """The same box for every X-ray."""
+
+    uses_spacing = False
 
     def __init__(self, box: Box) -> None:
         self.box = box
