@@ -324,6 +324,15 @@ def test_cli_client_writes_nifti(served, server, tmp_path, capsys):
     assert main(["client", "--server", server.grpc_target, str(tmp_path / "bad.npy"),
                  "--out", str(tmp_path / "none")]) == 1
     capsys.readouterr()
+    # an X-ray written before that fails now loses its earlier output, as with kneetf predict
+    np.save(tmp_path / "c.npy", np.load(tmp_path / "a.npy"))
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "c.npy"), "--out", str(tmp_path / "some"),
+                 "--names", "id"]) == 0 and (tmp_path / "some" / "c.nii.gz").is_file()
+    (tmp_path / "c.npy").write_bytes(b"not an array any more")
+    assert main(["client", "--server", server.grpc_target, str(tmp_path / "c.npy"), "--out", str(tmp_path / "some"),
+                 "--names", "id"]) == 1
+    assert "its earlier output c.nii.gz removed" in capsys.readouterr().err
+    assert not (tmp_path / "some" / "c.nii.gz").exists() and (tmp_path / "some" / "a.nii.gz").is_file()
 
     # as kneetf predict: a folder --out never holds an input, and a file kneetf did not write stays
     assert main(["client", "--server", server.grpc_target, str(tmp_path / "a.npy"), "--out", str(tmp_path),
@@ -383,8 +392,8 @@ def test_client_boxes_csv_and_same_stems_under_pseudonyms(served, server, tmp_pa
     err = capsys.readouterr().err
     refused = [ln for ln in err.splitlines() if "JaneRoe" in ln]
     assert len(refused) == 1 and "boxes CSV gives one box per name" in refused[0] and "JohnDoe" not in refused[0]
-    rows = {r["source"]: r["result"] for r in csv.DictReader(key.open())}
-    assert rows == {str(tmp_path / "JohnDoe" / "knee.npy"): "written"}
+    rows = {r["source"]: r["result"] for r in csv.DictReader(key.open())}  # the refused one too, as predict's key
+    assert rows == {str(tmp_path / "JohnDoe" / "knee.npy"): "written", str(tmp_path / "JaneRoe" / "knee.npy"): "failed"}
 
 
 # === The client gives the predict answer ===

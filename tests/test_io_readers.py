@@ -2,11 +2,13 @@
 files) read back, sorted by position, rescaled and refused with clear errors."""
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
 import cv2
 import nibabel as nib
+
 import numpy as np
 import pydicom
 import pytest
@@ -244,6 +246,12 @@ def test_npy_volume_and_image(tmp_path: Path) -> None:
     np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(InputError, match="not a plain numeric"):
         read_xray(tmp_path / "o.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not an array")  # numpy's own error advised loading it unsafely
+    (tmp_path / "dumped.npy").write_bytes(pickle.dumps([1, 2]))
+    for name in ("junk.npy", "dumped.npy"):
+        with pytest.raises(InputError, match=r"not a \.npy file \(it does not start with NumPy's header\)") as e:
+            read_mri(tmp_path / name)
+        assert "pickle" not in str(e.value)
     bad = vol.copy()
     bad[2, 1, 1] = np.inf
     np.save(tmp_path / "inf.npy", bad)

@@ -199,3 +199,34 @@ def test_the_same_file_given_twice_is_done_once(tmp_path, run, monkeypatch, name
                                  "in/knee2.npy"], out, progress=False, names=names)
     assert report.ok == 2 and not report.errors
     assert len(_rows(out / "predictions.csv")) == 2 and len(list(out.glob("*.nii.gz"))) == 2
+
+
+@pytest.mark.parametrize("names", ["id", "pseudonym"])
+def test_an_input_that_fails_on_a_rerun_loses_its_earlier_outputs(tmp_path, run, names):
+    """A rerun wrote predictions.csv without the now-failing input but left its earlier volume:
+    the folder held an output that no table listed. A user's file of that name stays."""
+    from kneetf.inference.batch import predict_files
+
+    src = tmp_path / "in"
+    src.mkdir()
+    np.save(src / "a.npy", _xray(1))
+    np.save(src / "b.npy", _xray(2))
+    out = tmp_path / "out"
+    assert predict_files(run, sorted(src.glob("*.npy")), out, formats=("nifti", "dicom"), progress=False,
+                         names=names).ok == 2
+    first = {p.name for p in out.iterdir()}
+    np.save(src / "b.npy", np.zeros((64, 64), "float32"))  # now it fails
+    report = predict_files(run, sorted(src.glob("*.npy")), out, formats=("nifti",), progress=False, names=names)
+    assert report.ok == 1 and len(report.errors) == 1
+    b_name = report.errors[0]["id"]
+    assert f"earlier outputs {b_name}.nii.gz, {b_name}_dicom removed" in report.errors[0]["reason"]
+    assert not (out / f"{b_name}.nii.gz").exists() and not (out / f"{b_name}_dicom").exists()
+    listed = {r["id"] for r in _rows(out / "predictions.csv")}
+    assert {p.name[:-len(".nii.gz")] for p in out.glob("*.nii.gz")} == listed and b_name not in listed
+    assert not list(out.glob(".tmp-*"))
+    assert {p.name for p in out.iterdir()} == first - {f"{b_name}.nii.gz", f"{b_name}_dicom"}
+    user_file = out / "mine.nii.gz"  # not kneetf's: never removed, even when its name fails
+    user_file.write_text("mine")
+    np.save(src / "mine.npy", np.zeros((64, 64), "float32"))
+    predict_files(run, [src / "mine.npy"], out, progress=False, names="id")
+    assert user_file.read_text() == "mine"

@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         folder = None if _is_file_target(args.out) else OutputFolder(args.out)
         names = resolve_names(args.names, keep_patient=False)
         items, failures = collect_named_inputs(args.xrays, names, roi)
+        refused = list(failures)
         if folder is not None:  # as `kneetf predict`: never among the inputs, never over a file it did not write
             folder.refuse_inputs([*args.xrays, *(it.path for it in items),
                                   *(p for p in (args.rois, args.roi_detector) if p and str(p) != "builtin")])
@@ -152,12 +153,16 @@ def run(args: argparse.Namespace) -> int:
                               "reason": error_reason(e) if it is item else "not sent"} for it in items[i:]]
                 break
             except Exception as e:  # this X-ray or this answer: report it, go on with the others
-                failures.append({"id": item.id, "file": str(item.path), "reason": error_reason(e)})
+                reason = error_reason(e)
+                if folder is not None and folder.discard([target]):  # as `kneetf predict`: not this run's
+                    reason += f" (its earlier output {target.name} removed)"
+                failures.append({"id": item.id, "file": str(item.path), "reason": reason})
                 continue
             written.add(item.name)
             print(f"{item.path} -> {target} ({volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]})")
-    if key is not None:  # each pseudonym's result
-        key.write((it.name, str(it.path), "written" if it.name in written else "failed") for it in items)
+    if key is not None:  # each pseudonym's result, the inputs refused before any request included (as predict's)
+        key.write([(it.name, str(it.path), "written" if it.name in written else "failed") for it in items]
+                  + [(key.name_for(f["file"]), f["file"], "failed") for f in refused])
     if failures:
         print(f"kneetf client: {len(failures)} of {total} X-ray(s) failed:", file=sys.stderr)
         for f in failures:

@@ -21,8 +21,8 @@ from kneetf.config import PreprocessConfig
 from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.inference.loading import model_roi_source, read_preprocess_config, resolve_model_path
 from kneetf.io.outdir import MARKER, OutputFolder, written_by_kneetf
-from kneetf.inference.outputs import (NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, output_paths, parse_formats,
-                                      write_prediction)
+from kneetf.inference.outputs import (FORMATS, NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, output_paths,
+                                      parse_formats, write_prediction)
 from kneetf.inference.predictor import load_predictor
 from kneetf.inference.pseudonyms import KEY_FIELDS, PseudonymKey, read_pseudonym_key
 from kneetf.io.atomic import CsvLog, remove_debris
@@ -255,7 +255,9 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     review flag), one row appended as each
     reconstruction's files are all in place (each file, and a DICOM series as a folder, is
     renamed into place whole): a killed run leaves the finished ones listed and nothing
-    half-written, and the same call again writes them all. `names` (`NAMES`): output names
+    half-written, and the same call again writes them all; an X-ray that an earlier run wrote
+    and that fails now loses its earlier outputs (any format), so the folder holds what its
+    `predictions.csv` lists (the error says so). `names` (`NAMES`): output names
     are the ids, or pseudonyms ("auto": pseudonyms unless `keep_patient`); with pseudonyms
     `source` is left empty, errors name pseudonyms, and `pseudonym_key` (default
     `out_dir/PSEUDONYM_KEY`, written before any output) maps each pseudonym to its source
@@ -321,6 +323,10 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     failures = CsvLog(out / ERRORS_CSV, ERROR_FIELDS, report.errors)
 
     def fail(item: XrayInput, reason: str) -> None:
+        # what an earlier run wrote for this input is not this run's: a folder lists only what its run wrote
+        stale = folder.discard(output_paths(out, item.name, FORMATS))
+        if stale:
+            reason += f" (its earlier output{'s' if len(stale) > 1 else ''} {', '.join(p.name for p in stale)} removed)"
         e: dict[str, Any] = {"id": item.id, "file": str(item.path), "item": item, "reason": reason}
         if key is not None:
             _pseudonymise_error(e, key)

@@ -87,6 +87,18 @@ def atomic_path(final: str | Path, *, directory: bool = False, fault: str = "wri
         raise
 
 
+def remove_atomic(path: str | Path) -> None:
+    """Remove a file or folder so that `path` is there whole or gone: it is first renamed into a
+    `.tmp-old-<name>-<token>` folder (`debris_pattern`), which is then deleted; an interrupted
+    removal leaves only that debris."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f"{DEBRIS_PREFIX}old-{path.name}-", dir=path.parent))
+    os.replace(path, aside / path.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def write_text_atomic(path: str | Path, text: str, *, fault: str = "write") -> Path:
     """Write `text` to `path` atomically; returns the path."""
     with atomic_path(path, fault=fault) as tmp:
@@ -165,5 +177,5 @@ class CsvLog:
         faults.point(f"{self.fault}.after", self.path)
 
 
-__all__ = ["DEBRIS_PREFIX", "atomic_path", "debris_pattern", "write_text_atomic", "csv_text", "write_csv_atomic",
-           "remove_debris", "CsvLog"]
+__all__ = ["DEBRIS_PREFIX", "atomic_path", "remove_atomic", "debris_pattern", "write_text_atomic", "csv_text",
+           "write_csv_atomic", "remove_debris", "CsvLog"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from kneetf.errors import ConfigError, InputError
-from kneetf.io.atomic import write_text_atomic
+from kneetf.io.atomic import remove_atomic, write_text_atomic
 from kneetf.version import __version__
 
 MARKER = ".kneetf-outputs.json"
@@ -82,6 +82,14 @@ class OutputFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.path / MARKER, json.dumps(
                 {"written_by": f"kneetf {__version__}", "files": sorted(self.names)}, indent=1))
+
+    def discard(self, paths: Iterable[Path]) -> list[Path]:
+        """Remove those of `paths` (in this folder) that exist and that kneetf wrote (a user's
+        file stays); returns the removed ones."""
+        removed = [p for p in paths if p.name in self.names and (p.exists() or p.is_symlink())]
+        for p in removed:
+            remove_atomic(p)
+        return removed
 
 
 __all__ = ["MARKER", "written_by_kneetf", "OutputFolder"]

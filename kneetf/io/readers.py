@@ -107,6 +107,14 @@ def declared_image_size(path: str | Path) -> tuple[int, int, int]:
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise InputError(path, f"cannot read .npy file: {e}") from e
+    # else numpy takes the bytes for a pickle, and its error suggests loading them unsafely
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK\x03\x04"):
+        raise InputError(path, "not a .npy file (it does not start with NumPy's header)")
+    try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
         raise InputError(path, f"not a plain numeric .npy array ({e})") from e
