@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_compare_priors_scores_every_predictor_against_kernel_ridge(tmp_path, capsys) -> None:
-    from test_train import make_cache
+    from cache_factory import learnable_cache as make_cache
 
     spec = importlib.util.spec_from_file_location("kneetf_compare_priors", ROOT / "tools" / "compare_priors.py")
     module = importlib.util.module_from_spec(spec)

@@ -222,7 +222,7 @@ EPOCHS = 4
 def train_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 training and 2 validation pairs the tiny model learns from: the validation loss
     improves in some epochs and not in others."""
-    from test_train import make_cache
+    from cache_factory import learnable_cache as make_cache
 
     return make_cache(tmp_path_factory.mktemp("crash") / "cache", n=12)
 

@@ -10,29 +10,9 @@ import pytest
 
 from kneetf import baselines as B
 from kneetf import metrics as M
-from kneetf.data.cache import CacheTask, RawPair, build_cache
+from kneetf.data.cache import CacheTask, build_cache
 
-SIZE, SLICES = 128, 20
-
-
-def _knee(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """An X-ray with a bright disc at a position set by `seed`, and an MRI whose slices hold
-    a disc at the same place (radius varying with the slice): the MRI depends on the X-ray."""
-    rng = np.random.default_rng(seed)
-    cx, cy = rng.uniform(35, 93, 2)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    d2 = (xx - cx) ** 2 + (yy - cy) ** 2
-    xray = np.exp(-d2 / (2 * 14.0 ** 2)) + 0.02 * rng.standard_normal((SIZE, SIZE))
-    radius = 10 + 8 * np.sin(np.linspace(0, np.pi, SLICES))
-    mri = np.stack([(d2 < r ** 2).astype(np.float64) * 0.8 + 0.1 for r in radius])
-    mri += 0.01 * rng.standard_normal(mri.shape)
-    return xray.astype("float32"), mri.astype("float32")
-
-
-def load_pair(payload: int, cfg) -> RawPair:
-    xray, mri = _knee(payload)
-    return RawPair(id=f"k{payload:03d}", xray=xray, mri=mri, side="right")
-
+from cache_factory import DISC_SLICES as SLICES, load_disc_pair as load_pair
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):

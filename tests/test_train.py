@@ -10,25 +10,8 @@ import numpy as np
 import pytest
 
 from kneetf.cli.main import main
-from kneetf.config import PreprocessConfig
-from kneetf.data.cache import CacheTask, RawPair, build_cache
 
-
-def learnable_pair(i: int, config: PreprocessConfig) -> RawPair:
-    """The X-ray shows a bar whose height sets where a bright band sits in every MRI slice."""
-    rng = np.random.default_rng(i)
-    pos = 20 + (i * 7) % 70
-    xray = rng.normal(100, 5, (128, 128))
-    xray[pos:pos + 20, 30:100] += 400
-    mri = rng.normal(50, 3, (config.num_slices, 128, 128))
-    mri[:, pos:pos + 20, :] += 500
-    return RawPair(id="x", xray=xray, mri=mri.astype("float32"))
-
-
-def make_cache(out: Path, n: int = 24) -> Path:
-    splits = ["val" if i % 6 == 0 else "train" for i in range(n)]
-    build_cache([CacheTask(f"k{i}", splits[i], i) for i in range(n)], learnable_pair, out, workers=0, progress=False)
-    return out
+from cache_factory import learnable_cache as make_cache
 
 
 def test_help_lists_every_command_without_tensorflow() -> None:

@@ -63,7 +63,7 @@ def test_malicious_savedmodel_is_refused_by_predict(tmp_path, capsys):
 
 def test_malicious_savedmodel_is_refused_by_evaluate(tmp_path, capsys):
     """evaluate loads models through the same check: refused, then run with --trust-model."""
-    from test_evaluate import load_pair
+    from cache_factory import load_disc_pair as load_pair
 
     from kneetf.data.cache import CacheTask, build_cache
 
