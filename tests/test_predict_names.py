@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kneetf.config import PreprocessConfig, to_dict
+from kneetf.errors import InputError
 
 from xray_factory import knee_xray as _xray
 
@@ -216,7 +218,8 @@ def test_an_input_that_fails_on_a_rerun_loses_its_earlier_outputs(tmp_path, run,
                          names=names).ok == 2
     first = {p.name for p in out.iterdir()}
     np.save(src / "b.npy", np.zeros((64, 64), "float32"))  # now it fails
-    report = predict_files(run, sorted(src.glob("*.npy")), out, formats=("nifti",), progress=False, names=names)
+    report = predict_files(run, sorted(src.glob("*.npy")), out, formats=("nifti", "dicom"), progress=False,
+                           names=names)
     assert report.ok == 1 and len(report.errors) == 1
     b_name = report.errors[0]["id"]
     assert f"earlier outputs {b_name}.nii.gz, {b_name}_dicom removed" in report.errors[0]["reason"]
@@ -230,3 +233,76 @@ def test_an_input_that_fails_on_a_rerun_loses_its_earlier_outputs(tmp_path, run,
     np.save(src / "mine.npy", np.zeros((64, 64), "float32"))
     predict_files(run, [src / "mine.npy"], out, progress=False, names="id")
     assert user_file.read_text() == "mine"
+
+
+def test_a_run_into_a_folder_adds_to_its_table_and_replaces_a_names_other_formats(tmp_path, run):
+    """A second run with other inputs rewrote predictions.csv with its own rows only (the first
+    run's outputs stayed, listed nowhere), and a rerun with fewer formats left the earlier
+    run's PNG and DICOM beside the new NIfTI: two reconstructions under one name."""
+    from kneetf.inference.batch import predict_files
+
+    for i in range(3):
+        np.save(tmp_path / f"k{i}.npy", _xray(i))
+    out = tmp_path / "out"
+    assert predict_files(run, [tmp_path / "k0.npy", tmp_path / "k1.npy"], out, formats=("nifti", "png", "dicom"),
+                         progress=False, names="id").ok == 2
+    first = {r["id"]: r for r in _rows(out / "predictions.csv")}
+    assert predict_files(run, [tmp_path / "k1.npy", tmp_path / "k2.npy"], out, formats=("nifti",),
+                         progress=False, names="id").ok == 2
+    rows = _rows(out / "predictions.csv")
+    assert [r["id"] for r in rows] == ["k0", "k1", "k2"]  # k0's row kept as it was; k1's rewritten
+    assert rows[0] == first["k0"]
+    names = {p.name for p in out.iterdir()}
+    assert {"k0.nii.gz", "k0.png", "k0_dicom", "k1.nii.gz", "k2.nii.gz"} <= names
+    assert "k1.png" not in names and "k1_dicom" not in names
+    (out / "k0.nii.gz").unlink()
+    (out / "k0.png").unlink()
+    shutil.rmtree(out / "k0_dicom")  # the user removed k0's outputs: its row goes with them
+    assert predict_files(run, [tmp_path / "k2.npy"], out, progress=False, names="id").ok == 1
+    assert [r["id"] for r in _rows(out / "predictions.csv")] == ["k1", "k2"]
+
+
+def test_ids_of_any_script_name_their_outputs(tmp_path, run):
+    """Non-ASCII letters became '_', so that `knee-ä` and `knee-ö` both became `knee-` and clashed."""
+    from kneetf.inference.batch import predict_files, safe_id
+
+    assert safe_id("knee-ä") == "knee-ä" and safe_id("膝") == "膝" and safe_id("a b/c") == "a_b_c"
+    np.save(tmp_path / "膝.npy", _xray(1))
+    np.save(tmp_path / "股.npy", _xray(2))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,xray,mri\nknee-ä,膝.npy,\nknee-ö,股.npy,\n", encoding="utf-8")
+    out = tmp_path / "out"
+    report = predict_files(run, [manifest, tmp_path / "膝.npy"], out, progress=False, names="id")
+    assert not [e for e in report.errors if "also that of" in e["reason"]]
+    assert {"knee-ä.nii.gz", "knee-ö.nii.gz"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_bad_line_of_the_boxes_csv_fails_only_its_xray(tmp_path, run, capsys):
+    from kneetf.cli.main import main
+
+    for i in range(3):
+        np.save(tmp_path / f"k{i}.npy", _xray(i))
+    boxes = tmp_path / "b.csv"
+    boxes.write_text("id,x0,y0,x1,y1\nk0,20,20,100,100\nk1,abc,1,2,3\nk2,20,20,100,100\n")
+    out = tmp_path / "out"
+    rc = main(["predict", "--model", str(run), *(str(tmp_path / f"k{i}.npy") for i in range(3)), "--rois",
+               str(boxes), "--out", str(out), "--names", "id"])
+    err = capsys.readouterr().err
+    assert rc == 4 and "line 3: x0 is not a number" in err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["k0.nii.gz", "k2.nii.gz"]
+
+
+def test_a_model_file_that_is_not_a_keras_archive_is_named_as_such(tmp_path, run):
+    """Keras reported a truncated or foreign .keras as 'File not found' (the file is there)."""
+    from kneetf.export.savedmodel import load_for_export
+    from kneetf.inference.loading import load_model
+    from kneetf.preprocess.roi_detector import load_detector
+
+    junk, cut = tmp_path / "junk.keras", tmp_path / "cut.keras"
+    junk.write_text("junk")
+    data = (run / "model.keras").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    for path in (junk, cut):
+        for load in (load_model, load_detector, load_for_export):
+            with pytest.raises(InputError, match=rf"{path.name}: is not a Keras \.keras archive \(not a zip file"):
+                load(path)

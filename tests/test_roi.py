@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import re
 import subprocess
 import sys
 
@@ -170,6 +171,22 @@ def test_roi_source_is_the_one_choice_of_the_roi(tmp_path):
             roi_source(bad)
     with pytest.raises(InputError, match="not found"):  # a detector loads at once, naming the file
         roi_source(tmp_path / "missing.keras")
+
+
+def test_a_bad_line_of_a_boxes_csv_fails_only_its_own_id(tmp_path, caplog):
+    """One bad line made CsvRoi (and so a whole `kneetf predict` batch) fail at once; `kneetf
+    prepare` skipped only that pair. Now its id fails with the line's reason, the others work."""
+    path = tmp_path / "b.csv"
+    path.write_text("id,x0,y0,x1,y1\na,1,2,30,40\nb,abc,1,2,3\nc,10,10,5,5\n,1,1,9,9\nd,1,1,9,9\nd,2,2,9,9\n")
+    image = np.zeros((64, 64))
+    with caplog.at_level("WARNING"):
+        boxes = CsvRoi(path)
+    assert "line 5: empty id" in caplog.text
+    assert boxes.box_for("a", image) == Box(1, 2, 30, 40)
+    for case_id, reason in [("b", r"line 3: x0 is not a number"), ("c", r"line 4: empty box"),
+                            ("d", r"line 7: duplicate id 'd'"), ("e", r"no ROI box for id 'e'")]:
+        with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: {reason}"):
+            boxes.box_for(case_id, image)
 
 
 # --- classical fallback -------------------------------------------------------------------

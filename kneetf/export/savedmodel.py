@@ -31,6 +31,7 @@ from kneetf.errors import ConfigError, InputError, KneetfError
 from kneetf.export.samples import structured_samples
 from kneetf.inference.loading import preprocess_config
 from kneetf.io.atomic import atomic_path, remove_debris
+from kneetf.io.keras_file import require_keras_archive
 from kneetf.protocol import (DEFAULT_MODEL_NAME, EXPORT_INFO_FILE, EXPORT_ROI_DETECTOR, INPUT_KEY, OUTPUT_KEYS,
                              RUN_CONFIG_FILE, RUN_MODEL_FILE, SERVING_BATCH_SIZES, SIGNATURE_DEFAULT,
                              SIGNATURE_NORMALIZED, SIGNATURE_UINT16, TFLITE_DIR, WARMUP_FILE, predict_request,
@@ -120,6 +121,7 @@ def load_for_export(model_or_run: Any, preprocess: PreprocessConfig | None = Non
         config_file = model_file.parent / RUN_CONFIG_FILE
         if config_file.exists():
             run_config = _read_run_config(config_file)
+        require_keras_archive(model_file)
         try:
             model = keras.saving.load_model(model_file, compile=False, safe_mode=True)
         except (ValueError, OSError, TypeError) as e:

@@ -9,7 +9,9 @@ writers of `kneetf.inference.outputs`. A file that fails is reported and the res
 """
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,16 +47,19 @@ class XrayInput:
     name: str = ""
 
 
+log = logging.getLogger(__name__)
+
 PREDICTIONS_CSV = "predictions.csv"
 PREDICTION_FIELDS = ("id", "source", "side", "mirrored", "x0", "y0", "x1", "y1", "roi_source", "roi_confidence",
                      "roi_flagged")
 ERRORS_CSV = "errors.csv"
 ERROR_FIELDS = ("id", "file", "reason")
-_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+_SAFE_ID = re.compile(r"[^\w.-]+")  # letters and digits of any script stay (`\w` matches them in str)
 
 
 def safe_id(text: str) -> str:
-    """An id usable as a file name (other characters become '_')."""
+    """An id usable as a file name: letters and digits of any script, '.', '-' and '_' stay,
+    every other run of characters becomes '_' (leading and trailing '.' and '_' go)."""
     out = _SAFE_ID.sub("_", str(text)).strip("._")
     return out or "xray"
 
@@ -255,9 +260,11 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     review flag), one row appended as each
     reconstruction's files are all in place (each file, and a DICOM series as a folder, is
     renamed into place whole): a killed run leaves the finished ones listed and nothing
-    half-written, and the same call again writes them all; an X-ray that an earlier run wrote
-    and that fails now loses its earlier outputs (any format), so the folder holds what its
-    `predictions.csv` lists (the error says so). `names` (`NAMES`): output names
+    half-written, and the same call again writes them all. The table keeps the rows of an
+    earlier run's outputs that this run does not write again; an X-ray that an earlier run
+    wrote loses its earlier outputs when it fails now (the error says so) and, when written
+    again, those in formats this run does not write: the folder holds what its
+    `predictions.csv` lists, one reconstruction per name. `names` (`NAMES`): output names
     are the ids, or pseudonyms ("auto": pseudonyms unless `keep_patient`); with pseudonyms
     `source` is left empty, errors name pseudonyms, and `pseudonym_key` (default
     `out_dir/PSEUDONYM_KEY`, written before any output) maps each pseudonym to its source
@@ -319,7 +326,8 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     report = PredictReport(out, errors=list(errors))
     # a row is appended once the files of its reconstruction are all in place: a killed run
     # leaves a predictions.csv that lists exactly the finished ones
-    rows = CsvLog(out / PREDICTIONS_CSV, PREDICTION_FIELDS, fault="predict.row")
+    rows = CsvLog(out / PREDICTIONS_CSV, PREDICTION_FIELDS,
+                  _earlier_rows(out / PREDICTIONS_CSV, {it.name for it in items}), fault="predict.row")
     failures = CsvLog(out / ERRORS_CSV, ERROR_FIELDS, report.errors)
 
     def fail(item: XrayInput, reason: str) -> None:
@@ -358,6 +366,8 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
         for (item, prep), vol in zip(prepared, mri):
             try:
                 folder.claim(output_paths(out, item.name, formats))
+                # formats an earlier run wrote and this one does not: another reconstruction under this name
+                folder.discard(output_paths(out, item.name, [f for f in FORMATS if f not in formats]))
                 source = SourceXray.read(item.path) if keep_patient and "dicom" in formats else None
                 paths = write_prediction(out, item.name, prep, to_output_volume(vol, prep.mirrored), formats,
                                          source=source, pseudonym=item.name if names == "pseudonym" else None,
@@ -382,6 +392,22 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     for e in report.errors:
         e.pop("item", None)
     return report
+
+
+def _earlier_rows(path: Path, names: set[str]) -> list[dict[str, str]]:
+    """The rows of an earlier run's `predictions.csv` to keep: those of outputs still in the
+    folder that this run does not write again (`names`), so that a run into a folder adds to
+    its table instead of replacing it. An unreadable table is started afresh, with a warning."""
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        log.warning("%s: unreadable (%s); it lists only this run's outputs", path, e)
+        return []
+    return [r for r in rows if isinstance(r.get("id"), str) and r["id"] not in names
+            and any(p.exists() for p in output_paths(path.parent, r["id"], FORMATS))]
 
 
 def collect_named_inputs(paths: Sequence[str | Path], names: str, roi: Any, *, allow_outside: bool = False

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from kneetf.config import PreprocessConfig, from_dict
 from kneetf.data.cache import DATASET_JSON
 from kneetf.errors import ConfigError, InputError
+from kneetf.io.keras_file import require_keras_archive
 from kneetf.protocol import EXPORT_INFO_FILE, RUN_CONFIG_FILE, RUN_MODEL_FILE, TFLITE_DIR
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def load_model(path: str | Path, *, compile: bool = True) -> Any:
     if kind != "keras":
         raise InputError(path, f"is a {kind} model; load_model needs a .keras file or a run folder "
                                "(use kneetf.api.Reconstructor for SavedModel and TFLite)")
+    require_keras_archive(file)
     try:
         return keras.saving.load_model(file, compile=compile, safe_mode=True)
     except Exception as e:  # keras raises many types on a bad archive

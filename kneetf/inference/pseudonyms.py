@@ -11,6 +11,7 @@ outputs instead of adding new ones. `kneetf predict` and
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -46,6 +47,10 @@ class PseudonymKey:
         self.path = Path(path)
         self.rows = read_pseudonym_key(self.path)
         self.used = {r["pseudonym"] for r in self.rows}
+        self._reused: set[int] = set()  # ids of the rows this run writes again
+        self._by_source: dict[str, list[dict[str, str]]] = {}
+        for r in self.rows:
+            self._by_source.setdefault(_same_file(r["source"]), []).append(r)
 
     def new(self) -> str:
         """A pseudonym no row of the key and no input of this run has."""
@@ -56,14 +61,16 @@ class PseudonymKey:
         return name
 
     def name_for(self, source: str) -> str:
-        """The pseudonym of `source`: the one an earlier run gave it (written or unfinished
-        first, then failed), else a new one. A reused pseudonym's row leaves `rows`; this run
+        """The pseudonym of `source`: the one an earlier run gave the same file (however its
+        path was written: relative, absolute, through a link; written or unfinished first,
+        then failed), else a new one. A reused pseudonym's earlier row is dropped; this run
         writes it again."""
-        earlier = [r for r in self.rows if r["source"] == source]
+        earlier = self._by_source.get(_same_file(source))
         if not earlier:
             return self.new()
         row = min(earlier, key=lambda r: r["result"] == "failed")  # the first that may have outputs
-        self.rows.remove(row)
+        earlier.remove(row)
+        self._reused.add(id(row))
         return row["pseudonym"]
 
     def assign(self, items: Sequence[Any]) -> None:
@@ -73,9 +80,18 @@ class PseudonymKey:
             it.name = self.name_for(str(it.path))
 
     def write(self, entries: Iterable[tuple[str, str, str]]) -> None:
-        """The key file: earlier runs' rows, then this run's (pseudonym, source, result)."""
+        """The key file: earlier runs' rows, then this run's (pseudonym, source, result), each
+        source as an absolute path (a later run from another folder finds it)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_csv_atomic(self.path, KEY_FIELDS, self.rows + [dict(zip(KEY_FIELDS, e)) for e in entries])
+        ours = [dict(zip(KEY_FIELDS, (name, os.path.abspath(source) if source else "", result)))
+                for name, source, result in entries]
+        kept = [r for r in self.rows if id(r) not in self._reused]
+        write_csv_atomic(self.path, KEY_FIELDS, kept + ours)
+
+
+def _same_file(source: str) -> str:
+    """`source` as one spelling per file (resolved: relative paths and links agree)."""
+    return str(Path(source).resolve()) if source else ""
 
 
 __all__ = ["KEY_FIELDS", "read_pseudonym_key", "PseudonymKey"]

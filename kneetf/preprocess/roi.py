@@ -3,7 +3,7 @@ classical fallback.
 
 The paper crops the joint with YOLOv2. Here a box comes from one of these `RoiSource`s:
 
-- `CsvRoi`: user boxes, a CSV `id,x0,y0,x1,y1` (`load_boxes`);
+- `CsvRoi`: user boxes, a CSV `id,x0,y0,x1,y1` (`read_boxes`);
 - `DetectorRoi` (in `kneetf.preprocess.roi_detector`): the small Keras detector
   `kneetf train-roi` trains;
 - `ClassicalRoi`: no learning, numpy/OpenCV only (`find_joint`): inside the exposed field,
@@ -1401,20 +1401,31 @@ def find_roi(source: Any, case_id: str, image: np.ndarray, pixel_spacing: Any = 
 
 
 class CsvRoi:
-    """Boxes read from a CSV `id,x0,y0,x1,y1` (or given as a dict)."""
+    """Boxes read from a CSV `id,x0,y0,x1,y1` (or given as a dict). A bad line fails only the
+    X-ray of its id (as `kneetf prepare` skips only that pair); a bad line without an id is
+    logged once."""
 
     uses_spacing = False
 
     def __init__(self, boxes: str | Path | Mapping[str, Box]) -> None:
+        self.bad: dict[str, str] = {}  # id -> the reason its line was refused ("line N: ...")
         if isinstance(boxes, (str, Path)):
             self.path: Path | None = Path(boxes)
-            self.boxes = load_boxes(boxes)
+            result = read_boxes(boxes)
+            self.boxes = result.boxes
+            for case_id, e in result.errors:
+                if case_id:
+                    self.bad.setdefault(case_id, e.reason)
+                else:
+                    log.warning("%s", e)
         else:
             self.path = None
             self.boxes = dict(boxes)
 
     def box_for(self, case_id: str, image: np.ndarray, pixel_spacing: Any = None) -> Box:
-        """The CSV's box of `case_id`; an InputError names the CSV when it has none."""
+        """The CSV's box of `case_id`; an InputError names the CSV (and the line) when it has none."""
+        if case_id in self.bad:
+            raise InputError(self.path, self.bad[case_id])
         try:
             return self.boxes[case_id]
         except KeyError:

@@ -41,6 +41,7 @@ from keras import layers, ops
 from kneetf.config import from_dict, to_dict
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import atomic_path
+from kneetf.io.keras_file import require_keras_archive
 from kneetf.preprocess.image import image_2d
 from kneetf.preprocess.ops import traced
 from kneetf.preprocess.roi import Box, square_box_around
@@ -442,6 +443,7 @@ def load_detector(path: str | Path) -> RoiDetector:
     path = BUILTIN_DETECTOR if str(path) == BUILTIN_NAME else Path(path)
     if not path.is_file():
         raise InputError(path, "ROI detector file not found")
+    require_keras_archive(path)
     try:
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as e:  # keras raises several types for a broken or foreign archive
