@@ -64,8 +64,10 @@ class Reconstruction:
         return write_volume(path, self.volume, xray=xray)
 
     def save_dicom(self, folder: str | Path, patient: dict[str, Any] | None = None) -> list[Path]:
-        """Write the volume as a derived DICOM MR series: a random pseudonymous patient, or
-        `patient` (DICOM keywords -> values, e.g. {"PatientID": ...}) when given."""
+        """Write the volume as a derived DICOM MR series into `folder` (new, empty, or holding an
+        earlier series kneetf wrote, which is replaced; any other content is an InputError and
+        is left alone): a random pseudonymous patient, or `patient` (DICOM keywords -> values,
+        e.g. {"PatientID": ...}) when given."""
         return write_dicom(folder, self.volume, side=self.side, patient=patient)
 
 
@@ -143,13 +145,15 @@ class Reconstructor:
         """`predict` for several X-rays (paths or arrays), `batch_size` per model call.
         The first input that cannot be used raises an InputError naming it."""
         n = len(xrays)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1. Received: batch_size={batch_size!r}")
         for name, seq in (("ids", ids), ("sides", sides), ("boxes", boxes)):
             if seq is not None and len(seq) != n:
                 raise ConfigError(f"{name} must have one entry per X-ray ({n}). Received: {len(seq)}")
         prepared = [self._prepare(x, ids[i] if ids else None, sides[i] if sides else None,
                                   boxes[i] if boxes else None, cropped) for i, x in enumerate(xrays)]
         out: list[Reconstruction] = []
-        for s in range(0, n, max(1, batch_size)):
+        for s in range(0, n, batch_size):
             chunk = prepared[s:s + batch_size]
             mri = self.predictor(np.stack([p.xray for p in chunk]))
             for p, vol in zip(chunk, mri):

@@ -181,3 +181,17 @@ def test_training_values_that_cannot_train_are_refused(argv, message, tmp_path, 
     assert main(["train", "--preset", "tiny", "--epochs", "1", "--out", str(tmp_path / "run"), *argv]) == 1
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["jpeg", "", "nifti,mp4"])
+def test_a_bad_output_format_is_a_bad_command_line(value, capsys) -> None:
+    """--format was checked only once the command ran (exit 1); --names, its neighbour, exits 2."""
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--model", "m.keras", "x.png", "--out", "o", "--format", value])
+    assert e.value.code == 2
+    assert f"argument --format: takes a comma-separated list of nifti, dicom, png. Received: {value!r}" in \
+        capsys.readouterr().err
+    parser, _ = _command_parser("predict")
+    assert parser.parse_args(["--model", "m", "x.png", "--out", "o", "--format", "NII,png,png"]).format == \
+        ("nifti", "png")
+    assert parser.parse_args(["--model", "m", "x.png", "--out", "o"]).format == ("nifti",)

@@ -101,6 +101,53 @@ def test_dicom_series_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.Monk
         write_dicom_series(out / "x", np.zeros((2, 4, 4)), spacing=(1, 0, 1))
 
 
+def test_a_dicom_series_replaces_only_an_earlier_series(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Reconstruction.save_dicom(folder)` deleted whatever the folder held (the user's notes,
+    the input X-ray), and '.' or an existing file failed with an OSError that left debris."""
+    series = tmp_path / "s"
+    first = write_dicom_series(series, volume((3, 4, 4)))
+    second = write_dicom_series(series, volume((2, 4, 4), seed=1))  # an earlier series: replaced
+    assert sorted(p.name for p in series.iterdir()) == [f.name for f in second] != [f.name for f in first]
+    (series / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"s: exists and holds files that are not a DICOM series kneetf wrote "
+                                         r"\(notes.txt\); it is left as it is"):
+        write_dicom_series(series, volume((3, 4, 4)))
+    assert (series / "notes.txt").read_text() == "mine" and len(list(series.iterdir())) == 3
+    (tmp_path / "file.nii.gz").write_bytes(b"mine")
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        write_dicom_series(tmp_path / "file.nii.gz", volume((3, 4, 4)))
+    work = tmp_path / "work"
+    write_dicom_series(work, volume((2, 4, 4)))
+    monkeypatch.chdir(work)
+    with pytest.raises(InputError, match="is the current folder"):
+        write_dicom_series(".", volume((3, 4, 4)))
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+    assert (tmp_path / "file.nii.gz").read_bytes() == b"mine"
+
+
+def test_a_folder_whose_replacement_fails_is_put_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the new folder could not be renamed into place the old one stayed in a .tmp-old-*
+    folder, and the next run's clean-up deleted it: a failed write had replaced the folder."""
+    import kneetf.io.atomic as atomic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    real_replace = atomic.os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.startswith(".tmp-out-"):
+            raise OSError("Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="Input/output"):
+        with atomic.atomic_path(out, directory=True) as tmp:
+            (tmp / "b.txt").write_text("new")
+    assert not list(tmp_path.glob(".tmp-*")) and sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert (out / "a.txt").read_text() == "old"
+
+
 def test_quantize_uint16_covers_range() -> None:
     values = np.linspace(-1234.5, 9876.25, 1001)
     stored, slope, intercept = quantize_uint16(values)

@@ -443,7 +443,8 @@ def test_kneetf_outputs_are_not_read_as_xrays_and_foreign_files_are_kept(tmp_pat
     assert not (out / "other.nii.gz").exists()
 
     # a second run into the same folder replaces kneetf's own files
-    report = predict_files(run, [xr / "knee.npy"], out, formats=("nifti", "png"), progress=False, names="id")
+    report = predict_files(run, [xr / "knee.npy"], out, formats=("nifti", "png", "dicom"), progress=False,
+                           names="id")
     assert report.ok == 1 and not report.errors
 
     # kneetf's outputs given as inputs (the montage PNG, a slice of the series) are refused, the rest done

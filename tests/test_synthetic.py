@@ -358,6 +358,13 @@ def test_other_seed_into_the_same_folder_is_refused(written):
         S.write_synthetic_dataset(out, n=3, seed=1, config=config, workers=1, progress=False)
 
 
+def test_an_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")  # was "[Errno 17] File exists"
+    with pytest.raises(ConfigError, match=r"notes.txt exists and is not a folder"):
+        S.write_synthetic_dataset(tmp_path / "notes.txt", n=1, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_formats_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="unknown formats"):
         S.write_synthetic_dataset(tmp_path, n=1, formats=("dicom", "jpeg"), progress=False)

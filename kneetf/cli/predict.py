@@ -15,6 +15,17 @@ def _flags() -> list[ConfigFlag]:
     return [ConfigFlag(ReaderConfig, "max_pixels")]
 
 
+def _formats(text: str) -> tuple[str, ...]:
+    """--format's value, checked as the command line is read (a bad one exits 2, as --names)."""
+    from kneetf.errors import ConfigError
+    from kneetf.inference.outputs import parse_formats
+
+    try:
+        return parse_formats(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--format ")) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kneetf.inference.outputs import FORMATS
 
@@ -23,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="M",
                         help="a .keras file, a training run folder, a SavedModel folder or a .tflite file")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (the only place written to)")
-    parser.add_argument("--format", default=FORMATS[0], metavar="FORMATS",
+    parser.add_argument("--format", default=FORMATS[0], metavar="FORMATS", type=_formats,
                         help=f"comma-separated: {', '.join(FORMATS)} (default: %(default)s)")
     roi = parser.add_mutually_exclusive_group()
     roi.add_argument("--rois", metavar="BOXES_CSV",
@@ -50,9 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from kneetf.cli.exits import EXIT_OK, EXIT_PARTIAL
     from kneetf.errors import KneetfError
     from kneetf.inference.batch import predict_files
-    from kneetf.inference.outputs import parse_formats
     from kneetf.io.limits import ReaderConfig, use_reader_config
-    formats = parse_formats(args.format)
+    formats = args.format
     roi = args.rois or args.roi_detector  # None: the ROI source recorded with the model
     with use_reader_config(ReaderConfig(**config_values(args, _flags(), ReaderConfig))):
         report = predict_files(args.model, args.inputs, args.out, formats=formats, roi=roi,

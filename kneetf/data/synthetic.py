@@ -1014,6 +1014,8 @@ def synthesize(out_dir: str | Path, n: int = 256, seed: int = 0, config: SynthCo
         raise ConfigError("radiograph takes a style object (kneetf.data.radiograph.get_style(name)). "
                           f"Received: radiograph={radiograph!r}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
     formats = _check_formats(formats)
     if n < 1:
         raise ConfigError(f"n must be >= 1. Received: n={n}")

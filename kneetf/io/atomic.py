@@ -77,8 +77,17 @@ def atomic_path(final: str | Path, *, directory: bool = False, fault: str = "wri
         aside = None
         if directory and final.is_dir() and not final.is_symlink():
             aside = Path(tempfile.mkdtemp(prefix=f"{DEBRIS_PREFIX}old-{final.name}-", dir=final.parent))
-            os.replace(final, aside)  # an empty folder is replaced by rename
-        os.replace(tmp, final)
+            try:
+                os.replace(final, aside)  # an empty folder is replaced by rename
+            except OSError:
+                aside.rmdir()
+                raise
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if aside is not None:  # the old folder goes back: a failed write replaces nothing
+                os.replace(aside, final)
+            raise
         faults.point(f"{fault}.after", final)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)

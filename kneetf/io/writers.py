@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import gzip
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -164,6 +166,25 @@ def _image_type(derived: bool) -> list[str]:
 
 
 # === DICOM ===
+_SERIES_FILE = re.compile(r"IM\d{5}\.dcm")
+
+
+def _require_replaceable_series(folder: Path) -> None:
+    """InputError unless `folder` is new, empty, or holds only a series `write_dicom_series` wrote."""
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if not folder.is_dir():
+        raise InputError(folder, "exists and is not a folder; a DICOM series is written as a folder")
+    if os.path.abspath(folder) == os.getcwd():
+        raise InputError(folder, "is the current folder; write the DICOM series into a new folder")
+    others = sorted(p.name for p in folder.iterdir() if not (_SERIES_FILE.fullmatch(p.name) and p.is_file()))
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        raise InputError(folder, "exists and holds files that are not a DICOM series kneetf wrote "
+                                 f"({', '.join(others[:3])}{more}); it is left as it is: write the series into a "
+                                 "new or empty folder")
+
+
 def write_dicom_series(
     folder: str | Path,
     volume: np.ndarray,
@@ -192,14 +213,16 @@ def write_dicom_series(
     "kneetf reconstruction, not for diagnostic use". `attributes` (a pydicom Dataset or a
     mapping of DICOM keywords to values) is set on every file last, so it can add or replace
     any attribute but the geometry, pixels and SOP instance UIDs (e.g. the study module of a
-    source image). The folder is written in a temporary sibling and renamed into place (an
-    existing folder is replaced).
+    source image). The folder is written in a temporary sibling and renamed into place; an
+    existing folder is replaced only when it holds nothing but such a series (`IM#####.dcm`
+    files): any other content, a file of that name or the current folder is an InputError.
 
     Returns the file paths, index k holding slice k.
     """
     from pydicom.uid import generate_uid
 
     folder = Path(folder)
+    _require_replaceable_series(folder)
     volume = _check_array(volume, 3, "volume", folder)
     slice_mm, row_mm, col_mm = _check_spacing(spacing, 3, folder)
     orientation = tuple(float(v) for v in orientation)
