@@ -10,8 +10,9 @@ subjects only through the baselines' accumulators.
 With `out_dir`: `per_subject.csv`, `summary.json`, montages of the best, median and worst
 subjects (by the model's PSNR), `slice_psnr.png` and, for a run folder, `learning_curves.png`;
 with `save_volumes`, each subject's reconstruction as `volumes/<id>.nii.gz` (the output
-geometry of `kneetf predict`, `kneetf.inference.outputs.write_volume`). Nothing is written
-anywhere else.
+geometry of `kneetf predict`, `kneetf.inference.outputs.write_volume`); an earlier run's
+volumes of subjects this run does not evaluate are removed from it, and a run without
+`save_volumes` does not list the folder. Nothing is written anywhere else.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from kneetf import baselines as B
 from kneetf import metrics as M
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import write_text_atomic
+from kneetf.io.outdir import check_output_folder
 from kneetf.protocol import RUN_HISTORY_FILE
 from kneetf.version import __version__
 
@@ -112,6 +114,10 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1. Received: limit={limit}")
+    if out_dir is not None:  # before any work, not when the report is written
+        check_output_folder(out_dir)
+        if save_volumes:
+            check_output_folder(Path(out_dir) / VOLUMES_DIR, "--save-volumes folder")
     cache_dir = Path(cache_dir)
     info = read_info(cache_dir)
     for s in (split, baseline_split):
@@ -176,7 +182,15 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
     for line in verdict_lines(result) if log_verdict else ():
         (log.warning if "NOT" in line else log.info)(line)
     if out_dir is not None:
-        _write_report(Path(out_dir), result, model, predictor, cache_dir, split, batch_size, limit)
+        if save_volumes:  # an earlier run's volumes of subjects not evaluated now are not this report's
+            from kneetf.inference.batch import safe_id
+
+            written = {f"{safe_id(i)}.nii.gz" for i in ev_ids}
+            for old in (Path(out_dir) / VOLUMES_DIR).glob("*.nii.gz"):
+                if old.name not in written:
+                    old.unlink()
+        _write_report(Path(out_dir), result, model, predictor, cache_dir, split, batch_size, limit,
+                      volumes=save_volumes)
     return result
 
 
@@ -297,7 +311,7 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
 
 
 def _write_report(out: Path, result: dict[str, Any], model: Any, predictor: Any, cache_dir: Path, split: str,
-                  batch_size: int, limit: int | None) -> None:
+                  batch_size: int, limit: int | None, *, volumes: bool = False) -> None:
     from kneetf import viz
 
     out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +348,7 @@ def _write_report(out: Path, result: dict[str, Any], model: Any, predictor: Any,
     history = _history_path(model)
     if history is not None and viz.save_learning_curves(out / LEARNING_CURVES_PNG, history) is not None:
         files.append(LEARNING_CURVES_PNG)
-    if (out / VOLUMES_DIR).is_dir():
+    if volumes:
         files.append(VOLUMES_DIR + "/")
     summary = {k: v for k, v in result.items() if k != "per_subject"}
     summary["files"] = files

@@ -185,3 +185,33 @@ def test_evaluate_refuses_a_cache_of_other_slices_and_warns_on_other_percentiles
             with caplog.at_level("WARNING"):
                 evaluate(run, cache, "test", None, progress=False)
             assert "high_percentile 99.0 (cache: 99.5)" in caplog.text
+
+
+def test_evaluate_volumes_are_this_runs_and_a_bad_out_is_refused_first(tmp_path, cache, run_dir, monkeypatch):
+    """A rerun with --limit left the earlier run's volumes in volumes/, and a run without
+    --save-volumes listed that folder; an --out that is a file failed after all the work."""
+    import kneetf.evaluate as E
+    from kneetf.errors import ConfigError
+
+    out = tmp_path / "report"
+    common = dict(baseline_split="train", progress=False, log_verdict=False, strong=False)
+    E.evaluate(run_dir, cache, "test", out, save_volumes=True, **common)
+    assert len(list((out / "volumes").glob("*.nii.gz"))) == 4
+    (out / "volumes" / "notes.txt").write_text("mine")
+    result = E.evaluate(run_dir, cache, "test", out, save_volumes=True, limit=1, **common)
+    assert [p.name for p in (out / "volumes").glob("*.nii.gz")] == [f"{result['per_subject'][0]['id']}.nii.gz"]
+    assert (out / "volumes" / "notes.txt").read_text() == "mine"
+    result = E.evaluate(run_dir, cache, "test", out, limit=1, **common)
+    assert "volumes/" not in result["files"]
+    assert "volumes/" not in json.loads((out / "summary.json").read_text())["files"]
+
+    monkeypatch.setattr(E.B, "fit_baselines", lambda *a, **k: pytest.fail("work began before --out was checked"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="afile exists and is not a folder"):
+        E.evaluate(run_dir, cache, "test", tmp_path / "afile", **common)
+    with pytest.raises(ConfigError, match=r"--out .*afile/sub: .*afile is a file, not a folder"):
+        E.evaluate(run_dir, cache, "test", tmp_path / "afile" / "sub", **common)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "volumes").write_text("x")
+    with pytest.raises(ConfigError, match=r"--save-volumes folder .*volumes exists and is not a folder"):
+        E.evaluate(run_dir, cache, "test", tmp_path / "other", save_volumes=True, **common)

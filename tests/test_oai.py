@@ -197,3 +197,25 @@ def test_only_problems_with_the_files_count_as_failures() -> None:
     assert OaiImport([], skipped=by_design).failures() == []
     missing = Skipped("9000002", "00m", "MRI", "folder not found: 00m/1.C.2/9000002", "f")
     assert OaiImport([], skipped=by_design + [missing]).failures() == [missing]
+
+
+def test_import_oai_never_writes_over_what_it_reads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--out (or --skipped-report) naming the release's contents.csv replaced the OAI listing
+    with the manifest; an --out that is a folder failed only after the skipped report was written."""
+    make_oai_tree(tmp_path / "oai", ["9100001"])
+    [contents] = sorted((tmp_path / "oai").rglob("contents.csv"))
+    listing = contents.read_bytes()
+    image = next(p for p in (tmp_path / "oai").rglob("*") if p.is_file() and p.name != "contents.csv")
+    for argv, said in [(["--out", str(contents)], "is an input of this command"),
+                       (["--out", str(tmp_path / "m.csv"), "--skipped-report", str(contents)],
+                        "is an input of this command"),
+                       (["--out", str(image)], "is a file of the OAI tree"),
+                       (["--out", str(tmp_path / "m.csv"), "--skipped-report", str(tmp_path / "m.csv")],
+                        "is the --out manifest"),
+                       (["--out", str(tmp_path / "oai")], "is a folder; give a file name")]:
+        assert main(["import-oai", str(tmp_path / "oai"), *argv]) == 1, argv
+        assert said in capsys.readouterr().err, argv
+    assert contents.read_bytes() == listing
+    assert not list(tmp_path.glob("*.csv")) and not list((tmp_path / "oai").glob("*.skipped.csv"))
+    assert main(["import-oai", str(tmp_path / "oai"), "--out", str(tmp_path / "oai" / "manifest.csv")]) == 0
+    assert main(["import-oai", str(tmp_path / "oai"), "--out", str(tmp_path / "oai" / "manifest.csv")]) == 0  # rerun

@@ -277,3 +277,50 @@ def test_train_roi_cli_errors(tmp_path, capsys):
     assert "nothing to train on" in capsys.readouterr().err
     assert main(["train-roi", "--style", "clinc", "--out", "m.keras"]) == 1
     assert "Did you mean 'clinic'" in capsys.readouterr().err
+
+
+def test_manifest_examples_skip_bad_box_lines_and_boxes_that_miss_their_xray(tmp_path, caplog):
+    """One bad line of the boxes CSV stopped train-roi (prepare skips only that pair); a box
+    outside its X-ray crashed the training pipeline, or was trained on when the crop fitted."""
+    images, boxes = standin_set(6, seed=9)
+    _write_manifest(tmp_path / "data", images, boxes, test_from=6)
+    lines = (tmp_path / "data" / "boxes.csv").read_text().splitlines()
+    lines[1] = "k0,abc,1,2,3"                         # not a number
+    lines[2] = "k1,-900,-900,-800,-800"               # outside the X-ray
+    lines[3] = "k2,5000,5000,6000,6000"               # outside as well
+    (tmp_path / "data" / "boxes.csv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        parts = tr.manifest_examples(tmp_path / "data", None, val_fraction=0.34, seed=0)
+    kept = sorted(parts["train"][0] + parts["val"][0])
+    assert kept == ["k3", "k4", "k5"]
+    assert "line 2: x0 is not a number" in caplog.text and "lies outside" in caplog.text
+    assert "3 case(s) skipped" in caplog.text
+
+
+def test_train_roi_refuses_a_bad_out_before_training(tmp_path, monkeypatch, capsys):
+    from kneetf.cli.main import main
+
+    monkeypatch.setattr(tr, "train_roi_detector", lambda *a, **k: pytest.fail("trained before --out was checked"))
+    (tmp_path / "folder.keras").mkdir()
+    assert main(["train-roi", "--n", "2", "--out", str(tmp_path / "folder.keras")]) == 1
+    assert "folder.keras is a folder; give a file name" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["train-roi", "--n", "2", "--out", str(tmp_path / "afile" / "d.keras")]) == 1
+    assert "afile is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_model_that_is_not_a_detector_is_named_briefly(tmp_path):
+    """A KneeNet given as --roi-detector printed Keras' whole object config (kilobytes)."""
+    from kneetf.models.kneenet import KneeNet
+
+    import subprocess
+    import sys
+
+    KneeNet.from_preset("tiny").save(tmp_path / "model.keras")
+    with pytest.raises(InputError, match=r"model.keras: not an ROI detector \(a KneeNet\)"):
+        rd.load_detector(tmp_path / "model.keras")  # KneeNet's classes are registered in this process
+    code = ("from kneetf.preprocess.roi_detector import load_detector as load\n"
+            f"try:\n    load({str(tmp_path / 'model.keras')!r})\nexcept Exception as e:\n    print(e)")
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.strip()
+    assert "cannot load the ROI detector: Could not locate class 'KneeNet'" in said
+    assert "It is not an ROI detector" in said and len(said) < 700 and "Full object config" not in said

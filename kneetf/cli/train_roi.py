@@ -71,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
     from kneetf.preprocess.roi_detector_config import DETECTOR_ARCHS
     from kneetf.training.roi import RoiDataConfig, RoiTrainConfig, train_roi_detector
 
+    from kneetf.io.outdir import check_output_file
+
+    inputs = [p for p in (args.data, args.rois) if p]  # --init may be --out: it is read before it is replaced
+    check_output_file(args.out, "--out", inputs=inputs)  # before the training, not after it
+    if args.report:
+        check_output_file(args.report, "--report", inputs=[*inputs, args.out])
     flags = _flags()
     result = train_roi_detector(args.out, data=args.data, rois=args.rois,
                                 examples=RoiDataConfig(**config_values(args, flags, RoiDataConfig)),

@@ -225,7 +225,10 @@ def corrupt_shards_named(*folders: str | Path) -> Iterator[None]:
         if not bad:
             raise
         more = f" (and {len(bad) - 1} more: {', '.join(str(p) for p in bad[1:4])})" if len(bad) > 1 else ""
-        reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", str(e.message).splitlines()[0])[:200]
+        first = str(e.message).splitlines()[0] if str(e.message) else "unreadable"
+        found = re.search(r"(?:truncated|corrupted) record at \d+", first)  # the rest is TensorFlow's graph talk
+        reason = found.group(0) if found else re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*", "",
+                                                      first)[:200]
         raise InputError(bad[0], f"corrupt TFRecord shard{more}: {reason}. Delete it and its .json sidecar, then "
                                  "run the same `kneetf prepare` (or training) command again: only the missing "
                                  "shards are rebuilt") from None

@@ -46,6 +46,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from typing import Any, Sequence
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import write_text_atomic
 from kneetf.io.manifest import Case, check_id, split_participants, write_manifest
+from kneetf.io.outdir import check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -494,14 +496,35 @@ def skipped_report_path(manifest: str | Path) -> Path:
     return manifest.with_name(manifest.stem + ".skipped.csv")
 
 
+def _check_outputs(root: Path, out: Path, report: Path, visits: Sequence[str]) -> None:
+    """ConfigError unless the manifest `out` and the skipped report can be written without
+    replacing a file the import reads (a contents.csv, an image of the tree) or each other."""
+    contents: list[Path] = []
+    for visit in visits:
+        try:
+            contents += find_contents(root, visit)
+        except InputError:  # pair_oai says what is missing
+            pass
+    tree = os.path.abspath(root)
+    for path, flag in ((out, "--out"), (report, "--skipped-report")):
+        check_output_file(path, flag, inputs=contents)
+        if path.is_file() and path.suffix.lower() != ".csv" and \
+                os.path.commonpath([tree, os.path.abspath(path)]) == tree:
+            raise ConfigError(f"{flag} {path} is a file of the OAI tree {root}; kneetf would write over it")
+    if os.path.abspath(out) == os.path.abspath(report):
+        raise ConfigError(f"--skipped-report {report} is the --out manifest; give another file")
+
+
 def import_oai(root: str | Path, out: str | Path, visits: Sequence[str] = ("00m",), *,
                mri_series: str = "SAG_3D_DESS", seed: int = 0, split: Sequence[float] = (0.8, 0.1, 0.1),
                skipped_report: str | Path | None = None) -> OaiImport:
     """`pair_oai`, then write the skipped-series report (`skipped_report`, default
     `skipped_report_path(out)`) and, when at least one case paired, the manifest `out`;
-    both atomically."""
-    result = pair_oai(root, visits, mri_series=mri_series, seed=seed, split=split)
+    both atomically. Neither may be a file of the OAI tree: its contents.csv listings, its
+    images (a ConfigError before any work)."""
     report = Path(skipped_report) if skipped_report is not None else skipped_report_path(out)
+    _check_outputs(Path(root), Path(out), report, visits)
+    result = pair_oai(root, visits, mri_series=mri_series, seed=seed, split=split)
     write_text_atomic(report, result.report_csv())
     if not result.cases:
         raise InputError(root, f"no {mri_series}_LEFT/_RIGHT MRI could be paired with a bilateral PA fixed "

@@ -92,4 +92,37 @@ class OutputFolder:
         return removed
 
 
-__all__ = ["MARKER", "written_by_kneetf", "OutputFolder"]
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` that is not a folder, else None."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_file(path: str | Path, flag: str = "--out", *, inputs: Iterable[str | Path] = ()) -> None:
+    """ConfigError, before any work, unless a file can be written at `path`: not a folder,
+    no file where a folder above it should be, not one of `inputs` (the files the command reads)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    above = _file_above(path)
+    if above is not None:
+        raise ConfigError(f"{flag} {path}: {above} is a file, not a folder")
+    target = _resolved(path)
+    for raw in inputs:
+        if _resolved(raw) == target:
+            raise ConfigError(f"{flag} {path} is an input of this command ({raw}); kneetf would write over it")
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> None:
+    """ConfigError, before any work, unless `path` is or can become a folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} exists and is not a folder")
+    above = _file_above(path)
+    if above is not None:
+        raise ConfigError(f"{flag} {path}: {above} is a file, not a folder")
+
+
+__all__ = ["MARKER", "written_by_kneetf", "OutputFolder", "check_output_file", "check_output_folder"]

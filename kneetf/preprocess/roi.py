@@ -256,22 +256,10 @@ def write_boxes(path: str | Path, boxes: Mapping[str, Box]) -> Path:
 
 # === Cropping ===
 
-def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant", max_pixels: int | None = None) -> np.ndarray:
-    """Crop the square around `box` (`box.square()`, rounded to whole pixels) from `image`
-    (H, W) or (H, W, C).
-
-    Parts of the square outside the image are filled with the image minimum
-    (`pad_mode="constant"`) or the nearest edge pixel (`"edge"`), so a box partly outside
-    the image still gives a full square crop. A box entirely outside is refused, and so is
-    one whose square holds less than 1 / `MAX_CROP_PADDING` of image (or more pixels than
-    `max_pixels`, by default the readers'): a wrong box, not a knee.
-    """
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}. Received: pad_mode={pad_mode!r}")
-    image = np.asarray(image)
-    if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
-        raise InputError(None, f"crop_box needs an (H, W) or (H, W, C) image. Received shape {image.shape}")
-    h, w = image.shape[:2]
+def _crop_square(shape: Sequence[int], box: Box, max_pixels: int | None = None) -> tuple[int, int, int, int]:
+    """The whole-pixel square (x0, y0, x1, y1) `crop_box` cuts around `box` from an image of
+    `shape` (rows, cols, ...); InputError (no path) when it is not a crop of that image."""
+    h, w = int(shape[0]), int(shape[1])
     sq = box.square()
     side = max(1, int(round(sq.width)))
     x0 = int(math.floor(sq.cx - side / 2.0 + 0.5))
@@ -290,6 +278,34 @@ def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant", max_pix
     if side * side > limit:
         raise InputError(None, f"the ROI box {tuple(round(v, 1) for v in box.as_tuple())} gives a {side}x{side} "
                          f"crop, more than max_pixels={limit}")
+    return x0, y0, x1, y1
+
+
+def check_box_fits(shape: Sequence[int], box: Box, max_pixels: int | None = None) -> None:
+    """InputError (no path) unless `crop_box` would crop `box` from an image of `shape`
+    (rows, cols, ...): not outside it, at least 1 / `MAX_CROP_PADDING` of it image, not more
+    pixels than `max_pixels`."""
+    _crop_square(shape, box, max_pixels)
+
+
+def crop_box(image: np.ndarray, box: Box, *, pad_mode: str = "constant", max_pixels: int | None = None) -> np.ndarray:
+    """Crop the square around `box` (`box.square()`, rounded to whole pixels) from `image`
+    (H, W) or (H, W, C).
+
+    Parts of the square outside the image are filled with the image minimum
+    (`pad_mode="constant"`) or the nearest edge pixel (`"edge"`), so a box partly outside
+    the image still gives a full square crop. A box entirely outside is refused, and so is
+    one whose square holds less than 1 / `MAX_CROP_PADDING` of image (or more pixels than
+    `max_pixels`, by default the readers'): a wrong box, not a knee.
+    """
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}. Received: pad_mode={pad_mode!r}")
+    image = np.asarray(image)
+    if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(None, f"crop_box needs an (H, W) or (H, W, C) image. Received shape {image.shape}")
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = _crop_square(image.shape, box, max_pixels)
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     inner = image[iy0:iy1, ix0:ix1]
     pad = [(iy0 - y0, y1 - iy1), (ix0 - x0, x1 - ix1)] + [(0, 0)] * (image.ndim - 2)
     if not any(p for pair in pad for p in pair):
@@ -1510,6 +1526,7 @@ def draw_box_png(path: str | Path, image: np.ndarray, box: Box | Iterable[Box], 
 
 
 __all__ = ["Box", "iou", "mean_iou", "square_box_around", "load_boxes", "read_boxes", "BoxesResult", "write_boxes",
+           "check_box_fits",
            "crop_box", "classical_roi", "find_joint", "JointFinding", "ClassicalConfig", "DEFAULT_CLASSICAL", "RoiNotFoundError",
            "RoiSource", "RoiFinding", "find_roi", "CsvRoi", "FixedRoi", "ClassicalRoi", "draw_box_png", "to_uint8",
            "CLASSICAL_SIDE_SCALE", "CLASSICAL_BOX_MM", "radiograph_spacing", "CLASSICAL_FLAG_BELOW", "CLASSICAL_VERSION"]

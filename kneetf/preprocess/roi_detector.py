@@ -447,7 +447,10 @@ def load_detector(path: str | Path) -> RoiDetector:
     try:
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as e:  # keras raises several types for a broken or foreign archive
-        raise InputError(path, f"cannot load the ROI detector: {e}") from e
+        text = str(e).split(" Full object config")[0].splitlines()[0][:300] if str(e) else type(e).__name__
+        if "Could not locate class" in text:  # a model of another kind, e.g. a KneeNet reconstruction model
+            text += " It is not an ROI detector: train one with `kneetf train-roi`, or give `builtin`."
+        raise InputError(path, f"cannot load the ROI detector: {text}") from e
     if not isinstance(model, RoiDetector):
         raise InputError(path, f"not an ROI detector (a {type(model).__name__})")
     return model

@@ -231,21 +231,27 @@ def manifest_examples(data: str | Path, rois: str | Path | None, *, val_fraction
     `data` is a manifest CSV or a folder holding `manifest.csv`; `rois` defaults to one of
     `ROI_CSV_NAMES` beside it. X-rays are read as `kneetf prepare` reads them (MONOCHROME1
     inverted, `xray_half` kept), and boxes are pixel coordinates of that image. The MRI
-    column is not needed. Rows without a box are skipped with a warning; unreadable X-rays
-    are skipped and logged.
+    column is not needed. Rows without a box are skipped with a warning; so are bad lines of
+    the boxes CSV (as `kneetf prepare` skips them), unreadable X-rays and boxes that do not
+    fit their X-ray (`check_box_fits`); the skipped cases are summed up at the end.
     """
     from kneetf.io.manifest import read_manifest
     from kneetf.io.readers import read_xray
-    from kneetf.preprocess.roi import load_boxes
+    from kneetf.preprocess.roi import check_box_fits, read_boxes
 
     manifest = _find_manifest(Path(data))
     rois_path = _find_rois(manifest, rois)
-    boxes = load_boxes(rois_path)
+    read = read_boxes(rois_path)
+    boxes = read.boxes
+    skipped: list[str] = []
+    for case_id, e in read.errors:
+        log.warning("skipped a line of the boxes CSV: %s", e)
+        skipped += [case_id] if case_id else []
     result = read_manifest(manifest, allow_outside=allow_outside, require_mri=False)
     for e in result.errors:
         log.warning("skipped a manifest row: %s", e)
     cases = [c for c in result.cases if c.id in boxes]
-    missing = [c.id for c in result.cases if c.id not in boxes]
+    missing = [c.id for c in result.cases if c.id not in boxes and c.id not in read.bad_ids]
     if missing:
         log.warning("%d case(s) have no box in %s and are skipped (first: %s)", len(missing), rois_path, missing[0])
     held = [c for c in cases if (c.split or "train") in ("val", "test")]
@@ -260,13 +266,21 @@ def manifest_examples(data: str | Path, rois: str | Path | None, *, val_fraction
     for case in cases:
         try:
             image, _meta = read_xray(case.xray, half=case.xray_half)
+            try:
+                check_box_fits(np.shape(image), boxes[case.id])
+            except InputError as e:  # the box's line, not the X-ray, is wrong
+                raise InputError(rois_path, f"id {case.id!r}: {e.reason} ({case.xray})") from None
         except InputError as e:
             log.warning("skipped %s: %s", case.id, e)
+            skipped.append(case.id)
             continue
         ids, images, bxs = out["val" if case.id in held_ids else "train"]
         ids.append(case.id)
         images.append(np.asarray(image, np.float32).squeeze())
         bxs.append(boxes[case.id])
+    if skipped:
+        log.warning("%d case(s) skipped (bad boxes line, unreadable X-ray or a box that does not fit it; see "
+                    "above): %s", len(skipped), ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else ""))
     if not out["train"][0]:
         raise InputError(manifest, f"no trainable X-ray with a box (boxes from {rois_path})")
     return out
