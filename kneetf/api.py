@@ -16,6 +16,7 @@ see `kneetf.preprocess.xray`), runs the model (Keras, SavedModel or TFLite, thro
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -145,7 +146,11 @@ class Reconstructor:
         """`predict` for several X-rays (paths or arrays), `batch_size` per model call.
         The first input that cannot be used raises an InputError naming it."""
         n = len(xrays)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        try:
+            step = operator.index(batch_size)  # any integer type (numpy's too), not a float
+        except TypeError:
+            step = 0
+        if step < 1:
             raise ConfigError(f"batch_size must be an integer >= 1. Received: batch_size={batch_size!r}")
         for name, seq in (("ids", ids), ("sides", sides), ("boxes", boxes)):
             if seq is not None and len(seq) != n:
@@ -153,8 +158,8 @@ class Reconstructor:
         prepared = [self._prepare(x, ids[i] if ids else None, sides[i] if sides else None,
                                   boxes[i] if boxes else None, cropped) for i, x in enumerate(xrays)]
         out: list[Reconstruction] = []
-        for s in range(0, n, batch_size):
-            chunk = prepared[s:s + batch_size]
+        for s in range(0, n, step):
+            chunk = prepared[s:s + step]
             mri = self.predictor(np.stack([p.xray for p in chunk]))
             for p, vol in zip(chunk, mri):
                 out.append(Reconstruction(volume=to_output_volume(vol, p.mirrored), spacing=GEOMETRY.spacing,

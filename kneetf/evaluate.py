@@ -10,8 +10,8 @@ subjects only through the baselines' accumulators.
 With `out_dir`: `per_subject.csv`, `summary.json`, montages of the best, median and worst
 subjects (by the model's PSNR), `slice_psnr.png` and, for a run folder, `learning_curves.png`;
 with `save_volumes`, each subject's reconstruction as `volumes/<id>.nii.gz` (the output
-geometry of `kneetf predict`, `kneetf.inference.outputs.write_volume`); an earlier run's
-volumes of subjects this run does not evaluate are removed from it, and a run without
+geometry of `kneetf predict`, `kneetf.inference.outputs.write_volume`); the volumes of the
+subjects an earlier report listed and this run does not evaluate are removed from it, and a run without
 `save_volumes` does not list the folder. Nothing is written anywhere else.
 """
 from __future__ import annotations
@@ -182,16 +182,27 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
     for line in verdict_lines(result) if log_verdict else ():
         (log.warning if "NOT" in line else log.info)(line)
     if out_dir is not None:
-        if save_volumes:  # an earlier run's volumes of subjects not evaluated now are not this report's
+        if save_volumes:  # an earlier report's volumes of subjects not evaluated now are not this report's
             from kneetf.inference.batch import safe_id
 
-            written = {f"{safe_id(i)}.nii.gz" for i in ev_ids}
-            for old in (Path(out_dir) / VOLUMES_DIR).glob("*.nii.gz"):
-                if old.name not in written:
-                    old.unlink()
+            written = {safe_id(i) for i in ev_ids}
+            for name in _reported_ids(Path(out_dir) / PER_SUBJECT_CSV) - written:
+                (Path(out_dir) / VOLUMES_DIR / f"{name}.nii.gz").unlink(missing_ok=True)
         _write_report(Path(out_dir), result, model, predictor, cache_dir, split, batch_size, limit,
                       volumes=save_volumes)
     return result
+
+
+def _reported_ids(path: Path) -> set[str]:
+    """The output names (`safe_id`) of the subjects an earlier report at `path` lists: the
+    only volumes a rerun removes (a user's file in the folder is never one of them)."""
+    from kneetf.inference.batch import safe_id
+
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return {safe_id(r["id"]) for r in csv.DictReader(f) if r.get("id")}
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError):
+        return set()
 
 
 def _write_volumes(folder: Path, ids: Sequence[str], sides: Sequence[str], mri: np.ndarray, prep: Any) -> None:

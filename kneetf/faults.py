@@ -48,6 +48,7 @@ PAIRS: dict[str, str] = {
     "prepare.shard_info": "the sidecar JSON that marks a shard complete",
     "prepare.info": "dataset.json of the cache (the cache is usable once it is written)",
     "predict.row": "the row of one finished reconstruction in predictions.csv",
+    "predict.table": "predictions.csv rewritten at the end of a run: one row per output in the folder",
     "export.version": "the SavedModel version folder, renamed into place",
 }
 #: Single points between writes.

@@ -107,4 +107,4 @@ def test_load_model_and_reconstructor_errors(tmp_path, model_dir):
     for bad in (0, -2, 2.5):  # 0 and negatives were NumPy's "need at least one array to stack"
         with pytest.raises(ConfigError, match=rf"batch_size must be an integer >= 1. Received: batch_size={bad}"):
             rec.predict_batch([knee, knee], cropped=True, batch_size=bad)
-    assert len(rec.predict_batch([knee, knee, knee], cropped=True, batch_size=2)) == 3
+    assert len(rec.predict_batch([knee, knee, knee], cropped=True, batch_size=np.int64(2))) == 3

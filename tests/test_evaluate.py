@@ -198,8 +198,10 @@ def test_evaluate_volumes_are_this_runs_and_a_bad_out_is_refused_first(tmp_path,
     E.evaluate(run_dir, cache, "test", out, save_volumes=True, **common)
     assert len(list((out / "volumes").glob("*.nii.gz"))) == 4
     (out / "volumes" / "notes.txt").write_text("mine")
+    (out / "volumes" / "truth.nii.gz").write_bytes(b"mine too")  # no subject of the report: stays
     result = E.evaluate(run_dir, cache, "test", out, save_volumes=True, limit=1, **common)
-    assert [p.name for p in (out / "volumes").glob("*.nii.gz")] == [f"{result['per_subject'][0]['id']}.nii.gz"]
+    assert sorted(p.name for p in (out / "volumes").glob("*.nii.gz")) == \
+        [f"{result['per_subject'][0]['id']}.nii.gz", "truth.nii.gz"]
     assert (out / "volumes" / "notes.txt").read_text() == "mine"
     result = E.evaluate(run_dir, cache, "test", out, limit=1, **common)
     assert "volumes/" not in result["files"]

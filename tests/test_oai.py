@@ -215,6 +215,9 @@ def test_import_oai_never_writes_over_what_it_reads(tmp_path: Path, capsys: pyte
                        (["--out", str(tmp_path / "oai")], "is a folder; give a file name")]:
         assert main(["import-oai", str(tmp_path / "oai"), *argv]) == 1, argv
         assert said in capsys.readouterr().err, argv
+    other_visit = tmp_path / "oai" / "12m" / "contents.csv"  # a listing this import does not read
+    assert main(["import-oai", str(tmp_path / "oai"), "--out", str(other_visit)]) == 1
+    assert "is a file of the OAI tree" in capsys.readouterr().err and not other_visit.exists()
     assert contents.read_bytes() == listing
     assert not list(tmp_path.glob("*.csv")) and not list((tmp_path / "oai").glob("*.skipped.csv"))
     assert main(["import-oai", str(tmp_path / "oai"), "--out", str(tmp_path / "oai" / "manifest.csv")]) == 0

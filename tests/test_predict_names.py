@@ -267,6 +267,7 @@ def test_ids_of_any_script_name_their_outputs(tmp_path, run):
     from kneetf.inference.batch import predict_files, safe_id
 
     assert safe_id("knee-ä") == "knee-ä" and safe_id("膝") == "膝" and safe_id("a b/c") == "a_b_c"
+    assert safe_id("knee-a\u0308") == "knee-ä"  # decomposed (macOS names): the same id, not knee-a_
     np.save(tmp_path / "膝.npy", _xray(1))
     np.save(tmp_path / "股.npy", _xray(2))
     manifest = tmp_path / "m.csv"
@@ -306,3 +307,50 @@ def test_a_model_file_that_is_not_a_keras_archive_is_named_as_such(tmp_path, run
         for load in (load_model, load_detector, load_for_export):
             with pytest.raises(InputError, match=rf"{path.name}: is not a Keras \.keras archive \(not a zip file"):
                 load(path)
+
+
+def test_a_series_folder_holding_a_users_file_is_never_removed(tmp_path, run):
+    """A rerun that failed (or wrote other formats) removed the earlier `<name>_dicom/` whole,
+    though the user had put a file into it."""
+    from kneetf.inference.batch import predict_files
+
+    np.save(tmp_path / "k.npy", _xray(3))
+    out = tmp_path / "out"
+    assert predict_files(run, [tmp_path / "k.npy"], out, formats=("nifti", "dicom"), progress=False,
+                         names="id").ok == 1
+    (out / "k_dicom" / "notes.txt").write_text("mine")
+    assert predict_files(run, [tmp_path / "k.npy"], out, formats=("nifti",), progress=False, names="id").ok == 1
+    np.save(tmp_path / "k.npy", np.zeros((64, 64), "float32"))  # fails now
+    report = predict_files(run, [tmp_path / "k.npy"], out, formats=("nifti", "dicom"), progress=False, names="id")
+    assert report.ok == 0 and "k.nii.gz removed" in report.errors[0]["reason"]
+    assert (out / "k_dicom" / "notes.txt").read_text() == "mine"
+    assert [r["id"] for r in _rows(out / "predictions.csv")] == ["k"]  # its series is still in the folder
+
+
+def test_a_killed_rerun_keeps_listing_the_outputs_it_did_not_reach(tmp_path, run, monkeypatch):
+    """A rerun dropped the rows of every output it was about to write again: killed halfway,
+    it left earlier outputs that no table listed."""
+    from kneetf.inference.batch import predict_files
+    from kneetf.io.atomic import CsvLog
+
+    inputs = []
+    for i in range(3):
+        np.save(tmp_path / f"k{i}.npy", _xray(i))
+        inputs.append(tmp_path / f"k{i}.npy")
+    out = tmp_path / "out"
+    assert predict_files(run, inputs, out, progress=False, names="id", batch_size=1).ok == 3
+    real_append = CsvLog.append
+
+    def killed_after_one(self, row):  # the process dies once k0's row of the rerun is in
+        real_append(self, row)
+        if self.path.name == "predictions.csv":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(CsvLog, "append", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        predict_files(run, inputs, out, progress=False, names="id", batch_size=1)
+    rows = [r["id"] for r in _rows(out / "predictions.csv")]
+    assert sorted(set(rows)) == ["k0", "k1", "k2"] and rows[-1] == "k0"  # k0 twice: the later row is current
+    monkeypatch.setattr(CsvLog, "append", real_append)
+    assert predict_files(run, [inputs[0]], out, progress=False, names="id").ok == 1
+    assert sorted(r["id"] for r in _rows(out / "predictions.csv")) == ["k0", "k1", "k2"]

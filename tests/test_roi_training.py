@@ -307,6 +307,15 @@ def test_train_roi_refuses_a_bad_out_before_training(tmp_path, monkeypatch, caps
     (tmp_path / "afile").write_text("x")
     assert main(["train-roi", "--n", "2", "--out", str(tmp_path / "afile" / "d.keras")]) == 1
     assert "afile is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "d.json").mkdir()  # the default report beside --out
+    assert main(["train-roi", "--n", "2", "--out", str(tmp_path / "d.keras")]) == 1
+    assert "--report " in capsys.readouterr().err
+    images, boxes = standin_set(2, seed=1)
+    _write_manifest(tmp_path / "data", images, boxes, test_from=2)
+    for report in ("manifest.csv", "boxes.csv"):  # the files a --data folder stands for
+        assert main(["train-roi", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "e.keras"),
+                     "--report", str(tmp_path / "data" / report)]) == 1
+        assert "is an input of this command" in capsys.readouterr().err
 
 
 def test_a_model_that_is_not_a_detector_is_named_briefly(tmp_path):

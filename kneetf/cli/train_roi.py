@@ -72,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
     from kneetf.training.roi import RoiDataConfig, RoiTrainConfig, train_roi_detector
 
     from kneetf.io.outdir import check_output_file
+    from kneetf.training.roi import data_files, report_file
 
-    inputs = [p for p in (args.data, args.rois) if p]  # --init may be --out: it is read before it is replaced
+    inputs = data_files(args.data, args.rois)  # --init may be --out: it is read before it is replaced
     check_output_file(args.out, "--out", inputs=inputs)  # before the training, not after it
-    if args.report:
-        check_output_file(args.report, "--report", inputs=[*inputs, args.out])
+    check_output_file(report_file(args.out, args.report), "--report", inputs=[*inputs, args.out])
     flags = _flags()
     result = train_roi_detector(args.out, data=args.data, rois=args.rois,
                                 examples=RoiDataConfig(**config_values(args, flags, RoiDataConfig)),

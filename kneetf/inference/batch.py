@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,8 @@ from kneetf.inference.outputs import (FORMATS, NAMES, PSEUDONYM_KEY, SeriesNumbe
                                       parse_formats, write_prediction)
 from kneetf.inference.predictor import load_predictor
 from kneetf.inference.pseudonyms import KEY_FIELDS, PseudonymKey, read_pseudonym_key
-from kneetf.io.atomic import CsvLog, remove_debris
+from kneetf.io.atomic import CsvLog, remove_debris, write_csv_atomic
+from kneetf.io.writers import foreign_files
 from kneetf.preprocess.roi import CsvRoi
 from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray,
                                    to_output_volume)
@@ -60,7 +62,8 @@ _SAFE_ID = re.compile(r"[^\w.-]+")  # letters and digits of any script stay (`\w
 def safe_id(text: str) -> str:
     """An id usable as a file name: letters and digits of any script, '.', '-' and '_' stay,
     every other run of characters becomes '_' (leading and trailing '.' and '_' go)."""
-    out = _SAFE_ID.sub("_", str(text)).strip("._")
+    # NFC: an accent stored apart from its letter (macOS file names) would become '_' on its own
+    out = _SAFE_ID.sub("_", unicodedata.normalize("NFC", str(text))).strip("._")
     return out or "xray"
 
 
@@ -261,9 +264,10 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     reconstruction's files are all in place (each file, and a DICOM series as a folder, is
     renamed into place whole): a killed run leaves the finished ones listed and nothing
     half-written, and the same call again writes them all. The table keeps the rows of an
-    earlier run's outputs that this run does not write again; an X-ray that an earlier run
-    wrote loses its earlier outputs when it fails now (the error says so) and, when written
-    again, those in formats this run does not write: the folder holds what its
+    earlier run's outputs still in the folder (at the end, one row per output: the last); an
+    X-ray that an earlier run wrote loses its earlier outputs when it fails now as it is read
+    or written (the error says so) and, when written again, those in formats this run does
+    not write (a DICOM series folder holding a user's file stays): the folder holds what its
     `predictions.csv` lists, one reconstruction per name. `names` (`NAMES`): output names
     are the ids, or pseudonyms ("auto": pseudonyms unless `keep_patient`); with pseudonyms
     `source` is left empty, errors name pseudonyms, and `pseudonym_key` (default
@@ -326,13 +330,17 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     report = PredictReport(out, errors=list(errors))
     # a row is appended once the files of its reconstruction are all in place: a killed run
     # leaves a predictions.csv that lists exactly the finished ones
-    rows = CsvLog(out / PREDICTIONS_CSV, PREDICTION_FIELDS,
-                  _earlier_rows(out / PREDICTIONS_CSV, {it.name for it in items}), fault="predict.row")
+    rows = CsvLog(out / PREDICTIONS_CSV, PREDICTION_FIELDS, _listed_outputs(out / PREDICTIONS_CSV),
+                  fault="predict.row")
     failures = CsvLog(out / ERRORS_CSV, ERROR_FIELDS, report.errors)
 
     def fail(item: XrayInput, reason: str) -> None:
         # what an earlier run wrote for this input is not this run's: a folder lists only what its run wrote
-        stale = folder.discard(output_paths(out, item.name, FORMATS))
+        try:
+            stale = folder.discard(output_paths(out, item.name, FORMATS), _removable)
+        except OSError as e:
+            log.warning("%s: cannot remove the earlier outputs of %s (%s)", out, item.name, e)
+            stale = []
         if stale:
             reason += f" (its earlier output{'s' if len(stale) > 1 else ''} {', '.join(p.name for p in stale)} removed)"
         e: dict[str, Any] = {"id": item.id, "file": str(item.path), "item": item, "reason": reason}
@@ -367,7 +375,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             try:
                 folder.claim(output_paths(out, item.name, formats))
                 # formats an earlier run wrote and this one does not: another reconstruction under this name
-                folder.discard(output_paths(out, item.name, [f for f in FORMATS if f not in formats]))
+                folder.discard(output_paths(out, item.name, [f for f in FORMATS if f not in formats]), _removable)
                 source = SourceXray.read(item.path) if keep_patient and "dicom" in formats else None
                 paths = write_prediction(out, item.name, prep, to_output_volume(vol, prep.mirrored), formats,
                                          source=source, pseudonym=item.name if names == "pseudonym" else None,
@@ -386,6 +394,10 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                              "roi_flagged": int(found.flagged) if found else 0})
             bar.update(1)
     bar.close()
+    # one row per output still in the folder: a rewritten output's earlier row, and that of one
+    # removed because its input failed, go now (a killed run leaves them, and the next run tidies)
+    write_csv_atomic(out / PREDICTIONS_CSV, PREDICTION_FIELDS, _listed_outputs(out / PREDICTIONS_CSV),
+                     fault="predict.table")
     if key is not None:  # each pseudonym's result
         key.write([(it.name, str(it.path), "written") for it in items if it.name in report.written]
                   + [(e["id"], e["source"], "failed") for e in report.errors])
@@ -394,10 +406,16 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
     return report
 
 
-def _earlier_rows(path: Path, names: set[str]) -> list[dict[str, str]]:
-    """The rows of an earlier run's `predictions.csv` to keep: those of outputs still in the
-    folder that this run does not write again (`names`), so that a run into a folder adds to
-    its table instead of replacing it. An unreadable table is started afresh, with a warning."""
+def _removable(path: Path) -> bool:
+    """Whether an earlier output may be removed: a file, or a DICOM series folder that holds
+    nothing but its slices (a user's file added to it keeps it)."""
+    return not path.is_dir() or not foreign_files(path)
+
+
+def _listed_outputs(path: Path) -> list[dict[str, str]]:
+    """The rows of `predictions.csv` (at `path`) of outputs still in its folder, the last row of
+    each id (a rewritten output's), so that a run into a folder adds to its table instead of
+    replacing it. An unreadable table is started afresh, with a warning."""
     if not path.is_file():
         return []
     try:
@@ -406,8 +424,8 @@ def _earlier_rows(path: Path, names: set[str]) -> list[dict[str, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         log.warning("%s: unreadable (%s); it lists only this run's outputs", path, e)
         return []
-    return [r for r in rows if isinstance(r.get("id"), str) and r["id"] not in names
-            and any(p.exists() for p in output_paths(path.parent, r["id"], FORMATS))]
+    last = {r["id"]: r for r in rows if isinstance(r.get("id"), str)}
+    return [r for name, r in last.items() if any(p.exists() for p in output_paths(path.parent, name, FORMATS))]
 
 
 def collect_named_inputs(paths: Sequence[str | Path], names: str, roi: Any, *, allow_outside: bool = False

@@ -505,12 +505,13 @@ def _check_outputs(root: Path, out: Path, report: Path, visits: Sequence[str]) -
             contents += find_contents(root, visit)
         except InputError:  # pair_oai says what is missing
             pass
-    tree = os.path.abspath(root)
+    tree = root.resolve()
     for path, flag in ((out, "--out"), (report, "--skipped-report")):
         check_output_file(path, flag, inputs=contents)
-        if path.is_file() and path.suffix.lower() != ".csv" and \
-                os.path.commonpath([tree, os.path.abspath(path)]) == tree:
-            raise ConfigError(f"{flag} {path} is a file of the OAI tree {root}; kneetf would write over it")
+        inside = path.resolve().is_relative_to(tree)
+        if inside and (path.name.lower() == "contents.csv" or (path.is_file() and path.suffix.lower() != ".csv")):
+            raise ConfigError(f"{flag} {path} is a file of the OAI tree {root} (a contents.csv listing or an "
+                              "image); kneetf would write over it")
     if os.path.abspath(out) == os.path.abspath(report):
         raise ConfigError(f"--skipped-report {report} is the --out manifest; give another file")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.atomic import remove_atomic, write_text_atomic
@@ -83,10 +83,10 @@ class OutputFolder:
             write_text_atomic(self.path / MARKER, json.dumps(
                 {"written_by": f"kneetf {__version__}", "files": sorted(self.names)}, indent=1))
 
-    def discard(self, paths: Iterable[Path]) -> list[Path]:
-        """Remove those of `paths` (in this folder) that exist and that kneetf wrote (a user's
-        file stays); returns the removed ones."""
-        removed = [p for p in paths if p.name in self.names and (p.exists() or p.is_symlink())]
+    def discard(self, paths: Iterable[Path], removable: Callable[[Path], bool] = lambda p: True) -> list[Path]:
+        """Remove those of `paths` (in this folder) that exist, that kneetf wrote and that
+        `removable` allows (a folder a user added files to, say); returns the removed ones."""
+        removed = [p for p in paths if p.name in self.names and (p.exists() or p.is_symlink()) and removable(p)]
         for p in removed:
             remove_atomic(p)
         return removed

@@ -169,15 +169,22 @@ def _image_type(derived: bool) -> list[str]:
 _SERIES_FILE = re.compile(r"IM\d{5}\.dcm")
 
 
+def foreign_files(folder: Path) -> list[str]:
+    """The names in `folder` that are not slice files of a series as `write_dicom_series`
+    writes them (`IM#####.dcm`): [] for a folder kneetf may replace or remove."""
+    return sorted(p.name for p in folder.iterdir() if not (_SERIES_FILE.fullmatch(p.name) and p.is_file()))
+
+
 def _require_replaceable_series(folder: Path) -> None:
-    """InputError unless `folder` is new, empty, or holds only a series `write_dicom_series` wrote."""
+    """InputError unless `folder` is new, empty, or holds only a series of `IM#####.dcm`
+    files (as `write_dicom_series` writes them)."""
     if not (folder.exists() or folder.is_symlink()):
         return
     if not folder.is_dir():
         raise InputError(folder, "exists and is not a folder; a DICOM series is written as a folder")
-    if os.path.abspath(folder) == os.getcwd():
+    if os.path.realpath(folder) == os.path.realpath(os.getcwd()):
         raise InputError(folder, "is the current folder; write the DICOM series into a new folder")
-    others = sorted(p.name for p in folder.iterdir() if not (_SERIES_FILE.fullmatch(p.name) and p.is_file()))
+    others = foreign_files(folder)
     if others:
         more = f" and {len(others) - 3} more" if len(others) > 3 else ""
         raise InputError(folder, "exists and holds files that are not a DICOM series kneetf wrote "
@@ -215,7 +222,8 @@ def write_dicom_series(
     any attribute but the geometry, pixels and SOP instance UIDs (e.g. the study module of a
     source image). The folder is written in a temporary sibling and renamed into place; an
     existing folder is replaced only when it holds nothing but such a series (`IM#####.dcm`
-    files): any other content, a file of that name or the current folder is an InputError.
+    files, `foreign_files`): any other content, a file of that name or the current folder is
+    an InputError.
 
     Returns the file paths, index k holding slice k.
     """
@@ -434,5 +442,5 @@ def write_png(path: str | Path, image: np.ndarray, bits: int = 16) -> Path:
     return path
 
 
-__all__ = ["write_dicom_series", "write_dicom_xray", "write_nifti", "write_png", "quantize_uint16",
+__all__ = ["write_dicom_series", "foreign_files", "write_dicom_xray", "write_nifti", "write_png", "quantize_uint16",
            "nifti_affine", "DERIVED_COMMENT", "ANONYMOUS_PATIENT"]

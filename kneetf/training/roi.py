@@ -203,6 +203,20 @@ def heldout_examples(n: int, *, max_side: int | None = 1024, workers: int = 2
     return out
 
 
+def data_files(data: str | Path | None, rois: str | Path | None) -> list[Path]:
+    """The files `manifest_examples` reads for `data` and `rois` (the manifest, the boxes CSV):
+    [] without `data`. InputError when either cannot be found."""
+    if not data:
+        return []
+    manifest = _find_manifest(Path(data))
+    return [manifest, _find_rois(manifest, rois)]
+
+
+def report_file(out: str | Path, report_path: str | Path | None = None) -> Path:
+    """Where `train_roi_detector` writes its JSON report: `report_path`, else `out` with .json."""
+    return Path(report_path) if report_path else Path(out).with_suffix(".json")
+
+
 def _find_manifest(data: Path) -> Path:
     if data.is_dir():
         manifest = data / "manifest.csv"
@@ -614,11 +628,11 @@ def train_roi_detector(out: str | Path, *, data: str | Path | None = None, rois:
     if report["heldout"]:
         report["heldout_min_found_rate"] = min(v["detector"]["found_rate"] for v in report["heldout"].values())
     report["val_found_rate_per_epoch"] = [round(float(v), 4) for v in history.get("val_found_rate", [])]
-    path = Path(report_path) if report_path else out.with_suffix(".json")
+    path = report_file(out, report_path)
     write_text_atomic(path, json.dumps(report, indent=2, default=float) + "\n")
     return RoiTrainingResult(model=model, report=report, report_path=path, val=val, predicted=predicted)
 
 
 __all__ = ["RoiTrainConfig", "RoiDataConfig", "ROI_CSV_NAMES", "FAST_XRAY_COMPUTE_MM", "synthetic_examples",
-           "radiograph_examples", "heldout_examples", "manifest_examples", "work_square", "augment_example",
+           "radiograph_examples", "heldout_examples", "manifest_examples", "data_files", "report_file", "work_square", "augment_example",
            "make_train_dataset", "evaluate_boxes", "train_detector", "RoiTrainingResult", "train_roi_detector"]
