@@ -182,27 +182,26 @@ def evaluate(model: Any, cache_dir: str | Path, split: str = "test", out_dir: st
     for line in verdict_lines(result) if log_verdict else ():
         (log.warning if "NOT" in line else log.info)(line)
     if out_dir is not None:
-        if save_volumes:  # an earlier report's volumes of subjects not evaluated now are not this report's
-            from kneetf.inference.batch import safe_id
-
-            written = {safe_id(i) for i in ev_ids}
-            for name in _reported_ids(Path(out_dir) / PER_SUBJECT_CSV) - written:
-                (Path(out_dir) / VOLUMES_DIR / f"{name}.nii.gz").unlink(missing_ok=True)
+        if save_volumes:
+            _remove_earlier_volumes(Path(out_dir), ev_ids)
         _write_report(Path(out_dir), result, model, predictor, cache_dir, split, batch_size, limit,
                       volumes=save_volumes)
     return result
 
 
-def _reported_ids(path: Path) -> set[str]:
-    """The output names (`safe_id`) of the subjects an earlier report at `path` lists: the
-    only volumes a rerun removes (a user's file in the folder is never one of them)."""
+def _remove_earlier_volumes(out: Path, ids: Sequence[str]) -> None:
+    """Remove from `out/volumes` the volumes of the subjects the earlier report in `out`
+    lists and this run (`ids`) does not evaluate: they are not this report's. Only those
+    names go (a user's file in the folder is never one of them)."""
     from kneetf.inference.batch import safe_id
 
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            return {safe_id(r["id"]) for r in csv.DictReader(f) if r.get("id")}
+        with (out / PER_SUBJECT_CSV).open(newline="", encoding="utf-8") as f:
+            reported = {safe_id(r["id"]) for r in csv.DictReader(f) if r.get("id")}
     except (OSError, UnicodeDecodeError, csv.Error, KeyError):
-        return set()
+        return
+    for name in reported - {safe_id(i) for i in ids}:
+        (out / VOLUMES_DIR / f"{name}.nii.gz").unlink(missing_ok=True)
 
 
 def _write_volumes(folder: Path, ids: Sequence[str], sides: Sequence[str], mri: np.ndarray, prep: Any) -> None:

@@ -634,5 +634,6 @@ def train_roi_detector(out: str | Path, *, data: str | Path | None = None, rois:
 
 
 __all__ = ["RoiTrainConfig", "RoiDataConfig", "ROI_CSV_NAMES", "FAST_XRAY_COMPUTE_MM", "synthetic_examples",
-           "radiograph_examples", "heldout_examples", "manifest_examples", "data_files", "report_file", "work_square", "augment_example",
+           "radiograph_examples", "heldout_examples", "manifest_examples", "data_files", "report_file",
+           "work_square", "augment_example",
            "make_train_dataset", "evaluate_boxes", "train_detector", "RoiTrainingResult", "train_roi_detector"]
