@@ -222,3 +222,22 @@ def test_import_oai_never_writes_over_what_it_reads(tmp_path: Path, capsys: pyte
     assert not list(tmp_path.glob("*.csv")) and not list((tmp_path / "oai").glob("*.skipped.csv"))
     assert main(["import-oai", str(tmp_path / "oai"), "--out", str(tmp_path / "oai" / "manifest.csv")]) == 0
     assert main(["import-oai", str(tmp_path / "oai"), "--out", str(tmp_path / "oai" / "manifest.csv")]) == 0  # rerun
+
+
+def test_an_unreadable_xray_is_a_failure_named_by_its_absolute_path(tmp_path: Path, monkeypatch) -> None:
+    """A file in an X-ray folder that is not DICOM, or whose pixel data the file cuts short, is
+    skipped as unreadable (a failure of the release, not one of its other views), and the report
+    names it by its absolute path whatever folder the import runs from."""
+    info = make_oai_tree(tmp_path / "oai", PIDS[:3])
+    garbage, cut = info[PIDS[0]]["XRAY"][0], info[PIDS[1]]["XRAY"][0]
+    garbage.write_bytes(b"not a radiograph" * 64)
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    monkeypatch.chdir(tmp_path)
+    result = pair_oai(Path("oai"), ["00m"])
+    assert sorted({c.id.split("_")[0] for c in result.cases}) == [PIDS[2]]
+    unreadable = {s.participant: s for s in result.failures() if s.reason.startswith("unreadable X-ray file")}
+    assert set(unreadable) == {PIDS[0], PIDS[1]}
+    assert "not a DICOM file" in unreadable[PIDS[0]].reason
+    assert "truncated: its pixel data ends 1000 bytes past the end of the file" in unreadable[PIDS[1]].reason
+    assert unreadable[PIDS[0]].folder == str(garbage.absolute())
+    assert all(Path(s.folder).is_absolute() for s in result.skipped if not s.reason.startswith("folder not found"))

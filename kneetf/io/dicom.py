@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -123,6 +124,18 @@ def read_header(path: str | Path, *, force: bool = False, max_pixels: int | None
         raise InputError(path, f"cannot read DICOM file: {e}") from e
     except Exception as e:  # pydicom raises many types on corrupt headers
         raise InputError(path, f"corrupt DICOM header: {type(e).__name__}: {e}") from e
+
+
+def pixel_data_cut(ds: Any, path: str | Path) -> int | None:
+    """How many bytes of a deferred, defined-length PixelData lie past the end of the file
+    `read_header` parsed into `ds` (a truncated file), or None when it is whole or not deferred."""
+    from pydicom.dataelem import RawDataElement
+
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    if not isinstance(raw, RawDataElement) or raw.value is not None or raw.length == 0xFFFFFFFF:
+        return None
+    missing = raw.value_tell + raw.length - os.path.getsize(path)
+    return missing if missing > 0 else None
 
 
 #: Tags of the elements `_raw_numbers` reads, by keyword.

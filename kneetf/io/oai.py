@@ -28,7 +28,9 @@ Pairing, per participant and visit:
 
 Everything listed and not used is reported with the reason: `OaiImport.skipped` (series
 that were candidates, and MRIs left without an X-ray) and `OaiImport.ignored` (the other
-series); `kneetf import-oai` writes both to `<manifest>.skipped.csv`.
+series); `kneetf import-oai` writes both to `<manifest>.skipped.csv`, each with the absolute
+path of its folder or image (the listing's `Folder` as written when it was not found). An
+image file that is not DICOM, or cut short, is skipped as unreadable, a failure of the release.
 
 Decision on the X-ray halves: nothing is copied or rewritten. Each manifest row points at
 the whole bilateral X-ray file and says which half of the stored image is its knee in an
@@ -254,13 +256,17 @@ def _header_text(ds: Any, keyword: str) -> str:
 
 def xray_header(path: Path) -> tuple[str, str]:
     """Classify one image file from its DICOM header (pixels are not read) -> (verdict, why),
-    verdicts as `xray_description`; what the header says is in `why`."""
-    from kneetf.io.dicom import read_header
+    verdicts as `xray_description`, or "unreadable" for a file that is not a DICOM file, or
+    whose pixel data the file cuts short; what the header says is in `why`."""
+    from kneetf.io.dicom import pixel_data_cut, read_header
 
     try:
         ds = read_header(path)  # pixel data deferred, never read here; deflated files capped
     except InputError as e:
-        return "other", f"not a usable DICOM file ({e.reason})"
+        return "unreadable", e.reason
+    missing = pixel_data_cut(ds, path)
+    if missing:
+        return "unreadable", f"truncated: its pixel data ends {missing} bytes past the end of the file"
     facts = {k: _header_text(ds, k) for k in ("SeriesDescription", "BodyPartExamined", "ImageLaterality",
                                               "ViewPosition", "Modality", "ImageType")}
     said = ", ".join(f"{k} {v!r}" for k, v in facts.items() if v and k != "ImageType")
@@ -360,6 +366,9 @@ def _xray_candidates(rows: list[ContentsRow], path: Path, root: Path, skip: Any)
     out = []
     for image in images:
         verdict, why = xray_header(image)
+        if verdict == "unreadable":
+            skip(row, image, f"unreadable X-ray file: {why}")
+            continue
         if verdict == "other":
             if listing == "knee":
                 skip(row, image, f"DICOM header contradicts the listing {row.series_description!r}: {why}")
@@ -419,7 +428,7 @@ def pair_oai(root: str | Path, visits: Sequence[str] = ("00m",), *, mri_series: 
             skipped += bad
 
     def skip(row: ContentsRow, path: Path | None, reason: str, into: list[Skipped] = skipped) -> None:
-        where = row.folder if path is None else str(path)
+        where = row.folder if path is None else os.path.normpath(path.absolute())
         into.append(Skipped(row.participant, row.visit, row.what, reason, where))
 
     xray_studies = {(r.participant, r.visit, r.study_date, r.barcode) for r in rows
