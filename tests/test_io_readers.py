@@ -43,13 +43,30 @@ def test_series_sorted_by_position_not_name_or_instance_number(series) -> None:
     assert meta.spacing == SPACING and meta.orientation == (0, 1, 0, 0, 0, -1) and meta.position == (0, 0, 0)
 
 
-def test_series_sort_follows_normal_not_z(tmp_path: Path) -> None:
-    """An axial stack (normal +z) and a reversed sagittal stack (normal +x) both come back in order."""
-    vol = volume((5, 6, 7))
-    for orientation in [(1, 0, 0, 0, 1, 0), (0, -1, 0, 0, 0, -1)]:
-        write_dicom_series(tmp_path / "s", vol, orientation=orientation, origin=(3, 2, 1), shuffle_names=True,
-                           seed=4)
-        np.testing.assert_array_equal(read_mri(tmp_path / "s")[0], vol)
+@pytest.mark.parametrize("orientation", [(1, 0, 0, 0, 1, 0), (0, -1, 0, 0, 0, -1), (1, 0, 0, 0, 0, -1),
+                                         (0, 0, -1, 0, 1, 0), (0, -0.9848078, -0.1736482, 0, 0.1736482, -0.9848078)],
+                         ids=["axial", "sagittal-reversed", "coronal", "sagittal-transposed", "sagittal-oblique-reversed"])
+def test_every_series_orientation_reads_as_the_same_nifti(tmp_path: Path, orientation) -> None:
+    """A series stored in any orientation comes back in the sagittal layout a NIfTI file of
+    the same volume and geometry is read in: the same voxels, window and geometry."""
+    vol = volume((14, 12, 16), integer=False)
+    spacing = (0.7, 0.5, 0.4)
+    write_dicom_series(tmp_path / "s", vol, spacing, orientation=orientation, origin=(3, 2, 1),
+                       shuffle_names=True, seed=4)
+    write_nifti(tmp_path / "v.nii.gz", vol, spacing, orientation=orientation, origin=(3, 2, 1))
+    tol = np.ptp(vol) / 65535  # DICOM quantised to 16 bits
+    a, ma = read_mri(tmp_path / "s")
+    b, mb = read_mri(tmp_path / "v.nii.gz")
+    assert ma.total_slices == mb.total_slices and a.shape == b.shape
+    np.testing.assert_allclose(a, b, atol=tol)
+    assert ma.spacing == mb.spacing and ma.position == mb.position
+    np.testing.assert_allclose(ma.orientation, mb.orientation, atol=1e-7)
+    assert a.shape != vol.shape or not np.allclose(a, vol, atol=tol)  # none is stored in that layout
+    start, stop = 3, min(9, mb.total_slices)
+    wa, wma = read_mri_window(tmp_path / "s", start, stop)
+    wb, wmb = read_mri_window(tmp_path / "v.nii.gz", start, stop)
+    np.testing.assert_allclose(wa, b[start:stop], atol=tol)
+    assert wma.position == wmb.position and wma.window == (start, stop)
 
 
 def test_series_with_one_pixel_spacing_value(series) -> None:

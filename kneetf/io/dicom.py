@@ -86,6 +86,10 @@ def voxel_to_lps(orientation: Sequence[float], spacing: Sequence[float], origin:
 
 #: LPS <-> RAS (NIfTI) flip; its own inverse.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Axis codes (nibabel, RAS letters) of a (slice, row, column) volume in the default
+#: sagittal DICOM orientation (0, 1, 0, 0, 0, -1): slices -> patient right, rows -> inferior,
+#: columns -> posterior. The MRI readers return every volume in this layout.
+SAGITTAL_AXCODES = ("R", "I", "P")
 
 
 # === Headers ===
@@ -845,42 +849,95 @@ def _plain_pixels(ref: SliceRef) -> np.ndarray:
     return values if stored == 16 else values & np.uint16((1 << stored) - 1)
 
 
+_SAME_AXES = ((0.0, 1.0), (1.0, 1.0), (2.0, 1.0))  # the nibabel transform that changes nothing
+
+
+def sagittal_transform(orientation: Sequence[float]) -> np.ndarray:
+    """The nibabel orientation transform from a series' sorted (slice, row, column) voxels
+    with these 6 direction cosines to the sagittal layout `SAGITTAL_AXCODES`; identity for
+    `DEFAULT_ORIENTATION`. Raises ValueError for parallel row and column directions."""
+    from nibabel import orientations as ornt
+
+    o = np.asarray(orientation, dtype=np.float64)
+    axes = np.eye(4)
+    axes[:3, 0], axes[:3, 1], axes[:3, 2] = slice_normal(o), o[3:], o[:3]  # slice, row, column in LPS
+    return ornt.ornt_transform(ornt.io_orientation(LPS_TO_RAS @ axes), ornt.axcodes2ornt(SAGITTAL_AXCODES))
+
+
 def read_dicom_series(path: str | Path, *, window: tuple[int, int] | None = None, min_slices: int = 1,
                       series_uid: str | None = None,
                       max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """A DICOM series folder (or one multi-frame file) -> ((slices, H, W) float32, meta fields).
 
-    All headers are read (pixels deferred) to validate and sort the whole series; then only
-    the slices of `window` = [start, stop) in sorted order are decoded (all when None). Each
-    file, and the decoded slices together, must hold at most `max_pixels` values.
+    All headers are read (pixels deferred) to validate and sort the whole series. The volume
+    comes back in the sagittal layout `SAGITTAL_AXCODES` (slices from the patient's left to
+    right, rows superior -> inferior, columns anterior -> posterior), as NIfTI files are
+    read, whatever the series' ImageOrientationPatient: a sagittal series stored the other
+    way round is flipped; an axial or coronal one is resliced. `window` = [start, stop) and
+    `min_slices` count those sagittal slices; of a sagittal series only the window's slices
+    are decoded, of another one all of them. Each file, and the decoded slices together, must
+    hold at most `max_pixels` values.
     """
+    from nibabel import orientations as ornt
+
     path = Path(path)
     max_pixels = resolve_max_pixels(max_pixels)
     refs, _skipped = scan_dicom(path, max_pixels=max_pixels)
-    if window is not None:
+    try:
+        transform = sagittal_transform(refs[0].orientation)
+    except ValueError:
+        transform = np.array(_SAME_AXES)  # order_slices refuses the series, naming the file
+    identity = bool(np.array_equal(transform, _SAME_AXES))
+    sagittal = transform[0, 0] == 0  # the series' slices stay the slices
+    if window is not None and sagittal:
         min_slices = max(min_slices, window[1])
-    refs, step = order_slices(refs, path, min_slices=min_slices, series_uid=series_uid)
-    start, stop = (0, len(refs)) if window is None else window
-    if not 0 <= start < stop <= len(refs):
-        raise InputError(path, f"slice window [{start}, {stop}) is outside the {len(refs)} slices")
-    chosen = refs[start:stop]
-    check_pixels(path, "series", len(chosen) * chosen[0].rows * chosen[0].cols, max_pixels,
-                 f"{len(chosen)} decoded slice(s) of {chosen[0].rows}x{chosen[0].cols}")
+    refs, step = order_slices(refs, path, min_slices=min_slices if sagittal else 1, series_uid=series_uid)
+    first = refs[0]
+    stored = (len(refs), first.rows, first.cols)
+    n = stored[int(np.nonzero(transform[:, 0] == 0)[0][0])]
+    if n < min_slices:
+        raise InputError(path, f"has {n} sagittal slice(s) once resliced from its orientation "
+                               f"{tuple(np.round(first.orientation, 4))}; at least {min_slices} are needed "
+                               "(min_slices)")
+    start, stop = (0, n) if window is None else window
+    if not 0 <= start < stop <= n:
+        raise InputError(path, f"slice window [{start}, {stop}) is outside the {n} slices")
+    if sagittal:
+        chosen = refs[n - stop:n - start] if transform[0, 1] == -1 else refs[start:stop]
+    else:
+        chosen = refs
+    check_pixels(path, "series", len(chosen) * first.rows * first.cols, max_pixels,
+                 f"{len(chosen)} decoded slice(s) of {first.rows}x{first.cols}")
     volume = require_finite(decode_slices(chosen), path)
-    first = chosen[0]
-    ds = first.header()
-    row_mm, col_mm = first.pixel_spacing if first.pixel_spacing else (None, None)
-    slice_mm = step if step is not None else first.thickness
-    spacing = (tuple(round(float(v), 6) for v in (slice_mm, row_mm, col_mm))
-               if None not in (slice_mm, row_mm, col_mm) else None)
+    ds = chosen[0].header()
+    row_mm, col_mm = chosen[0].pixel_spacing if chosen[0].pixel_spacing else (None, None)
+    slice_mm = step if step is not None else chosen[0].thickness
+    spacing = (slice_mm, row_mm, col_mm) if None not in (slice_mm, row_mm, col_mm) else None
+    orientation, position = tuple(float(v) for v in chosen[0].orientation), tuple(float(v) for v in chosen[0].position)
+    if not identity:
+        volume = np.ascontiguousarray(ornt.apply_orientation(volume, transform))
+        if not sagittal:
+            volume = volume[start:stop]
+        o = first.orientation
+        axes = np.eye(4)  # stored voxel (slice, row, column) -> LPS mm
+        axes[:3, 0] = slice_normal(o) * float(slice_mm or 1.0)
+        axes[:3, 1] = o[3:] * float(row_mm or 1.0)
+        axes[:3, 2] = o[:3] * float(col_mm or 1.0)
+        axes[:3, 3] = first.position
+        new = axes @ ornt.inv_ornt_aff(transform, stored)  # sagittal voxel -> LPS
+        lengths = np.linalg.norm(new[:3, :3], axis=0)
+        orientation = tuple(float(v) for v in np.concatenate([new[:3, 2], new[:3, 1]] / lengths[[2, 1], None]))
+        position = tuple(float(v) for v in (new @ np.array([start, 0.0, 0.0, 1.0]))[:3])
+        if spacing is not None:
+            spacing = tuple(float(v) for v in lengths)
     meta = {
-        "spacing": spacing,
-        "orientation": tuple(float(v) for v in first.orientation),
-        "position": tuple(float(v) for v in first.position),
+        "spacing": tuple(round(float(v), 6) for v in spacing) if spacing is not None else None,
+        "orientation": tuple(round(v, 8) + 0.0 for v in orientation) if not identity else orientation,
+        "position": tuple(round(v, 6) + 0.0 for v in position) if not identity else position,
         "laterality": _laterality(ds),
         "photometric": _photometric(ds),
         "description": _meta_text(ds, "SeriesDescription"),
-        "total_slices": len(refs),
+        "total_slices": n,
         "window": (start, stop),
     }
     return volume, meta

@@ -5,10 +5,10 @@ Contract of every reader (`Reader.read`):
 * X-ray readers return a 2-D float32 image (rows, columns) in presentation values: bright
   means dense (MONOCHROME1 inverted), rescale / modality LUT applied, colour made grey.
 * MRI readers return a (slices, rows, columns) float32 volume of sagittal slices: DICOM
-  series sorted along the slice normal (see `kneetf.io.dicom`), NIfTI reoriented to the
-  same layout as a DICOM series in the default sagittal orientation (slices from the
-  patient's left to right, rows superior -> inferior, columns anterior -> posterior), .npy
-  taken as slices-first.
+  series (sorted along the slice normal, see `kneetf.io.dicom`) and NIfTI files both turned
+  to the layout of a DICOM series in the default sagittal orientation (`SAGITTAL_AXCODES`:
+  slices from the patient's left to right, rows superior -> inferior, columns anterior ->
+  posterior) whatever their stored orientation; .npy taken as slices-first.
 * The meta dataclasses carry geometry and display facts only, never patient identifiers.
 * Declared sizes (DICOM Rows x Columns x frames, the codestream inside compressed DICOM,
   PNG/JPEG/TIFF headers, NIfTI and .npy headers) are checked against `max_pixels`
@@ -31,17 +31,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kneetf.errors import InputError
-from kneetf.io.dicom import LPS_TO_RAS, looks_like_dicom, read_dicom_image, read_dicom_series, require_finite, to_grey
+from kneetf.io.dicom import LPS_TO_RAS, SAGITTAL_AXCODES, looks_like_dicom, read_dicom_image, read_dicom_series, require_finite, to_grey
 from kneetf.io.headers import file_image_size
 from kneetf.io.limits import check_pixels, resolve_max_pixels
 
 log = logging.getLogger(__name__)
 
 XRAY_HALVES = ("left", "right")
-#: Axis codes (nibabel, RAS letters) of a (slice, row, column) volume in the default
-#: sagittal DICOM orientation (0, 1, 0, 0, 0, -1): slices -> patient right, rows -> inferior,
-#: columns -> posterior.
-SAGITTAL_AXCODES = ("R", "I", "P")
 
 
 # === Meta ===
