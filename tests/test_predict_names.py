@@ -354,3 +354,25 @@ def test_a_killed_rerun_keeps_listing_the_outputs_it_did_not_reach(tmp_path, run
     monkeypatch.setattr(CsvLog, "append", real_append)
     assert predict_files(run, [inputs[0]], out, progress=False, names="id").ok == 1
     assert sorted(r["id"] for r in _rows(out / "predictions.csv")) == ["k0", "k1", "k2"]
+
+
+def test_a_folder_gives_its_dicom_files_whatever_their_names_and_not_its_dicomdir(tmp_path):
+    """A PACS or CD export names DICOM files by UID (the last dot is no suffix) and carries a
+    DICOMDIR index: every DICOM file is an input, with its whole name as id; the index and
+    files that are neither images nor DICOM are not."""
+    from kneetf.inference.batch import collect_inputs
+    from kneetf.io.writers import write_dicom_xray, write_png
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    image = (_xray(0) * 1000).astype(np.uint16)
+    for name in ("1.2.840.113619.2.55.3.1", "1.2.840.113619.2.55.3.2", "IMG0001"):
+        write_dicom_xray(folder / name, image)
+    write_dicom_xray(folder / "DICOMDIR", image)
+    write_png(folder / "knee.v2.png", image)
+    (folder / "notes.csv").write_text("id,x\n")
+    (folder / "readme.txt").write_text("exported")
+    inputs, errors = collect_inputs([folder])
+    assert errors == []
+    assert sorted(i.id for i in inputs) == ["1.2.840.113619.2.55.3.1", "1.2.840.113619.2.55.3.2", "IMG0001",
+                                            "knee.v2"]

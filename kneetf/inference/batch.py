@@ -68,12 +68,13 @@ def safe_id(text: str) -> str:
 
 
 def file_id(path: Path) -> str:
-    """The id of an input file: its name without the suffix (`.nii.gz` as one)."""
+    """The id of an input file: its name without the suffix (`.nii.gz` as one); a name whose
+    last dot is followed by digits only (a DICOM file named by its UID) is kept whole."""
     name = path.name
     for suffix in (".nii.gz",):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return path.stem if path.suffix else name
+    return path.stem if path.suffix and not path.suffix[1:].isdigit() else name
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -83,7 +84,9 @@ def _folder_files(folder: Path) -> list[Path]:
     for p in sorted(folder.iterdir()):
         if not p.is_file() or p.name.startswith("."):
             continue
-        if p.suffix.lower() in XRAY_SUFFIXES or (not p.suffix and looks_like_dicom(p)):
+        if p.name.upper() == "DICOMDIR":  # a DICOM CD's index, not an image
+            continue
+        if p.suffix.lower() in XRAY_SUFFIXES or looks_like_dicom(p):
             out.append(p)
     return out
 
