@@ -241,6 +241,12 @@ def test_nifti_matches_dicom(tmp_path: Path) -> None:
     wc, wmc = read_mri_window(tmp_path / "ras.nii", 5, 9)
     np.testing.assert_allclose(wa, wc, atol=np.ptp(vol) / 65535)
     assert wma.position == wmc.position
+    flat = nib.Nifti1Image(vol, None)
+    flat.set_sform(np.diag([0.7, 0.0, 0.5, 1.0]), code=1)  # no direction for the rows
+    flat.set_qform(None, code=0)
+    nib.save(flat, tmp_path / "flat.nii.gz")
+    with pytest.raises(InputError, match=r"flat.nii.gz.*affine \(sform/qform\) gives no orientation \(a voxel axis"):
+        read_mri(tmp_path / "flat.nii.gz")
     with pytest.raises(InputError, match="4-D|3-D"):
         nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), tmp_path / "t.nii")
         read_mri(tmp_path / "t.nii")

@@ -238,7 +238,15 @@ class NiftiReader(Reader):
         check_pixels(path, "NIfTI header", int(np.prod(shape)), resolve_max_pixels(max_pixels),
                      "x".join(map(str, shape)))
         affine = np.asarray(img.affine, dtype=np.float64)
-        transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(SAGITTAL_AXCODES))
+        try:
+            if not np.all(np.isfinite(affine)):
+                raise ValueError("it holds NaN or infinity")
+            transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(SAGITTAL_AXCODES))
+        except ValueError as e:  # a zero or repeated axis: nibabel cannot say which way the slices go
+            singular = np.all(np.isfinite(affine)) and np.linalg.matrix_rank(affine[:3, :3]) < 3
+            why = "a voxel axis has zero length or runs along another" if singular else str(e)
+            raise InputError(path, f"its affine (sform/qform) gives no orientation ({why}); fix the header's "
+                                   f"voxel-to-world matrix {np.round(affine[:3], 4).tolist()}") from e
         slice_axis = int(np.nonzero(transform[:, 0] == 0)[0][0])
         n = shape[slice_axis]
         if n < min_slices:
