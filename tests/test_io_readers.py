@@ -19,6 +19,7 @@ import kneetf.io.dicom as kdicom
 from dicom_factory import (compress, rewrite, volume, write_declared_huge_dicom, write_enhanced_mr,
                            write_png_header_only)
 from kneetf.errors import InputError
+from kneetf.io.dicom import read_dicom_image
 from kneetf.io.readers import read_mri, read_mri_window, read_xray
 from kneetf.io.writers import write_dicom_series, write_dicom_xray, write_nifti, write_png
 
@@ -181,20 +182,34 @@ def test_compressed_series(tmp_path: Path, syntax) -> None:
                                   "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm"])
 def test_pydicom_compressed_test_files(name: str) -> None:
     reference = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
-    image, meta = read_xray(get_testdata_file(name))
+    image, meta = read_dicom_image(get_testdata_file(name), any_modality=True)  # MR slices decode as X-rays do
     np.testing.assert_array_equal(image, reference)
-    assert meta.photometric == "MONOCHROME2" and meta.shape == (64, 64)
+    assert meta["photometric"] == "MONOCHROME2" and image.shape == (64, 64)
+    with pytest.raises(InputError, match=r"is an MR image \(Modality MR\), not a radiograph"):
+        read_xray(get_testdata_file(name))
 
 
 def test_pydicom_lossy_and_colour_test_files() -> None:
     ds = pydicom.dcmread(get_testdata_file("JPGExtended.dcm"))
-    image, _ = read_xray(get_testdata_file("JPGExtended.dcm"))  # 12-bit JPEG Extended
+    image, _ = read_dicom_image(get_testdata_file("JPGExtended.dcm"), any_modality=True)  # 12-bit JPEG Extended
     assert image.shape == (ds.Rows, ds.Columns)
     rgb = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm")).pixel_array.astype(np.float32)
     grey, meta = read_xray(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
     np.testing.assert_allclose(grey, rgb @ np.array([0.299, 0.587, 0.114], np.float32), rtol=1e-5)
-    with pytest.raises(InputError, match="(?s)cannot decode pixel data \\(JPEG Extended.*readers tried: dicom"):
-        read_xray(get_testdata_file("JPEG-lossy.dcm"))  # a known-broken file
+    with pytest.raises(InputError, match="(?s)cannot decode pixel data \\(JPEG Extended"):
+        read_dicom_image(get_testdata_file("JPEG-lossy.dcm"), any_modality=True)  # a known-broken file
+    with pytest.raises(InputError, match="is a nuclear medicine image"):
+        read_xray(get_testdata_file("JPEG-lossy.dcm"))
+    # PALETTE COLOR: the stored values are indices into the colour table, which gives the grey
+    palette = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    from pydicom.pixels import apply_color_lut
+
+    expected = apply_color_lut(palette.pixel_array, palette).astype(np.float32) @ np.array([0.299, 0.587, 0.114],
+                                                                                           np.float32)
+    image, meta = read_dicom_image(get_testdata_file("examples_palette.dcm"), any_modality=True)
+    assert meta["photometric"] == "PALETTE COLOR"
+    np.testing.assert_allclose(image, expected, rtol=1e-5)
+    assert not np.allclose(image, palette.pixel_array)
 
 
 def test_enhanced_multiframe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -476,10 +476,18 @@ def _check_rescale(ds: Any, path: Path) -> None:
             raise InputError(path, f"{keyword} is not a number. Received: {keyword}={str(value)[:40]!r}")
 
 
-def read_dicom_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+#: Modalities of images that are not projection radiographs (`read_dicom_image` refuses them).
+CROSS_SECTIONAL_MODALITIES = {"MR": "an MR image", "CT": "a CT image", "PT": "a PET image",
+                              "NM": "a nuclear medicine image", "US": "an ultrasound image"}
+
+
+def read_dicom_image(path: str | Path, *, max_pixels: int | None = None,
+                     any_modality: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """One DICOM image -> (2-D float32, meta fields): modality LUT / rescale applied,
-    MONOCHROME1 inverted (bright = dense), colour converted to grey. Files declaring more
-    than `max_pixels` values are refused before decoding."""
+    MONOCHROME1 inverted (bright = dense), PALETTE COLOR through its colour table, colour
+    converted to grey. Files declaring more than `max_pixels` values are refused before
+    decoding, and so are MR, CT, PET, nuclear medicine and ultrasound images (by their
+    Modality) unless `any_modality`."""
     from pydicom.pixels import apply_modality_lut
 
     max_pixels = resolve_max_pixels(max_pixels)
@@ -489,13 +497,25 @@ def read_dicom_image(path: str | Path, *, max_pixels: int | None = None) -> tupl
     frames, _, _ = check_declared_size(ds, path, max_pixels)
     if frames != 1:
         raise InputError(path, f"holds {frames} frames; an X-ray must be a single image")
+    modality = (_meta_text(ds, "Modality") or "").upper()
+    if modality in CROSS_SECTIONAL_MODALITIES and not any_modality:
+        raise InputError(path, f"is {CROSS_SECTIONAL_MODALITIES[modality]} (Modality {modality}), not a "
+                               "radiograph; give the knee X-ray")
     raw = _decode(ds, path)
     photometric = _photometric(ds)
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            raw = apply_color_lut(raw, ds)
+        except Exception as e:  # pydicom raises several types for a missing or bad table
+            raise InputError(path, f"PALETTE COLOR image whose colour table cannot be applied: "
+                                   f"{type(e).__name__}: {e}") from e
     if raw.ndim == 3:
         raw = to_grey(raw)
     if raw.ndim != 2:
         raise InputError(path, f"decoded to shape {raw.shape}; expected a 2-D image")
-    if "PixelData" in ds and not _identity_modality_lut(ds):
+    if "PixelData" in ds and not _identity_modality_lut(ds) and photometric != "PALETTE COLOR":
         _check_rescale(ds, path)
         arr = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
     else:  # float pixel data carries real values already; an identity rescale changes nothing
