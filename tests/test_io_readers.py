@@ -628,3 +628,19 @@ def test_a_file_that_is_not_dicom_gets_no_pydicom_api_advice(tmp_path: Path) -> 
     with pytest.raises(InputError, match="empty.dcm.*not a DICOM file") as info:
         read_xray(tmp_path / "empty.dcm")
     assert "force" not in str(info.value)
+
+
+def test_too_few_slices_and_study_folders_say_what_to_change(tmp_path: Path) -> None:
+    vol = volume((6, 8, 8))
+    files = write_dicom_series(tmp_path / "study" / "series", vol)
+    write_nifti(tmp_path / "v.nii.gz", vol)
+    for path in (tmp_path / "study" / "series", tmp_path / "v.nii.gz"):
+        with pytest.raises(InputError, match=r"has 6 slice\(s\); the kept slices \[2, 9\) are outside them "
+                                             r"\(slice_start 2, num_slices 7: `--slice-start` / `--num-slices`\)"):
+            read_mri_window(path, 2, 9)
+    with pytest.raises(InputError, match=r"IM00001.dcm: .*has 1 slice\(s\) \(one file of a series\? give the series "
+                                         r"folder\)"):
+        read_mri_window(files[0], 0, 2)
+    with pytest.raises(InputError, match=r"no DICOM image found; sub-folders are not searched: give the series "
+                                         r"folder itself, e.g. .*series"):
+        read_mri(tmp_path / "study")

@@ -437,6 +437,20 @@ def _laterality(ds: Any) -> str | None:
     return None
 
 
+def check_slices(path: str | Path, n: int, window: tuple[int, int] | None, min_slices: int = 1) -> tuple[int, int]:
+    """The slice window [start, stop) of a volume of `n` sagittal slices (all when None), or an
+    InputError that says what to change: the kept slices (`PreprocessConfig.slice_start` /
+    `num_slices`) or, for one slice, the file given instead of its series folder."""
+    start, stop = (0, n) if window is None else window
+    if n >= min_slices and 0 <= start < stop <= n:
+        return start, stop
+    single = " (one file of a series? give the series folder)" if n == 1 and Path(path).is_file() else ""
+    if n < min_slices:
+        raise InputError(path, f"has {n} slice(s){single}; at least {min_slices} are needed (min_slices)")
+    raise InputError(path, f"has {n} slice(s){single}; the kept slices [{start}, {stop}) are outside them "
+                           f"(slice_start {start}, num_slices {stop - start}: `--slice-start` / `--num-slices`)")
+
+
 def require_finite(arr: np.ndarray, path: str | Path) -> np.ndarray:
     """Refuse empty arrays and arrays holding NaN or Inf."""
     if arr.size == 0:
@@ -736,6 +750,10 @@ def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list
         log.debug("%s: skipped %d file(s): %s", path, len(skipped), "; ".join(skipped[:20]))
     if not refs:
         extra = f" (skipped: {'; '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''})" if skipped else ""
+        subs = sorted(p.name for p in files if p.is_dir() and not p.name.startswith("."))
+        if subs:
+            extra += (f"; sub-folders are not searched: give the series folder itself, e.g. "
+                      f"{path / subs[0]}{f' (one of {len(subs)})' if len(subs) > 1 else ''}")
         raise InputError(path, f"no DICOM image found{extra}")
     return refs, skipped
 
@@ -765,7 +783,7 @@ def order_slices(refs: list[SliceRef], where: str | Path, *, min_slices: int = 1
     if len(by_uid) > 1:
         parts = [f"{uid or '<none>'} ({len(v)} slice(s), e.g. {v[0]})" for uid, v in by_uid.items()]
         raise InputError(where, f"mixes {len(by_uid)} series (SeriesInstanceUID): {'; '.join(parts)}; "
-                                "put each series in its own folder or choose one with series_uid")
+                                "put each series in its own folder (or pass series_uid= to kneetf.io.readers.read_mri)")
     ref = refs[0]
     odd = [r for r in refs if np.max(np.abs(r.orientation - ref.orientation)) > 1e-4]
     if odd:
@@ -909,19 +927,11 @@ def read_dicom_series(path: str | Path, *, window: tuple[int, int] | None = None
         transform = np.array(_SAME_AXES)  # order_slices refuses the series, naming the file
     identity = bool(np.array_equal(transform, _SAME_AXES))
     sagittal = transform[0, 0] == 0  # the series' slices stay the slices
-    if window is not None and sagittal:
-        min_slices = max(min_slices, window[1])
-    refs, step = order_slices(refs, path, min_slices=min_slices if sagittal else 1, series_uid=series_uid)
+    refs, step = order_slices(refs, path, series_uid=series_uid)
     first = refs[0]
     stored = (len(refs), first.rows, first.cols)
     n = stored[int(np.nonzero(transform[:, 0] == 0)[0][0])]
-    if n < min_slices:
-        raise InputError(path, f"has {n} sagittal slice(s) once resliced from its orientation "
-                               f"{tuple(np.round(first.orientation, 4))}; at least {min_slices} are needed "
-                               "(min_slices)")
-    start, stop = (0, n) if window is None else window
-    if not 0 <= start < stop <= n:
-        raise InputError(path, f"slice window [{start}, {stop}) is outside the {n} slices")
+    start, stop = check_slices(path, n, window, min_slices)
     if sagittal:
         chosen = refs[n - stop:n - start] if transform[0, 1] == -1 else refs[start:stop]
     else:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kneetf.errors import InputError
-from kneetf.io.dicom import LPS_TO_RAS, SAGITTAL_AXCODES, looks_like_dicom, read_dicom_image, read_dicom_series, require_finite, to_grey
+from kneetf.io.dicom import LPS_TO_RAS, SAGITTAL_AXCODES, check_slices, looks_like_dicom, read_dicom_image, read_dicom_series, require_finite, to_grey
 from kneetf.io.headers import file_image_size
 from kneetf.io.limits import check_pixels, resolve_max_pixels
 
@@ -249,11 +249,7 @@ class NiftiReader(Reader):
                                    f"voxel-to-world matrix {np.round(affine[:3], 4).tolist()}") from e
         slice_axis = int(np.nonzero(transform[:, 0] == 0)[0][0])
         n = shape[slice_axis]
-        if n < min_slices:
-            raise InputError(path, f"has {n} slice(s); at least {min_slices} are needed (min_slices)")
-        start, stop = (0, n) if window is None else window
-        if not 0 <= start < stop <= n:
-            raise InputError(path, f"slice window [{start}, {stop}) is outside the {n} slices")
+        start, stop = check_slices(path, n, window, min_slices)
         index: list[Any] = [slice(None)] * len(img.shape)
         for extra in range(3, len(img.shape)):
             index[extra] = 0
@@ -288,11 +284,7 @@ class NpyVolumeReader(Reader):
             raise InputError(path, f"holds a {len(shape)}-D array of shape {shape}; an MRI volume must be "
                                    "3-D (slices, rows, columns)")
         n = shape[0]
-        if n < min_slices:
-            raise InputError(path, f"has {n} slice(s); at least {min_slices} are needed (min_slices)")
-        start, stop = (0, n) if window is None else window
-        if not 0 <= start < stop <= n:
-            raise InputError(path, f"slice window [{start}, {stop}) is outside the {n} slices")
+        start, stop = check_slices(path, n, window, min_slices)
         check_pixels(path, ".npy header", (stop - start) * shape[1] * shape[2], resolve_max_pixels(max_pixels),
                      f"{stop - start} of {n} slices x {shape[1]}x{shape[2]}")
         volume = np.array(np.load(path, mmap_mode="r", allow_pickle=False)[start:stop], dtype=np.float32)
