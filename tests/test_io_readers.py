@@ -50,7 +50,7 @@ def test_series_sorted_by_position_not_name_or_instance_number(series) -> None:
 def test_every_series_orientation_reads_as_the_same_nifti(tmp_path: Path, orientation) -> None:
     """A series stored in any orientation comes back in the sagittal layout a NIfTI file of
     the same volume and geometry is read in: the same voxels, window and geometry."""
-    vol = volume((14, 12, 16), integer=False)
+    vol = volume((18, 12, 16), integer=False)
     spacing = (0.7, 0.5, 0.4)
     write_dicom_series(tmp_path / "s", vol, spacing, orientation=orientation, origin=(3, 2, 1),
                        shuffle_names=True, seed=4)
@@ -644,3 +644,42 @@ def test_too_few_slices_and_study_folders_say_what_to_change(tmp_path: Path) -> 
     with pytest.raises(InputError, match=r"no DICOM image found; sub-folders are not searched: give the series "
                                          r"folder itself, e.g. .*series"):
         read_mri(tmp_path / "study")
+
+
+def test_series_uid_orientation_and_thin_axial_stacks(tmp_path: Path) -> None:
+    """The chosen series' own orientation turns it (not that of a file of another series that
+    sorts first); a few axial images are refused, not resliced into slices a few pixels tall;
+    a turned series without PixelSpacing has no position (its first voxel's place is unknown)."""
+    sag, ax = volume((8, 10, 12)), volume((3, 16, 16))
+    sag_files = write_dicom_series(tmp_path / "sag", sag)
+    ax_files = write_dicom_series(tmp_path / "ax", ax, orientation=(1, 0, 0, 0, 1, 0))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for f in ax_files:
+        shutil.copy(f, mixed / f"a_{f.name}")
+    for f in sag_files:
+        shutil.copy(f, mixed / f"b_{f.name}")
+    uid = pydicom.dcmread(sag_files[0]).SeriesInstanceUID
+    np.testing.assert_array_equal(read_mri(mixed, series_uid=uid)[0], sag)
+    with pytest.raises(InputError, match=r"is 3 axial or coronal image\(s\) \(ImageOrientationPatient 1\\0\\0\\0\\1\\0\)"):
+        read_mri(tmp_path / "ax")
+    with pytest.raises(InputError, match=r"is one axial or coronal image"):
+        read_mri(ax_files[0])
+    files = write_dicom_series(tmp_path / "rev", volume((4, 6, 8)), (0.7, 0.5, 0.4), orientation=(0, -1, 0, 0, 0, -1))
+    rewrite(files, lambda ds, k: delattr(ds, "PixelSpacing"))
+    _, meta = read_mri(tmp_path / "rev")
+    assert meta.spacing is None and meta.position is None and meta.orientation == (0, 1, 0, 0, 0, -1)
+
+
+def test_a_ct_scout_is_a_radiograph_and_a_ct_slice_is_not(tmp_path: Path) -> None:
+    image = (volume((1, 32, 40))[0]).astype(np.uint16)
+    path = write_dicom_xray(tmp_path / "scout.dcm", image)
+    ds = pydicom.dcmread(path)
+    ds.Modality = "CT"
+    ds.save_as(path)
+    with pytest.raises(InputError, match=r"scout.dcm: .*is a CT image \(Modality CT\), not a radiograph"):
+        read_xray(path)
+    ds = pydicom.dcmread(path)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(path)
+    np.testing.assert_array_equal(read_xray(path)[0], image)

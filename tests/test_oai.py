@@ -232,6 +232,12 @@ def test_an_unreadable_xray_is_a_failure_named_by_its_absolute_path(tmp_path: Pa
     garbage, cut = info[PIDS[0]]["XRAY"][0], info[PIDS[1]]["XRAY"][0]
     garbage.write_bytes(b"not a radiograph" * 64)
     cut.write_bytes(cut.read_bytes()[:-1000])
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    deflated = pydicom.dcmread(info[PIDS[2]]["XRAY"][0])  # whole: its offsets are the inflated stream's
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated.save_as(info[PIDS[2]]["XRAY"][0])
     monkeypatch.chdir(tmp_path)
     result = pair_oai(Path("oai"), ["00m"])
     assert sorted({c.id.split("_")[0] for c in result.cases}) == [PIDS[2]]

@@ -131,10 +131,13 @@ def read_header(path: str | Path, *, force: bool = False, max_pixels: int | None
 
 
 def pixel_data_cut(ds: Any, path: str | Path) -> int | None:
-    """How many bytes of a deferred, defined-length PixelData lie past the end of the file
-    `read_header` parsed into `ds` (a truncated file), or None when it is whole or not deferred."""
+    """How many bytes of a deferred, defined-length (native) PixelData lie past the end of the
+    file `read_header` parsed into `ds` (a truncated file), or None when it is whole, not
+    deferred, or the file is deflated (its offsets are those of the inflated stream)."""
     from pydicom.dataelem import RawDataElement
 
+    if str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) == DEFLATED:
+        return None
     raw = ds.get_item(0x7FE00010, keep_deferred=True)
     if not isinstance(raw, RawDataElement) or raw.value is not None or raw.length == 0xFFFFFFFF:
         return None
@@ -437,14 +440,19 @@ def _laterality(ds: Any) -> str | None:
     return None
 
 
-def check_slices(path: str | Path, n: int, window: tuple[int, int] | None, min_slices: int = 1) -> tuple[int, int]:
+#: The fewest slices an axial or coronal DICOM series may have: the rows of its sagittal slices.
+MIN_RESLICED = 16
+
+
+def check_slices(path: str | Path, n: int, window: tuple[int, int] | None, min_slices: int = 1, *,
+                 one_file: bool = False) -> tuple[int, int]:
     """The slice window [start, stop) of a volume of `n` sagittal slices (all when None), or an
     InputError that says what to change: the kept slices (`PreprocessConfig.slice_start` /
-    `num_slices`) or, for one slice, the file given instead of its series folder."""
+    `num_slices`) or, for `one_file` (one DICOM slice given), its series folder."""
     start, stop = (0, n) if window is None else window
     if n >= min_slices and 0 <= start < stop <= n:
         return start, stop
-    single = " (one file of a series? give the series folder)" if n == 1 and Path(path).is_file() else ""
+    single = " (one file of a series? give the series folder)" if one_file else ""
     if n < min_slices:
         raise InputError(path, f"has {n} slice(s){single}; at least {min_slices} are needed (min_slices)")
     raise InputError(path, f"has {n} slice(s){single}; the kept slices [{start}, {stop}) are outside them "
@@ -490,7 +498,8 @@ def _check_rescale(ds: Any, path: Path) -> None:
             raise InputError(path, f"{keyword} is not a number. Received: {keyword}={str(value)[:40]!r}")
 
 
-#: Modalities of images that are not projection radiographs (`read_dicom_image` refuses them).
+#: Modalities of images that are not projection radiographs (`read_dicom_image` refuses them,
+#: but for a localizer: a CT scout is a projection).
 CROSS_SECTIONAL_MODALITIES = {"MR": "an MR image", "CT": "a CT image", "PT": "a PET image",
                               "NM": "a nuclear medicine image", "US": "an ultrasound image"}
 
@@ -501,7 +510,7 @@ def read_dicom_image(path: str | Path, *, max_pixels: int | None = None,
     MONOCHROME1 inverted (bright = dense), PALETTE COLOR through its colour table, colour
     converted to grey. Files declaring more than `max_pixels` values are refused before
     decoding, and so are MR, CT, PET, nuclear medicine and ultrasound images (by their
-    Modality) unless `any_modality`."""
+    Modality; a localizer by ImageType passes) unless `any_modality`."""
     from pydicom.pixels import apply_modality_lut
 
     max_pixels = resolve_max_pixels(max_pixels)
@@ -512,7 +521,8 @@ def read_dicom_image(path: str | Path, *, max_pixels: int | None = None,
     if frames != 1:
         raise InputError(path, f"holds {frames} frames; an X-ray must be a single image")
     modality = (_meta_text(ds, "Modality") or "").upper()
-    if modality in CROSS_SECTIONAL_MODALITIES and not any_modality:
+    localizer = "LOCALIZER" in str(ds.get("ImageType", "")).upper()
+    if modality in CROSS_SECTIONAL_MODALITIES and not (any_modality or localizer):
         raise InputError(path, f"is {CROSS_SECTIONAL_MODALITIES[modality]} (Modality {modality}), not a "
                                "radiograph; give the knee X-ray")
     raw = _decode(ds, path)
@@ -763,6 +773,11 @@ def _examples(names: Iterable[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _cosines(orientation: Sequence[float]) -> str:
+    """Direction cosines as DICOM writes them: `0\\1\\0\\0\\0\\-1`."""
+    return "\\".join(f"{float(v):.4g}" for v in np.round(np.asarray(orientation, dtype=float), 4) + 0.0)
+
+
 def order_slices(refs: list[SliceRef], where: str | Path, *, min_slices: int = 1,
                  series_uid: str | None = None) -> tuple[list[SliceRef], float | None]:
     """Validate one series and sort it by position along the slice normal.
@@ -788,8 +803,8 @@ def order_slices(refs: list[SliceRef], where: str | Path, *, min_slices: int = 1
     odd = [r for r in refs if np.max(np.abs(r.orientation - ref.orientation)) > 1e-4]
     if odd:
         raise InputError(where, f"mixed orientations (ImageOrientationPatient): {ref.name} has "
-                                f"{tuple(np.round(ref.orientation, 4))} but "
-                                + _examples(f"{r.name} has {tuple(np.round(r.orientation, 4))}" for r in odd))
+                                f"{_cosines(ref.orientation)} but "
+                                + _examples(f"{r.name} has {_cosines(r.orientation)}" for r in odd))
     sizes = [r for r in refs if (r.rows, r.cols) != (ref.rows, ref.cols)]
     if sizes:
         raise InputError(where, f"mixed image sizes: {ref.name} is {ref.rows}x{ref.cols} but "
@@ -921,17 +936,19 @@ def read_dicom_series(path: str | Path, *, window: tuple[int, int] | None = None
     path = Path(path)
     max_pixels = resolve_max_pixels(max_pixels)
     refs, _skipped = scan_dicom(path, max_pixels=max_pixels)
-    try:
-        transform = sagittal_transform(refs[0].orientation)
-    except ValueError:
-        transform = np.array(_SAME_AXES)  # order_slices refuses the series, naming the file
+    refs, step = order_slices(refs, path, series_uid=series_uid)  # validates the orientation
+    first = refs[0]
+    transform = sagittal_transform(first.orientation)
     identity = bool(np.array_equal(transform, _SAME_AXES))
     sagittal = transform[0, 0] == 0  # the series' slices stay the slices
-    refs, step = order_slices(refs, path, series_uid=series_uid)
-    first = refs[0]
+    if not sagittal and len(refs) < MIN_RESLICED:
+        raise InputError(path, f"is {'one' if len(refs) == 1 else len(refs)} axial or coronal image(s) "
+                               f"(ImageOrientationPatient {_cosines(first.orientation)}): resliced, "
+                               f"its sagittal slices would be {len(refs)} pixel(s) tall; give a sagittal series "
+                               f"or a volume of at least {MIN_RESLICED} slices")
     stored = (len(refs), first.rows, first.cols)
     n = stored[int(np.nonzero(transform[:, 0] == 0)[0][0])]
-    start, stop = check_slices(path, n, window, min_slices)
+    start, stop = check_slices(path, n, window, min_slices, one_file=len(refs) == 1 and path.is_file())
     if sagittal:
         chosen = refs[n - stop:n - start] if transform[0, 1] == -1 else refs[start:stop]
     else:
@@ -960,10 +977,12 @@ def read_dicom_series(path: str | Path, *, window: tuple[int, int] | None = None
         position = tuple(float(v) for v in (new @ np.array([start, 0.0, 0.0, 1.0]))[:3])
         if spacing is not None:
             spacing = tuple(float(v) for v in lengths)
+        else:  # the first voxel's place needs the spacing of the axes that were reversed
+            position = None
     meta = {
         "spacing": tuple(round(float(v), 6) for v in spacing) if spacing is not None else None,
         "orientation": tuple(round(v, 8) + 0.0 for v in orientation) if not identity else orientation,
-        "position": tuple(round(v, 6) + 0.0 for v in position) if not identity else position,
+        "position": tuple(round(v, 6) + 0.0 for v in position) if not identity and position else position,
         "laterality": _laterality(ds),
         "photometric": _photometric(ds),
         "description": _meta_text(ds, "SeriesDescription"),
