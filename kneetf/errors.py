@@ -53,6 +53,48 @@ class ManifestError(InputError):
         super().__init__(path, where + reason)
 
 
+class OutputError(KneetfError, OSError):
+    """An output could not be written for want of room or permission on its file system (full,
+    over quota, read-only); `path` is the output, `reason` the condition. It
+    is an OSError too, so code that handles failed writes handles it."""
+
+    def __init__(self, path: str | Path | None, reason: str):
+        self.path = None if path is None else str(path)
+        self.reason = reason
+        super().__init__(f"cannot write {self.path}: {reason}" if self.path else f"cannot write: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+#: errno -> what `storage_reason` says; the same words are looked for in other libraries' messages
+_STORAGE_ERRNOS = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded",
+                   "EROFS": "read-only file system", "EFBIG": "file too large"}
+_STORAGE_TEXTS = {"no space left on device": "no space left on device", "disk quota exceeded": "disk quota exceeded",
+                  "read-only file system": "read-only file system"}
+
+
+def storage_reason(e: BaseException | None) -> str | None:
+    """What the file system refused, when `e` (or an exception it was raised from) is a failed
+    write for want of room or permission (an OSError's errno, or the words TensorFlow's,
+    h5py's and pydicom's own errors carry); None for any other error."""
+    import errno
+
+    codes = {getattr(errno, name): words for name, words in _STORAGE_ERRNOS.items() if hasattr(errno, name)}
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OutputError):
+            return e.reason
+        if isinstance(e, OSError) and e.errno in codes:
+            return codes[e.errno]
+        text = str(e).lower()
+        for words, reason in _STORAGE_TEXTS.items():
+            if words in text:
+                return reason
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 class ServingError(KneetfError):
     """The model server answered with an error, or not at all."""
 

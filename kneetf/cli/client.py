@@ -82,7 +82,7 @@ def _targets(items: list[Any], out: str) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kneetf.errors import ConfigError, ModelNotFoundError, ServerUnavailableError
+    from kneetf.errors import ConfigError, ModelNotFoundError, ServerUnavailableError, storage_reason
 
     if args.status:
         info = None
@@ -153,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
                               "reason": error_reason(e) if it is item else "not sent"} for it in items[i:]]
                 break
             except Exception as e:  # this X-ray or this answer: report it, go on with the others
+                if storage_reason(e) is not None:  # a full or read-only --out: every other X-ray would fail alike
+                    raise
                 reason = error_reason(e)
                 if folder is not None and folder.discard([target]):  # as `kneetf predict`: not this run's
                     reason += f" (its earlier output {target.name} removed)"

@@ -17,6 +17,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -110,7 +111,7 @@ def run_command(name: str, argv: Sequence[str], global_args: Sequence[str] = ())
         for handler in logging.getLogger().handlers:
             handler.addFilter(_not_pydicom)
         os.environ.setdefault("OPENCV_LOG_LEVEL", "FATAL")
-    from kneetf.errors import KneetfError
+    from kneetf.errors import KneetfError, storage_reason
 
     try:
         return int(module.run(args) or 0)
@@ -124,6 +125,11 @@ def run_command(name: str, argv: Sequence[str], global_args: Sequence[str] = ())
         print(f"kneetf {name}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:  # a bug: a short message here, the traceback in a file
+        reason = storage_reason(e)
+        if reason is not None:  # a full, read-only or over-quota file system is no bug
+            where = _written_file(e)
+            print(f"kneetf {name}: error: cannot write{f' {where}' if where else ''}: {reason}", file=sys.stderr)
+            return EXIT_ERROR
         try:
             where = f"the traceback is in {_crash_log(name)}"
         except OSError as log_error:
@@ -135,6 +141,23 @@ def run_command(name: str, argv: Sequence[str], global_args: Sequence[str] = ())
         print(f"kneetf {name}: crashed: {type(e).__name__}: {e}\n  this is a bug in kneetf; {where}",
               file=sys.stderr)
         return EXIT_CRASH
+
+
+_TEMPORARY = re.compile(r"(?P<dir>[^\s'\"]*/)?\.tmp-(?:old-)?(?P<name>[^/\s'\"]+)-[a-z0-9_]{8}(?=[.'\"\s:;,)]|$)")
+
+
+def _written_file(e: BaseException | None) -> str | None:
+    """The file a failed write was writing, as the user will look for it: the final name of
+    one of kneetf's temporary files (`kneetf.io.atomic`), or the file the error names."""
+    while e is not None:
+        for text in (getattr(e, "filename", None), str(e)):
+            found = _TEMPORARY.search(str(text)) if text else None
+            if found:
+                return (found["dir"] or "") + found["name"]
+        if isinstance(e, OSError) and e.filename:
+            return str(e.filename)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _not_pydicom(record: logging.LogRecord) -> bool:

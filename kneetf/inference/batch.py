@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kneetf.config import PreprocessConfig
-from kneetf.errors import ConfigError, InputError, KneetfError
+from kneetf.errors import ConfigError, InputError, KneetfError, storage_reason
 from kneetf.inference.loading import model_roi_source, read_preprocess_config, resolve_model_path
 from kneetf.io.outdir import MARKER, OutputFolder, written_by_kneetf
 from kneetf.inference.outputs import (FORMATS, NAMES, PSEUDONYM_KEY, SeriesNumbers, SourceXray, output_paths,
@@ -384,6 +384,8 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                                          source=source, pseudonym=item.name if names == "pseudonym" else None,
                                          series_number=numbers.next(source))
             except Exception as e:
+                if storage_reason(e) is not None:  # every other output would fail alike: stop, keep the earlier ones
+                    raise
                 fail(item, f"writing: {error_reason(e)}")
             else:
                 report.written[item.name] = paths

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import os
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from kneetf import faults
+from kneetf.errors import OutputError, storage_reason
 
 DEBRIS_PREFIX = ".tmp-"
 _TOKEN = "[a-z0-9_]{8}"  # the random part of a tempfile.mkstemp / mkdtemp name
@@ -60,7 +62,7 @@ def atomic_path(final: str | Path, *, directory: bool = False, fault: str = "wri
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f"{DEBRIS_PREFIX}{final.name}-"
+    prefix = f"{DEBRIS_PREFIX}{_tmp_stem(final.name)}-"
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     else:
@@ -76,7 +78,7 @@ def atomic_path(final: str | Path, *, directory: bool = False, fault: str = "wri
         faults.point(f"{fault}.before", final)
         aside = None
         if directory and final.is_dir() and not final.is_symlink():
-            aside = Path(tempfile.mkdtemp(prefix=f"{DEBRIS_PREFIX}old-{final.name}-", dir=final.parent))
+            aside = Path(tempfile.mkdtemp(prefix=f"{DEBRIS_PREFIX}old-{_tmp_stem(final.name)}-", dir=final.parent))
             try:
                 os.replace(final, aside)  # an empty folder is replaced by rename
             except OSError:
@@ -91,9 +93,18 @@ def atomic_path(final: str | Path, *, directory: bool = False, fault: str = "wri
         faults.point(f"{fault}.after", final)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
+        reason = storage_reason(e)
+        if reason is None or isinstance(e, OutputError):
+            _remove(tmp)
+            raise
+        # the writer's frames may hold an open file (h5py's): close it now, before its file is
+        # removed, not when the interpreter tears down (h5py crashed there)
+        e.__traceback__ = None
+        del e
+        gc.collect()
         _remove(tmp)
-        raise
+        raise OutputError(final, reason) from None
 
 
 def remove_atomic(path: str | Path) -> None:
@@ -120,7 +131,17 @@ def debris_pattern(name: str) -> re.Pattern[str]:
     suffixes of `name` (a file or folder being written), `.tmp-old-<name>-<token>` (a replaced
     folder set aside); `<token>` is tempfile's random part."""
     suffixes = re.escape("".join(Path(name).suffixes))
-    return re.compile(rf"{re.escape(DEBRIS_PREFIX)}(?:old-)?{re.escape(name)}-{_TOKEN}(?:{suffixes})?")
+    return re.compile(rf"{re.escape(DEBRIS_PREFIX)}(?:old-)?{re.escape(_tmp_stem(name))}-{_TOKEN}(?:{suffixes})?")
+
+
+def _tmp_stem(name: str) -> str:
+    """`name` as it appears in its temporary names: cut (at a character) so that the longest,
+    `.tmp-old-<stem>-<token><suffixes>`, stays within the 255 bytes a file name may have."""
+    room = 255 - len(f"{DEBRIS_PREFIX}old--12345678".encode()) - len("".join(Path(name).suffixes).encode())
+    encoded = name.encode()
+    if len(encoded) <= room:
+        return name
+    return encoded[:max(room, 1)].decode(errors="ignore")
 
 
 def remove_debris(folder: str | Path, prefix: str = "", names: Iterable[str] | None = None) -> int:

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any, Sequence
 import keras
 
 from kneetf import faults
-from kneetf.errors import InputError
+from kneetf.errors import InputError, OutputError
 from kneetf.io.atomic import DEBRIS_PREFIX, atomic_path, csv_text, remove_debris, write_csv_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,7 @@ class RunCheckpoint(keras.callbacks.Callback):
                        callbacks={cb.state_key: cb.get_state() for cb in self.stateful},
                        previous=old.without_previous() if old.weights else None, untrained=old.untrained)
         self.backup.mkdir(parents=True, exist_ok=True)
+        _check_room(self.backup / new.weights, self.model)
         with atomic_path(self.backup / new.weights, fault="train.backup.weights") as tmp:
             self.model.save_weights(tmp)
         write_text_atomic(self.backup / STATE_FILE, json.dumps(new.to_dict()), fault="train.backup")
@@ -354,6 +356,22 @@ class RunCheckpoint(keras.callbacks.Callback):
         write_history(self.history, new.history)
         if improved:
             save_model(self.model, self.model_file)
+
+
+def _check_room(path: Path, model: Any) -> None:
+    """OutputError unless `path`'s file system has room for the model's and optimizer's
+    variables (and HDF5's bookkeeping): HDF5 that runs out of space mid-file leaves its
+    library in a state that crashes the interpreter at exit."""
+    import numpy as np
+
+    optimizer = getattr(model, "optimizer", None)
+    variables = [*model.variables, *(getattr(optimizer, "variables", None) or [])]
+    need = sum(int(np.prod(v.shape)) * np.dtype(str(v.dtype)).itemsize for v in variables)
+    need += 4096 * len(variables) + (1 << 20)
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise OutputError(path, f"no space left on device (about {need / 1e6:.1f} MB needed, "
+                                f"{free / 1e6:.1f} MB free)")
 
 
 __all__ = ["STATE_FILE", "RunState", "weights_name", "read_state", "restore", "write_history", "save_model",
