@@ -110,3 +110,37 @@ def test_a_name_that_fits_the_file_system_fits_its_temporary_name_too(tmp_path: 
             assert len(tmp.name.encode()) <= 255 and atomic.debris_pattern(name).fullmatch(tmp.name)
             tmp.write_text("x")
         assert (tmp_path / name).read_text() == "x"
+
+
+def test_one_process_at_a_time_writes_into_an_output_folder(tmp_path: Path) -> None:
+    """A second kneetf process is refused an output folder another one holds (two runs would
+    each rewrite its list of kneetf's files from their own); the lock goes with its process,
+    even killed, and one process may open the folder again."""
+    import os
+    import subprocess
+    import sys
+
+    import kneetf
+    from kneetf.errors import ConfigError
+    from kneetf.io.outdir import OutputFolder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kneetf.io.outdir import OutputFolder; "
+                               "f = OutputFolder(sys.argv[1]); print(f.locked, flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(kneetf.__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        with pytest.raises(ConfigError, match="is being written by another kneetf process"):
+            OutputFolder(out)
+        later = tmp_path / "later"  # a folder that does not exist yet is locked when the first name is claimed
+        mine = OutputFolder(later)
+        assert not mine.locked
+        mine.claim([later / "a.nii.gz"])
+        assert mine.locked and OutputFolder(later).locked  # this process again: allowed
+        mine.release()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert OutputFolder(out).locked  # killed: its lock is gone

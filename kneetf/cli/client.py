@@ -165,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     if key is not None:  # each pseudonym's result, the inputs refused before any request included (as predict's)
         key.write([(it.name, str(it.path), "written" if it.name in written else "failed") for it in items]
                   + [(key.name_for(f["file"]), f["file"], "failed") for f in refused])
+    if folder is not None:
+        folder.release()
     if failures:
         print(f"kneetf client: {len(failures)} of {total} X-ray(s) failed:", file=sys.stderr)
         for f in failures:

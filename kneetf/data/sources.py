@@ -254,6 +254,17 @@ def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: Preproce
 
     out = Path(out_dir)
     folder = OutputFolder(out)
+    try:
+        return _prepare_into(folder, manifest, config, rois=rois, detector=detector, allow_outside=allow_outside,
+                             reader=reader, workers=workers, shard_size=shard_size, progress=progress,
+                             roi_preview=roi_preview)
+    finally:
+        folder.release()
+
+
+def _prepare_into(folder: Any, manifest: Any, config: Any, *, rois: Any, detector: Any, allow_outside: bool,
+                  reader: Any, workers: Any, shard_size: Any, progress: bool, roi_preview: bool) -> Any:
+    out = folder.path
     tasks, errors = manifest_tasks(manifest, rois=rois, detector=detector, allow_outside=allow_outside,
                                    reader=reader)
     folder.refuse_inputs([manifest, *(p for p in (rois, detector) if p and str(p) != "builtin"),

@@ -291,124 +291,128 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
     out = Path(out_dir)
     folder = OutputFolder(out)
-    folder.refuse_inputs(inputs)
-    key_path = Path(pseudonym_key) if pseudonym_key else out / PSEUDONYM_KEY
-    run_files = [out / PREDICTIONS_CSV, out / ERRORS_CSV]
-    if names == "pseudonym" and key_path.parent.resolve() == out.resolve():
-        run_files.append(key_path)
-    key = PseudonymKey(key_path) if names == "pseudonym" else None
-    for p in run_files:
-        if not folder.owns(p):
-            raise ConfigError(f"{p} exists and was not written by kneetf; it is left as it is (move it, or "
-                              "choose another --out)")
-    roi = model_roi_source(model if isinstance(model, (str, Path)) else None, roi)
-    items, errors = collect_named_inputs(inputs, names, roi, allow_outside=allow_outside)
-    folder.refuse_inputs(it.path for it in items)
-    # the model loads once an X-ray is read: a batch of unreadable files never loads it (nor TensorFlow)
-    predictor = None
-    config = known_preprocess(model, preprocess)
-    if config is None:
-        predictor = load_predictor(model, preprocess, trust_model=trust_model)
-        config = predictor.preprocess
-    if key is not None:
-        key.assign(items)
-    else:
-        for it in items:
-            it.name = it.id
-    usable = []
-    for it in items:
-        marker = written_by_kneetf(it.path)
-        if marker is not None:
-            errors.append({"id": it.id, "file": str(it.path), "item": it,
-                           "reason": f"is an output of kneetf (listed in {marker}), not an X-ray"})
-        else:
-            usable.append(it)
-    items = usable
-    folder.claim(run_files)
-    remove_debris(out, names=folder.names | {MARKER})  # what a killed run left half-written; not a user's .tmp-*
-    if key is not None:  # the key first: outputs of an interrupted run stay traceable
-        key.write((it.name, str(it.path), "") for it in items)
-        for e in errors:
-            _pseudonymise_error(e, key)
-    report = PredictReport(out, errors=list(errors))
-    # a row is appended once the files of its reconstruction are all in place: a killed run
-    # leaves a predictions.csv that lists exactly the finished ones
-    rows = CsvLog(out / PREDICTIONS_CSV, PREDICTION_FIELDS, _listed_outputs(out / PREDICTIONS_CSV),
-                  fault="predict.row")
-    failures = CsvLog(out / ERRORS_CSV, ERROR_FIELDS, report.errors)
-
-    def fail(item: XrayInput, reason: str) -> None:
-        # what an earlier run wrote for this input is not this run's: a folder lists only what its run wrote
-        try:
-            stale = folder.discard(output_paths(out, item.name, FORMATS), _removable)
-        except OSError as e:
-            log.warning("%s: cannot remove the earlier outputs of %s (%s)", out, item.name, e)
-            stale = []
-        if stale:
-            reason += f" (its earlier output{'s' if len(stale) > 1 else ''} {', '.join(p.name for p in stale)} removed)"
-        e: dict[str, Any] = {"id": item.id, "file": str(item.path), "item": item, "reason": reason}
-        if key is not None:
-            _pseudonymise_error(e, key)
-        report.errors.append(e)
-        failures.append(e)
-
-    numbers = SeriesNumbers()
-    bar = tqdm(total=len(items), desc="predict", unit="xray", disable=not progress)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        prepared = []
-        for item in chunk:
-            try:
-                prepared.append((item, read_input(item, config, roi)))
-            except Exception as e:  # report, keep going with the others
-                fail(item, error_reason(e))
-                bar.update(1)
-        if not prepared:
-            continue
-        if predictor is None:
+    try:
+        folder.refuse_inputs(inputs)
+        key_path = Path(pseudonym_key) if pseudonym_key else out / PSEUDONYM_KEY
+        run_files = [out / PREDICTIONS_CSV, out / ERRORS_CSV]
+        if names == "pseudonym" and key_path.parent.resolve() == out.resolve():
+            run_files.append(key_path)
+        key = PseudonymKey(key_path) if names == "pseudonym" else None
+        for p in run_files:
+            if not folder.owns(p):
+                raise ConfigError(f"{p} exists and was not written by kneetf; it is left as it is (move it, or "
+                                  "choose another --out)")
+        roi = model_roi_source(model if isinstance(model, (str, Path)) else None, roi)
+        items, errors = collect_named_inputs(inputs, names, roi, allow_outside=allow_outside)
+        folder.refuse_inputs(it.path for it in items)
+        # the model loads once an X-ray is read: a batch of unreadable files never loads it (nor TensorFlow)
+        predictor = None
+        config = known_preprocess(model, preprocess)
+        if config is None:
             predictor = load_predictor(model, preprocess, trust_model=trust_model)
-        try:
-            mri = predictor(np.stack([p.xray for _, p in prepared]))
-        except Exception as e:
-            for item, _ in prepared:
-                fail(item, f"model: {error_reason(e)}")
-            bar.update(len(prepared))
-            continue
-        for (item, prep), vol in zip(prepared, mri):
-            try:
-                folder.claim(output_paths(out, item.name, formats))
-                # formats an earlier run wrote and this one does not: another reconstruction under this name
-                folder.discard(output_paths(out, item.name, [f for f in FORMATS if f not in formats]), _removable)
-                source = SourceXray.read(item.path) if keep_patient and "dicom" in formats else None
-                paths = write_prediction(out, item.name, prep, to_output_volume(vol, prep.mirrored), formats,
-                                         source=source, pseudonym=item.name if names == "pseudonym" else None,
-                                         series_number=numbers.next(source))
-            except Exception as e:
-                if storage_reason(e) is not None:  # every other output would fail alike: stop, keep the earlier ones
-                    raise
-                fail(item, f"writing: {error_reason(e)}")
+            config = predictor.preprocess
+        if key is not None:
+            key.assign(items)
+        else:
+            for it in items:
+                it.name = it.id
+        usable = []
+        for it in items:
+            marker = written_by_kneetf(it.path)
+            if marker is not None:
+                errors.append({"id": it.id, "file": str(it.path), "item": it,
+                               "reason": f"is an output of kneetf (listed in {marker}), not an X-ray"})
             else:
-                report.written[item.name] = paths
-                found = prep.roi
-                rows.append({"id": item.name, "source": str(item.path) if names == "id" else "", "side": prep.side,
-                             "mirrored": int(prep.mirrored),
-                             **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple()))),
-                             "roi_source": found.source if found else "",
-                             "roi_confidence": "" if found is None or np.isnan(found.confidence)
-                             else round(found.confidence, 3),
-                             "roi_flagged": int(found.flagged) if found else 0})
-            bar.update(1)
-    bar.close()
-    # one row per output still in the folder: a rewritten output's earlier row, and that of one
-    # removed because its input failed, go now (a killed run leaves them, and the next run tidies)
-    write_csv_atomic(out / PREDICTIONS_CSV, PREDICTION_FIELDS, _listed_outputs(out / PREDICTIONS_CSV),
-                     fault="predict.table")
-    if key is not None:  # each pseudonym's result
-        key.write([(it.name, str(it.path), "written") for it in items if it.name in report.written]
-                  + [(e["id"], e["source"], "failed") for e in report.errors])
-    for e in report.errors:
-        e.pop("item", None)
-    return report
+                usable.append(it)
+        items = usable
+        folder.claim(run_files)
+        remove_debris(out, names=folder.names | {MARKER})  # what a killed run left half-written; not a user's .tmp-*
+        if key is not None:  # the key first: outputs of an interrupted run stay traceable
+            key.write((it.name, str(it.path), "") for it in items)
+            for e in errors:
+                _pseudonymise_error(e, key)
+        report = PredictReport(out, errors=list(errors))
+        # a row is appended once the files of its reconstruction are all in place: a killed run
+        # leaves a predictions.csv that lists exactly the finished ones
+        rows = CsvLog(out / PREDICTIONS_CSV, PREDICTION_FIELDS, _listed_outputs(out / PREDICTIONS_CSV),
+                      fault="predict.row")
+        failures = CsvLog(out / ERRORS_CSV, ERROR_FIELDS, report.errors)
+
+        def fail(item: XrayInput, reason: str) -> None:
+            # what an earlier run wrote for this input is not this run's: a folder lists only what its run wrote
+            try:
+                stale = folder.discard(output_paths(out, item.name, FORMATS), _removable)
+            except OSError as e:
+                log.warning("%s: cannot remove the earlier outputs of %s (%s)", out, item.name, e)
+                stale = []
+            if stale:
+                removed = ", ".join(p.name for p in stale)
+                reason += f" (its earlier output{'s' if len(stale) > 1 else ''} {removed} removed)"
+            e: dict[str, Any] = {"id": item.id, "file": str(item.path), "item": item, "reason": reason}
+            if key is not None:
+                _pseudonymise_error(e, key)
+            report.errors.append(e)
+            failures.append(e)
+
+        numbers = SeriesNumbers()
+        bar = tqdm(total=len(items), desc="predict", unit="xray", disable=not progress)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            prepared = []
+            for item in chunk:
+                try:
+                    prepared.append((item, read_input(item, config, roi)))
+                except Exception as e:  # report, keep going with the others
+                    fail(item, error_reason(e))
+                    bar.update(1)
+            if not prepared:
+                continue
+            if predictor is None:
+                predictor = load_predictor(model, preprocess, trust_model=trust_model)
+            try:
+                mri = predictor(np.stack([p.xray for _, p in prepared]))
+            except Exception as e:
+                for item, _ in prepared:
+                    fail(item, f"model: {error_reason(e)}")
+                bar.update(len(prepared))
+                continue
+            for (item, prep), vol in zip(prepared, mri):
+                try:
+                    folder.claim(output_paths(out, item.name, formats))
+                    # formats an earlier run wrote and this one does not: another reconstruction under this name
+                    folder.discard(output_paths(out, item.name, [f for f in FORMATS if f not in formats]), _removable)
+                    source = SourceXray.read(item.path) if keep_patient and "dicom" in formats else None
+                    paths = write_prediction(out, item.name, prep, to_output_volume(vol, prep.mirrored), formats,
+                                             source=source, pseudonym=item.name if names == "pseudonym" else None,
+                                             series_number=numbers.next(source))
+                except Exception as e:
+                    if storage_reason(e) is not None:  # every other output would fail alike: stop, keep
+                        raise                               # the earlier ones
+                    fail(item, f"writing: {error_reason(e)}")
+                else:
+                    report.written[item.name] = paths
+                    found = prep.roi
+                    rows.append({"id": item.name, "source": str(item.path) if names == "id" else "", "side": prep.side,
+                                 "mirrored": int(prep.mirrored),
+                                 **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple()))),
+                                 "roi_source": found.source if found else "",
+                                 "roi_confidence": "" if found is None or np.isnan(found.confidence)
+                                 else round(found.confidence, 3),
+                                 "roi_flagged": int(found.flagged) if found else 0})
+                bar.update(1)
+        bar.close()
+        # one row per output still in the folder: a rewritten output's earlier row, and that of one
+        # removed because its input failed, go now (a killed run leaves them, and the next run tidies)
+        write_csv_atomic(out / PREDICTIONS_CSV, PREDICTION_FIELDS, _listed_outputs(out / PREDICTIONS_CSV),
+                         fault="predict.table")
+        if key is not None:  # each pseudonym's result
+            key.write([(it.name, str(it.path), "written") for it in items if it.name in report.written]
+                      + [(e["id"], e["source"], "failed") for e in report.errors])
+        for e in report.errors:
+            e.pop("item", None)
+        return report
+    finally:
+        folder.release()
 
 
 def _removable(path: Path) -> bool:

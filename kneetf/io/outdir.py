@@ -45,14 +45,61 @@ def written_by_kneetf(path: str | Path) -> Path | None:
     return None
 
 
+#: The output folders this process holds the lock of (resolved path -> the folder's open fd).
+_LOCKS: dict[Path, int] = {}
+
+
+def _lock(folder: Path) -> bool:
+    """Take the lock of an existing `folder` for this process (an exclusive `flock` on the
+    folder itself: nothing is written, and the system drops it when the process ends, even
+    killed). ConfigError when another process holds it; False where the file system has no
+    locks (some network file systems), True otherwise."""
+    import errno
+    import fcntl
+    import os
+
+    key = _resolved(folder)
+    if key in _LOCKS:
+        return True
+    fd = os.open(key, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ConfigError(f"--out {folder} is being written by another kneetf process; wait until it "
+                              "ends, or choose another --out") from None
+        return False
+    _LOCKS[key] = fd
+    return True
+
+
+def _unlock(folder: Path) -> None:
+    import os
+
+    fd = _LOCKS.pop(_resolved(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
 class OutputFolder:
-    """An output folder and the names kneetf wrote into it (`MARKER`)."""
+    """An output folder and the names kneetf wrote into it (`MARKER`), held by one process
+    at a time: a second kneetf process that writes into it gets a ConfigError (the lock is
+    taken when the folder exists, else when the first name is claimed, and given back by
+    `release`, or when the process ends)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--out {self.path} exists and is not a folder")
+        self.locked = self.path.is_dir() and _lock(self.path)
         self.names = _listed(self.path)
+
+    def release(self) -> None:
+        """Give the folder's lock back (another process may write into it from now on)."""
+        if self.locked:
+            _unlock(self.path)
+            self.locked = False
 
     def refuse_inputs(self, inputs: Iterable[str | Path]) -> None:
         """ConfigError when the folder is one of `inputs`, or holds one (at any depth)."""
@@ -78,8 +125,12 @@ class OutputFolder:
                                     "or choose another --out)")
         new = {p.name for p in paths} - self.names
         if new:
-            self.names |= new
             self.path.mkdir(parents=True, exist_ok=True)
+            if not self.locked:
+                self.locked = _lock(self.path)
+                self.names |= _listed(self.path)  # what another process listed before it ended
+                new = {p.name for p in paths} - self.names
+            self.names |= new
             write_text_atomic(self.path / MARKER, json.dumps(
                 {"written_by": f"kneetf {__version__}", "files": sorted(self.names)}, indent=1))
 
