@@ -14,6 +14,7 @@ from kneetf.config import PreprocessConfig
 from kneetf.data.cache import CacheResult, CacheTask, RawPair, build_cache
 from kneetf.errors import InputError, RoiNotFoundError
 from kneetf.io.limits import ReaderConfig, current_reader_config
+from kneetf.io.outdir import OutputFolder
 from kneetf.protocol import ROI_DETECTOR_FILE
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,6 @@ def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: Preproce
     unsure of) are skipped and listed in `errors.csv`. Every pair's box, ROI source,
     confidence and review flag go to `rois.csv`; the ROI source (with a copy of the detector)
     to `dataset.json`. `roi_preview` writes contact sheets of the crops (`roi_preview/`)."""
-    from kneetf.io.outdir import OutputFolder
-
     out = Path(out_dir)
     folder = OutputFolder(out)
     try:
@@ -262,8 +261,10 @@ def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: Preproce
         folder.release()
 
 
-def _prepare_into(folder: Any, manifest: Any, config: Any, *, rois: Any, detector: Any, allow_outside: bool,
-                  reader: Any, workers: Any, shard_size: Any, progress: bool, roi_preview: bool) -> Any:
+def _prepare_into(folder: OutputFolder, manifest: str | Path, config: PreprocessConfig, *,
+                  rois: str | Path | None, detector: str | Path | None, allow_outside: bool,
+                  reader: ReaderConfig | None, workers: int, shard_size: int, progress: bool,
+                  roi_preview: bool) -> CacheResult:
     out = folder.path
     tasks, errors = manifest_tasks(manifest, rois=rois, detector=detector, allow_outside=allow_outside,
                                    reader=reader)
