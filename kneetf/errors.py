@@ -67,11 +67,11 @@ class OutputError(KneetfError, OSError):
         return str(self.args[0])
 
 
-#: errno -> what `storage_reason` says; the same words are looked for in other libraries' messages
+#: errno -> what `storage_reason` says
 _STORAGE_ERRNOS = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded",
                    "EROFS": "read-only file system", "EFBIG": "file too large"}
-_STORAGE_TEXTS = {"no space left on device": "no space left on device", "disk quota exceeded": "disk quota exceeded",
-                  "read-only file system": "read-only file system"}
+#: the words of those errors that are looked for in other libraries' messages
+_STORAGE_TEXTS = ("no space left on device", "disk quota exceeded", "read-only file system")
 
 
 def storage_reason(e: BaseException | None) -> str | None:
@@ -88,9 +88,9 @@ def storage_reason(e: BaseException | None) -> str | None:
         if isinstance(e, OSError) and e.errno in codes:
             return codes[e.errno]
         text = str(e).lower()
-        for words, reason in _STORAGE_TEXTS.items():
+        for words in _STORAGE_TEXTS:
             if words in text:
-                return reason
+                return words
         e, seen = e.__cause__ or e.__context__, seen + 1
     return None
 

@@ -17,7 +17,6 @@ import argparse
 import importlib
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -143,17 +142,16 @@ def run_command(name: str, argv: Sequence[str], global_args: Sequence[str] = ())
         return EXIT_CRASH
 
 
-_TEMPORARY = re.compile(r"(?P<dir>[^\s'\"]*/)?\.tmp-(?:old-)?(?P<name>[^/\s'\"]+)-[a-z0-9_]{8}(?=[.'\"\s:;,)]|$)")
-
-
 def _written_file(e: BaseException | None) -> str | None:
     """The file a failed write was writing, as the user will look for it: the final name of
     one of kneetf's temporary files (`kneetf.io.atomic`), or the file the error names."""
+    from kneetf.io.atomic import written_name
+
     while e is not None:
         for text in (getattr(e, "filename", None), str(e)):
-            found = _TEMPORARY.search(str(text)) if text else None
+            found = written_name(str(text)) if text else None
             if found:
-                return (found["dir"] or "") + found["name"]
+                return found
         if isinstance(e, OSError) and e.filename:
             return str(e.filename)
         e = e.__cause__ or e.__context__

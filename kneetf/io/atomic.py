@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import gc
 import io
 import os
 import re
@@ -94,16 +93,10 @@ def atomic_path(final: str | Path, *, directory: bool = False, fault: str = "wri
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
     except BaseException as e:
+        _remove(tmp)
         reason = storage_reason(e)
         if reason is None or isinstance(e, OutputError):
-            _remove(tmp)
             raise
-        # the writer's frames may hold an open file (h5py's): close it now, before its file is
-        # removed, not when the interpreter tears down (h5py crashed there)
-        e.__traceback__ = None
-        del e
-        gc.collect()
-        _remove(tmp)
         raise OutputError(final, reason) from None
 
 
@@ -132,6 +125,14 @@ def debris_pattern(name: str) -> re.Pattern[str]:
     folder set aside); `<token>` is tempfile's random part."""
     suffixes = re.escape("".join(Path(name).suffixes))
     return re.compile(rf"{re.escape(DEBRIS_PREFIX)}(?:old-)?{re.escape(_tmp_stem(name))}-{_TOKEN}(?:{suffixes})?")
+
+
+def written_name(text: str) -> str | None:
+    """The file a temporary name of `atomic_path` in `text` (a path, an error message) stands
+    for, as `<folder>/<name>`; None when `text` holds none."""
+    found = re.search(rf"(?P<dir>[^\s'\"]*/)?{re.escape(DEBRIS_PREFIX)}(?:old-)?(?P<name>[^/\s'\"]+)-{_TOKEN}"
+                      r"(?=[.'\"\s:;,)]|$)", text)
+    return (found["dir"] or "") + found["name"] if found else None
 
 
 def _tmp_stem(name: str) -> str:

@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kneetf.errors import InputError
-from kneetf.io.dicom import LPS_TO_RAS, SAGITTAL_AXCODES, check_slices, looks_like_dicom, read_dicom_image, read_dicom_series, require_finite, to_grey
+from kneetf.io.dicom import (LPS_TO_RAS, SAGITTAL_AXCODES, check_slices, looks_like_dicom, read_dicom_image,
+                              read_dicom_series, require_finite, to_grey)
 from kneetf.io.headers import file_image_size
 from kneetf.io.limits import check_pixels, resolve_max_pixels
 
@@ -238,12 +239,13 @@ class NiftiReader(Reader):
         check_pixels(path, "NIfTI header", int(np.prod(shape)), resolve_max_pixels(max_pixels),
                      "x".join(map(str, shape)))
         affine = np.asarray(img.affine, dtype=np.float64)
+        finite = bool(np.all(np.isfinite(affine)))
         try:
-            if not np.all(np.isfinite(affine)):
+            if not finite:
                 raise ValueError("it holds NaN or infinity")
             transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(SAGITTAL_AXCODES))
         except ValueError as e:  # a zero or repeated axis: nibabel cannot say which way the slices go
-            singular = np.all(np.isfinite(affine)) and np.linalg.matrix_rank(affine[:3, :3]) < 3
+            singular = finite and np.linalg.matrix_rank(affine[:3, :3]) < 3
             why = "a voxel axis has zero length or runs along another" if singular else str(e)
             raise InputError(path, f"its affine (sform/qform) gives no orientation ({why}); fix the header's "
                                    f"voxel-to-world matrix {np.round(affine[:3], 4).tolist()}") from e
