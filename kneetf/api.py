@@ -77,9 +77,10 @@ class Reconstructor:
 
     Build it with `Reconstructor.load(path, roi=None)`: `path` is a `.keras` file, a run
     folder, a SavedModel folder or a `.tflite` file; `roi` is None (the ROI source the model
-    was trained with, `kneetf.inference.loading.model_roi_source`), "classical", a boxes CSV
-    (ids = file stems or the `id` you pass), an ROI detector `.keras`, a fixed `Box`, or any
-    object with `box_for(id, image)`.
+    was trained with, else the built-in detector: `kneetf.inference.loading.model_roi_source`),
+    "builtin", "classical" (the image-analysis fallback), a boxes CSV (ids = file stems or the
+    `id` you pass), an ROI detector `.keras`, a fixed `Box`, or any object with
+    `box_for(id, image)`. `Reconstructor(predictor)` alone crops with the built-in detector.
     """
 
     def __init__(self, predictor: Any, roi: Any = None) -> None:

@@ -400,7 +400,7 @@ def test_client_boxes_csv_and_same_stems_under_pseudonyms(served, server, tmp_pa
 
 @pytest.fixture(scope="module")
 def full_xrays(tmp_path_factory):
-    """Whole knee X-rays, not crops (the classical ROI finds the knee): a 16-bit PNG, a
+    """Whole knee X-rays, not crops (an ROI source finds the knee): a 16-bit PNG, a
     float .npy and DICOMs of a left and a right knee."""
     from roi_factory import standin_knee
 
@@ -423,7 +423,9 @@ def test_cli_client_gives_the_predict_answer(served, server, full_xrays, tmp_pat
     import csv
 
     nib = pytest.importorskip("nibabel")
-    from kneetf.preprocess.roi import ClassicalRoi, crop_box
+    from kneetf.io.readers import read_xray
+    from kneetf.preprocess.roi import crop_box, find_roi
+    from kneetf.preprocess.xray import roi_source
 
     folder, version = full_xrays["folder"], served["mirrored"] / "1"
     assert main(["predict", "--model", str(version), str(folder), "--out", str(tmp_path / "predict"),
@@ -440,9 +442,10 @@ def test_cli_client_gives_the_predict_answer(served, server, full_xrays, tmp_pat
         assert ours.shape == theirs.shape == (20, 128, 128)
     rows = {r["id"]: r for r in csv.DictReader(open(tmp_path / "predict" / "predictions.csv"))}
     assert rows["c_left"]["mirrored"] == "1" and rows["d_right"]["mirrored"] == "0"
-    # independently: the left knee's crop, flipped, through Keras; slice order restored
-    image = full_xrays["images"][2].astype(np.float32)
-    crop = crop_box(image, ClassicalRoi().box_for("c_left", image))[:, ::-1]
+    # independently: the left knee's crop (the built-in detector's box), flipped, through Keras;
+    # slice order restored
+    image, meta = read_xray(folder / "c_left.dcm")
+    crop = crop_box(image, find_roi(roi_source(), "c_left", image, meta.pixel_spacing).box)[:, ::-1]
     want = _reference(served["model"], crop[None])["mri"][0].transpose(2, 0, 1)[::-1]
     np.testing.assert_allclose(np.asarray(nib.load(tmp_path / "client" / "c_left.nii.gz").dataobj), want,
                                atol=1e-5)
@@ -485,12 +488,13 @@ def test_client_roi_options_and_model_info(served, server, full_xrays, tmp_path,
 
 
 def test_rest_client_imports_no_tensorflow_with_crops_sent_whole(served, server, full_xrays, tmp_path):
-    """Without client-side resize, the REST path (read, ROI, crop, request, checks, NIfTI)
-    runs without TensorFlow in the client process."""
+    """Without client-side resize and with an ROI source that is not a network (the classical
+    fallback here), the REST path (read, ROI, crop, request, checks, NIfTI) runs without
+    TensorFlow in the client process."""
     out = tmp_path / "a.nii.gz"
     code = ("import sys; from kneetf.cli.main import main; "
             f"rc = main(['client', '--rest', {server.rest_url!r}, {str(full_xrays['folder'] / 'a.png')!r}, "
-            f"'--out', {str(out)!r}, '--no-client-resize']); "
+            f"'--out', {str(out)!r}, '--no-client-resize', '--roi-detector', 'classical']); "
             "print(rc, sorted(m for m in ('tensorflow', 'keras', 'grpc') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.stdout.strip().splitlines()[-1] == "0 []", result.stderr[-2000:]

@@ -231,7 +231,7 @@ def test_known_preprocess_agrees_with_the_loaded_predictor(tmp_path, runs):
         known_preprocess(tmp_path / "missing.keras")
 
 
-def test_classical_roi_default_and_bad_arguments(tmp_path, runs):
+def test_default_roi_and_bad_arguments(tmp_path, runs):
     from kneetf.errors import ConfigError, InputError
     from kneetf.inference.batch import predict_files
     from kneetf.inference.loading import resolve_model_path
@@ -242,6 +242,7 @@ def test_classical_roi_default_and_bad_arguments(tmp_path, runs):
     assert report.ok == 1
     rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
     assert float(rows[0]["x1"]) > float(rows[0]["x0"])  # a box was found without a CSV
+    assert rows[0]["roi_source"] == "detector:builtin"  # no ROI record with the run: the built-in detector
     with pytest.raises(ConfigError, match="--format"):
         parse_formats("nifti,mp4")
     with pytest.raises(InputError, match="model not found"):

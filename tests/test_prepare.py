@@ -205,7 +205,7 @@ def test_train_on_a_manifest_prepares_it_on_the_fly(synth: Path, tmp_path: Path)
 
 def test_prepare_skips_an_xray_whose_knee_is_not_found(synth: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """No boxes given: the classical ROI finds the knees of collimated, marker-laden hospital
+    """The classical ROI finds the knees of collimated, marker-laden hospital
     X-rays (DICOM with a pixel spacing, one stored MONOCHROME1) and reports the one without a
     knee as failed; the rest is written, each pair with its box and source, and one contact
     sheet shows every crop and the failure."""
@@ -229,10 +229,10 @@ def test_prepare_skips_an_xray_whose_knee_is_not_found(synth: Path, tmp_path: Pa
     (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
     cache = tmp_path / "cache"
     rc = main(["prepare", str(tmp_path / "manifest.csv"), "--out", str(cache), "--allow-outside", "--workers", "0",
-               "--roi-preview"])
+               "--roi-preview", "--roi-detector", "classical"])
     assert rc == 4  # some X-rays failed, the others were prepared
     out = capsys.readouterr().out
-    assert "--roi-detector builtin" in out  # the classical ROI was unsure: the detector is suggested
+    assert "look at their boxes (--roi-preview" in out  # the ROI source was unsure: say what to do
     failed = rows[3]["id"]
     errors = _rows(cache / "errors.csv")
     assert [e["id"] for e in errors] == [failed] and "no knee joint found" in errors[0]["reason"]
@@ -249,7 +249,7 @@ def test_prepare_skips_an_xray_whose_knee_is_not_found(synth: Path, tmp_path: Pa
         assert abs((box[1] + box[3]) / 2 - true.cy) < 0.05 * true.width
         assert box[2] - box[0] == pytest.approx(100.0 / 0.3)  # 100 mm: the DICOM's pixel spacing is used
     n_flagged = sum(r["flagged"] == "1" for r in recorded.values())
-    assert f"ROI boxes: classical 3" in out and "knee not found in 1 X-ray(s)" in out
+    assert "ROI boxes: classical 3" in out and "knee not found in 1 X-ray(s)" in out
     assert (f"({n_flagged} flagged for review)" in out) == (n_flagged > 0)
     # one sheet: a legend bar over 3 crops and 1 failure tile in a row
     import cv2

@@ -157,7 +157,10 @@ def test_roi_source_is_the_one_choice_of_the_roi(tmp_path):
 
     csv_path = write_boxes(tmp_path / "rois.csv", {"a": Box(1, 2, 3, 4)})
     image = np.zeros((8, 8))
-    assert isinstance(roi_source(), ClassicalRoi) and isinstance(roi_source("classical"), ClassicalRoi)
+    assert isinstance(roi_source("classical"), ClassicalRoi)
+    assert isinstance(roi_source(detector="classical"), ClassicalRoi)
+    for default in (roi_source(), roi_source("builtin"), roi_source(detector="builtin")):
+        assert type(default).__name__ == "DetectorRoi" and str(default.path) == "builtin"
     assert roi_source(csv_path).box_for("a", image) == Box(1, 2, 3, 4)
     assert roi_source(boxes=csv_path).box_for("a", image) == Box(1, 2, 3, 4)
     fixed = roi_source(Box(0, 0, 5, 5))
@@ -166,6 +169,8 @@ def test_roi_source_is_the_one_choice_of_the_roi(tmp_path):
     assert roi_source(mine) is mine
     with pytest.raises(ConfigError, match="not both"):
         roi_source(boxes=csv_path, detector=tmp_path / "d.keras")
+    with pytest.raises(ConfigError, match="not both"):
+        roi_source("classical", boxes=csv_path)
     for bad in (42, tmp_path / "boxes.txt"):
         with pytest.raises(ConfigError, match="roi must be"):
             roi_source(bad)
@@ -494,9 +499,9 @@ def test_classical_roi_refuses_an_image_without_a_knee():
 
 
 def test_roi_modules_do_not_import_tensorflow():
-    """The cache's worker processes choose and use an ROI source without TensorFlow."""
+    """The cache's worker processes choose and use the classical ROI without TensorFlow."""
     code = ("import sys, numpy, kneetf.preprocess.roi as r, kneetf.preprocess.xray as x\n"
-            "try:\n    x.roi_source().box_for('a', numpy.random.default_rng(0).random((64, 64)))\n"
+            "try:\n    x.roi_source('classical').box_for('a', numpy.random.default_rng(0).random((64, 64)))\n"
             "except r.RoiNotFoundError:\n    pass\nprint('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -106,13 +106,15 @@ def test_an_explicit_roi_wins_and_a_mismatch_is_warned(tmp_path, model_file, xra
 
 @pytest.mark.parametrize("record, warns", [(None, False), ({"source": "truth"}, False),
                                            ({"source": "csv", "boxes": "rois.csv"}, True)])
-def test_models_without_a_reusable_source_default_to_the_classical_roi(tmp_path, model_file, record, warns, caplog):
+def test_models_without_a_reusable_source_default_to_the_builtin_detector(tmp_path, model_file, record, warns,
+                                                                         caplog):
     from kneetf.inference.loading import model_roi_source
+    from kneetf.preprocess.roi_detector_source import DetectorRoi
 
     run = _run(tmp_path / "run", model_file, record)
     with caplog.at_level(logging.WARNING):
         source = model_roi_source(run)
-    assert isinstance(source, ClassicalRoi) and source.box_mm == 100.0
+    assert isinstance(source, DetectorRoi) and str(source.path) == "builtin"
     assert ("give their boxes" in caplog.text) == warns
 
 
@@ -160,12 +162,12 @@ def test_a_detector_travels_from_the_cache_to_the_run_and_the_export(tmp_path, m
     (run / "roi_detector.keras").write_bytes(detector.read_bytes() + b"\0")
     with pytest.raises(InputError, match="SHA-256 differs"):
         model_roi_source(run)
-    # the detector missing: the classical ROI, with a warning
+    # the detector missing: the built-in detector, with a warning
     (run / "roi_detector.keras").unlink()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert isinstance(model_roi_source(run), ClassicalRoi)
-    assert "not beside it" in caplog.text
+        assert str(model_roi_source(run).path) == "builtin"
+    assert "not beside it" in caplog.text and "cropping with the built-in ROI detector" in caplog.text
 
 
 def test_the_client_crops_with_the_recorded_source(tmp_path, model_file, xrays):

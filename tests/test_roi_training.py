@@ -11,6 +11,7 @@ import pytest
 
 from kneetf.errors import InputError
 from kneetf.preprocess.roi import RoiSource, square_box_around, write_boxes
+from kneetf.preprocess.roi_detector_source import DetectorRoi
 from kneetf.preprocess.roi_score import score_boxes
 from roi_factory import standin_set  # tests/roi_factory.py
 
@@ -85,18 +86,18 @@ def test_tiny_detector_trains_saves_and_loads_identically(tmp_path):
     detections = loaded.detect(images[:4])
     assert all(0.0 <= d.confidence <= 1.0 and d.flagged == (d.confidence < 0.3) for d in detections)
     # the RoiSource path: load by file, pickle as the path, boxes in pixels of the full image
-    source = rd.DetectorRoi.load(path)
+    source = DetectorRoi.load(path)
     assert isinstance(source, RoiSource)
     box = source.box_for("k0", images[0])
     assert box.as_tuple() == pytest.approx(model.predict_boxes(images[:1])[0].as_tuple())
     again = pickle.loads(pickle.dumps(source))
     assert again.box_for("k0", images[0]).as_tuple() == pytest.approx(box.as_tuple())
-    unsure = rd.DetectorRoi(model, reject_unsure=True)
+    unsure = DetectorRoi(model, reject_unsure=True)
     if unsure.detection_for("k0", images[0]).flagged:
         with pytest.raises(InputError, match="unsure"):
             unsure.box_for("k0", images[0])
     with pytest.raises(InputError, match="not found"):
-        rd.DetectorRoi.load(tmp_path / "missing.keras")
+        DetectorRoi.load(tmp_path / "missing.keras")
 
 
 def test_known_pixel_spacing_sets_the_side_in_mm():

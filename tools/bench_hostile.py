@@ -14,7 +14,8 @@ command and of every worker it started. `prepare` pairs each hostile X-ray with 
 MRI series; `predict` runs a freshly built `tiny` model. A normal OAI-sized DICOM X-ray is
 measured too, as the reference, and "all" runs every file in one manifest / one predict.
 Both commands load TensorFlow (about 590 MiB of RSS on its own) only once an X-ray is
-decoded and cropped: a run of nothing but refused files never loads it.
+decoded (the default ROI source, the built-in detector, runs on it): a run of nothing but
+refused files never loads it.
 
     python tools/bench_hostile.py                      # all files, predict and prepare
     python tools/bench_hostile.py --commands prepare --files png

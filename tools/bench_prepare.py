@@ -7,8 +7,9 @@ the sizes of an OAI SAG_3D_DESS series and a knee radiograph. Every slice's head
 only the 20 kept slices' pixels. `--distinct` pairs are generated and the manifest lists them
 `--pairs` times in all (distinct ids), so the benchmark measures decoding and preprocessing,
 not file generation (warm page cache). ROI sources (`--roi-sources`): `classical` (the
-fallback finds the knee, as with no boxes CSV), `csv` (a boxes CSV gives it: the
-radiographs' true boxes) and `builtin` (the built-in detector, `--roi-detector builtin`).
+fallback finds the knee, `--roi-detector classical`), `csv` (a boxes CSV gives it: the
+radiographs' true boxes) and `builtin` (the built-in detector, the default without a boxes
+CSV).
 
 Every measurement runs in its own process (a warm-up pair first, untimed), so its peak RSS
 is its own: `rss main` is the prepare process, `rss worker` the largest decoding process.
@@ -155,7 +156,7 @@ def measure_one(manifest: Path, warmup: Path, out: Path, workers: int, roi: str)
     def rois(m: Path) -> Path | None:
         return m.with_suffix(".boxes.csv") if roi == "csv" else None
 
-    detector = "builtin" if roi == "builtin" else None
+    detector = roi if roi in ("builtin", "classical") else None  # csv: the boxes decide
     warm = out.with_name(out.name + "-warm")
     shutil.rmtree(warm, ignore_errors=True)  # a kept warm-up cache would be reused: TensorFlow unloaded
     prepare_manifest(warmup, warm, workers=0, progress=False, rois=rois(warmup), detector=detector)
@@ -184,7 +185,7 @@ def roi_times(sources: list[str], images: dict[str, np.ndarray], repeat: int = 5
 
             source = ClassicalRoi()
         else:
-            from kneetf.preprocess.roi_detector import DetectorRoi
+            from kneetf.preprocess.roi_detector_source import DetectorRoi
 
             source = DetectorRoi.load(name)
         for label, image in images.items():

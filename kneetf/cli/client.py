@@ -27,10 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-info", "--roi-from", metavar="JSON_OR_DIR",
                    help="the export's kneetf_export.json (or its version folder): the model's preprocessing "
                         "(left-knee mirroring, sizes) and ROI source (default: the documented defaults and the "
-                        "classical ROI)")
+                        "built-in ROI detector)")
     roi = p.add_mutually_exclusive_group()
     roi.add_argument("--rois", metavar="BOXES_CSV", help="ROI boxes CSV id,x0,y0,x1,y1 (ids as the outputs')")
-    roi.add_argument("--roi-detector", metavar="DET_KERAS", help="a trained ROI detector (kneetf train-roi)")
+    roi.add_argument("--roi-detector", metavar="DETECTOR",
+                     help="'builtin' (the detector shipped with kneetf), a trained ROI detector (.keras from "
+                          "kneetf train-roi) or 'classical' (the image-analysis fallback); default: the ROI source "
+                          "of --model-info, else the built-in detector")
     roi.add_argument("--cropped", action="store_true",
                      help="the X-rays are knee ROI crops already (square): no ROI search")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name on the server (default: %(default)s)")
@@ -117,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         from kneetf.inference.outputs import PSEUDONYM_KEY, write_volume
         from kneetf.inference.loading import model_roi_source
         from kneetf.io.outdir import OutputFolder
+        from kneetf.preprocess.roi_detector_config import is_named_source
 
         if args.cropped:
             roi: Any = WholeImage()
@@ -128,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         refused = list(failures)
         if folder is not None:  # as `kneetf predict`: never among the inputs, never over a file it did not write
             folder.refuse_inputs([*args.xrays, *(it.path for it in items),
-                                  *(p for p in (args.rois, args.roi_detector) if p and str(p) != "builtin")])
+                                  *(p for p in (args.rois, args.roi_detector) if p and not is_named_source(p))])
         total = len(items) + len(failures)
         key = None
         if names == "pseudonym" and items and folder is not None:

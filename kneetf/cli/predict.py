@@ -40,9 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     roi.add_argument("--rois", metavar="BOXES_CSV",
                      help="ROI boxes CSV id,x0,y0,x1,y1 (ids as the outputs'; default: the ROI source the model "
                           "was trained with)")
-    roi.add_argument("--roi-detector", metavar="DET_KERAS",
-                     help="a trained ROI detector (kneetf train-roi; default: the ROI source the model was "
-                          "trained with)")
+    roi.add_argument("--roi-detector", metavar="DETECTOR",
+                     help="'builtin' (the detector shipped with kneetf), a trained ROI detector (.keras from "
+                          "kneetf train-roi) or 'classical' (the image-analysis fallback); default: the ROI source "
+                          "the model was trained with, else the built-in detector")
     parser.add_argument("--keep-patient", action="store_true",
                         help="DICOM output joins the DICOM X-ray's study and keeps its patient name, ID, birth "
                              "date and sex (default: a random pseudonymous patient per output)")

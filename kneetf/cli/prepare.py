@@ -29,7 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="cache folder to write (resumable)")
     roi = p.add_mutually_exclusive_group()
     roi.add_argument("--rois", help="boxes CSV id,x0,y0,x1,y1 (pixels of the full X-ray)")
-    roi.add_argument("--roi-detector", help="trained ROI detector (.keras from `kneetf train-roi`)")
+    roi.add_argument("--roi-detector", metavar="DETECTOR",
+                     help="where boxes come from without --rois: 'builtin' (the detector shipped with kneetf, the "
+                          "default), a trained detector (.keras from `kneetf train-roi`) or 'classical' (the "
+                          "image-analysis fallback)")
     add_config_flags(p, _flags())
 
 
@@ -56,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
           f"{result.skipped_shards} shard(s) were already complete")
     summary = result.roi_summary()
     print(roi_summary_line(summary) + f" (boxes in {result.out_dir / 'rois.csv'})")
-    if not (args.rois or args.roi_detector) and (summary["failed"] or summary["flagged"]):
-        print("the classical ROI was unsure of some X-rays; the built-in detector finds more knees on processed or "
-              "collimated radiographs: --roi-detector builtin (docs/roi_detector.md)")
+    if not args.rois and (summary["failed"] or summary["flagged"]):
+        print("the ROI source was unsure of some X-rays: look at their boxes (--roi-preview, rois.csv's flagged "
+              "column) and give the boxes you trust with --rois (docs/roi_detector.md)")
     if args.roi_preview:
         sheets = sorted((result.out_dir / "roi_preview").glob("sheet-*.png"))
         print(f"ROI contact sheet(s) for review: {', '.join(str(p) for p in sheets)}")

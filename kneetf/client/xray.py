@@ -41,7 +41,7 @@ from kneetf.protocol import EXPORT_INFO_FILE, SIGNATURE_NORMALIZED
 class ModelInfo:
     """What the client knows about the served model: its preprocessing config and the record
     of the ROI source it was trained with (`kneetf.inference.loading.read_roi_record`; None:
-    the classical fallback), read from `path`."""
+    the built-in detector), read from `path`."""
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     roi: dict[str, Any] | None = None

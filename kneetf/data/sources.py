@@ -3,6 +3,7 @@ manifest of files (decoded with kneetf.io). Each defines a picklable loader that
 worker process and returns a `RawPair` (ROI-cropped X-ray, MRI slice window)."""
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,7 +74,7 @@ class FilePayload:
     mri: str
     side: str
     box: tuple[float, float, float, float] | None  # from a boxes CSV; None = detect
-    detector: str | None  # path of a trained ROI detector (.keras); None = classical fallback
+    detector: str | None  # a trained ROI detector (.keras path or "builtin"); None = classical fallback
     extra: tuple[tuple[str, str], ...] = ()
     # the readers' limit: it decides which files are refused, not what a pair decodes to,
     # so it stays out of repr() and thereby out of the cache key
@@ -81,11 +82,17 @@ class FilePayload:
 
     def cache_key(self) -> str:
         """What decides the cached pair: the payload, and the classical fallback's version
-        when it finds the box."""
+        or the built-in detector's SHA-256 when one of them finds the box."""
         from kneetf.preprocess.roi import CLASSICAL_VERSION
+        from kneetf.preprocess.roi_detector_config import BUILTIN_NAME
 
-        classical = self.box is None and not self.detector
-        return repr(self) + (f" classical/{CLASSICAL_VERSION}" if classical else "")
+        if self.box is not None:
+            return repr(self)
+        if not self.detector:
+            return repr(self) + f" classical/{CLASSICAL_VERSION}"
+        if self.detector == BUILTIN_NAME:  # a user's detector is stamped as an input file
+            return repr(self) + f" builtin/{_builtin_sha256()[:16]}"
+        return repr(self)
 
     def input_files(self) -> tuple[str, ...]:
         """The files the pair is made of; replacing one rebuilds its cache shard."""
@@ -100,13 +107,14 @@ _ROI_SOURCES: dict[str | None, Any] = {}
 def _roi_finding(payload: FilePayload, case_id: str, image: np.ndarray, meta: Any):
     """The box of one X-ray with its source, confidence and review flag (`RoiFinding`)."""
     from kneetf.preprocess.roi import Box, RoiFinding, find_roi
+    from kneetf.preprocess.roi_detector_config import CLASSICAL_NAME
     from kneetf.preprocess.xray import roi_source
 
     if payload.box is not None:  # looked up in the boxes CSV by `manifest_tasks`
         return RoiFinding(Box(*payload.box), "csv")
     source = _ROI_SOURCES.get(payload.detector)
     if source is None:
-        source = _ROI_SOURCES[payload.detector] = roi_source(detector=payload.detector)
+        source = _ROI_SOURCES[payload.detector] = roi_source(detector=payload.detector or CLASSICAL_NAME)
     try:
         return find_roi(source, case_id, image, getattr(meta, "pixel_spacing", None), where=payload.xray)
     except RoiNotFoundError as e:  # name the X-ray the knee was not found in
@@ -133,12 +141,17 @@ def load_files(payload: FilePayload, config: PreprocessConfig) -> RawPair:
 
 def manifest_tasks(manifest: str | Path, *, rois: str | Path | None = None, detector: str | Path | None = None,
                    allow_outside: bool = False, reader: ReaderConfig | None = None) -> tuple[list[CacheTask], list[dict[str, str]]]:
-    """Cache tasks for every valid manifest row, and the bad rows as error dicts. `reader`
-    (default: the current `ReaderConfig`) limits what the workers decode. Rows without a
-    split are split by id (`DEFAULT_SPLIT`, a seeded shuffle that depends only on their ids)."""
-    reader = reader or current_reader_config()
+    """Cache tasks for every valid manifest row, and the bad rows as error dicts. Boxes come
+    from `rois`, else from `detector` (default: the built-in one; "classical": the classical
+    fallback). `reader` (default: the current `ReaderConfig`) limits what the workers decode.
+    Rows without a split are split by id (`DEFAULT_SPLIT`, a seeded shuffle that depends only
+    on their ids)."""
     from kneetf.io.manifest import DEFAULT_SPLIT, read_manifest, split_participants
     from kneetf.preprocess.roi import BoxesResult, read_boxes
+    from kneetf.preprocess.roi_detector_config import resolved_detector
+
+    reader = reader or current_reader_config()
+    detector = resolved_detector(rois, detector)
 
     result = read_manifest(manifest, allow_outside=allow_outside)
     boxes = read_boxes(rois) if rois else BoxesResult({}, [], set())
@@ -192,6 +205,13 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def _builtin_sha256() -> str:
+    from kneetf.preprocess.roi_detector_config import BUILTIN_DETECTOR
+
+    return file_sha256(BUILTIN_DETECTOR)
+
+
 def detector_file(detector: str | Path) -> Path:
     """The file of an ROI detector given as a path or as "builtin" (the one shipped with kneetf)."""
     if str(detector) == "builtin":
@@ -203,8 +223,11 @@ def detector_file(detector: str | Path) -> Path:
 
 def roi_record(rois: str | Path | None = None, detector: str | Path | None = None) -> dict[str, Any]:
     """What `dataset.json` records of the ROI source a manifest is prepared with: "csv" (the
-    boxes file's name), "detector" (its name, SHA-256 and the copy kept in the cache) or
-    "classical" (the fallback's version and box convention)."""
+    boxes file's name), "detector" (its name, SHA-256 and the copy kept in the cache; the
+    built-in one by default) or "classical" (the fallback's version and box convention)."""
+    from kneetf.preprocess.roi_detector_config import resolved_detector
+
+    detector = resolved_detector(rois, detector)
     if rois:
         return {"source": "csv", "boxes": Path(rois).name}
     if detector:
@@ -247,10 +270,12 @@ def prepare_manifest(manifest: str | Path, out_dir: str | Path, config: Preproce
                      workers: int = PrepareOptions.workers, shard_size: int = PrepareOptions.shard_size,
                      progress: bool = True, reader: ReaderConfig | None = None) -> CacheResult:
     """`kneetf prepare`: every valid manifest row into the cache; bad rows and files (for
-    instance larger than `reader.max_pixels`, or an X-ray whose knee the classical ROI is
-    unsure of) are skipped and listed in `errors.csv`. Every pair's box, ROI source,
-    confidence and review flag go to `rois.csv`; the ROI source (with a copy of the detector)
-    to `dataset.json`. `roi_preview` writes contact sheets of the crops (`roi_preview/`)."""
+    instance larger than `reader.max_pixels`, or an X-ray whose knee the classical fallback
+    finds nowhere) are skipped and listed in `errors.csv`. Boxes come from `rois`, else from
+    `detector`: the built-in detector by default, "classical" for the classical fallback.
+    Every pair's box, ROI source, confidence and review flag go to `rois.csv`; the ROI
+    source (with a copy of the detector) to `dataset.json`. `roi_preview` writes contact
+    sheets of the crops (`roi_preview/`)."""
     out = Path(out_dir)
     folder = OutputFolder(out)
     try:
@@ -265,10 +290,13 @@ def _prepare_into(folder: OutputFolder, manifest: str | Path, config: Preprocess
                   rois: str | Path | None, detector: str | Path | None, allow_outside: bool,
                   reader: ReaderConfig | None, workers: int, shard_size: int, progress: bool,
                   roi_preview: bool) -> CacheResult:
+    from kneetf.preprocess.roi_detector_config import is_named_source, resolved_detector
+
     out = folder.path
     tasks, errors = manifest_tasks(manifest, rois=rois, detector=detector, allow_outside=allow_outside,
                                    reader=reader)
-    folder.refuse_inputs([manifest, *(p for p in (rois, detector) if p and str(p) != "builtin"),
+    chosen = resolved_detector(rois, detector)
+    folder.refuse_inputs([manifest, *(p for p in (rois, chosen) if p and not is_named_source(p)),
                           *(p for task in tasks for p in task.payload.input_files())])
     roi = roi_record(rois, detector)
     if roi.get("file"):  # the detector travels with the cache (and from there with the model)
@@ -278,7 +306,7 @@ def _prepare_into(folder: OutputFolder, manifest: str | Path, config: Preprocess
 
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / CACHE_DETECTOR_FILE) as tmp:
-            shutil.copyfile(detector_file(detector), tmp)
+            shutil.copyfile(detector_file(chosen), tmp)
     source = {"kind": "manifest", "manifest": Path(manifest).name, "rois": roi["source"], "roi": roi}
     result = build_cache(tasks, load_files, out, config, workers=workers, shard_size=shard_size,
                          progress=progress, source=source, extra_errors=errors)

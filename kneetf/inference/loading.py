@@ -206,12 +206,13 @@ def model_roi_source(path: str | Path | None, roi: Any = None, *, boxes: str | P
     model's training crops came from, a warning says so. Otherwise the recorded source is
     used: the classical ROI with the recorded box convention, or the detector copied beside
     the model (checked against its recorded SHA-256). A model trained on the built-in
-    synthetic knees (true boxes) or on user boxes from a CSV gets the classical ROI, whose
-    boxes follow the synthetic true boxes' convention (a square of about 100 mm centred on the
-    joint space); for a CSV a warning suggests giving boxes. A model without a record gets
-    the classical ROI, as before records existed.
+    synthetic knees (true boxes) or on user boxes from a CSV gets the built-in detector, which
+    was trained on boxes of the synthetic true boxes' convention (a square of about 100 mm
+    centred on the joint space); for a CSV a warning suggests giving boxes. So does a model
+    without a record.
     """
     from kneetf.preprocess.roi import ClassicalRoi
+    from kneetf.preprocess.roi_detector_config import BUILTIN_NAME
     from kneetf.preprocess.xray import roi_source
 
     found = read_roi_record(path) if path is not None and Path(path).exists() else None
@@ -226,12 +227,13 @@ def model_roi_source(path: str | Path | None, roi: Any = None, *, boxes: str | P
                 log.warning("%s was trained on crops from %s; cropping with %s instead may give other crops "
                             "than it learnt from", path, _describe(record), _describe(chosen))
         return source
-    if record is None or record.get("source") in ("classical", "truth", "csv"):
+    if record is not None and record.get("source") == "classical":
+        return ClassicalRoi(**{k: float(record[k]) for k in ("side_scale", "box_mm") if k in record})
+    if record is None or record.get("source") in ("truth", "csv"):
         if record is not None and record.get("source") == "csv":
-            log.warning("%s was trained on crops from %s; new X-rays are cropped by the classical ROI unless you "
-                        "give their boxes (--rois / roi=)", path, _describe(record))
-        convention = record if record is not None and record.get("source") == "classical" else {}
-        return ClassicalRoi(**{k: float(convention[k]) for k in ("side_scale", "box_mm") if k in convention})
+            log.warning("%s was trained on crops from %s; new X-rays are cropped by the built-in ROI detector "
+                        "unless you give their boxes (--rois / roi=)", path, _describe(record))
+        return roi_source(detector=BUILTIN_NAME)
     if record.get("source") == "detector":
         from kneetf.data.sources import detector_file, file_sha256
 
@@ -239,9 +241,9 @@ def model_roi_source(path: str | Path | None, roi: Any = None, *, boxes: str | P
         if record.get("file"):
             file = detector_file(record["file"]) if record["file"] == "builtin" else folder / record["file"]
         if file is None or not file.is_file():
-            log.warning("%s was trained on crops from %s, which is not beside it (%s); cropping with the classical "
-                        "ROI instead", path, _describe(record), file)
-            return ClassicalRoi()
+            log.warning("%s was trained on crops from %s, which is not beside it (%s); cropping with the built-in "
+                        "ROI detector instead", path, _describe(record), file)
+            return roi_source(detector=BUILTIN_NAME)
         if record.get("sha256") and file_sha256(file) != record["sha256"]:
             raise InputError(file, f"is not the ROI detector {path} was trained with (SHA-256 differs from the "
                                    "recorded one)")

@@ -4,7 +4,7 @@ classical fallback.
 The paper crops the joint with YOLOv2. Here a box comes from one of these `RoiSource`s:
 
 - `CsvRoi`: user boxes, a CSV `id,x0,y0,x1,y1` (`read_boxes`);
-- `DetectorRoi` (in `kneetf.preprocess.roi_detector`): the small Keras detector
+- `DetectorRoi` (in `kneetf.preprocess.roi_detector_source`): the small Keras detector
   `kneetf train-roi` trains;
 - `ClassicalRoi`: no learning, numpy/OpenCV only (`find_joint`): inside the exposed field,
   with lead markers, text and collimation masked, the joint space is a thin dark band
@@ -1411,6 +1411,8 @@ def find_roi(source: Any, case_id: str, image: np.ndarray, pixel_spacing: Any = 
     detector = hasattr(source, "detection_for") or (path is not None and Path(path).suffix == ".keras")
     label = (f"detector:{Path(path).name}" if path else "detector") if detector else type(source).__name__
     if hasattr(source, "detection_for"):
+        if not float(np.min(image)) < float(np.max(image)):  # a detector would still give a box
+            raise RoiNotFoundError(where, "no knee found: the image is constant")
         d = source.detection_for(case_id, image, pixel_spacing)
         return RoiFinding(d.box, label, float(d.confidence), bool(d.flagged))
     return RoiFinding(source.box_for(case_id, image), label)

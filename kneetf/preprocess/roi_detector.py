@@ -18,8 +18,9 @@ below the model's `min_confidence` (unsure: callers should flag it). By default 
 its mirror image are both read and their heatmaps averaged (`flip=True`).
 
 Its training (data, augmentation, `train_detector`) is `kneetf.training.roi`; this module is
-what inference and the cache builder need: the model, the box encoding, loading and the
-`DetectorRoi` source. `load_detector("builtin")` loads the detector shipped with kneetf
+what inference and the cache builder need: the model, the box encoding and loading (the
+`DetectorRoi` source that runs it is `kneetf.preprocess.roi_detector_source`).
+`load_detector("builtin")` loads the detector shipped with kneetf
 (`BUILTIN_DETECTOR`, see `docs/roi_detector.md`).
 
 Saved as `.keras` with its custom objects registered (package `kneetf`), loaded with
@@ -469,60 +470,6 @@ def save_detector(model: RoiDetector, path: str | Path) -> Path:
     return path
 
 
-class DetectorRoi:
-    """`RoiSource` backed by a trained `RoiDetector` (a model, the path of a `.keras` file, or
-    "builtin").
-
-    Given a path, the model loads on first use and pickles as the path, so the source can be
-    sent to worker processes. `detection_for` also says how sure the detector is; with
-    `reject_unsure`, `box_for` raises an InputError for a flagged detection instead of
-    returning its box.
-    """
-
-    def __init__(self, model: RoiDetector | str | Path, *, reject_unsure: bool = False) -> None:
-        if isinstance(model, (str, Path)):
-            self.path: Path | None = Path(model)
-            self._model: RoiDetector | None = None
-        else:
-            self.path, self._model = None, model
-        self.reject_unsure = bool(reject_unsure)
-
-    @classmethod
-    def load(cls, path: str | Path, **kwargs: Any) -> "DetectorRoi":
-        """Load the detector at `path` now (errors surface here, naming the file)."""
-        source = cls(path, **kwargs)
-        _ = source.model
-        return source
-
-    @property
-    def model(self) -> RoiDetector:
-        if self._model is None:
-            self._model = load_detector(self.path)
-        return self._model
-
-    def detection_for(self, case_id: str, image: np.ndarray, pixel_spacing: Any = None) -> Detection:
-        """The detection of one X-ray (`pixel_spacing`: mm per pixel when known)."""
-        return self.model.detect([image], pixel_spacings=[pixel_spacing])[0]
-
-    def box_for(self, case_id: str, image: np.ndarray, pixel_spacing: Any = None) -> Box:
-        d = self.detection_for(case_id, image, pixel_spacing)
-        if d.flagged and self.reject_unsure:
-            raise InputError(None, f"the ROI detector is unsure where the knee joint is (confidence "
-                                   f"{d.confidence:.2f} < {self.model.detector_config.min_confidence})")
-        return d.box
-
-    def boxes_for(self, images: Sequence[np.ndarray]) -> list[Box]:
-        return self.model.predict_boxes(images)
-
-    def __getstate__(self) -> dict[str, Any]:
-        if self.path is None:
-            raise TypeError("a DetectorRoi built from an in-memory model cannot be pickled; build it from a path")
-        return {"path": self.path, "_model": None, "reject_unsure": self.reject_unsure}
-
-    def __repr__(self) -> str:
-        return f"DetectorRoi({self.path or self.model.name})"
-
-
 __all__ = ["equalized", "RoiDetectorConfig", "TINY_DETECTOR", "DETECTOR_ARCHS", "HEADS", "Detection", "RoiDetector", "BoxLoss",
-           "BoxIoU", "HeatmapLoss", "DetectorRoi", "letterbox", "shrunk_square", "encode_box", "decode_box",
+           "BoxIoU", "HeatmapLoss", "letterbox", "shrunk_square", "encode_box", "decode_box",
            "detector_input", "heatmap_targets", "load_detector", "save_detector", "with_settings", "BUILTIN_DETECTOR", "BUILTIN_NAME"]

@@ -12,6 +12,25 @@ HEADS = ("heatmap", "regression")
 #: The detector shipped with kneetf (package data), loadable as `load_detector("builtin")`.
 BUILTIN_DETECTOR = Path(__file__).resolve().parent / "weights" / "roi_detector.keras"
 BUILTIN_NAME = "builtin"
+#: What names the classical image-analysis fallback (`kneetf.preprocess.roi.ClassicalRoi`)
+#: where a detector is chosen (`--roi-detector classical`, `roi="classical"`)
+CLASSICAL_NAME = "classical"
+
+
+def is_named_source(detector: object) -> bool:
+    """Whether `detector` names a source kneetf ships ("builtin", "classical"), not a file."""
+    return str(detector) in (BUILTIN_NAME, CLASSICAL_NAME)
+
+
+def resolved_detector(rois: object = None, detector: object = None) -> str | None:
+    """The detector a choice of ROI options means: the built-in one when neither boxes nor a
+    detector is given (the default), None for boxes or for "classical" (the fallback), else
+    `detector` as a string."""
+    if detector is not None and str(detector) == CLASSICAL_NAME:
+        return None
+    if detector:
+        return str(detector)
+    return None if rois else BUILTIN_NAME
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 model's output turned back into a volume.
 
 `prepare_xray`: `crop_xray` (the 2-D check, the knee ROI box from an `RoiSource` (`roi_source`
-chooses it: boxes CSV, trained detector, fixed box or the classical fallback), `crop_box`,
-mirroring of left knees when the preprocessing config says `mirror_left`), then
+chooses it: the built-in detector by default, a boxes CSV, a trained detector, a fixed box or
+the classical fallback), `crop_box`, mirroring of left knees when the preprocessing config
+says `mirror_left`), then
 `kneetf.preprocess.ops.preprocess_xray` (resize + robust normalisation). The TF Serving
 client sends `crop_xray`'s crop to the export, whose graph runs the same resize and
 normalisation.
@@ -12,8 +13,8 @@ normalisation.
 float32 in the normalised [0, 1] space, in the slice order and in-plane orientation of the
 preprocessed MRI: a mirrored left knee gets its slice order reversed back.
 
-TensorFlow loads only inside `prepare_xray` (the resize), so the cache's worker processes
-can use `roi_source`, and `crop_xray` runs without it.
+TensorFlow loads inside `prepare_xray` (the resize) and with an ROI detector (the default
+ROI source); `crop_xray` with boxes or the classical fallback runs without it.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from kneetf.errors import ConfigError, InputError, RoiNotFoundError
 from kneetf.preprocess.image import image_2d
 from kneetf.preprocess.roi import Box, ClassicalRoi, CsvRoi, FixedRoi, RoiFinding, RoiSource, crop_box, find_roi
 
-ROI_HELP = ("None/'classical', a boxes .csv, a detector .keras or 'builtin', a Box or an object with "
-            "box_for(id, image)")
+ROI_HELP = ("None (the built-in detector), 'classical', a boxes .csv, a detector .keras or 'builtin', a Box "
+            "or an object with box_for(id, image)")
 
 
 # === ROI source ===
@@ -38,38 +39,42 @@ def roi_source(roi: Any = None, *, boxes: str | Path | None = None, detector: st
                ) -> RoiSource:
     """The ROI source, chosen in one place for the cache, `kneetf predict` and the Python API.
 
-    `boxes` (a boxes CSV, `CsvRoi`) and `detector` (a trained detector `.keras`,
-    `DetectorRoi`, loaded now so that errors name the file) are the `--rois` /
-    `--roi-detector` options. `roi` is what the Python API takes: None or "classical" (the
-    classical fallback), a path ending in .csv or .keras (as above), "builtin" (the detector
-    shipped with kneetf; also as `detector`), a `Box` (the same box for every X-ray) or any
-    object with `box_for(id, image)` (used as it is). At most one of the three is given.
+    `boxes` (a boxes CSV, `CsvRoi`) and `detector` (a trained detector `.keras`, "builtin"
+    or "classical") are the `--rois` / `--roi-detector` options. `roi` is what the Python API
+    takes: None (the default: the detector shipped with kneetf, `DetectorRoi("builtin")`),
+    "classical" (the classical image-analysis fallback, `ClassicalRoi`), a path ending in
+    .csv or .keras (as above), "builtin", a `Box` (the same box for every X-ray) or any
+    object with `box_for(id, image)` (used as it is). At most one of the three is given. A
+    detector file loads now, so that errors name it; the built-in one on first use.
     """
+    from kneetf.preprocess.roi_detector_config import BUILTIN_NAME, CLASSICAL_NAME, resolved_detector
+
     if sum(x is not None and x != "" for x in (roi, boxes, detector)) > 1:
         raise ConfigError("give ROI boxes or an ROI detector, not both")
-    if isinstance(roi, (str, Path)) and roi != "classical":
+    if isinstance(roi, (str, Path)):
         suffix = Path(roi).suffix.lower()
-        if roi == "builtin":  # the detector shipped with kneetf
+        if str(roi) in (BUILTIN_NAME, CLASSICAL_NAME) or suffix == ".keras":
             detector = roi
         elif suffix == ".csv":
             boxes = roi
-        elif suffix == ".keras":
-            detector = roi
         else:
             raise ConfigError(f"roi must be {ROI_HELP}. Received: roi={roi!r}")
     elif isinstance(roi, Box):
         return FixedRoi(roi)
-    elif roi is not None and roi != "classical":
+    elif roi is not None:
         if not hasattr(roi, "box_for"):
             raise ConfigError(f"roi must be {ROI_HELP}. Received: roi={roi!r}")
         return roi
     if boxes:
         return CsvRoi(boxes)
-    if detector:
-        from kneetf.preprocess.roi_detector import DetectorRoi
+    chosen = resolved_detector(boxes, detector)
+    if chosen is None:
+        return ClassicalRoi()
+    from kneetf.preprocess.roi_detector_source import DetectorRoi
 
-        return DetectorRoi.load(detector)
-    return ClassicalRoi()
+    if chosen == BUILTIN_NAME:  # shipped, so it loads (with TensorFlow) when the first X-ray needs it
+        return DetectorRoi(chosen)
+    return DetectorRoi.load(chosen)
 
 
 # === Sides and mirroring ===
