@@ -39,8 +39,8 @@ class UnsafeModelError(InputError):
 
 
 class RoiNotFoundError(InputError):
-    """The knee joint could not be found in an X-ray with confidence (the classical ROI is
-    unsure); `reason` says why. A batch job lists the file as failed instead of cropping the
+    """The knee joint could not be found in an X-ray (no joint found by the classical ROI, or
+    an image with nothing to find); `reason` says why. A batch job lists the file as failed instead of cropping the
     wrong place."""
 
 

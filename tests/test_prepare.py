@@ -233,6 +233,7 @@ def test_prepare_skips_an_xray_whose_knee_is_not_found(synth: Path, tmp_path: Pa
     assert rc == 4  # some X-rays failed, the others were prepared
     out = capsys.readouterr().out
     assert "look at their boxes (--roi-preview" in out  # the ROI source was unsure: say what to do
+    assert "the built-in detector (the default) finds more knees" in out
     failed = rows[3]["id"]
     errors = _rows(cache / "errors.csv")
     assert [e["id"] for e in errors] == [failed] and "no knee joint found" in errors[0]["reason"]

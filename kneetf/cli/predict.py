@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
                                pseudonym_key=args.pseudonym_key)
     total = report.ok + len(report.errors)
     print(f"wrote {report.ok} of {total} reconstruction(s) to {report.out_dir}")
+    if report.flagged:
+        print(f"{len(report.flagged)} ROI box(es) flagged for review, the ROI source being unsure where the knee is "
+              f"(roi_flagged in {report.out_dir / 'predictions.csv'}): {', '.join(report.flagged[:10])}"
+              + (" ..." if len(report.flagged) > 10 else ""))
     if report.errors:
         print(f"{len(report.errors)} failure(s) (also in {report.out_dir / 'errors.csv'}):", file=sys.stderr)
         for e in report.errors:

@@ -60,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
     summary = result.roi_summary()
     print(roi_summary_line(summary) + f" (boxes in {result.out_dir / 'rois.csv'})")
     if not args.rois and (summary["failed"] or summary["flagged"]):
-        print("the ROI source was unsure of some X-rays: look at their boxes (--roi-preview, rois.csv's flagged "
-              "column) and give the boxes you trust with --rois (docs/roi_detector.md)")
+        hint = "look at their boxes (--roi-preview, rois.csv's flagged column) and give the boxes you trust with --rois"
+        if args.roi_detector == "classical":
+            hint += "; the built-in detector (the default) finds more knees on processed or collimated radiographs"
+        print(f"the ROI source was unsure of some X-rays: {hint} (docs/roi_detector.md)")
     if args.roi_preview:
         sheets = sorted((result.out_dir / "roi_preview").glob("sheet-*.png"))
         print(f"ROI contact sheet(s) for review: {', '.join(str(p) for p in sheets)}")

@@ -18,7 +18,7 @@ description would change the answer silently.
 
 What the client needs to know about the model (left-knee mirroring, sizes, the ROI source
 it was trained with) comes from the export's `kneetf_export.json` (`read_model_info`); without
-it, the documented defaults and the classical ROI fallback are used.
+it, the documented defaults and the built-in ROI detector are used.
 """
 from __future__ import annotations
 

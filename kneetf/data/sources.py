@@ -91,12 +91,16 @@ class FilePayload:
         if not self.detector:
             return repr(self) + f" classical/{CLASSICAL_VERSION}"
         if self.detector == BUILTIN_NAME:  # a user's detector is stamped as an input file
-            return repr(self) + f" builtin/{_builtin_sha256()[:16]}"
+            return repr(self) + f" builtin/{builtin_detector_sha256()[:16]}"
         return repr(self)
 
     def input_files(self) -> tuple[str, ...]:
-        """The files the pair is made of; replacing one rebuilds its cache shard."""
-        return (self.xray, self.mri) + ((self.detector,) if self.detector else ())
+        """The files the pair is made of; replacing one rebuilds its cache shard. The built-in
+        detector is no user file: its SHA-256 is in `cache_key`."""
+        from kneetf.preprocess.roi_detector_config import is_named_source
+
+        user_detector = self.detector and not is_named_source(self.detector)
+        return (self.xray, self.mri) + ((self.detector,) if user_detector else ())
 
 
 #: ROI sources of this worker process by detector path (None: the classical fallback), so
@@ -206,7 +210,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _builtin_sha256() -> str:
+def builtin_detector_sha256() -> str:
     from kneetf.preprocess.roi_detector_config import BUILTIN_DETECTOR
 
     return file_sha256(BUILTIN_DETECTOR)

@@ -192,11 +192,14 @@ def _scrub(text: str, item: XrayInput | None, file: str, pseudonym: str) -> str:
 
 @dataclass
 class PredictReport:
-    """What `predict_files` did: `written` maps id -> paths; `errors` lists id/file/reason."""
+    """What `predict_files` did: `written` maps id -> paths; `errors` lists id/file/reason;
+    `flagged` the ids whose ROI box is worth a look."""
 
     out_dir: Path
     written: dict[str, list[Path]] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
+    #: ids of the outputs whose ROI box its source flagged for review (roi_flagged = 1)
+    flagged: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -392,6 +395,8 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
                 else:
                     report.written[item.name] = paths
                     found = prep.roi
+                    if found is not None and found.flagged:
+                        report.flagged.append(item.name)
                     rows.append({"id": item.name, "source": str(item.path) if names == "id" else "", "side": prep.side,
                                  "mirrored": int(prep.mirrored),
                                  **dict(zip(("x0", "y0", "x1", "y1"), (round(v, 2) for v in prep.box.as_tuple()))),

@@ -208,17 +208,24 @@ def model_roi_source(path: str | Path | None, roi: Any = None, *, boxes: str | P
     the model (checked against its recorded SHA-256). A model trained on the built-in
     synthetic knees (true boxes) or on user boxes from a CSV gets the built-in detector, which
     was trained on boxes of the synthetic true boxes' convention (a square of about 100 mm
-    centred on the joint space); for a CSV a warning suggests giving boxes. So does a model
-    without a record.
+    centred on the joint space); for a CSV a warning suggests giving boxes. A model without
+    a record gets the built-in detector too. "classical" chosen for a model trained on
+    classical crops keeps their recorded box convention.
     """
     from kneetf.preprocess.roi import ClassicalRoi
-    from kneetf.preprocess.roi_detector_config import BUILTIN_NAME
+    from kneetf.preprocess.roi_detector_config import BUILTIN_NAME, CLASSICAL_NAME
     from kneetf.preprocess.xray import roi_source
+
+    def recorded_classical(record: Mapping[str, Any]) -> ClassicalRoi:
+        return ClassicalRoi(**{k: float(record[k]) for k in ("side_scale", "box_mm") if k in record})
 
     found = read_roi_record(path) if path is not None and Path(path).exists() else None
     record, folder = found if found else (None, None)
     if any(x is not None and x != "" for x in (roi, boxes, detector)):
         source = roi_source(roi, boxes=boxes, detector=detector)
+        named = next((str(x) for x in (roi, detector) if isinstance(x, (str, Path))), "")
+        if named == CLASSICAL_NAME and record is not None and record.get("source") == "classical":
+            return recorded_classical(record)  # the box convention the model was trained with
         if record is not None and record.get("source") not in ("truth", None):
             chosen = _chosen_record(source)
             same = chosen.get("source") == record.get("source") and (
@@ -228,19 +235,21 @@ def model_roi_source(path: str | Path | None, roi: Any = None, *, boxes: str | P
                             "than it learnt from", path, _describe(record), _describe(chosen))
         return source
     if record is not None and record.get("source") == "classical":
-        return ClassicalRoi(**{k: float(record[k]) for k in ("side_scale", "box_mm") if k in record})
+        return recorded_classical(record)
     if record is None or record.get("source") in ("truth", "csv"):
         if record is not None and record.get("source") == "csv":
             log.warning("%s was trained on crops from %s; new X-rays are cropped by the built-in ROI detector "
                         "unless you give their boxes (--rois / roi=)", path, _describe(record))
         return roi_source(detector=BUILTIN_NAME)
     if record.get("source") == "detector":
-        from kneetf.data.sources import detector_file, file_sha256
+        from kneetf.data.sources import builtin_detector_sha256, detector_file, file_sha256
 
         file = None
         if record.get("file"):
             file = detector_file(record["file"]) if record["file"] == "builtin" else folder / record["file"]
         if file is None or not file.is_file():
+            if record.get("sha256") == builtin_detector_sha256():  # its copy missing, but it is kneetf's own
+                return roi_source(detector=BUILTIN_NAME)
             log.warning("%s was trained on crops from %s, which is not beside it (%s); cropping with the built-in "
                         "ROI detector instead", path, _describe(record), file)
             return roi_source(detector=BUILTIN_NAME)

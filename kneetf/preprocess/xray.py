@@ -18,6 +18,7 @@ ROI source); `crop_xray` with boxes or the classical fallback runs without it.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,17 @@ def roi_source(roi: Any = None, *, boxes: str | Path | None = None, detector: st
     from kneetf.preprocess.roi_detector_source import DetectorRoi
 
     if chosen == BUILTIN_NAME:  # shipped, so it loads (with TensorFlow) when the first X-ray needs it
-        return DetectorRoi(chosen)
+        return _builtin_source()
     return DetectorRoi.load(chosen)
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_source() -> RoiSource:
+    """The built-in detector's source, one per process: its model loads once."""
+    from kneetf.preprocess.roi_detector_config import BUILTIN_NAME
+    from kneetf.preprocess.roi_detector_source import DetectorRoi
+
+    return DetectorRoi(BUILTIN_NAME)
 
 
 # === Sides and mirroring ===
@@ -139,9 +149,9 @@ def _at(error: InputError, path: str | Path | None) -> InputError:
 def crop_xray(image: np.ndarray, config: PreprocessConfig, roi: Any = None, *, case_id: str = "",
               side: str = "", box: Box | None = None, source: str = "", meta: dict[str, Any] | None = None
               ) -> PreparedXray:
-    """Full X-ray (2-D, display polarity) -> ROI crop (`box`, else `roi`'s box, else the
-    classical fallback's) -> mirror (left knees, when the config mirrors): the first half of
-    `prepare_xray`, without TensorFlow. `xray` is the (h, w, 1) float32 crop in the image's
+    """Full X-ray (2-D, display polarity) -> ROI crop (`box`, else the box of `roi`, chosen by
+    `roi_source`: the built-in detector by default) -> mirror (left knees, when the config
+    mirrors): the first half of `prepare_xray`, without TensorFlow unless a detector runs. `xray` is the (h, w, 1) float32 crop in the image's
     own values: what the export's `serving_default` signature takes. Errors name `source`
     (or the id)."""
     where = source or case_id or None
