@@ -40,8 +40,8 @@ class UnsafeModelError(InputError):
 
 class RoiNotFoundError(InputError):
     """The knee joint could not be found in an X-ray (no joint found by the classical ROI, or
-    an image with nothing to find); `reason` says why. A batch job lists the file as failed instead of cropping the
-    wrong place."""
+    an image with nothing to find); `reason` says why. A batch job lists the file as failed
+    instead of cropping the wrong place."""
 
 
 class ManifestError(InputError):

@@ -248,10 +248,9 @@ def model_roi_source(path: str | Path | None, roi: Any = None, *, boxes: str | P
         if record.get("file"):
             file = detector_file(record["file"]) if record["file"] == "builtin" else folder / record["file"]
         if file is None or not file.is_file():
-            if record.get("sha256") == builtin_detector_sha256():  # its copy missing, but it is kneetf's own
-                return roi_source(detector=BUILTIN_NAME)
-            log.warning("%s was trained on crops from %s, which is not beside it (%s); cropping with the built-in "
-                        "ROI detector instead", path, _describe(record), file)
+            if record.get("sha256") != builtin_detector_sha256():  # quiet when the missing copy is kneetf's own
+                log.warning("%s was trained on crops from %s, which is not beside it (%s); cropping with the "
+                            "built-in ROI detector instead", path, _describe(record), file)
             return roi_source(detector=BUILTIN_NAME)
         if record.get("sha256") and file_sha256(file) != record["sha256"]:
             raise InputError(file, f"is not the ROI detector {path} was trained with (SHA-256 differs from the "
