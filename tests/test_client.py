@@ -673,6 +673,25 @@ def test_cli_client_stops_when_the_server_is_gone(full_xrays, tmp_path, capsys):
     assert "cannot reach TF Serving" in err and "b.npy: not sent" in err
 
 
+def test_cli_client_gives_its_folder_lock_back_when_it_stops_on_an_error(tmp_path, capsys):
+    """An error after the folder was locked (here: --out holds an input) releases the lock in
+    the calling process too, so that a script may run another kneetf into that folder."""
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    np.save(out / "a.npy", _raw(1, 128, 128)[0])
+    rc = main(["client", "--server", f"127.0.0.1:{_free_port()}", str(out / "a.npy"), "--out", str(out),
+               "--cropped"])
+    assert rc == 2 and "holds the input" in capsys.readouterr().err
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while kneetf still held it
+    finally:
+        os.close(fd)
+
+
 # === serving/ configuration ===
 
 def _proto_classes():

@@ -127,50 +127,52 @@ def run(args: argparse.Namespace) -> int:
         else:  # the ROI source the model was trained with, unless --rois / --roi-detector say otherwise
             roi = model_roi_source(args.model_info, boxes=args.rois, detector=args.roi_detector)
         folder = None if _is_file_target(args.out) else OutputFolder(args.out)
-        names = resolve_names(args.names, keep_patient=False)
-        items, failures = collect_named_inputs(args.xrays, names, roi)
-        refused = list(failures)
-        if folder is not None:  # as `kneetf predict`: never among the inputs, never over a file it did not write
-            folder.refuse_inputs([*args.xrays, *(it.path for it in items),
-                                  *(p for p in (args.rois, args.roi_detector) if p and not is_named_source(p))])
-        total = len(items) + len(failures)
-        key = None
-        if names == "pseudonym" and items and folder is not None:
-            from kneetf.inference.pseudonyms import PseudonymKey
+        try:
+            names = resolve_names(args.names, keep_patient=False)
+            items, failures = collect_named_inputs(args.xrays, names, roi)
+            refused = list(failures)
+            if folder is not None:  # as `kneetf predict`: never among the inputs, never over a file it did not write
+                folder.refuse_inputs([*args.xrays, *(it.path for it in items),
+                                      *(p for p in (args.rois, args.roi_detector) if p and not is_named_source(p))])
+            total = len(items) + len(failures)
+            key = None
+            if names == "pseudonym" and items and folder is not None:
+                from kneetf.inference.pseudonyms import PseudonymKey
 
-            if not args.pseudonym_key:
-                folder.claim([folder.path / PSEUDONYM_KEY])
-            key = PseudonymKey(args.pseudonym_key or folder.path / PSEUDONYM_KEY)
-            key.assign(items)  # the key first: outputs of an interrupted run stay traceable
-            key.write((it.name, str(it.path), "") for it in items)
-        targets = _targets(items, args.out) if items else []
-        written: set[str] = set()
-        for i, (item, target) in enumerate(zip(items, targets)):
-            try:
-                _, volume = reconstruct(client, item, info.preprocess, roi)
-                if folder is not None:
-                    folder.claim([target])
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_volume(target, volume)
-            except (ServerUnavailableError, ModelNotFoundError) as e:  # every other X-ray would fail alike
-                failures += [{"id": it.id, "file": str(it.path),
-                              "reason": error_reason(e) if it is item else "not sent"} for it in items[i:]]
-                break
-            except Exception as e:  # this X-ray or this answer: report it, go on with the others
-                if storage_reason(e) is not None:  # a full or read-only --out: every other X-ray would fail alike
-                    raise
-                reason = error_reason(e)
-                if folder is not None and folder.discard([target]):  # as `kneetf predict`: not this run's
-                    reason += f" (its earlier output {target.name} removed)"
-                failures.append({"id": item.id, "file": str(item.path), "reason": reason})
-                continue
-            written.add(item.name)
-            print(f"{item.path} -> {target} ({volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]})")
-    if key is not None:  # each pseudonym's result, the inputs refused before any request included (as predict's)
-        key.write([(it.name, str(it.path), "written" if it.name in written else "failed") for it in items]
-                  + [(key.name_for(f["file"]), f["file"], "failed") for f in refused])
-    if folder is not None:
-        folder.release()
+                if not args.pseudonym_key:
+                    folder.claim([folder.path / PSEUDONYM_KEY])
+                key = PseudonymKey(args.pseudonym_key or folder.path / PSEUDONYM_KEY)
+                key.assign(items)  # the key first: outputs of an interrupted run stay traceable
+                key.write((it.name, str(it.path), "") for it in items)
+            targets = _targets(items, args.out) if items else []
+            written: set[str] = set()
+            for i, (item, target) in enumerate(zip(items, targets)):
+                try:
+                    _, volume = reconstruct(client, item, info.preprocess, roi)
+                    if folder is not None:
+                        folder.claim([target])
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    write_volume(target, volume)
+                except (ServerUnavailableError, ModelNotFoundError) as e:  # every other X-ray would fail alike
+                    failures += [{"id": it.id, "file": str(it.path),
+                                  "reason": error_reason(e) if it is item else "not sent"} for it in items[i:]]
+                    break
+                except Exception as e:  # this X-ray or this answer: report it, go on with the others
+                    if storage_reason(e) is not None:  # a full or read-only --out: every other X-ray would fail alike
+                        raise
+                    reason = error_reason(e)
+                    if folder is not None and folder.discard([target]):  # as `kneetf predict`: not this run's
+                        reason += f" (its earlier output {target.name} removed)"
+                    failures.append({"id": item.id, "file": str(item.path), "reason": reason})
+                    continue
+                written.add(item.name)
+                print(f"{item.path} -> {target} ({volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]})")
+            if key is not None:  # each pseudonym's result, refused inputs included (as predict's)
+                key.write([(it.name, str(it.path), "written" if it.name in written else "failed") for it in items]
+                          + [(key.name_for(f["file"]), f["file"], "failed") for f in refused])
+        finally:
+            if folder is not None:
+                folder.release()
     if failures:
         print(f"kneetf client: {len(failures)} of {total} X-ray(s) failed:", file=sys.stderr)
         for f in failures:
