@@ -6,7 +6,7 @@ of X-rays with a boxes CSV. A box finds the joint when its centre is within 15 %
 side and its side within 0.5-2x (`kneetf.preprocess.roi_score`). Per set and source: the
 found-rate, median IoU, median centre error (fraction of the side), how many images the
 source reported as failed or unsure, the silent misses (wrong and not reported), and the
-time per image (one image per call, as `kneetf prepare` calls it, on this machine).
+time per image (one image per call, as `kneetf prepare` calls it, on the machine that runs it).
 
 Sources (`--source`, repeatable): `classical` (the fallback), `builtin` (the packaged
 detector), a detector `.keras` file, or a boxes CSV `id,x0,y0,x1,y1` (simulated images have
