@@ -12,6 +12,7 @@ from kneetf.models.blocks import conv_block
 from kneetf.models.losses import mri_loss
 from kneetf.models.optimizers import TwoRateAdam
 from kneetf.models.prior import KernelRidgePrior
+from kneetf.models.training_state import build_training_state
 from kneetf.presets import get_preset
 
 
@@ -173,6 +174,12 @@ class KneeNet(keras.Model):
 
     def get_config(self) -> dict[str, Any]:
         return {"config": to_dict(self.model_config), "name": self.name, "trainable": self.trainable}
+
+    def fit(self, x: Any = None, y: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """`keras.Model.fit`, with the training state built before the step is traced
+        (`kneetf.models.training_state`): the step is traced once, not twice."""
+        build_training_state(self, x, y, kwargs.get("sample_weight"))
+        return super().fit(x, y, *args, **kwargs)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> "KneeNet":

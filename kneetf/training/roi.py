@@ -473,6 +473,7 @@ def train_detector(images: Sequence[np.ndarray], boxes: Sequence[Box], *,
     """
     import keras
 
+    from kneetf.models.training_state import build_training_state
     from kneetf.preprocess.roi_detector import RoiDetector, RoiDetectorConfig
 
     if len(images) != len(boxes) or not images:
@@ -494,6 +495,7 @@ def train_detector(images: Sequence[np.ndarray], boxes: Sequence[Box], *,
     cbs = list(callbacks)
     if val_images:
         cbs.append(_val_callback(val_images, val_boxes))
+    build_training_state(model, ds)  # the step traced once, as KneeNet.fit does
     history = model.fit(ds.repeat(), epochs=train.epochs, steps_per_epoch=steps, verbose=verbose,
                         callbacks=cbs, shuffle=False)
     log.info("trained the ROI detector in %.1f s", time.perf_counter() - t0)
