@@ -684,7 +684,7 @@ def test_cli_client_gives_its_folder_lock_back_when_it_stops_on_an_error(tmp_pat
     np.save(out / "a.npy", _raw(1, 128, 128)[0])
     rc = main(["client", "--server", f"127.0.0.1:{_free_port()}", str(out / "a.npy"), "--out", str(out),
                "--cropped"])
-    assert rc == 2 and "holds the input" in capsys.readouterr().err
+    assert rc == 1 and "holds the input" in capsys.readouterr().err
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while kneetf still held it
