@@ -135,6 +135,21 @@ def test_fit_on_tf_data_with_weighted_losses() -> None:
     assert total["loss"] == pytest.approx(0.5 * total["xray_recon_loss"] + 2.0 * total["mri_loss"], rel=1e-4)
 
 
+def test_training_state_is_left_to_keras_for_data_without_static_shapes() -> None:
+    from kneetf.models.training_state import build_training_state
+
+    model = build_model("tiny")
+    unknown_rank = tf.data.Dataset.from_generator(
+        lambda: iter(()), output_signature=(tf.TensorSpec(None, tf.float32), tf.TensorSpec(None, tf.float32)))
+    assert not build_training_state(model, unknown_rank)
+    assert not build_training_state(model, np.array(["not", "pixels"]))
+    assert not build_training_state(model, (np.zeros((2, 128, 128, 1), "float32") for _ in range(1)))
+    assert not model.optimizer.built
+    x = np.zeros((2, 128, 128, 1), "float32")
+    assert build_training_state(model, x, {"xray_recon": x, "mri": np.zeros((2, 128, 128, 20), "float32")})
+    assert model.optimizer.built
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("data", ["arrays", "dataset"])
 def test_building_the_training_state_first_changes_no_result(data) -> None:

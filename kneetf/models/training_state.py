@@ -20,8 +20,8 @@ def _symbolic(value: Any) -> Any:
     if value is None:
         return None
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-    if shape is None or dtype is None:
-        raise TypeError(f"no shape and dtype: {type(value).__name__}")
+    if shape is None or dtype is None or getattr(shape, "rank", 0) is None:
+        raise TypeError(f"no static shape and dtype: {type(value).__name__}")
     return keras.KerasTensor(tuple(shape), keras.backend.standardize_dtype(dtype))
 
 
@@ -32,13 +32,13 @@ def _data_batch(x: Any, y: Any, sample_weight: Any) -> Any:
 
     if isinstance(x, tf.data.Dataset):
         structure = x.element_spec
-        if not isinstance(structure, tuple):
+        if not isinstance(structure, (tuple, list)):  # as Keras unpacks a batch
             structure = (structure,)
     else:
         structure = (x, y, sample_weight)
     try:
         return keras.tree.map_structure(_symbolic, structure)
-    except TypeError:
+    except (TypeError, ValueError):  # no shape or dtype, a shape of unknown rank, a dtype Keras refuses
         return None
 
 
