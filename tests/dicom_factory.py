@@ -123,6 +123,34 @@ def write_declared_huge_dicom(path: Path, rows: int = 65535, cols: int = 65535) 
     return path
 
 
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+GRAYSCALE_PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+def write_non_image(path: Path, sop_class: str = BASIC_TEXT_SR, modality: str = "SR") -> Path:
+    """A DICOM object that is no image (no Rows, no pixel data): a report or presentation state
+    as PACS exports put next to the images, with the same patient and study tags."""
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID, ds.SeriesDescription = modality, "9000001", "Bilateral PA Fixed Flexion Knee"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def cut_compressed_xray(path: Path, image: np.ndarray, keep: float = 0.6) -> Path:
+    """An RLE-compressed X-ray whose file ends inside its pixel data (`keep` of its bytes)."""
+    write_dicom_xray(path, image)
+    compress([path], pydicom.uid.RLELossless)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
 def write_png_header_only(path: Path, width: int, height: int, bit_depth: int = 16) -> Path:
     """A PNG whose IHDR claims width x height, followed by a tiny (wrong) IDAT and IEND."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -167,6 +167,22 @@ def test_series_ignores_non_dicom_files(series) -> None:
         read_mri(empty)
 
 
+def test_series_skips_a_report_but_refuses_a_compressed_slice_cut_short(series) -> None:
+    """A structured report beside the slices is no slice; a compressed slice whose file ends
+    inside its pixel data (pydicom drops that element silently) fails the series, naming it."""
+    from dicom_factory import write_non_image
+
+    folder, files, vol = series
+    write_non_image(folder / "1.2.840.113619.2.55.3.9")
+    np.testing.assert_array_equal(read_mri(folder)[0], vol)
+    compress(files[:1], RLELossless)
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[: len(data) - 40])
+    with pytest.raises(InputError, match="truncated") as err:
+        read_mri(folder)
+    assert files[0].name in str(err.value)
+
+
 @pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
 def test_compressed_series(tmp_path: Path, syntax) -> None:
     vol = volume((6, 64, 48))  # OpenJPEG needs tiles of at least 2**5 px for its default 6 resolutions

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_factory import OTHER_MRI_SEQUENCES, make_oai_release, make_oai_tree
+from dicom_factory import OAI_XRAY_SHAPE, OTHER_MRI_SEQUENCES, make_oai_release, make_oai_tree
 from kneetf.cli.main import main
 from kneetf.errors import ConfigError, InputError
 from kneetf.io.manifest import read_manifest
@@ -247,3 +247,23 @@ def test_an_unreadable_xray_is_a_failure_named_by_its_absolute_path(tmp_path: Pa
     assert "truncated: its pixel data ends 1000 bytes past the end of the file" in unreadable[PIDS[1]].reason
     assert unreadable[PIDS[0]].folder == str(garbage.absolute())
     assert all(Path(s.folder).is_absolute() for s in result.skipped if not s.reason.startswith("folder not found"))
+
+
+def test_a_compressed_xray_cut_short_is_unreadable_and_a_report_beside_it_is_no_xray(tmp_path: Path) -> None:
+    """pydicom drops compressed pixel data whose end the file cuts off, so the header alone looks
+    whole: the import still refuses that X-ray as truncated. A structured report in an X-ray
+    folder is another object, not a broken X-ray."""
+    from dicom_factory import cut_compressed_xray, write_non_image
+
+    info = make_oai_tree(tmp_path / "oai", PIDS[:2])
+    cut = info[PIDS[0]]["XRAY"][0]
+    cut_compressed_xray(cut, np.full(OAI_XRAY_SHAPE, 700.0))
+    report = write_non_image(info[PIDS[1]]["XRAY"][0].parent / "1.2.840.113619.2.55.3.9")
+    result = pair_oai(tmp_path / "oai", ["00m"])
+    assert sorted({c.id.split("_")[0] for c in result.cases}) == [PIDS[1]]
+    unreadable = {s.participant: s for s in result.failures() if s.reason.startswith("unreadable X-ray file")}
+    assert set(unreadable) == {PIDS[0]}
+    assert "truncated" in unreadable[PIDS[0]].reason
+    about_report = [s for s in result.skipped if s.folder == str(report.absolute())]
+    assert len(about_report) == 1 and "not an image: Basic Text SR Storage" in about_report[0].reason
+    assert about_report[0] not in result.failures()

@@ -356,6 +356,35 @@ def test_a_killed_rerun_keeps_listing_the_outputs_it_did_not_reach(tmp_path, run
     assert sorted(r["id"] for r in _rows(out / "predictions.csv")) == ["k0", "k1", "k2"]
 
 
+def test_a_folder_leaves_out_dicom_objects_that_are_not_images_but_not_cut_images(tmp_path):
+    """Reports and presentation states exported next to the X-ray (UID-named, with no image) are
+    not inputs, so they are no failures; a compressed X-ray cut short is an input, and fails
+    saying it was cut."""
+    from dicom_factory import GRAYSCALE_PRESENTATION_STATE, cut_compressed_xray, write_non_image
+    from kneetf.inference.batch import collect_inputs
+    from kneetf.io.dicom import read_dicom_image
+    from kneetf.io.writers import write_dicom_xray
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    image = (_xray(0) * 1000).astype(np.uint16)
+    write_dicom_xray(folder / "1.2.840.113619.2.55.3.1", image)
+    write_non_image(folder / "1.2.840.113619.2.55.3.2")
+    write_non_image(folder / "1.2.840.113619.2.55.3.3.dcm", GRAYSCALE_PRESENTATION_STATE, "PR")
+    cut_compressed_xray(folder / "1.2.840.113619.2.55.3.4", image)
+    inputs, errors = collect_inputs([folder])
+    assert errors == []
+    assert sorted(i.id for i in inputs) == ["1.2.840.113619.2.55.3.1", "1.2.840.113619.2.55.3.4"]
+    with pytest.raises(InputError, match="truncated") as e:
+        read_dicom_image(folder / "1.2.840.113619.2.55.3.4")
+    assert e.value.path == str(folder / "1.2.840.113619.2.55.3.4")
+    only_reports = tmp_path / "reports"
+    only_reports.mkdir()
+    write_non_image(only_reports / "1.2.3.4")
+    inputs, errors = collect_inputs([only_reports])
+    assert inputs == [] and "holds no X-ray files" in errors[0]["reason"]
+
+
 def test_a_folder_gives_its_dicom_files_whatever_their_names_and_not_its_dicomdir(tmp_path):
     """A PACS or CD export names DICOM files by UID (the last dot is no suffix) and carries a
     DICOMDIR index: every DICOM file is an input, with its whole name as id; the index and

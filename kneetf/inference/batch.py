@@ -77,17 +77,35 @@ def file_id(path: Path) -> str:
     return path.stem if path.suffix and not path.suffix[1:].isdigit() else name
 
 
+def _not_an_image(path: Path) -> bool:
+    """True for a DICOM file whose header shows an object that is not an image (a structured
+    report, a presentation state...); a file that does not parse is left to the decoder."""
+    from kneetf.io.dicom import is_image_object, read_header
+
+    try:
+        return not is_image_object(read_header(path, force=True))
+    except InputError:
+        return False
+
+
 def _folder_files(folder: Path) -> list[Path]:
+    """The X-ray files of a folder; DICOM objects that are not images are left out (logged)."""
     from kneetf.io.dicom import looks_like_dicom
 
-    out = []
+    out, not_images = [], []
     for p in sorted(folder.iterdir()):
         if not p.is_file() or p.name.startswith("."):
             continue
         if p.name.upper() == "DICOMDIR":  # a DICOM CD's index, not an image
             continue
-        if p.suffix.lower() in XRAY_SUFFIXES or looks_like_dicom(p):
+        dicom = looks_like_dicom(p)
+        if dicom and _not_an_image(p):
+            not_images.append(p.name)
+        elif dicom or p.suffix.lower() in XRAY_SUFFIXES:
             out.append(p)
+    if not_images:
+        log.info("%s: left out %d DICOM file(s) that hold no image (reports, presentation states): %s%s",
+                 folder, len(not_images), ", ".join(not_images[:5]), " ..." if len(not_images) > 5 else "")
     return out
 
 

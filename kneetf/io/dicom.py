@@ -105,6 +105,10 @@ def looks_like_dicom(path: Path) -> bool:
         return False
 
 
+class TruncatedDicomError(InputError):
+    """A DICOM file that ends before its data does."""
+
+
 def read_header(path: str | Path, *, force: bool = False, max_pixels: int | None = None) -> Any:
     """Parse a DICOM file with its large elements (pixel data) deferred: read on first use.
 
@@ -118,7 +122,7 @@ def read_header(path: str | Path, *, force: bool = False, max_pixels: int | None
     try:
         if _is_deflated(path):
             _check_deflated(Path(path), resolve_max_pixels(max_pixels))
-        return pydicom.dcmread(path, defer_size=_DEFER_SIZE, force=force)
+        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE, force=force)
     except InputError:
         raise
     except InvalidDicomError as e:  # pydicom's advice to pass force=True is for its own callers
@@ -128,6 +132,13 @@ def read_header(path: str | Path, *, force: bool = False, max_pixels: int | None
         raise InputError(path, f"cannot read DICOM file: {e}") from e
     except Exception as e:  # pydicom raises many types on corrupt headers
         raise InputError(path, f"corrupt DICOM header: {type(e).__name__}: {e}") from e
+    # pydicom only warns when the file ends inside an element of undefined length (compressed
+    # pixel data cut off, say), and drops that element with some or all of those before it
+    syntax = pydicom.uid.UID(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""))
+    if not any(k in ds for k in _PIXEL_KEYWORDS) and syntax and (len(ds) == 0 or syntax.is_compressed):
+        where = "its compressed pixel data" if syntax.is_compressed else "a data element"
+        raise TruncatedDicomError(path, f"truncated: the file ends inside {where} (pydicom read no pixel data)")
+    return ds
 
 
 def pixel_data_cut(ds: Any, path: str | Path) -> int | None:
@@ -143,6 +154,26 @@ def pixel_data_cut(ds: Any, path: str | Path) -> int | None:
         return None
     missing = raw.value_tell + raw.length - os.path.getsize(path)
     return missing if missing > 0 else None
+
+
+def missing_image(ds: Any) -> str | None:
+    """Why a parsed DICOM header holds no image to decode, or None when it has pixel data.
+
+    A file with the image attributes (Rows) but no pixel data element is an image cut short:
+    pydicom drops an encapsulated (compressed) pixel data element whose end the file cuts off.
+    """
+    if any(k in ds for k in _PIXEL_KEYWORDS):
+        return None
+    if "Rows" in ds:
+        return ("DICOM image header without its pixel data: the file ends before the pixel data "
+                "does (truncated), or the element is missing")
+    return "DICOM file holds no image (no PixelData)"
+
+
+def is_image_object(ds: Any) -> bool:
+    """False for a DICOM object that is not an image at all (a structured report, a presentation
+    state, a key object selection, an encapsulated document): no pixel data and no Rows."""
+    return any(k in ds for k in _PIXEL_KEYWORDS) or "Rows" in ds
 
 
 #: Tags of the elements `_raw_numbers` reads, by keyword.
@@ -515,8 +546,9 @@ def read_dicom_image(path: str | Path, *, max_pixels: int | None = None,
 
     max_pixels = resolve_max_pixels(max_pixels)
     ds = read_header(path, max_pixels=max_pixels)
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
-        raise InputError(path, "DICOM file holds no image (no PixelData)")
+    missing = missing_image(ds)
+    if missing:
+        raise InputError(path, missing)
     frames, _, _ = check_declared_size(ds, path, max_pixels)
     if frames != 1:
         raise InputError(path, f"holds {frames} frames; an X-ray must be a single image")
@@ -740,6 +772,8 @@ def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list
             continue
         try:
             ds = read_header(f, force=f.suffix.lower() in (".dcm", ".dicom", ".ima"), max_pixels=max_pixels)
+        except TruncatedDicomError:
+            raise  # a slice of the series, cut short: the series is incomplete
         except InputError as e:
             ds = _headerless(f)  # old files without the 128-byte preamble
             if ds is None:
@@ -751,9 +785,12 @@ def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list
         if f.name.upper() == "DICOMDIR" or sop == _DICOMDIR_SOP_CLASS:
             skipped.append(f"{f.name} (DICOMDIR)")
             continue
-        if not any(k in ds for k in _PIXEL_KEYWORDS):
+        if not is_image_object(ds):
             skipped.append(f"{f.name} (DICOM without an image)")
             continue
+        missing = missing_image(ds)
+        if missing:
+            raise InputError(f, missing)
         check_declared_size(ds, f, max_pixels)
         refs.extend(_slice_refs(f, ds))
     if skipped:

@@ -254,11 +254,20 @@ def _header_text(ds: Any, keyword: str) -> str:
     return str(value).strip()
 
 
+def _sop_name(ds: Any) -> str:
+    """The name of a dataset's SOP class ("Basic Text SR Storage"), or "a DICOM object"."""
+    from pydicom.uid import UID
+
+    uid = UID(str(getattr(ds, "SOPClassUID", "") or ""))
+    return uid.name if uid and uid.name != str(uid) else "a DICOM object"
+
+
 def xray_header(path: Path) -> tuple[str, str]:
     """Classify one image file from its DICOM header (pixels are not read) -> (verdict, why),
-    verdicts as `xray_description`, or "unreadable" for a file that is not a DICOM file, or
+    verdicts as `xray_description`, "no image" for a DICOM object that is not an image (a
+    report, a presentation state), or "unreadable" for a file that is not a DICOM file, or
     whose pixel data the file cuts short; what the header says is in `why`."""
-    from kneetf.io.dicom import pixel_data_cut, read_header
+    from kneetf.io.dicom import is_image_object, missing_image, pixel_data_cut, read_header
 
     try:
         ds = read_header(path)  # pixel data deferred, never read here; deflated files capped
@@ -267,6 +276,11 @@ def xray_header(path: Path) -> tuple[str, str]:
     missing = pixel_data_cut(ds, path)
     if missing:
         return "unreadable", f"truncated: its pixel data ends {missing} bytes past the end of the file"
+    if not is_image_object(ds):
+        return "no image", f"not an image: {_sop_name(ds)}, without pixel data"
+    no_image = missing_image(ds)
+    if no_image:
+        return "unreadable", no_image
     facts = {k: _header_text(ds, k) for k in ("SeriesDescription", "BodyPartExamined", "ImageLaterality",
                                               "ViewPosition", "Modality", "ImageType")}
     said = ", ".join(f"{k} {v!r}" for k, v in facts.items() if v and k != "ImageType")
@@ -359,13 +373,19 @@ def _xray_candidates(rows: list[ContentsRow], path: Path, root: Path, skip: Any)
         if all(v == "other" for v, _ in listings):
             skip(row, path, f"not a bilateral PA knee X-ray: {listed_why}")
             return []
-    images = _image_files(path)
+    headers = []
+    for image in _image_files(path):
+        verdict, why = xray_header(image)
+        if verdict == "no image":
+            skip(row, image, f"not used: {why}")
+        else:
+            headers.append((image, verdict, why))
+    images = [image for image, _, _ in headers]
     if not images:
         skip(row, path, "X-ray folder holds no image file")
         return []
     out = []
-    for image in images:
-        verdict, why = xray_header(image)
+    for image, verdict, why in headers:
         if verdict == "unreadable":
             skip(row, image, f"unreadable X-ray file: {why}")
             continue
