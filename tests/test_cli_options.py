@@ -100,6 +100,32 @@ def test_every_train_flag_name_sets_its_field(monkeypatch, tmp_path) -> None:
                                                                                 True, True)
 
 
+def test_train_on_a_manifest_takes_the_prepare_roi_choices(monkeypatch, tmp_path, capsys) -> None:
+    """`--rois` / `--roi-detector` reach the preparation of a manifest --data; with a cache or
+    the synthetic knees, or both at once, they are refused before anything runs."""
+    import kneetf.data.sources as S
+    from kneetf.training.train import DataSpec, resolve_cache
+
+    seen = _train_configs(monkeypatch, tmp_path, ["--data", "m.csv", "--rois", "boxes.csv"])
+    assert (seen["data"].rois, seen["data"].roi_detector) == ("boxes.csv", None)
+    prepared = {}
+
+    def fake_prepare(manifest, out, config, **kwargs):
+        prepared.update(kwargs)
+        return S.CacheResult(out_dir=out, counts={"train": 1})
+
+    monkeypatch.setattr(S, "prepare_manifest", fake_prepare)
+    (tmp_path / "m.csv").write_text("id,xray,mri\n")
+    resolve_cache(DataSpec(path=str(tmp_path / "m.csv"), roi_detector="classical"), tmp_path / "run",
+                  PreprocessConfig(), progress=False)
+    assert (prepared["rois"], prepared["detector"]) == (None, "classical")
+    for argv, says in ((["--data", "cache", "--rois", "b.csv"], "a cache holds its boxes already"),
+                       (["--roi-detector", "classical"], "the synthetic knees need none"),
+                       (["--data", "m.csv", "--rois", "b.csv", "--roi-detector", "builtin"], "not both")):
+        assert main(["train", "--out", str(tmp_path / "run"), *argv]) == 1
+        assert says in capsys.readouterr().err
+
+
 def test_the_default_recipes_budget_is_the_demos_and_budget_replaces_it(monkeypatch, tmp_path) -> None:
     from kneetf.training.train import DataSpec, time_budget
 

@@ -17,6 +17,8 @@ def _flags() -> list[ConfigFlag]:
     return [
         ConfigFlag(DataSpec, "path", "--data"),
         ConfigFlag(DataSpec, "synthetic_n"),
+        ConfigFlag(DataSpec, "rois"),
+        ConfigFlag(DataSpec, "roi_detector"),
         ConfigFlag(TrainConfig, "epochs"),
         ConfigFlag(TrainConfig, "batch_size"),
         ConfigFlag(TrainConfig, "lr_encdec"),

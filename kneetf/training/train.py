@@ -56,6 +56,22 @@ class DataSpec:
     synthetic_n: int = field(default=512, metadata={"help": "number of synthetic knees"})
     synthetic_seed: int = 0
     workers: int = field(default=2, metadata={"help": "processes that decode / generate data"})
+    rois: str | None = field(default=None, metadata={
+        "help": "with a manifest --data: boxes CSV id,x0,y0,x1,y1 (pixels of the full X-ray), as `kneetf prepare "
+                "--rois`"})
+    roi_detector: str | None = field(default=None, metadata={
+        "help": "with a manifest --data and no --rois: 'builtin' (default), a detector .keras from `kneetf "
+                "train-roi`, or 'classical', as `kneetf prepare --roi-detector`"})
+
+    def __post_init__(self) -> None:
+        manifest = self.path is not None and str(self.path).lower().endswith(".csv")
+        given = [flag for flag, value in (("--rois", self.rois), ("--roi-detector", self.roi_detector)) if value]
+        if given and not manifest:
+            raise ConfigError(f"{' and '.join(given)} choose the knee boxes of a manifest --data; "
+                              f"{'a cache holds its boxes already' if self.path else 'the synthetic knees need none'}. "
+                              f"Received: --data {self.path}")
+        if len(given) == 2:
+            raise ConfigError("give --rois or --roi-detector, not both")
 
 
 def resolve_cache(data: DataSpec, out_dir: Path, prep: PreprocessConfig, progress: bool = True) -> Path:
@@ -72,7 +88,8 @@ def resolve_cache(data: DataSpec, out_dir: Path, prep: PreprocessConfig, progres
         return path
     if path.is_file() and path.suffix.lower() == ".csv":
         cache = out_dir / "data" / f"{path.stem}-cache"
-        result = sources.prepare_manifest(path, cache, config=prep, workers=data.workers, progress=progress)
+        result = sources.prepare_manifest(path, cache, config=prep, rois=data.rois, detector=data.roi_detector,
+                                          workers=data.workers, progress=progress)
         if result.total == 0:
             raise InputError(path, "no valid pair could be prepared; see errors.csv in " + str(cache))
         if result.errors:
