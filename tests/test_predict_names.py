@@ -356,6 +356,27 @@ def test_a_killed_rerun_keeps_listing_the_outputs_it_did_not_reach(tmp_path, run
     assert sorted(r["id"] for r in _rows(out / "predictions.csv")) == ["k0", "k1", "k2"]
 
 
+def test_the_longest_file_names_give_outputs_that_fit_a_file_name(tmp_path, run):
+    """An input named with all 255 bytes a file name may have (ASCII or not) is predicted under
+    an id cut to fit `<id>_dicom` and `<id>.nii.gz`; two such names that differ only at
+    the end keep different ids."""
+    from kneetf.inference.batch import MAX_ID_BYTES, predict_files, safe_id
+
+    names = ["k" * 250 + "a.npy", "k" * 250 + "b.npy", "\u00fc" * 125 + "x.npy"]  # 255 bytes each
+    for name in names:
+        np.save(tmp_path / name, _xray(len(name)))
+    out = tmp_path / "out"
+    report = predict_files(run, [tmp_path / n for n in names], out, formats=("nifti", "dicom", "png"),
+                           progress=False, names="id")
+    assert report.ok == 3 and not report.errors
+    ids = [r["id"] for r in _rows(out / "predictions.csv")]
+    assert len(set(ids)) == 3 and all(len(i.encode()) <= MAX_ID_BYTES for i in ids)
+    assert sorted(ids) == sorted(safe_id(Path(n).stem) for n in names)
+    for i in ids:
+        assert (out / f"{i}.nii.gz").is_file() and (out / f"{i}_dicom").is_dir() and (out / f"{i}.png").is_file()
+    assert safe_id("k" * 40) == "k" * 40  # short ids are left alone
+
+
 def test_a_folder_leaves_out_dicom_objects_that_are_not_images_but_not_cut_images(tmp_path):
     """Reports and presentation states exported next to the X-ray (UID-named, with no image) are
     not inputs, so they are no failures; a compressed X-ray cut short is an input, and fails

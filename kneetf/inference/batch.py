@@ -10,6 +10,7 @@ writers of `kneetf.inference.outputs`. A file that fails is reported and the res
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import re
@@ -59,11 +60,22 @@ ERROR_FIELDS = ("id", "file", "reason")
 _SAFE_ID = re.compile(r"[^\w.-]+")  # letters and digits of any script stay (`\w` matches them in str)
 
 
+#: Longest id in UTF-8 bytes: `<id>_dicom`, `<id>.nii.gz` and their temporary names fit the
+#: 255 bytes of a file name.
+MAX_ID_BYTES = 200
+
+
 def safe_id(text: str) -> str:
     """An id usable as a file name: letters and digits of any script, '.', '-' and '_' stay,
-    every other run of characters becomes '_' (leading and trailing '.' and '_' go)."""
+    every other run of characters becomes '_' (leading and trailing '.' and '_' go). An id
+    over `MAX_ID_BYTES` is cut (at a character) and ends in '-' and 8 hex digits of the
+    SHA-256 of the whole id, so that different long names stay different."""
     # NFC: an accent stored apart from its letter (macOS file names) would become '_' on its own
     out = _SAFE_ID.sub("_", unicodedata.normalize("NFC", str(text))).strip("._")
+    encoded = out.encode()
+    if len(encoded) > MAX_ID_BYTES:
+        digest = hashlib.sha256(encoded).hexdigest()[:8]
+        out = encoded[:MAX_ID_BYTES - 9].decode(errors="ignore").rstrip("._") + "-" + digest
     return out or "xray"
 
 
