@@ -67,9 +67,8 @@ class DataSpec:
         manifest = self.path is not None and str(self.path).lower().endswith(".csv")
         given = [flag for flag, value in (("--rois", self.rois), ("--roi-detector", self.roi_detector)) if value]
         if given and not manifest:
-            raise ConfigError(f"{' and '.join(given)} choose the knee boxes of a manifest --data; "
-                              f"{'a cache holds its boxes already' if self.path else 'the synthetic knees need none'}. "
-                              f"Received: --data {self.path}")
+            why = f"a cache holds its boxes already (--data {self.path})" if self.path else "the synthetic knees need none"
+            raise ConfigError(f"{' and '.join(given)} choose the knee boxes of a manifest --data; {why}")
         if len(given) == 2:
             raise ConfigError("give --rois or --roi-detector, not both")
 
