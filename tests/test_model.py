@@ -188,6 +188,37 @@ def test_save_load_round_trip_safe_mode(tmp_path) -> None:
     assert loaded.optimizer.generator_learning_rate == pytest.approx(1e-4)
 
 
+def test_loading_a_saved_model_draws_no_random_initial_weights(tmp_path, monkeypatch) -> None:
+    """kneetf's loaders build the model with zero initial weights, which the file's replace:
+    the Glorot initializer is never called, and the loaded model is the saved one to the bit.
+    A model built outside the loader draws its initial weights as before."""
+    from keras.src.initializers.random_initializers import GlorotUniform
+
+    from kneetf.inference.loading import load_model
+    from kneetf.models.blocks import weights_to_be_loaded
+
+    model = build_model("tiny")
+    path = tmp_path / "m.keras"
+    model.save(path)
+    x = np.random.default_rng(0).random((2, 128, 128, 1), dtype=np.float32)
+
+    def refuse(self, shape, dtype=None):
+        raise AssertionError(f"initial weights of shape {shape} drawn for a model about to be loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(GlorotUniform, "__call__", refuse)
+        loaded = load_model(path, compile=False)
+        with pytest.raises(AssertionError, match="initial weights"):
+            KneeNet.from_preset("tiny")  # not a load: random initial weights, as always
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(model.predict(x, verbose=0)["mri"], loaded.predict(x, verbose=0)["mri"])
+    with pytest.raises(RuntimeError), weights_to_be_loaded():
+        raise RuntimeError("the context is left")
+    fresh = KneeNet.from_preset("tiny")
+    assert all(np.any(w.numpy()) for w in fresh.weights if w.path.endswith("conv/kernel"))
+
+
 def test_residual_template_is_saved(tmp_path) -> None:
     model = KneeNet.from_preset("tiny", residual_template=True)
     template = np.random.rand(128, 128, 20).astype("float32") * 0.8 + 0.1

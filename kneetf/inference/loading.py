@@ -74,8 +74,11 @@ def load_model(path: str | Path, *, compile: bool = True) -> Any:
         raise InputError(path, f"is a {kind} model; load_model needs a .keras file or a run folder "
                                "(use kneetf.api.Reconstructor for SavedModel and TFLite)")
     require_keras_archive(file)
+    from kneetf.models.blocks import weights_to_be_loaded
+
     try:
-        return keras.saving.load_model(file, compile=compile, safe_mode=True)
+        with weights_to_be_loaded():
+            return keras.saving.load_model(file, compile=compile, safe_mode=True)
     except Exception as e:  # keras raises many types on a bad archive
         raise InputError(file, f"cannot load the Keras model: {type(e).__name__}: {e}") from e
 
