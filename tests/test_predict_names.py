@@ -358,9 +358,9 @@ def test_a_killed_rerun_keeps_listing_the_outputs_it_did_not_reach(tmp_path, run
 
 def test_the_longest_file_names_give_outputs_that_fit_a_file_name(tmp_path, run):
     """An input named with all 255 bytes a file name may have (ASCII or not) is predicted under
-    an id cut to fit `<id>_dicom` and `<id>.nii.gz`; two such names that differ only at
-    the end keep different ids."""
-    from kneetf.inference.batch import MAX_ID_BYTES, predict_files, safe_id
+    its id cut to fit `<name>_dicom` and `<name>.nii.gz`; two such names that differ only at
+    the end keep different output names."""
+    from kneetf.inference.batch import MAX_NAME_BYTES, output_name, predict_files, safe_id
 
     names = ["k" * 250 + "a.npy", "k" * 250 + "b.npy", "\u00fc" * 125 + "x.npy"]  # 255 bytes each
     for name in names:
@@ -370,17 +370,19 @@ def test_the_longest_file_names_give_outputs_that_fit_a_file_name(tmp_path, run)
                            progress=False, names="id")
     assert report.ok == 3 and not report.errors
     ids = [r["id"] for r in _rows(out / "predictions.csv")]
-    assert len(set(ids)) == 3 and all(len(i.encode()) <= MAX_ID_BYTES for i in ids)
-    assert sorted(ids) == sorted(safe_id(Path(n).stem) for n in names)
+    assert len(set(ids)) == 3 and all(len(i.encode()) <= MAX_NAME_BYTES for i in ids)
+    assert sorted(ids) == sorted(output_name(safe_id(Path(n).stem)) for n in names)
     for i in ids:
         assert (out / f"{i}.nii.gz").is_file() and (out / f"{i}_dicom").is_dir() and (out / f"{i}.png").is_file()
-    assert safe_id("k" * 40) == "k" * 40  # short ids are left alone
+    assert output_name("k" * MAX_NAME_BYTES) == "k" * MAX_NAME_BYTES  # names that fit are left alone
 
 
 def test_a_folder_leaves_out_dicom_objects_that_are_not_images_but_not_cut_images(tmp_path):
     """Reports and presentation states exported next to the X-ray (UID-named, with no image) are
     not inputs, so they are no failures; a compressed X-ray cut short is an input, and fails
     saying it was cut."""
+    from pydicom.uid import JPEGLSLossless
+
     from dicom_factory import GRAYSCALE_PRESENTATION_STATE, cut_compressed_xray, write_non_image
     from kneetf.inference.batch import collect_inputs
     from kneetf.io.dicom import read_dicom_image
@@ -392,10 +394,17 @@ def test_a_folder_leaves_out_dicom_objects_that_are_not_images_but_not_cut_image
     write_dicom_xray(folder / "1.2.840.113619.2.55.3.1", image)
     write_non_image(folder / "1.2.840.113619.2.55.3.2")
     write_non_image(folder / "1.2.840.113619.2.55.3.3.dcm", GRAYSCALE_PRESENTATION_STATE, "PR")
+    write_non_image(folder / "1.2.840.113619.2.55.3.5", transfer_syntax=JPEGLSLossless)  # archive-wide compression
+    write_non_image(folder / "1.2.840.113619.2.55.3.6", transfer_syntax="1.2.840.113619.5.2")  # a private syntax
     cut_compressed_xray(folder / "1.2.840.113619.2.55.3.4", image)
+    (folder / "empty.dcm").write_bytes(b"")  # broken files stay inputs, and fail where they are seen
+    (folder / "notes.dcm").write_text("not DICOM at all")
+    write_dicom_xray(folder / "cut_header.dcm", image)
+    (folder / "cut_header.dcm").write_bytes((folder / "cut_header.dcm").read_bytes()[:400])
     inputs, errors = collect_inputs([folder])
     assert errors == []
-    assert sorted(i.id for i in inputs) == ["1.2.840.113619.2.55.3.1", "1.2.840.113619.2.55.3.4"]
+    assert sorted(i.id for i in inputs) == ["1.2.840.113619.2.55.3.1", "1.2.840.113619.2.55.3.4", "cut_header",
+                                            "empty", "notes"]
     with pytest.raises(InputError, match="truncated") as e:
         read_dicom_image(folder / "1.2.840.113619.2.55.3.4")
     assert e.value.path == str(folder / "1.2.840.113619.2.55.3.4")

@@ -75,13 +75,14 @@ def _targets(items: list[Any], out: str) -> list[Path]:
     """One output file per X-ray: `out` itself for one X-ray named .nii/.nii.gz, else
     out/<name>.nii.gz (the names `kneetf predict` writes: `item.name`, else the id)."""
     from kneetf.errors import ConfigError
+    from kneetf.inference.batch import output_name
 
     target = Path(out)
     if _is_file_target(target.name):
         if len(items) != 1:
             raise ConfigError(f"--out {out} is a file but {len(items)} X-rays were given; use a folder")
         return [target]
-    return [target / f"{item.name or item.id}.nii.gz" for item in items]
+    return [target / f"{item.name or output_name(item.id)}.nii.gz" for item in items]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -60,23 +60,28 @@ ERROR_FIELDS = ("id", "file", "reason")
 _SAFE_ID = re.compile(r"[^\w.-]+")  # letters and digits of any script stay (`\w` matches them in str)
 
 
-#: Longest id in UTF-8 bytes: `<id>_dicom`, `<id>.nii.gz` and their temporary names fit the
-#: 255 bytes of a file name.
-MAX_ID_BYTES = 200
+#: Longest output name in UTF-8 bytes: `<name>.nii.gz` then fits the 255 bytes of a file name
+#: (temporary names are cut by `kneetf.io.atomic`).
+MAX_NAME_BYTES = 248
 
 
 def safe_id(text: str) -> str:
     """An id usable as a file name: letters and digits of any script, '.', '-' and '_' stay,
-    every other run of characters becomes '_' (leading and trailing '.' and '_' go). An id
-    over `MAX_ID_BYTES` is cut (at a character) and ends in '-' and 8 hex digits of the
-    SHA-256 of the whole id, so that different long names stay different."""
+    every other run of characters becomes '_' (leading and trailing '.' and '_' go)."""
     # NFC: an accent stored apart from its letter (macOS file names) would become '_' on its own
     out = _SAFE_ID.sub("_", unicodedata.normalize("NFC", str(text))).strip("._")
-    encoded = out.encode()
-    if len(encoded) > MAX_ID_BYTES:
-        digest = hashlib.sha256(encoded).hexdigest()[:8]
-        out = encoded[:MAX_ID_BYTES - 9].decode(errors="ignore").rstrip("._") + "-" + digest
     return out or "xray"
+
+
+def output_name(case_id: str) -> str:
+    """The output name of an id (`--names id`): the id itself, or, over `MAX_NAME_BYTES`, the
+    id cut at a character, '-' and 8 hex digits of the SHA-256 of the whole id (different long
+    ids keep different names)."""
+    encoded = case_id.encode()
+    if len(encoded) <= MAX_NAME_BYTES:
+        return case_id
+    digest = hashlib.sha256(encoded).hexdigest()[:8]
+    return encoded[:MAX_NAME_BYTES - 9].decode(errors="ignore").rstrip("._") + "-" + digest
 
 
 def file_id(path: Path) -> str:
@@ -92,10 +97,10 @@ def file_id(path: Path) -> str:
 def _not_an_image(path: Path) -> bool:
     """True for a DICOM file whose header shows an object that is not an image (a structured
     report, a presentation state...); a file that does not parse is left to the decoder."""
-    from kneetf.io.dicom import is_image_object, read_header
+    from kneetf.io.dicom import not_an_image, read_header
 
     try:
-        return not is_image_object(read_header(path, force=True))
+        return not_an_image(read_header(path, force=True))
     except InputError:
         return False
 
@@ -348,7 +353,7 @@ def predict_files(model: Any, inputs: Sequence[str | Path], out_dir: str | Path,
             key.assign(items)
         else:
             for it in items:
-                it.name = it.id
+                it.name = output_name(it.id)
         usable = []
         for it in items:
             marker = written_by_kneetf(it.path)
