@@ -127,27 +127,35 @@ BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 GRAYSCALE_PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
-def write_non_image(path: Path, sop_class: str = BASIC_TEXT_SR, modality: str = "SR") -> Path:
-    """A DICOM object that is no image (no Rows, no pixel data): a report or presentation state
-    as PACS exports put next to the images, with the same patient and study tags."""
+MR_SPECTROSCOPY = "1.2.840.10008.5.1.4.1.1.4.2"
+
+
+def write_non_image(path: Path, sop_class: str = BASIC_TEXT_SR, modality: str = "SR", *,
+                    transfer_syntax: str = ExplicitVRLittleEndian, rows: int | None = None) -> Path:
+    """A DICOM object that is no image (no pixel data): a report or presentation state as PACS
+    exports put next to the images, with the same patient and study tags (`rows`: with Rows
+    and Columns, as spectroscopy has)."""
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    if rows:
+        ds.Rows = ds.Columns = rows
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.PatientID, ds.SeriesDescription = modality, "9000001", "Bilateral PA Fixed Flexion Knee"
-    ds.save_as(path, enforce_file_format=True)
+    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
     return path
 
 
-def cut_compressed_xray(path: Path, image: np.ndarray, keep: float = 0.6) -> Path:
-    """An RLE-compressed X-ray whose file ends inside its pixel data (`keep` of its bytes)."""
+def cut_compressed_xray(path: Path, image: np.ndarray) -> Path:
+    """An RLE-compressed X-ray whose file ends halfway through its pixel data."""
     write_dicom_xray(path, image)
     compress([path], pydicom.uid.RLELossless)
     data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
+    start = data.index(b"\xe0\x7f\x10\x00OB")
+    path.write_bytes(data[: (start + len(data)) // 2])
     return path
 
 

@@ -170,10 +170,15 @@ def test_series_ignores_non_dicom_files(series) -> None:
 def test_series_skips_a_report_but_refuses_a_compressed_slice_cut_short(series) -> None:
     """A structured report beside the slices is no slice; a compressed slice whose file ends
     inside its pixel data (pydicom drops that element silently) fails the series, naming it."""
-    from dicom_factory import write_non_image
+    from pydicom.uid import JPEGLSLossless
+
+    from dicom_factory import MR_SPECTROSCOPY, write_non_image
 
     folder, files, vol = series
     write_non_image(folder / "1.2.840.113619.2.55.3.9")
+    write_non_image(folder / "1.2.840.113619.2.55.3.10", transfer_syntax=JPEGLSLossless)
+    write_non_image(folder / "1.2.840.113619.2.55.3.11", transfer_syntax="1.2.840.113619.5.2")
+    write_non_image(folder / "1.2.840.113619.2.55.3.12", MR_SPECTROSCOPY, "MR", rows=1)  # Rows, no pixel data
     np.testing.assert_array_equal(read_mri(folder)[0], vol)
     compress(files[:1], RLELossless)
     data = files[0].read_bytes()

@@ -134,11 +134,29 @@ def read_header(path: str | Path, *, force: bool = False, max_pixels: int | None
         raise InputError(path, f"corrupt DICOM header: {type(e).__name__}: {e}") from e
     # pydicom only warns when the file ends inside an element of undefined length (compressed
     # pixel data cut off, say), and drops that element with some or all of those before it
-    syntax = pydicom.uid.UID(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""))
-    if not any(k in ds for k in _PIXEL_KEYWORDS) and syntax and (len(ds) == 0 or syntax.is_compressed):
-        where = "its compressed pixel data" if syntax.is_compressed else "a data element"
-        raise TruncatedDicomError(path, f"truncated: the file ends inside {where} (pydicom read no pixel data)")
+    if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) and not any(k in ds for k in _PIXEL_KEYWORDS):
+        if _holds_encapsulated_pixels(path):
+            raise TruncatedDicomError(path, "truncated: the file ends inside its compressed pixel data (pydicom "
+                                            "read no pixel data)")
+        if len(ds) == 0:
+            raise TruncatedDicomError(path, "truncated: the file ends inside a data element (no element could be "
+                                            "read after the file meta information)")
     return ds
+
+
+#: The start of encapsulated (compressed) pixel data: the tag (7FE0,0010), VR OB, undefined length.
+_ENCAPSULATED_PIXELS = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"
+
+
+def _holds_encapsulated_pixels(path: str | Path) -> bool:
+    """True when the bytes of the file hold the start of an encapsulated pixel data element."""
+    tail = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if _ENCAPSULATED_PIXELS in tail + chunk:
+                return True
+            tail = chunk[1 - len(_ENCAPSULATED_PIXELS):]
+    return False
 
 
 def pixel_data_cut(ds: Any, path: str | Path) -> int | None:
@@ -157,23 +175,32 @@ def pixel_data_cut(ds: Any, path: str | Path) -> int | None:
 
 
 def missing_image(ds: Any) -> str | None:
-    """Why a parsed DICOM header holds no image to decode, or None when it has pixel data.
-
-    A file with the image attributes (Rows) but no pixel data element is an image cut short:
-    pydicom drops an encapsulated (compressed) pixel data element whose end the file cuts off.
-    """
+    """Why a parsed DICOM header holds no image to decode, or None when it has pixel data."""
     if any(k in ds for k in _PIXEL_KEYWORDS):
         return None
-    if "Rows" in ds:
-        return ("DICOM image header without its pixel data: the file ends before the pixel data "
-                "does (truncated), or the element is missing")
-    return "DICOM file holds no image (no PixelData)"
+    if not_an_image(ds) or "SOPClassUID" not in ds:
+        return "DICOM file holds no image (no PixelData)"
+    return ("DICOM image without its pixel data: the file ends before the pixel data does (truncated), "
+            "or the element is missing")
 
 
-def is_image_object(ds: Any) -> bool:
-    """False for a DICOM object that is not an image at all (a structured report, a presentation
-    state, a key object selection, an encapsulated document): no pixel data and no Rows."""
-    return any(k in ds for k in _PIXEL_KEYWORDS) or "Rows" in ds
+def not_an_image(ds: Any) -> bool:
+    """True for a DICOM object that is not an image (a structured report, a presentation state,
+    spectroscopy, an encapsulated document): no pixel data, and a SOP class that is not an
+    image storage class (a private one: no Rows either). False for anything else, an image
+    whose pixel data is missing and a dataset without a SOP class included."""
+    from pydicom.uid import UID
+
+    if any(k in ds for k in _PIXEL_KEYWORDS):
+        return False
+    declared = {str(v) for v in (ds.get("SOPClassUID"), getattr(getattr(ds, "file_meta", None),
+                                                                "MediaStorageSOPClassUID", None)) if v}
+    if len(declared) != 1:  # none, or a header cut or garbled where it names its class
+        return False
+    sop = UID(declared.pop())
+    if sop.name == str(sop):  # a class pydicom does not know
+        return "Rows" not in ds
+    return "Image Storage" not in sop.name
 
 
 #: Tags of the elements `_raw_numbers` reads, by keyword.
@@ -785,7 +812,7 @@ def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list
         if f.name.upper() == "DICOMDIR" or sop == _DICOMDIR_SOP_CLASS:
             skipped.append(f"{f.name} (DICOMDIR)")
             continue
-        if not is_image_object(ds):
+        if not_an_image(ds):
             skipped.append(f"{f.name} (DICOM without an image)")
             continue
         missing = missing_image(ds)

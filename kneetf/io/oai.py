@@ -267,7 +267,7 @@ def xray_header(path: Path) -> tuple[str, str]:
     verdicts as `xray_description`, "no image" for a DICOM object that is not an image (a
     report, a presentation state), or "unreadable" for a file that is not a DICOM file, or
     whose pixel data the file cuts short; what the header says is in `why`."""
-    from kneetf.io.dicom import is_image_object, missing_image, pixel_data_cut, read_header
+    from kneetf.io.dicom import missing_image, not_an_image, pixel_data_cut, read_header
 
     try:
         ds = read_header(path)  # pixel data deferred, never read here; deflated files capped
@@ -276,7 +276,7 @@ def xray_header(path: Path) -> tuple[str, str]:
     missing = pixel_data_cut(ds, path)
     if missing:
         return "unreadable", f"truncated: its pixel data ends {missing} bytes past the end of the file"
-    if not is_image_object(ds):
+    if not_an_image(ds):
         return "no image", f"not an image: {_sop_name(ds)}, without pixel data"
     no_image = missing_image(ds)
     if no_image:
