@@ -360,28 +360,37 @@ def test_the_longest_file_names_give_outputs_that_fit_a_file_name(tmp_path, run)
     """An input named with all 255 bytes a file name may have (ASCII or not) is predicted under
     its id cut to fit `<name>_dicom` and `<name>.nii.gz`; two such names that differ only at
     the end keep different output names."""
-    from kneetf.inference.batch import MAX_NAME_BYTES, output_name, predict_files, safe_id
+    from kneetf.inference.batch import MAX_NAME_BYTES, collect_inputs, output_name, predict_files, safe_id
 
-    names = ["k" * 250 + "a.npy", "k" * 250 + "b.npy", "\u00fc" * 125 + "x.npy"]  # 255 bytes each
+    names = ["k" * 250 + "a.npy", "k" * 250 + "b.npy", "\u00fc" * 125 + "x.npy",  # 255 bytes each
+             "OAI." + "k" * 247 + ".npy"]  # the temporary name keeps every dot-suffix of the output name
     for name in names:
         np.save(tmp_path / name, _xray(len(name)))
     out = tmp_path / "out"
     report = predict_files(run, [tmp_path / n for n in names], out, formats=("nifti", "dicom", "png"),
                            progress=False, names="id")
-    assert report.ok == 3 and not report.errors
+    assert report.ok == 4 and not report.errors
     ids = [r["id"] for r in _rows(out / "predictions.csv")]
-    assert len(set(ids)) == 3 and all(len(i.encode()) <= MAX_NAME_BYTES for i in ids)
+    assert len(set(ids)) == 4 and all(len(i.encode()) <= MAX_NAME_BYTES for i in ids)
     assert sorted(ids) == sorted(output_name(safe_id(Path(n).stem)) for n in names)
     for i in ids:
         assert (out / f"{i}.nii.gz").is_file() and (out / f"{i}_dicom").is_dir() and (out / f"{i}.png").is_file()
     assert output_name("k" * MAX_NAME_BYTES) == "k" * MAX_NAME_BYTES  # names that fit are left alone
+    clash = tmp_path / "clash"  # an input named as another one's cut output name
+    clash.mkdir()
+    np.save(clash / names[0], _xray(1))
+    np.save(clash / (output_name(Path(names[0]).stem) + ".npy"), _xray(2))
+    inputs, errors = collect_inputs([clash])
+    assert len(inputs) == 1 and "is also that of" in errors[0]["reason"]
 
 
 def test_a_folder_leaves_out_dicom_objects_that_are_not_images_but_not_cut_images(tmp_path):
     """Reports and presentation states exported next to the X-ray (UID-named, with no image) are
     not inputs, so they are no failures; a compressed X-ray cut short is an input, and fails
     saying it was cut."""
-    from pydicom.uid import JPEGLSLossless
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless, RLELossless
 
     from dicom_factory import GRAYSCALE_PRESENTATION_STATE, cut_compressed_xray, write_non_image
     from kneetf.inference.batch import collect_inputs
@@ -397,14 +406,23 @@ def test_a_folder_leaves_out_dicom_objects_that_are_not_images_but_not_cut_image
     write_non_image(folder / "1.2.840.113619.2.55.3.5", transfer_syntax=JPEGLSLossless)  # archive-wide compression
     write_non_image(folder / "1.2.840.113619.2.55.3.6", transfer_syntax="1.2.840.113619.5.2")  # a private syntax
     cut_compressed_xray(folder / "1.2.840.113619.2.55.3.4", image)
+    icon = pydicom.Dataset()  # a report with a compressed icon: encapsulated pixel data in a sequence
+    icon.Rows = icon.Columns = 2
+    icon.PixelData = encapsulate([b"\0" * 64])
+    icon["PixelData"].VR, icon["PixelData"].is_undefined_length = "OB", True
+    report = pydicom.dcmread(write_non_image(folder / "1.2.840.113619.2.55.3.7", transfer_syntax=RLELossless))
+    report.IconImageSequence = [icon]
+    report.save_as(folder / "1.2.840.113619.2.55.3.7", enforce_file_format=True, implicit_vr=False, little_endian=True)
     (folder / "empty.dcm").write_bytes(b"")  # broken files stay inputs, and fail where they are seen
     (folder / "notes.dcm").write_text("not DICOM at all")
     write_dicom_xray(folder / "cut_header.dcm", image)
     (folder / "cut_header.dcm").write_bytes((folder / "cut_header.dcm").read_bytes()[:400])
+    garbled = write_non_image(folder / "garbled.dcm")  # its SOP class UID as FD: pydicom cannot convert it
+    garbled.write_bytes(garbled.read_bytes().replace(b"\x08\x00\x16\x00UI", b"\x08\x00\x16\x00FD", 1))
     inputs, errors = collect_inputs([folder])
     assert errors == []
     assert sorted(i.id for i in inputs) == ["1.2.840.113619.2.55.3.1", "1.2.840.113619.2.55.3.4", "cut_header",
-                                            "empty", "notes"]
+                                            "empty", "garbled", "notes"]
     with pytest.raises(InputError, match="truncated") as e:
         read_dicom_image(folder / "1.2.840.113619.2.55.3.4")
     assert e.value.path == str(folder / "1.2.840.113619.2.55.3.4")

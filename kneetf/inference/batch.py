@@ -60,9 +60,9 @@ ERROR_FIELDS = ("id", "file", "reason")
 _SAFE_ID = re.compile(r"[^\w.-]+")  # letters and digits of any script stay (`\w` matches them in str)
 
 
-#: Longest output name in UTF-8 bytes: `<name>.nii.gz` then fits the 255 bytes of a file name
-#: (temporary names are cut by `kneetf.io.atomic`).
-MAX_NAME_BYTES = 248
+#: Longest output name in UTF-8 bytes: `<name>.nii.gz` and its temporary name (which keeps every
+#: dot-suffix of the name, `kneetf.io.atomic`) then fit the 255 bytes of a file name.
+MAX_NAME_BYTES = 200
 
 
 def safe_id(text: str) -> str:
@@ -101,7 +101,7 @@ def _not_an_image(path: Path) -> bool:
 
     try:
         return not_an_image(read_header(path, force=True))
-    except InputError:
+    except Exception:  # left to the reader, which names the problem
         return False
 
 
@@ -169,11 +169,12 @@ def collect_inputs(paths: Sequence[str | Path], *, allow_outside: bool = False, 
         if same in given:  # the same input again
             continue
         given.add(same)
-        if unique_ids and it.id in seen:
+        name = output_name(it.id)
+        if unique_ids and name in seen:
             errors.append({"id": it.id, "file": str(it.path),
-                           "reason": f"output name {it.id!r} is also that of {seen[it.id]}; rename one of the files"})
+                           "reason": f"output name {name!r} is also that of {seen[name]}; rename one of the files"})
             continue
-        seen.setdefault(it.id, it.path)
+        seen.setdefault(name, it.path)
         unique.append(it)
     return unique, errors
 

@@ -146,17 +146,25 @@ def read_header(path: str | Path, *, force: bool = False, max_pixels: int | None
 
 #: The start of encapsulated (compressed) pixel data: the tag (7FE0,0010), VR OB, undefined length.
 _ENCAPSULATED_PIXELS = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"
+#: The sequence delimitation item that ends encapsulated pixel data.
+_SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
 def _holds_encapsulated_pixels(path: str | Path) -> bool:
-    """True when the bytes of the file hold the start of an encapsulated pixel data element."""
+    """True when the bytes of the file hold the start of an encapsulated pixel data element that
+    no delimiter ends (the last one; an icon's in a sequence before it is ended)."""
+    started = ended = False
     tail = b""
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            if _ENCAPSULATED_PIXELS in tail + chunk:
-                return True
-            tail = chunk[1 - len(_ENCAPSULATED_PIXELS):]
-    return False
+            window = tail + chunk
+            at = window.rfind(_ENCAPSULATED_PIXELS)
+            if at >= 0:
+                started, ended = True, _SEQUENCE_END in window[at + len(_ENCAPSULATED_PIXELS):]
+            elif started and not ended:
+                ended = _SEQUENCE_END in window
+            tail = window[-len(_ENCAPSULATED_PIXELS):]
+    return started and not ended
 
 
 def pixel_data_cut(ds: Any, path: str | Path) -> int | None:
@@ -193,8 +201,11 @@ def not_an_image(ds: Any) -> bool:
 
     if any(k in ds for k in _PIXEL_KEYWORDS):
         return False
-    declared = {str(v) for v in (ds.get("SOPClassUID"), getattr(getattr(ds, "file_meta", None),
-                                                                "MediaStorageSOPClassUID", None)) if v}
+    try:
+        declared = {str(v) for v in (ds.get("SOPClassUID"), getattr(getattr(ds, "file_meta", None),
+                                                                    "MediaStorageSOPClassUID", None)) if v}
+    except Exception:  # a value pydicom cannot convert: a broken header, for the reader to report
+        return False
     if len(declared) != 1:  # none, or a header cut or garbled where it names its class
         return False
     sop = UID(declared.pop())
