@@ -125,6 +125,7 @@ def test_write_read_round_trip(data: Path) -> None:
 
 @pytest.mark.parametrize("case_id,ok", [("9000099_00m_R", True), ("a b-c.d", True), ("", False), (".hidden", False),
                                         ("a..b", False), ("a\\b", False), ("a:b", False), ("x" * 201, False),
+                                        ("x" * 200, True), ("\u00fc" * 100, True), ("\u00fc" * 101, False),
                                         ("nul\x00", False)])
 def test_check_id(case_id: str, ok: bool) -> None:
     assert (check_id(case_id) is None) == ok

@@ -43,7 +43,7 @@ DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 HALF_COLUMN = "xray_half"
 _SIDES = {"left": "left", "l": "left", "right": "right", "r": "right"}
 _UNSAFE_ID = re.compile(r'[/\\<>:"|?*\x00-\x1f\x7f]')
-MAX_ID_LENGTH = 200
+MAX_ID_LENGTH = 200  # bytes in UTF-8
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,9 @@ def check_id(case_id: str) -> str | None:
         return f"id {case_id!r} is not safe as a file name (contains {bad.group()!r})"
     if ".." in case_id or case_id.startswith("."):
         return f"id {case_id!r} is not safe as a file name (contains '..' or starts with '.')"
-    if len(case_id) > MAX_ID_LENGTH:
-        return f"id is {len(case_id)} characters long (at most {MAX_ID_LENGTH})"
+    size = len(case_id.encode())
+    if size > MAX_ID_LENGTH:  # bytes, as file names are counted: `<id>.nii.gz` must fit one
+        return f"id is {size} bytes long in UTF-8 (at most {MAX_ID_LENGTH})"
     return None
 
 
