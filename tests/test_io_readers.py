@@ -179,6 +179,7 @@ def test_series_skips_a_report_but_refuses_a_compressed_slice_cut_short(series) 
     write_non_image(folder / "1.2.840.113619.2.55.3.10", transfer_syntax=JPEGLSLossless)
     write_non_image(folder / "1.2.840.113619.2.55.3.11", transfer_syntax="1.2.840.113619.5.2")
     write_non_image(folder / "1.2.840.113619.2.55.3.12", MR_SPECTROSCOPY, "MR", rows=1)  # Rows, no pixel data
+    (folder / "empty.dcm").write_bytes(b"")
     np.testing.assert_array_equal(read_mri(folder)[0], vol)
     compress(files[:1], RLELossless)
     data = files[0].read_bytes()

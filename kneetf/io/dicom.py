@@ -823,12 +823,11 @@ def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list
         if f.name.upper() == "DICOMDIR" or sop == _DICOMDIR_SOP_CLASS:
             skipped.append(f"{f.name} (DICOMDIR)")
             continue
-        if not_an_image(ds):
+        if not any(k in ds for k in _PIXEL_KEYWORDS):
+            if "Rows" in ds and not not_an_image(ds):  # an image whose pixel data is missing
+                raise InputError(f, str(missing_image(ds)))
             skipped.append(f"{f.name} (DICOM without an image)")
             continue
-        missing = missing_image(ds)
-        if missing:
-            raise InputError(f, missing)
         check_declared_size(ds, f, max_pixels)
         refs.extend(_slice_refs(f, ds))
     if skipped:
