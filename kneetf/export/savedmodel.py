@@ -122,11 +122,10 @@ def load_for_export(model_or_run: Any, preprocess: PreprocessConfig | None = Non
         if config_file.exists():
             run_config = _read_run_config(config_file)
         require_keras_archive(model_file)
-        from kneetf.models.blocks import weights_to_be_loaded
+        from kneetf.models.kneenet import load_saved_model
 
         try:
-            with weights_to_be_loaded():
-                model = keras.saving.load_model(model_file, compile=False, safe_mode=True)
+            model = load_saved_model(model_file, compile=False)
         except (ValueError, OSError, TypeError) as e:
             raise InputError(model_file, f"cannot load the Keras model: {e}") from e
     prep = preprocess or preprocess_config(run_config.get("preprocess"))

@@ -65,20 +65,15 @@ def load_model(path: str | Path, *, compile: bool = True) -> Any:
 
     `compile=False` skips the loss and the optimizer's state (enough for inference, and
     without Keras' warning about optimizer variables it did not load)."""
-    import keras
-
-    import kneetf.models.kneenet  # noqa: F401  (registers the kneetf custom objects)
+    from kneetf.models.kneenet import load_saved_model  # (also registers the kneetf custom objects)
 
     kind, file = resolve_model_path(path)
     if kind != "keras":
         raise InputError(path, f"is a {kind} model; load_model needs a .keras file or a run folder "
                                "(use kneetf.api.Reconstructor for SavedModel and TFLite)")
     require_keras_archive(file)
-    from kneetf.models.blocks import weights_to_be_loaded
-
     try:
-        with weights_to_be_loaded():
-            return keras.saving.load_model(file, compile=compile, safe_mode=True)
+        return load_saved_model(file, compile=compile)
     except Exception as e:  # keras raises many types on a bad archive
         raise InputError(file, f"cannot load the Keras model: {type(e).__name__}: {e}") from e
 

@@ -8,7 +8,7 @@ import numpy as np
 from keras import layers
 
 from kneetf.config import ModelConfig, TrainConfig, from_dict, to_dict
-from kneetf.models.blocks import conv_block
+from kneetf.models.blocks import conv_block, weights_to_be_loaded
 from kneetf.models.losses import mri_loss
 from kneetf.models.optimizers import TwoRateAdam
 from kneetf.models.prior import KernelRidgePrior
@@ -225,3 +225,10 @@ def build_model(config: ModelConfig | dict | str = "compact", train: TrainConfig
     if compile:
         model.compile_for_training(train)
     return model
+
+
+def load_saved_model(path: Any, *, compile: bool = True) -> Any:
+    """`keras.saving.load_model(path, safe_mode=True)` with kneetf's layers built with zero
+    initial weights (`weights_to_be_loaded`), which the file's replace."""
+    with weights_to_be_loaded():
+        return keras.saving.load_model(path, compile=compile, safe_mode=True)

@@ -350,11 +350,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | P
     best_path = out / RUN_MODEL_FILE
     if not best_path.exists():  # no epoch had a finite validation loss: keep the last weights
         checkpoint.save_model(model, best_path)
-    from kneetf.models.blocks import weights_to_be_loaded
+    from kneetf.models.kneenet import load_saved_model
 
     try:
-        with weights_to_be_loaded():
-            best = keras.saving.load_model(best_path, compile=False, safe_mode=True)  # for its predictions only
+        best = load_saved_model(best_path, compile=False)  # for its predictions only
     except (OSError, ValueError) as e:
         raise InputError(best_path, f"cannot be loaded ({e}); use --fresh to start the run over") from None
     if options.precision != "float32":  # serve and export in float32
