@@ -57,6 +57,11 @@ _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
+def _has_pixels(ds: Any) -> bool:
+    """True when a parsed dataset holds a pixel data element (of any of the three kinds)."""
+    return any(k in ds for k in _PIXEL_KEYWORDS)
+
+
 # === Geometry ===
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     """Unit slice normal (row direction x column direction) of 6 direction cosines."""
@@ -134,7 +139,7 @@ def read_header(path: str | Path, *, force: bool = False, max_pixels: int | None
         raise InputError(path, f"corrupt DICOM header: {type(e).__name__}: {e}") from e
     # pydicom only warns when the file ends inside an element of undefined length (compressed
     # pixel data cut off, say), and drops that element with some or all of those before it
-    if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) and not any(k in ds for k in _PIXEL_KEYWORDS):
+    if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) and not _has_pixels(ds):
         if _holds_encapsulated_pixels(path):
             raise TruncatedDicomError(path, "truncated: the file ends inside its compressed pixel data (pydicom "
                                             "read no pixel data)")
@@ -184,7 +189,7 @@ def pixel_data_cut(ds: Any, path: str | Path) -> int | None:
 
 def missing_image(ds: Any) -> str | None:
     """Why a parsed DICOM header holds no image to decode, or None when it has pixel data."""
-    if any(k in ds for k in _PIXEL_KEYWORDS):
+    if _has_pixels(ds):
         return None
     if not_an_image(ds) or "SOPClassUID" not in ds:
         return "DICOM file holds no image (no PixelData)"
@@ -199,7 +204,7 @@ def not_an_image(ds: Any) -> bool:
     whose pixel data is missing and a dataset without a SOP class included."""
     from pydicom.uid import UID
 
-    if any(k in ds for k in _PIXEL_KEYWORDS):
+    if _has_pixels(ds):
         return False
     try:
         declared = {str(v) for v in (ds.get("SOPClassUID"), getattr(getattr(ds, "file_meta", None),
@@ -749,7 +754,7 @@ def _headerless(path: Path) -> Any | None:
     try:
         ds = read_header(path, force=True)
         ok = ("SOPClassUID" in ds and "Rows" in ds and "ImagePositionPatient" in ds
-              and any(k in ds for k in _PIXEL_KEYWORDS))
+              and _has_pixels(ds))
     except Exception:
         return None
     if not ok:
@@ -823,7 +828,7 @@ def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list
         if f.name.upper() == "DICOMDIR" or sop == _DICOMDIR_SOP_CLASS:
             skipped.append(f"{f.name} (DICOMDIR)")
             continue
-        if not any(k in ds for k in _PIXEL_KEYWORDS):
+        if not _has_pixels(ds):
             if "Rows" in ds and not not_an_image(ds):  # an image whose pixel data is missing
                 raise InputError(f, str(missing_image(ds)))
             skipped.append(f"{f.name} (DICOM without an image)")
