@@ -323,7 +323,9 @@ def test_classical_roi_wants_bone_beside_the_joint_space(index, found):
     the knee, unreported, before the joint space needed bone beside it (22, 137: reported
     now, as failed or, by the second search on the equalised copy of version 6, with a box
     flagged for review; 30, 129: the knee is found once the edge is refused; 190: reported by
-    version 4 of the fallback, found by version 5)."""
+    version 4 of the fallback, found by version 5). As OpenCV 5.1 renders 129, version 6's
+    second search read a line of burned-in text beside the knee as the joint space (a flagged
+    box off the knee): version 7 bridges straight edges over short breaks, which refuses it."""
     from kneetf.data.radiograph import simulate
     from kneetf.preprocess.roi_score import is_found
 
@@ -384,12 +386,29 @@ def test_noise_in_processed_bone_is_not_text(index):
     image = r.presentation()
     f = DEFAULT_CLASSICAL.work_size / max(image.shape)
     shape = (round(image.shape[0] * f), round(image.shape[1] * f))
-    mask = _artefact_mask(image, shape, DEFAULT_CLASSICAL)
+    mask = _artefact_mask(image, shape, DEFAULT_CLASSICAL).all
     truth = r.box.scale(f)
     half = 0.3 * truth.width
     y0, x0 = max(0, int(truth.cy - half)), max(0, int(truth.cx - half))
     around = mask[y0:int(truth.cy + half), x0:int(truth.cx + half)]
     assert around.mean() < 0.2, around.mean()
+
+
+def test_the_darkest_small_pieces_are_masked_apart():
+    """Burned-in text at the darkest level is the one part of the artefact mask that the second
+    search (on the equalised copy) keeps masked: never bone, and a line of it passes for a
+    joint space there. A lead marker (brightest level) is in the whole mask only."""
+    from kneetf.preprocess.roi import DEFAULT_CLASSICAL, _artefact_mask
+
+    image = np.random.default_rng(0).normal(0.5, 0.01, (384, 384)).astype(np.float32)
+    for x in range(40, 200, 16):  # a line of dark letters
+        image[300:318, x:x + 9] = 0.0
+    image[40:70, 300:330] = 1.0  # a lead marker
+    masks = _artefact_mask(image, (192, 192), DEFAULT_CLASSICAL)
+    text, marker = np.s_[150:159, 20:104], np.s_[20:35, 150:165]
+    assert masks.dark[text].mean() > 0.5 and masks.all[text].mean() > 0.5
+    assert masks.all[marker].mean() > 0.5 and not masks.dark[marker].any()
+    assert not masks.dark[60:120, 60:120].any()  # the rest of the field
 
 
 def test_only_an_edge_through_the_knee_refuses_its_joint_space():
@@ -401,6 +420,23 @@ def test_only_an_edge_through_the_knee_refuses_its_joint_space():
     assert _on_long_edge(collimation, **knee)
     assert not _on_long_edge(text, **knee)
     assert not _on_long_edge(collimation + [0.0, 20.0, 0.0, 20.0], **knee)  # off the joint line
+
+
+def test_a_collimation_edge_the_leg_interrupts_is_one_edge_through_the_knee():
+    """Where the leg crosses a collimation edge the edge can fade for a few pixels. Found in
+    pieces, the piece beside the knee looked like text in line with the joint space, and a
+    joint space read on the edge was kept; bridged, the edge runs through the knee and on."""
+    from kneetf.preprocess.roi import DEFAULT_CLASSICAL, _on_long_edge, _straight_edges
+
+    v = np.full((200, 300), 0.3, np.float32)
+    v[100:] = 0.7  # the edge, at row 100
+    v[:, 60:64] = v[:, 140:145] = 0.7  # two breaks of 4-5 px
+    knee = dict(x=100.0, y=99.5, along=(1.0, 0.0), knee_width=60.0, reach=6.0)
+    pieces = _straight_edges(v)
+    assert len(pieces) > 1 and not _on_long_edge(pieces, **knee)
+    whole = _straight_edges(v, DEFAULT_CLASSICAL.edge_gap)
+    assert len(whole) == 1 and whole[0, 2] - whole[0, 0] > 0.9 * v.shape[1], whole
+    assert _on_long_edge(whole, **knee)
 
 
 @pytest.mark.parametrize("index", [58, 62, 87])
@@ -451,23 +487,36 @@ def test_classical_second_look_at_a_small_knee():
         _second_look(image, off, spacing, CLASSICAL_BOX_MM, 1.45, DEFAULT_CLASSICAL, None)
 
 
-@pytest.mark.parametrize("seed, index", [(1001, 35), (1001, 99), (1002, 28)])
-def test_classical_second_search_on_an_equalised_copy(seed, index):
+def test_classical_second_search_on_an_equalised_copy():
     """Processed radiographs (seeds 1001-1002: not held out) whose compressed, sharpened and
     clipped bones leave the joint space too faint a dip for the first search (reported by
     version 5 of the fallback): the second search, on a copy equalised tile by tile (CLAHE),
-    finds the knee, and its box is flagged for review."""
+    finds the knee, and its box is flagged for review. As OpenCV 5.1 renders (1001, 99), the
+    first search of version 6 kept, unflagged, a joint space read on a collimation edge that
+    the leg interrupts; version 7 finds the edge whole and refuses it. The pixels of simulated
+    radiographs differ a little between OpenCV versions, and on some the first search finds
+    one of these knees alone: then it must be found, and the others must need the second."""
     from kneetf.data.radiograph import simulate
     from kneetf.preprocess.roi import CLASSICAL_FLAG_BELOW, DEFAULT_CLASSICAL
     from kneetf.preprocess.roi_score import is_found
 
-    r = simulate(seed, index, "processed")
-    image, spacing = r.presentation(), r.pixel_spacing[0]
-    with pytest.raises(RoiNotFoundError):
-        find_joint(image, pixel_spacing=spacing, config=dataclasses.replace(DEFAULT_CLASSICAL, equalise_clip=0.0))
-    found = find_joint(image, pixel_spacing=spacing)
-    assert is_found(found.box, r.box), (index, found.box, r.box)
-    assert found.confidence < CLASSICAL_FLAG_BELOW
+    first_only = dataclasses.replace(DEFAULT_CLASSICAL, equalise_clip=0.0)
+    needed = 0
+    for seed, index in [(1001, 35), (1001, 99), (1002, 28)]:
+        r = simulate(seed, index, "processed")
+        image, spacing = r.presentation(), r.pixel_spacing[0]
+        try:
+            alone = find_joint(image, pixel_spacing=spacing, config=first_only)
+        except RoiNotFoundError:
+            alone = None
+        found = find_joint(image, pixel_spacing=spacing)
+        assert is_found(found.box, r.box), (seed, index, found.box, r.box)
+        if alone is None or alone.confidence < DEFAULT_CLASSICAL.equalise_below:
+            needed += 1
+            assert found.confidence < CLASSICAL_FLAG_BELOW, (seed, index, found)
+        else:
+            assert is_found(alone.box, r.box), (seed, index, alone.box, r.box)
+    assert needed >= 2
 
 
 def test_equalised_copy_brings_out_a_faint_dip_in_clipped_bone():

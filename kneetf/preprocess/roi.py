@@ -36,7 +36,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import cv2
 import numpy as np
@@ -71,8 +71,9 @@ CLASSICAL_FLAG_BELOW = 0.4
 #: 5: text strokes stand out of the image's noise, more candidates, a box mostly on clipped
 #: bone or a knee too wide for its box flagged, only edges through the knee refuse it.
 #: 6: a second search on a contrast-equalised copy when the first finds no joint or is unsure
-#: (its boxes flagged).
-CLASSICAL_VERSION = 6
+#: (its boxes flagged). 7: a straight edge broken for a few pixels (where the leg crosses a
+#: collimation edge) is one edge; the second search masks burned-in text at the darkest level.
+CLASSICAL_VERSION = 7
 
 
 # === Boxes ===
@@ -368,6 +369,9 @@ class ClassicalConfig:
     #: a joint space is refused as a collimation or plate edge when a straight edge within
     #: this many knee widths of its line runs on well past the knee
     edge_reach: float = 0.15
+    #: breaks in a straight edge up to this fraction of the working image's shorter side are
+    #: bridged: where the leg crosses a collimation edge, the edge fades for a few pixels
+    edge_gap: float = 0.03
     #: a piece of exactly one level this large (fraction of the image) is blanked or unexposed
     min_blank: float = 0.02
     #: knee widths of at least twice this many working pixels are searched at half resolution
@@ -414,7 +418,7 @@ class ClassicalConfig:
     min_inside: float = 0.35
     #: a second search on a contrast-equalised copy (CLAHE of this clip limit over
     #: `equalise_tiles` x `equalise_tiles` tiles, the exposed field only, markers and text not
-    #: masked) when the first finds no joint or one less sure than `equalise_below`, the more
+    #: masked but for text at the darkest level) when the first finds no joint or one less sure than `equalise_below`, the more
     #: confident kept (its confidence x `unsure_factor` when it is the second's): sharpening,
     #: compression and display LUTs that flatten the bones leave the joint space a faint dip;
     #: 0 turns it off
@@ -565,16 +569,26 @@ def _shrunk(image: np.ndarray, f: float) -> np.ndarray:
                       interpolation=cv2.INTER_AREA)
 
 
-def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: ClassicalConfig) -> np.ndarray:
+class _Artefacts(NamedTuple):
+    """The artefact masks of a working image (True: not to be read as anatomy)."""
+
+    #: markers, letters, text and rulers at both extreme levels, and thin strokes
+    all: np.ndarray
+    #: of them, the small pieces at the darkest level (burned-in text): never bone
+    dark: np.ndarray
+
+
+def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: ClassicalConfig) -> _Artefacts:
     """Pixels of the working image to ignore: lead markers and letters, burned-in text and
-    rulers (`_extreme_pieces` at both levels, and thin high-contrast strokes, `_thin_strokes`). Found at up to 1024 pixels a side, where thin
-    strokes are still resolved; a working pixel is masked when any of its pixels is."""
+    rulers (`_extreme_pieces` at both levels, and thin high-contrast strokes, `_thin_strokes`).
+    Found at up to 1024 pixels a side, where thin strokes are still resolved; a working pixel
+    is masked when any of its pixels is."""
     h, w = image.shape
     f = min(1.0, 1024.0 / max(h, w))
     img = _shrunk(image, f)
     lo, hi = (float(q) for q in np.percentile(img[::2, ::2], [0.05, 99.95]))
     if hi <= lo:
-        return np.zeros(work_shape, bool)
+        return _Artefacts(np.zeros(work_shape, bool), np.zeros(work_shape, bool))
     if np.may_share_memory(img, image):
         img = img.copy()  # worked on in place below
     v = np.subtract(img, lo, out=img)
@@ -585,9 +599,11 @@ def _artefact_mask(image: np.ndarray, work_shape: tuple[int, int], cfg: Classica
     p2, p98 = (float(q) for q in np.percentile(v[::2, ::2], [2, 98]))
     stroke = max(3, int(round(cfg.stroke * max(v.shape)))) | 1
     smooth = cv2.medianBlur(v, 3)
-    mask = (_extreme_pieces(smooth, tol, True) | _extreme_pieces(smooth, tol, False)
+    dark = _extreme_pieces(smooth, tol, False)
+    mask = (_extreme_pieces(smooth, tol, True) | dark
             | _thin_strokes(v, smooth, blocks, stroke, cfg.stroke_contrast * max(p98 - p2, 1e-6), sigma))
-    return cv2.resize(mask.astype(np.float32), (work_shape[1], work_shape[0]), interpolation=cv2.INTER_AREA) > 0
+    size = (work_shape[1], work_shape[0])
+    return _Artefacts(*(cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0 for m in (mask, dark)))
 
 
 def _rotate(v: np.ndarray, valid: np.ndarray, field: np.ndarray, angle: float
@@ -716,14 +732,15 @@ def _outside_field(v: np.ndarray, valid: np.ndarray, sigma: float, cfg: Classica
     return outside
 
 
-def _straight_edges(v: np.ndarray, max_tilt: float = 25.0) -> np.ndarray:
+def _straight_edges(v: np.ndarray, gap: float = 0.0, max_tilt: float = 25.0) -> np.ndarray:
     """Long straight, roughly horizontal edges of the working image (collimation edges, plate
-    and ruler edges): an (n, 4) array of segments x0, y0, x1, y1."""
+    and ruler edges): an (n, 4) array of segments x0, y0, x1, y1. Breaks of up to `gap` of the
+    image's shorter side (at least 3 pixels) are bridged."""
     u8 = np.round(np.clip(v, 0.0, 1.0) * 255.0).astype(np.uint8)
     edges = cv2.Canny(u8, 30, 90, L2gradient=True)
     short = min(v.shape)
     lines = cv2.HoughLinesP(edges, 1, np.pi / 360, threshold=max(8, int(0.1 * short)),
-                            minLineLength=max(8, int(0.2 * short)), maxLineGap=3)
+                            minLineLength=max(8, int(0.2 * short)), maxLineGap=max(3, int(gap * short)))
     if lines is None:
         return np.zeros((0, 4), np.float64)
     seg = lines.reshape(-1, 4).astype(np.float64)
@@ -977,7 +994,7 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     7. When steps 1-6 find no joint or are unsure of it, they are run again on a copy of the
        working image equalised tile by tile (CLAHE: a joint space that sharpening, compression
        and display LUTs left a faint dip in flattened bone stands out again), markers and
-       text not masked; a box from this second search is kept when it is the more confident
+       text not masked but for text at the darkest level; a box from this second search is kept when it is the more confident
        and at least `equalise_inside` of it lies in the image, and always flagged (its
        confidence x `unsure_factor`).
 
@@ -992,7 +1009,7 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
                                        f"{spacing:g} mm, far larger than the {image.shape[1]}x{image.shape[0]} image: "
                                        "the spacing is wrong")
     try:
-        masks: dict[tuple[int, ...], np.ndarray] = {}  # artefact masks, reused by the second search
+        masks: dict[tuple[int, ...], _Artefacts] = {}  # artefact masks, reused by the second search
         found: JointFinding | None = _look(image, spacing, box_mm, side_scale, config, source, masks)
         error = None
     except RoiNotFoundError as e:
@@ -1016,7 +1033,7 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
 
 
 def _look(image: np.ndarray, spacing: float | None, box_mm: float, side_scale: float, config: ClassicalConfig,
-          source: str | Path | None, masks: dict[tuple[int, ...], np.ndarray] | None = None) -> JointFinding:
+          source: str | Path | None, masks: dict[tuple[int, ...], _Artefacts] | None = None) -> JointFinding:
     """Steps 1-6 of `find_joint`: one search, its second look and the plausibility of its box."""
     found = _search(image, spacing, box_mm, side_scale, config, source, masks=masks)
     found = _second_look(image, found, spacing, box_mm, side_scale, config, source, masks)
@@ -1039,7 +1056,7 @@ def _plausibility(image: np.ndarray, found: JointFinding, side_scale: float, con
 
 def _second_look(image: np.ndarray, found: JointFinding, spacing: float | None, box_mm: float, side_scale: float,
                  config: ClassicalConfig, source: str | Path | None,
-                 masks: dict[tuple[int, ...], np.ndarray] | None = None) -> JointFinding:
+                 masks: dict[tuple[int, ...], _Artefacts] | None = None) -> JointFinding:
     """`found` searched for again on the image cropped around it (`config.refine_reach` knee
     widths each way), at least `config.refine_gain` times finer; `found` itself when the
     crop would not be finer. Raises `RoiNotFoundError` when the finer search finds no
@@ -1084,7 +1101,7 @@ def _equalise(v: np.ndarray, valid: np.ndarray, config: ClassicalConfig) -> np.n
 
 def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale: float, config: ClassicalConfig,
             source: str | Path | None, widths: tuple[float, float] | None = None,
-            masks: dict[tuple[int, ...], np.ndarray] | None = None, at: tuple[int, ...] = ()) -> JointFinding:
+            masks: dict[tuple[int, ...], _Artefacts] | None = None, at: tuple[int, ...] = ()) -> JointFinding:
     """Steps 1-4 of `find_joint` on a 2-D image; knee widths searched in `widths` (pixels)
     when given, else in the config's ranges. `masks` keeps the artefact masks found, by `at`
     (the crop's rows and columns in the whole image; () for the whole image), for a later
@@ -1103,9 +1120,11 @@ def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale:
         artefacts = _artefact_mask(image, v.shape, config)
         if masks is not None:
             masks[at] = artefacts
-    valid = ~artefacts
+    valid = ~artefacts.all
     field = ~_outside_field(v, valid, sigma, config)
-    valid = field.copy() if config.equalised else valid & field
+    # the second search reads what the first masks in noisy or clipped bone, but never the
+    # small pieces at the darkest level (burned-in text): a line of it passes for a joint space
+    valid = field & ~artefacts.dark if config.equalised else valid & field
     if valid.mean() < 0.03:
         raise RoiNotFoundError(source, f"no knee found: only {valid.mean():.0%} of the image is exposed")
     if config.equalised:
@@ -1157,7 +1176,7 @@ def _search(image: np.ndarray, spacing: float | None, box_mm: float, side_scale:
     # 3. the best places that pass every check; two distinct ones of similar score: unsure
     p2, p98 = (float(q) for q in np.percentile(v, [2, 98]))
     geometry = _Geometry(h=h, w=w, f=f, fx=fx, fy=fy, spacing=spacing, box_mm=box_mm, side_scale=side_scale,
-                         sigma=sigma, p2=p2, span=max(p98 - p2, 1e-6), segments=_straight_edges(v), valid=valid)
+                         sigma=sigma, p2=p2, span=max(p98 - p2, 1e-6), segments=_straight_edges(v, config.edge_gap), valid=valid)
     knees: list[_Knee] = []
     edges: list[tuple[float, float, float, float, float]] = []  # x, y, along, width of candidates on edges
     first_reason = None
