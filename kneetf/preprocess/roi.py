@@ -418,10 +418,10 @@ class ClassicalConfig:
     min_inside: float = 0.35
     #: a second search on a contrast-equalised copy (CLAHE of this clip limit over
     #: `equalise_tiles` x `equalise_tiles` tiles, the exposed field only, markers and text not
-    #: masked but for text at the darkest level) when the first finds no joint or one less sure than `equalise_below`, the more
-    #: confident kept (its confidence x `unsure_factor` when it is the second's): sharpening,
-    #: compression and display LUTs that flatten the bones leave the joint space a faint dip;
-    #: 0 turns it off
+    #: masked but for text at the darkest level) when the first finds no joint or one less
+    #: sure than `equalise_below`, the more confident kept (its confidence x `unsure_factor`
+    #: when it is the second's): sharpening, compression and display LUTs that flatten the
+    #: bones leave the joint space a faint dip; 0 turns it off
     equalise_clip: float = 8.0
     equalise_tiles: int = 4
     equalise_below: float = 0.4
@@ -994,9 +994,9 @@ def find_joint(image: np.ndarray, *, pixel_spacing: float | Sequence[float] | No
     7. When steps 1-6 find no joint or are unsure of it, they are run again on a copy of the
        working image equalised tile by tile (CLAHE: a joint space that sharpening, compression
        and display LUTs left a faint dip in flattened bone stands out again), markers and
-       text not masked but for text at the darkest level; a box from this second search is kept when it is the more confident
-       and at least `equalise_inside` of it lies in the image, and always flagged (its
-       confidence x `unsure_factor`).
+       text not masked but for text at the darkest level; a box from this second search is
+       kept when it is the more confident and at least `equalise_inside` of it lies in the
+       image, and always flagged (its confidence x `unsure_factor`).
 
     Raises `RoiNotFoundError` (naming `source`) whenever a step is unsure, or when the box
     at `pixel_spacing` is too large for `crop_box` to crop from the image;
