@@ -705,3 +705,42 @@ def test_a_ct_scout_is_a_radiograph_and_a_ct_slice_is_not(tmp_path: Path) -> Non
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.save_as(path)
     np.testing.assert_array_equal(read_xray(path)[0], image)
+
+
+def test_a_report_is_no_image_however_its_header_declares_its_class(tmp_path: Path) -> None:
+    """A report declares its SOP class in the dataset, in the file meta or in both, at times
+    with a value repeated (VM 2): each way it is no image, and named by its class. A class that
+    disagrees with an image storage class, or an image class without pixel data, stays an image
+    whose pixels are missing."""
+    from dicom_factory import BASIC_TEXT_SR, GRAYSCALE_PRESENTATION_STATE, write_non_image
+    from kneetf.io.dicom import missing_image, not_an_image, sop_class_name
+    from kneetf.io.oai import xray_header
+
+    def report(name: str, **change: object) -> Path:
+        path = write_non_image(tmp_path / name)
+        ds = pydicom.dcmread(path)
+        for keyword, value in change.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+        return path
+
+    reports = {"repeated": report("repeated", SOPClassUID=[BASIC_TEXT_SR, BASIC_TEXT_SR]),
+               "two reports": report("two", SOPClassUID=[BASIC_TEXT_SR, GRAYSCALE_PRESENTATION_STATE]),
+               "meta only": report("meta", SOPClassUID=None)}
+    for what, path in reports.items():
+        ds = kdicom.read_header(path)
+        assert not_an_image(ds), what
+        assert sop_class_name(ds) == "Basic Text SR Storage", what
+        assert missing_image(ds) == "DICOM file holds no image (no PixelData)", what
+        assert xray_header(path) == ("no image", "not an image: Basic Text SR Storage, without pixel data"), what
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    for what, path in {"report and image": report("mixed", SOPClassUID=[BASIC_TEXT_SR, ct]),
+                       "image": report("image", SOPClassUID=ct, Rows=8, Columns=8)}.items():
+        ds = kdicom.read_header(path)
+        assert not not_an_image(ds), what
+        assert "without its pixel data" in str(missing_image(ds)), what
+    private = kdicom.read_header(write_non_image(tmp_path / "private", "1.2.3.4"))
+    assert not_an_image(private) and sop_class_name(private) == "a DICOM object"

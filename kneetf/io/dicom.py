@@ -197,26 +197,49 @@ def missing_image(ds: Any) -> str | None:
             "or the element is missing")
 
 
+def declared_sop_classes(ds: Any) -> list[str] | None:
+    """The SOP class UIDs a header declares, in the dataset then in the file meta, each value of
+    a repeated one (a report may say its class twice), without duplicates; None when pydicom
+    cannot convert them (a broken header, for the reader to report)."""
+    found: list[str] = []
+    try:
+        for value in (ds.get("SOPClassUID"), getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)):
+            values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+            found.extend(str(v).strip() for v in values if v is not None and str(v).strip())
+    except Exception:
+        return None
+    return list(dict.fromkeys(found))
+
+
+def sop_class_name(ds: Any) -> str:
+    """The name of the first SOP class a header declares that pydicom knows ("Basic Text SR
+    Storage"), or "a DICOM object"."""
+    from pydicom.uid import UID
+
+    for uid in declared_sop_classes(ds) or []:
+        if UID(uid).name != uid:
+            return UID(uid).name
+    return "a DICOM object"
+
+
 def not_an_image(ds: Any) -> bool:
     """True for a DICOM object that is not an image (a structured report, a presentation state,
-    spectroscopy, an encapsulated document): no pixel data, and a SOP class that is not an
-    image storage class (a private one: no Rows either). False for anything else, an image
+    spectroscopy, an encapsulated document): no pixel data, and only SOP classes that are not
+    image storage classes (a private one: no Rows either). False for anything else, an image
     whose pixel data is missing and a dataset without a SOP class included."""
     from pydicom.uid import UID
 
     if _has_pixels(ds):
         return False
-    try:
-        declared = {str(v) for v in (ds.get("SOPClassUID"), getattr(getattr(ds, "file_meta", None),
-                                                                    "MediaStorageSOPClassUID", None)) if v}
-    except Exception:  # a value pydicom cannot convert: a broken header, for the reader to report
+    declared = declared_sop_classes(ds)
+    if not declared:
         return False
-    if len(declared) != 1:  # none, or a header cut or garbled where it names its class
-        return False
-    sop = UID(declared.pop())
-    if sop.name == str(sop):  # a class pydicom does not know
-        return "Rows" not in ds
-    return "Image Storage" not in sop.name
+
+    def image_class(uid: str) -> bool:
+        name = UID(uid).name
+        return "Rows" in ds if name == uid else "Image Storage" in name
+
+    return not any(image_class(uid) for uid in declared)
 
 
 #: Tags of the elements `_raw_numbers` reads, by keyword.

@@ -254,20 +254,12 @@ def _header_text(ds: Any, keyword: str) -> str:
     return str(value).strip()
 
 
-def _sop_name(ds: Any) -> str:
-    """The name of a dataset's SOP class ("Basic Text SR Storage"), or "a DICOM object"."""
-    from pydicom.uid import UID
-
-    uid = UID(str(getattr(ds, "SOPClassUID", "") or ""))
-    return uid.name if uid and uid.name != str(uid) else "a DICOM object"
-
-
 def xray_header(path: Path) -> tuple[str, str]:
     """Classify one image file from its DICOM header (pixels are not read) -> (verdict, why),
     verdicts as `xray_description`, "no image" for a DICOM object that is not an image (a
     report, a presentation state), or "unreadable" for a file that is not a DICOM file, or
     whose pixel data the file cuts short; what the header says is in `why`."""
-    from kneetf.io.dicom import missing_image, not_an_image, pixel_data_cut, read_header
+    from kneetf.io.dicom import missing_image, not_an_image, pixel_data_cut, read_header, sop_class_name
 
     try:
         ds = read_header(path)  # pixel data deferred, never read here; deflated files capped
@@ -277,7 +269,7 @@ def xray_header(path: Path) -> tuple[str, str]:
     if missing:
         return "unreadable", f"truncated: its pixel data ends {missing} bytes past the end of the file"
     if not_an_image(ds):
-        return "no image", f"not an image: {_sop_name(ds)}, without pixel data"
+        return "no image", f"not an image: {sop_class_name(ds)}, without pixel data"
     no_image = missing_image(ds)
     if no_image:
         return "unreadable", no_image
