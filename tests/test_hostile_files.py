@@ -230,3 +230,19 @@ def test_peak_memory_on_hostile_files(bench, tmp_path: Path) -> None:
     for command in ("prepare", "predict"):  # all files in one run: the hostile ones cost nothing
         assert rows[("all", command)]["exit"] == 4 and rows[("all", command)]["refused"] == 3
         assert rows[("all", command)]["peak_rss_mib"] <= rows[("normal", command)]["peak_rss_mib"] + 50
+
+
+def test_an_rle_x_ray_whose_segments_overrun_its_rows_is_refused_not_a_decoder_panic(tmp_path: Path) -> None:
+    """A corrupt RLE frame that decodes to more bytes than the header's rows and columns hold
+    makes pylibjpeg-rle (Rust) panic, which Python sees as a BaseException: the reader turns
+    it into the file's InputError, so a batch reports it and goes on with the other files."""
+    from pydicom.uid import RLELossless
+
+    path = write_dicom_xray(tmp_path / "overrun.dcm", standin_knee(np.random.default_rng(0), (300, 260))[0])
+    compress([path], RLELossless)
+    ds = pydicom.dcmread(path)
+    ds.Columns = 1
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(InputError, match="cannot decode pixel data \\(RLE Lossless\\)") as error:
+        read_xray(path)
+    assert error.value.path == str(path)

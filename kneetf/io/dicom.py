@@ -511,10 +511,18 @@ def _decode(ds: Any, path: str | Path, index: int | None = None) -> np.ndarray:
         if index is None:
             return ds.pixel_array
         return pixel_array(ds, index=index)
-    except Exception as e:
+    except BaseException as e:
+        if not isinstance(e, Exception) and not is_decoder_panic(e):
+            raise
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", ts) or "unknown transfer syntax"
         raise InputError(path, f"cannot decode pixel data ({name}): {type(e).__name__}: {e}") from e
+
+
+def is_decoder_panic(error: BaseException) -> bool:
+    """True for a decoder written in Rust that panicked on corrupt data (pylibjpeg-rle): pyo3
+    raises that as `PanicException`, a BaseException that `except Exception` lets through."""
+    return type(error).__name__ == "PanicException"
 
 
 def _meta_text(ds: Any, *keywords: str) -> str | None:
