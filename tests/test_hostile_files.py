@@ -246,3 +246,45 @@ def test_an_rle_x_ray_whose_segments_overrun_its_rows_is_refused_not_a_decoder_p
     with pytest.raises(InputError, match="cannot decode pixel data \\(RLE Lossless\\)") as error:
         read_xray(path)
     assert error.value.path == str(path)
+
+
+def _garble_vr(path: Path, tag: bytes, vr: bytes, garbled: bytes) -> Path:
+    """`path` with the explicit VR of the element `tag` (group, element, little endian) replaced."""
+    data = path.read_bytes()
+    assert data.count(tag + vr) == 1
+    path.write_bytes(data.replace(tag + vr, tag + garbled))
+    return path
+
+
+def test_an_element_pydicom_cannot_convert_is_the_files_malformed_header(tmp_path: Path) -> None:
+    """pydicom converts an element when it is first read, deep inside the reading; an unknown
+    VR (NotImplementedError there) or a number that does not parse (ValueError) is the file's
+    InputError: an X-ray, the slice of a series (named, not only its folder), and an X-ray the
+    OAI import classifies, which is unreadable."""
+    from kneetf.io.oai import xray_header
+    from kneetf.io.readers import read_mri
+
+    image = standin_knee(np.random.default_rng(0), (120, 100))[0]
+    xray = _garble_vr(write_dicom_xray(tmp_path / "bits.dcm", image), b"\x28\x00\x00\x01", b"US", b"KS")
+    with pytest.raises(InputError, match="malformed DICOM header: NotImplementedError") as error:
+        read_xray(xray)
+    assert error.value.path == str(xray) and "(0028,0100)" in error.value.reason
+    assert xray_header(xray)[0] == "knee"  # its classification reads no BitsAllocated
+    modality = _garble_vr(write_dicom_xray(tmp_path / "modality.dcm", image), b"\x08\x00\x60\x00", b"CS", b"Cx")
+    verdict, why = xray_header(modality)
+    assert verdict == "unreadable" and why.startswith("malformed DICOM header") and "(0008,0060)" in why
+
+    files = write_dicom_series(tmp_path / "series", volume((8, 16, 16)), (1.0, 0.5, 0.5))
+    _garble_vr(files[3], b"\x20\x00\x32\x00", b"DS", b"Dl")
+    with pytest.raises(InputError, match="malformed DICOM header") as error:
+        read_mri(tmp_path / "series")
+    assert files[3].name in str(error.value)
+    files = write_dicom_series(tmp_path / "thick", volume((8, 16, 16)), (1.0, 0.5, 0.5))
+    element = pydicom.dcmread(files[5]).get_item("SliceThickness")  # its raw bytes, as stored
+    stored = b"\x18\x00\x50\x00DS" + len(element.value).to_bytes(2, "little")
+    data = files[5].read_bytes()
+    assert data.count(stored + element.value) == 1
+    files[5].write_bytes(data.replace(stored + element.value, stored + b"0a0".ljust(len(element.value))))
+    with pytest.raises(InputError, match="malformed DICOM header: ValueError") as error:
+        read_mri(tmp_path / "thick")
+    assert files[5].name in str(error.value)

@@ -32,6 +32,7 @@ import math
 import os
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator, Sequence
@@ -63,6 +64,19 @@ def _has_pixels(ds: Any) -> bool:
 
 
 # === Geometry ===
+@contextmanager
+def header_values(path: str | Path) -> Iterator[None]:
+    """pydicom converts an element's value when it is first read; a garbled one (an unknown VR,
+    a number that does not parse) raises ValueError, TypeError or NotImplementedError there,
+    deep in the reading: within this block, that is `path`'s InputError."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, TypeError, NotImplementedError, OverflowError) as e:
+        raise InputError(path, f"malformed DICOM header: {type(e).__name__}: {e}") from e
+
+
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     """Unit slice normal (row direction x column direction) of 6 direction cosines."""
     o = np.asarray(orientation, dtype=np.float64)
@@ -616,10 +630,15 @@ def read_dicom_image(path: str | Path, *, max_pixels: int | None = None,
     converted to grey. Files declaring more than `max_pixels` values are refused before
     decoding, and so are MR, CT, PET, nuclear medicine and ultrasound images (by their
     Modality; a localizer by ImageType passes) unless `any_modality`."""
-    from pydicom.pixels import apply_modality_lut
-
     max_pixels = resolve_max_pixels(max_pixels)
     ds = read_header(path, max_pixels=max_pixels)
+    with header_values(path):
+        return _dicom_image(ds, path, max_pixels, any_modality)
+
+
+def _dicom_image(ds: Any, path: str | Path, max_pixels: int, any_modality: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    from pydicom.pixels import apply_modality_lut
+
     missing = missing_image(ds)
     if missing:
         raise InputError(path, missing)
@@ -855,17 +874,18 @@ def scan_dicom(path: str | Path, *, max_pixels: int | None = None) -> tuple[list
                     raise
                 skipped.append(f"{f.name} ({e.reason})")
                 continue
-        sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
-        if f.name.upper() == "DICOMDIR" or sop == _DICOMDIR_SOP_CLASS:
-            skipped.append(f"{f.name} (DICOMDIR)")
-            continue
-        if not _has_pixels(ds):
-            if "Rows" in ds and not not_an_image(ds):  # an image whose pixel data is missing
-                raise InputError(f, str(missing_image(ds)))
-            skipped.append(f"{f.name} (DICOM without an image)")
-            continue
-        check_declared_size(ds, f, max_pixels)
-        refs.extend(_slice_refs(f, ds))
+        with header_values(f):
+            sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+            if f.name.upper() == "DICOMDIR" or sop == _DICOMDIR_SOP_CLASS:
+                skipped.append(f"{f.name} (DICOMDIR)")
+                continue
+            if not _has_pixels(ds):
+                if "Rows" in ds and not not_an_image(ds):  # an image whose pixel data is missing
+                    raise InputError(f, str(missing_image(ds)))
+                skipped.append(f"{f.name} (DICOM without an image)")
+                continue
+            check_declared_size(ds, f, max_pixels)
+            refs.extend(_slice_refs(f, ds))
     if skipped:
         log.debug("%s: skipped %d file(s): %s", path, len(skipped), "; ".join(skipped[:20]))
     if not refs:
@@ -1041,6 +1061,13 @@ def read_dicom_series(path: str | Path, *, window: tuple[int, int] | None = None
     are decoded, of another one all of them. Each file, and the decoded slices together, must
     hold at most `max_pixels` values.
     """
+    with header_values(path):
+        return _dicom_series(path, window=window, min_slices=min_slices, series_uid=series_uid,
+                             max_pixels=max_pixels)
+
+
+def _dicom_series(path: str | Path, *, window: tuple[int, int] | None, min_slices: int, series_uid: str | None,
+                  max_pixels: int | None) -> tuple[np.ndarray, dict[str, Any]]:
     from nibabel import orientations as ornt
 
     path = Path(path)

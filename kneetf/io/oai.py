@@ -259,12 +259,19 @@ def xray_header(path: Path) -> tuple[str, str]:
     verdicts as `xray_description`, "no image" for a DICOM object that is not an image (a
     report, a presentation state), or "unreadable" for a file that is not a DICOM file, or
     whose pixel data the file cuts short; what the header says is in `why`."""
-    from kneetf.io.dicom import missing_image, not_an_image, pixel_data_cut, read_header, sop_class_name
+    from kneetf.io.dicom import header_values, read_header
 
     try:
         ds = read_header(path)  # pixel data deferred, never read here; deflated files capped
+        with header_values(path):
+            return _header_verdict(ds, path)
     except InputError as e:
         return "unreadable", e.reason
+
+
+def _header_verdict(ds: Any, path: Path) -> tuple[str, str]:
+    from kneetf.io.dicom import missing_image, not_an_image, pixel_data_cut, sop_class_name
+
     missing = pixel_data_cut(ds, path)
     if missing:
         return "unreadable", f"truncated: its pixel data ends {missing} bytes past the end of the file"
