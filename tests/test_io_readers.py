@@ -320,6 +320,13 @@ def test_npy_volume_and_image(tmp_path: Path) -> None:
     np.save(tmp_path / "empty.npy", np.zeros((0, 4)))
     with pytest.raises(InputError, match="empty"):
         read_xray(tmp_path / "empty.npy")
+    np.save(tmp_path / "garbled.npy", np.zeros((4, 4), np.float32))
+    data = bytearray((tmp_path / "garbled.npy").read_bytes())
+    data[data.index(b"}")] = ord("{")  # the header's dict, which numpy tokenizes, never closed
+    (tmp_path / "garbled.npy").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="not a plain numeric .npy array \\(TokenError") as e:
+        read_xray(tmp_path / "garbled.npy")
+    assert e.value.path == str(tmp_path / "garbled.npy")
 
 
 # === X-ray images ===

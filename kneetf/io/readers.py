@@ -113,10 +113,10 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
         raise InputError(path, "not a .npy file (it does not start with NumPy's header)")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise InputError(path, f"not a plain numeric .npy array ({e})") from e
     except OSError as e:
         raise InputError(path, f"cannot read .npy file: {e}") from e
+    except Exception as e:  # numpy parses the header as Python: a garbled one raises what tokenize or ast raise
+        raise InputError(path, f"not a plain numeric .npy array ({type(e).__name__}: {e})") from e
     if not isinstance(arr, np.ndarray):
         raise InputError(path, "holds an .npz archive, not one array")
     dtype = arr.dtype
