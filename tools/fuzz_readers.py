@@ -1,10 +1,10 @@
 """Mutation fuzzing of the X-ray and MRI readers: every mutated file must give a finite image
 or the file's own InputError.
 
-Seed files are written fresh: DICOM X-rays (plain, MONOCHROME1, rescaled, RLE, JPEG 2000,
-JPEG-LS, deflated), PNG (8 and 16 bits), JPEG, TIFF and .npy X-rays, pydicom's own test files,
-and MRIs (DICOM series plain, RLE and JPEG 2000, NIfTI, .nii.gz, .npy). Each case mutates one
-seed, one of:
+Seed files are written fresh, the same bytes in every run: DICOM X-rays (plain, MONOCHROME1,
+rescaled, RLE, JPEG 2000, JPEG-LS, deflated), PNG (8 and 16 bits), JPEG, TIFF and .npy
+X-rays, pydicom's own test files (those its package holds), and MRIs (DICOM series plain, RLE
+and JPEG 2000, NIfTI, .nii.gz, .npy). Each case mutates one seed, one of:
 
 * a DICOM element set to a hostile value (Rows 0, BitsAllocated 12, NumberOfFrames 10^6, a
   NaN rescale, a PALETTE COLOR interpretation...) or removed, once or twice;
@@ -70,10 +70,12 @@ HOSTILE_VALUES: dict[str, list[Any]] = {
     "PixelPaddingValue": [0, 65535, -1],
     "VOILUTFunction": ["SIGMOID", "BOGUS"],
 }
-PYDICOM_TEST_FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "emri_small_RLE.dcm", "MR_small_RLE.dcm",
-                      "SC_rgb.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG-lossy.dcm", "SC_rgb_rle.dcm",
-                      "US1_J2KR.dcm", "OBXXXX1A.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm",
-                      "image_dfl.dcm", "SC_jpeg_no_color_transform.dcm")
+#: pydicom's own test files that its package holds (none is downloaded)
+PYDICOM_TEST_FILES = ("CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                      "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm", "693_J2KI.dcm",
+                      "GDCMJ2K_TextGBR.dcm", "JPEG-lossy.dcm", "JPGExtended.dcm", "SC_rgb_rle.dcm",
+                      "SC_rgb_small_odd.dcm", "SC_rgb_jpeg_gdcm.dcm", "SC_jpeg_no_color_transform.dcm", "image_dfl.dcm",
+                      "rtdose.dcm", "ExplVR_BigEndNoMeta.dcm", "no_meta.dcm")
 
 
 # === Seeds ===
@@ -84,14 +86,21 @@ def _knee(rows: int = 300, cols: int = 260) -> np.ndarray:
     return np.clip(image + rng.normal(0, 20, image.shape), 0, 4000).astype(np.uint16)
 
 
-def _recode(files: list[Path], syntax: str) -> None:
+def _recode(files: list[Path], syntax: str | None = None) -> None:
+    """Give each DICOM file UIDs made from its name (the writers draw random ones, and a seed
+    must be the same bytes in every run) and, with `syntax`, that transfer syntax."""
     import pydicom
+    from pydicom.uid import generate_uid
 
     for f in files:
         ds = pydicom.dcmread(f)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            if keyword in ds:
+                setattr(ds, keyword, generate_uid(entropy_srcs=[keyword, f.parent.name, f.name]))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
             ds.file_meta.TransferSyntaxUID = syntax
-        else:
+        elif syntax:
             ds.compress(syntax, generate_instance_uid=False)
         ds.save_as(f, enforce_file_format=True)
 
@@ -109,16 +118,14 @@ def xray_seeds(folder: Path) -> list[Path]:
     seeds = [write_dicom_xray(folder / "plain.dcm", image, pixel_spacing=0.15),
              write_dicom_xray(folder / "mono1.dcm", image, photometric="MONOCHROME1"),
              write_dicom_xray(folder / "rescaled.dcm", image, rescale_slope=0.5, rescale_intercept=-10)]
+    _recode(seeds)
     for name, syntax in (("rle", RLELossless), ("j2k", JPEG2000Lossless), ("jpegls", JPEGLSLossless),
                          ("deflated", DeflatedExplicitVRLittleEndian)):
         path = write_dicom_xray(folder / f"{name}.dcm", image)
         _recode([path], syntax)
         seeds.append(path)
     for name in PYDICOM_TEST_FILES:
-        try:
-            source = get_testdata_file(name)
-        except Exception:  # noqa: BLE001 - pydicom's data package may lack it
-            source = None
+        source = get_testdata_file(name, download=False)
         if source:
             seeds.append(folder / name)
             seeds[-1].write_bytes(Path(source).read_bytes())
@@ -142,9 +149,7 @@ def mri_seeds(folder: Path) -> list[Path]:
     spacing = (0.7, 0.36, 0.36)
     seeds = []
     for name, syntax in (("series", None), ("series_rle", RLELossless), ("series_j2k", JPEG2000Lossless)):
-        files = write_dicom_series(folder / name, volume, spacing, shuffle_names=True, seed=1)
-        if syntax:
-            _recode(files, syntax)
+        _recode(write_dicom_series(folder / name, volume, spacing, shuffle_names=True, seed=1), syntax)
         seeds.append(folder / name)
     seeds += [write_nifti(folder / "volume.nii.gz", volume, spacing=spacing),
               write_nifti(folder / "volume.nii", volume, spacing=spacing)]
