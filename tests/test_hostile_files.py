@@ -288,3 +288,24 @@ def test_an_element_pydicom_cannot_convert_is_the_files_malformed_header(tmp_pat
     with pytest.raises(InputError, match="malformed DICOM header: ValueError") as error:
         read_mri(tmp_path / "thick")
     assert files[5].name in str(error.value)
+
+
+def test_a_path_the_system_refuses_to_look_up_is_that_inputs_error(tmp_path: Path) -> None:
+    """A name longer than the file system takes raises OSError from `Path.exists`: the
+    readers refuse it as their input's error, and a batch reports it beside the good files."""
+    from kneetf.inference.batch import collect_inputs
+    from kneetf.io.lookup import lookup_refused
+    from kneetf.io.readers import read_mri
+
+    long = tmp_path / ("k" * 300 + ".png")
+    assert lookup_refused(long) == "File name too long"
+    assert lookup_refused(tmp_path / "absent.png") is None and lookup_refused(tmp_path) is None
+    for read, what in ((read_xray, "X-ray"), (read_mri, "MRI")):
+        with pytest.raises(InputError, match=f"{what} path cannot be looked up: File name too long") as error:
+            read(long)
+        assert error.value.path == str(long)
+    good = tmp_path / "good.png"
+    cv2.imwrite(str(good), np.full((8, 8), 100, np.uint8))
+    inputs, errors = collect_inputs([long, good, tmp_path / "absent.png"])
+    assert [i.path for i in inputs] == [good]
+    assert [e["reason"] for e in errors] == ["cannot be looked up: File name too long", "does not exist"]

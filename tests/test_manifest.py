@@ -57,6 +57,8 @@ def test_every_bad_line_is_reported(data: Path, tmp_path: Path) -> None:
         "ok2,x/c.npy,mri/k2.nii.gz,R,val",        # 14 good
         "..,x/a.png,mri/k1,,",                    # 15 unsafe id
         "tab\there,x/a.png,mri/k1,,",             # 16 control char
+        f"n1,x/{'9' * 300}.png,mri/k1,,",          # 17 a name longer than a file system takes
+        f"n2,x/a.png,mri/{'k' * 300},,",          # 18 the same, for the MRI
     ]
     (data / "m.csv").write_text("\n".join(lines) + "\n")
     result = read_manifest(data / "m.csv")
@@ -65,15 +67,17 @@ def test_every_bad_line_is_reported(data: Path, tmp_path: Path) -> None:
     for e in result.errors:
         assert isinstance(e, ManifestError) and str(data / "m.csv") in str(e)
         by_line.setdefault(e.line, []).append(e.reason)
-    assert sorted(by_line) == list(range(3, 14)) + [15, 16]
+    assert sorted(by_line) == list(range(3, 14)) + [15, 16, 17, 18]
     expect = {3: "duplicate id 'ok1' (first on line 2)", 4: "xray file not found: x/missing.png",
               5: "mri path not found: mri/nope", 6: "unknown side 'up'", 7: "unknown split 'training'",
               8: "empty id", 9: "not safe as a file name (contains '/')", 10: "leaves the manifest's folder",
               11: "leaves the manifest's folder", 12: "has 6 field(s); the header has 5",
-              13: "has 2 field(s); the header has 5", 15: "not safe as a file name", 16: "contains '\\t'"}
+              13: "has 2 field(s); the header has 5", 15: "not safe as a file name", 16: "contains '\\t'",
+              17: f"xray path 'x/{'9' * 78}...' cannot be looked up: File name too long",
+              18: "mri path 'mri/kkk"}
     for line, fragment in expect.items():
         assert any(fragment in r for r in by_line[line]), (line, by_line[line])
-    with pytest.raises(ManifestError, match=r"(?s)13 problem\(s\).*line 3: duplicate id.*line 16:"):
+    with pytest.raises(ManifestError, match=r"(?s)15 problem\(s\).*line 3: duplicate id.*line 18:"):
         result.raise_for_errors()
 
 

@@ -30,6 +30,7 @@ from kneetf.inference.outputs import (FORMATS, NAMES, PSEUDONYM_KEY, SeriesNumbe
 from kneetf.inference.predictor import load_predictor
 from kneetf.inference.pseudonyms import KEY_FIELDS, PseudonymKey, read_pseudonym_key
 from kneetf.io.atomic import CsvLog, remove_debris, write_csv_atomic
+from kneetf.io.lookup import lookup_refused
 from kneetf.io.writers import foreign_files
 from kneetf.preprocess.roi import CsvRoi
 from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray,
@@ -140,8 +141,10 @@ def collect_inputs(paths: Sequence[str | Path], *, allow_outside: bool = False, 
     errors: list[dict[str, str]] = []
     for raw in paths:
         p = Path(raw)
-        if not p.exists():
-            errors.append({"id": safe_id(file_id(p)), "file": str(p), "reason": "does not exist"})
+        refused = lookup_refused(p)
+        if refused or not p.exists():
+            errors.append({"id": safe_id(file_id(p)), "file": str(p),
+                           "reason": f"cannot be looked up: {refused}" if refused else "does not exist"})
         elif p.is_dir():
             files = _folder_files(p)
             if not files:

@@ -35,6 +35,7 @@ import numpy as np
 
 from kneetf.errors import ManifestError
 from kneetf.io.atomic import write_text_atomic
+from kneetf.io.lookup import lookup_refused
 
 COLUMNS = ("id", "xray", "mri", "side", "split")
 SPLITS = ("train", "val", "test")
@@ -109,6 +110,19 @@ def _resolve(root: Path, text: str) -> Path:
     """Lexically normalised absolute path of manifest cell `text` (relative to `root`)."""
     p = Path(text)
     return Path(os.path.normpath(p if p.is_absolute() else root / p))
+
+
+def _missing(kind: str, value: str, target: Path) -> str | None:
+    """What is wrong with a manifest's `kind` path `value` (resolved: `target`), or None."""
+    refused = lookup_refused(target)
+    if refused:
+        shown = value if len(value) <= 80 else value[:80] + "..."
+        return f"{kind} path {shown!r} cannot be looked up: {refused}"
+    if kind == "xray" and not target.is_file():
+        return f"xray file not found: {value}" if not target.exists() else f"xray path is not a file: {value}"
+    if kind == "mri" and not target.exists():
+        return f"mri path not found: {value}"
+    return None
 
 
 def read_manifest(path: str | Path, *, allow_outside: bool = False, check_files: bool = True,
@@ -196,11 +210,9 @@ def read_manifest(path: str | Path, *, allow_outside: bool = False, check_files:
                 problems.append(f"{kind} path {value!r} leaves the manifest's folder {root} "
                                 "(allow it explicitly: --allow-outside, or allow_outside=True)")
             elif check_files:
-                if kind == "xray" and not target.is_file():
-                    problems.append(f"xray file not found: {value}" if not target.exists()
-                                    else f"xray path is not a file: {value}")
-                elif kind == "mri" and not target.exists():
-                    problems.append(f"mri path not found: {value}")
+                problem = _missing(kind, value, target)
+                if problem:
+                    problems.append(problem)
         side_text = cell.get("side", "")
         side = _SIDES.get(side_text.lower()) if side_text else None
         if side_text and side is None:

@@ -35,6 +35,7 @@ from kneetf.io.dicom import (LPS_TO_RAS, SAGITTAL_AXCODES, check_slices, looks_l
                               read_dicom_series, require_finite, to_grey)
 from kneetf.io.headers import file_image_size
 from kneetf.io.limits import check_pixels, resolve_max_pixels
+from kneetf.io.lookup import lookup_refused
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,9 @@ def register_reader(reader: Reader, *, first: bool = False) -> None:
 
 def _read_with(registry: list[Reader], path: str | Path, what: str, **options: Any) -> tuple[np.ndarray, Any]:
     path = Path(path)
+    refused = lookup_refused(path)
+    if refused:
+        raise InputError(path, f"{what} path cannot be looked up: {refused}")
     if not path.exists():
         raise InputError(path, f"{what} not found")
     candidates = [r for r in registry if r.can_read(path)]
