@@ -63,7 +63,6 @@ def _has_pixels(ds: Any) -> bool:
     return any(k in ds for k in _PIXEL_KEYWORDS)
 
 
-# === Geometry ===
 @contextmanager
 def header_values(path: str | Path) -> Iterator[None]:
     """pydicom converts an element's value when it is first read; a garbled one (an unknown VR,
@@ -77,6 +76,7 @@ def header_values(path: str | Path) -> Iterator[None]:
         raise InputError(path, f"malformed DICOM header: {type(e).__name__}: {e}") from e
 
 
+# === Geometry ===
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     """Unit slice normal (row direction x column direction) of 6 direction cosines."""
     o = np.asarray(orientation, dtype=np.float64)
