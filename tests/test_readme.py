@@ -49,6 +49,9 @@ ELSEWHERE: dict[str, tuple[str, str, str]] = {
     "python tools/compare_priors.py --data evalA/cache     # likewise evalB, evalC": (
         "tests/test_compare_priors.py", "test_compare_priors_scores_every_predictor_against_kernel_ridge",
         "the tool on a small cache; the three held-out sets are a measurement, not a test"),
+    "python tools/fuzz_readers.py --kind xray --cases 1500 --seed 4": (
+        "tests/test_fuzz_readers.py", "test_mutated_inputs_give_an_image_or_their_own_error",
+        "the tool on 40 X-ray and 16 MRI cases; the 1,500 and 700 cases are a measurement, not a test"),
     '.venv/bin/python -m pytest -q -m "not slow"    # the fast tests only': (
         ".ci/run", "# test:", "CI runs the whole suite; the fast tests are a subset of it"),
 }
