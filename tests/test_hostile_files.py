@@ -294,12 +294,12 @@ def test_a_path_the_system_refuses_to_look_up_is_that_inputs_error(tmp_path: Pat
     """A name longer than the file system takes raises OSError from `Path.exists`: the
     readers refuse it as their input's error, and a batch reports it beside the good files."""
     from kneetf.inference.batch import collect_inputs
-    from kneetf.io.lookup import lookup_refused
+    from kneetf.io.lookup import lookup
     from kneetf.io.readers import read_mri
 
     long = tmp_path / ("k" * 300 + ".png")
-    assert lookup_refused(long) == "File name too long"
-    assert lookup_refused(tmp_path / "absent.png") is None and lookup_refused(tmp_path) is None
+    assert lookup(long) == (None, "File name too long")
+    assert lookup(tmp_path / "absent.png") == (None, None) and lookup(tmp_path)[1] is None
     for read, what in ((read_xray, "X-ray"), (read_mri, "MRI")):
         with pytest.raises(InputError, match=f"{what} path cannot be looked up: File name too long") as error:
             read(long)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+import stat
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from kneetf.inference.outputs import (FORMATS, NAMES, PSEUDONYM_KEY, SeriesNumbe
 from kneetf.inference.predictor import load_predictor
 from kneetf.inference.pseudonyms import KEY_FIELDS, PseudonymKey, read_pseudonym_key
 from kneetf.io.atomic import CsvLog, remove_debris, write_csv_atomic
-from kneetf.io.lookup import lookup_refused
+from kneetf.io.lookup import lookup
 from kneetf.io.writers import foreign_files
 from kneetf.preprocess.roi import CsvRoi
 from kneetf.preprocess.xray import (PreparedXray, crop_xray, normalize_side, prepare_xray,
@@ -141,11 +142,11 @@ def collect_inputs(paths: Sequence[str | Path], *, allow_outside: bool = False, 
     errors: list[dict[str, str]] = []
     for raw in paths:
         p = Path(raw)
-        refused = lookup_refused(p)
-        if refused or not p.exists():
+        found, refused = lookup(p)
+        if found is None:
             errors.append({"id": safe_id(file_id(p)), "file": str(p),
                            "reason": f"cannot be looked up: {refused}" if refused else "does not exist"})
-        elif p.is_dir():
+        elif stat.S_ISDIR(found.st_mode):
             files = _folder_files(p)
             if not files:
                 errors.append({"id": "", "file": str(p), "reason": "folder holds no X-ray files "

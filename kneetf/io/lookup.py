@@ -11,13 +11,12 @@ from pathlib import Path
 _ABSENT = (errno.ENOENT, errno.ENOTDIR)
 
 
-def lookup_refused(path: str | Path) -> str | None:
-    """Why the system refuses to look `path` up ("File name too long"), or None when it can
-    say whether the path exists (present or not)."""
+def lookup(path: str | Path) -> tuple[os.stat_result | None, str | None]:
+    """One look at `path` (links followed): (its stat, None) when it exists, (None, None) when
+    it does not, (None, why) when the system refuses to look it up ("File name too long")."""
     try:
-        os.stat(path)
+        return os.stat(path), None
     except OSError as e:
-        return None if e.errno in _ABSENT else (e.strerror or str(e))
+        return None, None if e.errno in _ABSENT else (e.strerror or str(e))
     except ValueError as e:  # a NUL byte in the name
-        return str(e)
-    return None
+        return None, str(e)

@@ -27,6 +27,7 @@ import csv
 import io
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -35,7 +36,7 @@ import numpy as np
 
 from kneetf.errors import ManifestError
 from kneetf.io.atomic import write_text_atomic
-from kneetf.io.lookup import lookup_refused
+from kneetf.io.lookup import lookup
 
 COLUMNS = ("id", "xray", "mri", "side", "split")
 SPLITS = ("train", "val", "test")
@@ -114,13 +115,13 @@ def _resolve(root: Path, text: str) -> Path:
 
 def _missing(kind: str, value: str, target: Path) -> str | None:
     """What is wrong with a manifest's `kind` path `value` (resolved: `target`), or None."""
-    refused = lookup_refused(target)
+    found, refused = lookup(target)
     if refused:
         shown = value if len(value) <= 80 else value[:80] + "..."
         return f"{kind} path {shown!r} cannot be looked up: {refused}"
-    if kind == "xray" and not target.is_file():
-        return f"xray file not found: {value}" if not target.exists() else f"xray path is not a file: {value}"
-    if kind == "mri" and not target.exists():
+    if kind == "xray" and not (found and stat.S_ISREG(found.st_mode)):
+        return f"xray file not found: {value}" if found is None else f"xray path is not a file: {value}"
+    if kind == "mri" and found is None:
         return f"mri path not found: {value}"
     return None
 

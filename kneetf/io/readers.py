@@ -35,7 +35,7 @@ from kneetf.io.dicom import (LPS_TO_RAS, SAGITTAL_AXCODES, check_slices, looks_l
                               read_dicom_series, require_finite, to_grey)
 from kneetf.io.headers import file_image_size
 from kneetf.io.limits import check_pixels, resolve_max_pixels
-from kneetf.io.lookup import lookup_refused
+from kneetf.io.lookup import lookup
 
 log = logging.getLogger(__name__)
 
@@ -310,10 +310,10 @@ def register_reader(reader: Reader, *, first: bool = False) -> None:
 
 def _read_with(registry: list[Reader], path: str | Path, what: str, **options: Any) -> tuple[np.ndarray, Any]:
     path = Path(path)
-    refused = lookup_refused(path)
+    found, refused = lookup(path)
     if refused:
         raise InputError(path, f"{what} path cannot be looked up: {refused}")
-    if not path.exists():
+    if found is None:
         raise InputError(path, f"{what} not found")
     candidates = [r for r in registry if r.can_read(path)]
     tried = "; ".join(r.describe() for r in registry)
